@@ -1,0 +1,48 @@
+"""Shared fixtures: real `twlb` processes on loopback, each stopped by its pid."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
+
+Spawn = Callable[..., tuple[ManagedProcess, str]]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start `twlb <service> --host 127.0.0.1 --port P ...`, wait for `ready_path`.
+
+    Returns (process, base_url). Every process is stopped at teardown and checked gone.
+    """
+    started: list[ManagedProcess] = []
+
+    def _spawn(
+        service: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        ready_path: str = "/healthz",
+        wait: bool = True,
+        timeout: float = 20.0,
+    ) -> tuple[ManagedProcess, str]:
+        port = free_port()
+        log = tmp_path / f"{service}-{port}.log"
+        proc = ManagedProcess(
+            twlb_argv(service, "--host", "127.0.0.1", "--port", str(port), *args),
+            env=env,
+            log_path=log,
+        ).start()
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        if wait:
+            proc.wait_ready(url + ready_path, timeout=timeout)
+        return proc, url
+
+    yield _spawn
+    for proc in started:
+        proc.stop()
+    for proc in started:
+        assert not pid_alive(proc.pid), f"process {proc.pid} outlived its test"

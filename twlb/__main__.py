@@ -1,0 +1,5 @@
+"""`python -m twlb` is the `twlb` command."""
+
+from twlb.cli import main
+
+main()

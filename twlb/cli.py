@@ -1,0 +1,69 @@
+"""The `twlb` command: one click group whose subcommands live with their services.
+
+Subcommands are imported lazily, so `twlb backend` does not pay for onnxruntime or
+kopf. Every option is also an environment variable through `auto_envvar_prefix="TWLB"`
+(`twlb backend --fault-type` reads `TWLB_BACKEND_FAULT_TYPE`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from twlb import __version__
+
+#: subcommand name -> "module:attribute" of a click command.
+SUBCOMMANDS: dict[str, str] = {
+    "backend": "twlb.backend.cli:command",
+    "balancer": "twlb.balancer.cli:command",
+    "load": "twlb.client.cli:command",
+    "up": "twlb.runtime:up_command",
+    "status": "twlb.runtime:status_command",
+    "demo": "twlb.demo:command",
+    "bench": "twlb.bench:command",
+    "collect": "twlb.ml.cli:collect_command",
+    "train": "twlb.ml.cli:train_command",
+    "operator": "twlb.operator.cli:command",
+    "crd": "twlb.operator.cli:crd_command",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that subcommand runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(n for n in SUBCOMMANDS if self._load(n, quiet=True) is not None)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in SUBCOMMANDS:
+            return None
+        return self._load(cmd_name, quiet=False)
+
+    @staticmethod
+    def _load(name: str, quiet: bool) -> click.Command | None:
+        module_name, attr = SUBCOMMANDS[name].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # A subcommand whose module is not part of this build yet is simply absent;
+            # a missing dependency inside an existing module is a real error.
+            if err.name and module_name.startswith(err.name):
+                if quiet:
+                    return None
+                raise click.UsageError(f"'{name}' is not available in this build") from None
+            raise
+        cmd = getattr(module, attr)
+        if isinstance(cmd, click.Command):
+            cmd.name = name
+        return cmd
+
+
+@click.group(cls=LazyGroup, context_settings={"auto_envvar_prefix": "TWLB", "show_default": True})
+@click.version_option(__version__, prog_name="twlb")
+def main() -> None:
+    """TW-LB: a trust-weighted load balancer and chaos lab."""
+
+
+if __name__ == "__main__":
+    main()

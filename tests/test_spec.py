@@ -134,3 +134,18 @@ def test_fault_env_round_trips_to_backend_flag_names():
     assert e["TWLB_BACKEND_FAULT_TYPE"] == "delay"
     assert e["TWLB_BACKEND_DELAY_MS"] == "300"
     assert f.to_args()[:4] == ["--fault-type", "delay", "--fault-probability", "0.5"]
+
+
+def test_retry_budget_allows_ratio_of_traffic_plus_floor_and_expires():
+    from twlb.budget import RetryBudget
+
+    b = RetryBudget(ratio=0.1, min_per_s=0.0, ttl_s=10.0)
+    for i in range(100):
+        b.record_request(i * 0.01)
+    granted = sum(b.try_withdraw(1.0) for _ in range(50))
+    assert granted == 10
+    assert b.refused_total == 40
+    # After the window passes, old deposits and withdrawals expire.
+    assert b.balance(20.0) == 0.0
+    floor = RetryBudget(ratio=0.0, min_per_s=1.0, ttl_s=5.0)
+    assert sum(floor.try_withdraw(0.0) for _ in range(10)) == 5

@@ -1,0 +1,22 @@
+"""How one upstream try ended: the vocabulary shared by balancer, client and features."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """The result of one try against one backend, as seen by its caller."""
+
+    SUCCESS = "success"  # 2xx-4xx answer (4xx is the caller's fault, not the node's)
+    ERROR = "error"  # 5xx answer
+    TIMEOUT = "timeout"  # no answer within the per-try timeout
+    CONNECT_ERROR = "connect_error"  # refused, reset or dropped connection
+
+    @property
+    def is_failure(self) -> bool:
+        return self is not Outcome.SUCCESS
+
+    @classmethod
+    def from_status(cls, status: int) -> Outcome:
+        return cls.ERROR if status >= 500 else cls.SUCCESS

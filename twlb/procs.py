@@ -38,6 +38,15 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+def free_port_range(n: int, host: str = "127.0.0.1", tries: int = 100) -> int:
+    """The first of `n` consecutive ports that were all free on `host` a moment ago."""
+    for _ in range(tries):
+        base = free_port(host)
+        if base + n < 65000 and not any(port_in_use(p, host) for p in range(base, base + n)):
+            return base
+    raise OSError(f"found no {n} consecutive free ports on {host}")
+
+
 def twlb_argv(*args: str) -> list[str]:
     """argv that runs the `twlb` command with this interpreter."""
     return [sys.executable, "-m", "twlb", *args]

@@ -1,0 +1,137 @@
+"""The embedded runtime: `twlb up` runs a TrustCluster as processes and stops them all."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from twlb.procs import ManagedProcess, free_port_range, pid_alive, twlb_argv
+
+CLUSTER = """\
+apiVersion: twlb.dev/v1alpha1
+kind: TrustCluster
+metadata:
+  name: rt
+spec:
+  backends: 3
+  seed: 4
+  policy: round-robin
+  nodes:
+    - index: 2
+      fault: {type: crash, probability: 1.0}
+"""
+
+
+def _status(state_dir: Path) -> dict:
+    out = subprocess.run(
+        twlb_argv("status", "--state-dir", str(state_dir)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_invalid_file_stops_with_the_field_named_and_status_2(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CLUSTER.replace("backends: 3", "backends: 0"))
+    out = subprocess.run(
+        twlb_argv("up", "-f", str(bad), "--state-dir", str(tmp_path / "s")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "spec.backends" in out.stderr
+    missing = subprocess.run(
+        twlb_argv("up", "-f", str(tmp_path / "nope.yaml")), capture_output=True, text=True
+    )
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text(CLUSTER)
+    base = free_port_range(8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base + 3))  # node 1's port
+        s.listen()
+        out = subprocess.run(
+            twlb_argv("up", "-f", str(f), "--port-base", str(base), "--no-prometheus",
+                      "--state-dir", str(tmp_path / "s")),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 2
+    assert f"port {base + 3}" in out.stderr and "in use" in out.stderr
+
+
+def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text(CLUSTER)
+    base = free_port_range(8)
+    state_dir = tmp_path / "state"
+    runtime = ManagedProcess(
+        twlb_argv("up", "-f", str(f), "--port-base", str(base), "--no-prometheus",
+                  "--state-dir", str(state_dir), "--duration", "120"),
+        log_path=tmp_path / "up.log",
+    ).start()  # fmt: skip
+    try:
+        runtime.wait_ready(f"http://127.0.0.1:{base}/healthz", timeout=60)
+        st = _wait(lambda: _status(state_dir), 10, "status")
+        assert st["running"] is True
+        assert [n["truth"] for n in st["nodes"]] == ["healthy", "healthy", "healthy"]
+        crash = st["nodes"][2]
+        assert crash["fault"]["type"] == "crash"
+        pids = {n["name"]: n["pid"] for n in st["nodes"]}
+
+        # The balancer answers work through the nodes.
+        r = httpx.get(f"http://127.0.0.1:{base}/work", params={"key": "k"}, timeout=5)
+        assert r.status_code in (200, 502, 503)
+
+        # The crash node exits on its first request; the runtime restarts it with back-off.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(crash["url"] + "/work", params={"key": "x"}, timeout=5)
+        _wait(lambda: not pid_alive(pids[crash["name"]]), 5, "crash node to exit")
+
+        def restarted():
+            s = _status(state_dir)
+            n = s["nodes"][2]
+            return (
+                n if n["restarts"] >= 1 and n["alive"] and n["pid"] != pids[crash["name"]] else None
+            )
+
+        node = _wait(restarted, 20, "crash node restart")
+        _wait(
+            lambda: httpx.get(node["url"] + "/healthz", timeout=2).status_code == 200, 10, "ready"
+        )
+
+        final = _status(state_dir)
+        all_pids = [n["pid"] for n in final["nodes"]] + [final["balancer"]["pid"]]
+        assert all(pid_alive(p) for p in all_pids)
+    finally:
+        runtime.popen.send_signal(signal.SIGTERM)
+        runtime.popen.wait(30)
+        runtime.stop()
+    assert runtime.returncode() == 0, (tmp_path / "up.log").read_text()[-2000:]
+    for p in all_pids:
+        assert not pid_alive(p), f"pid {p} outlived the runtime"
+    assert json.loads((state_dir / "state.json").read_text())["stopped"] is True

@@ -1,0 +1,525 @@
+"""The embedded runtime: a `TrustCluster` run as local processes (`twlb up`, `twlb status`).
+
+What the operator does on Kubernetes, done on one machine: every backend node is a
+`twlb backend` process carrying its fault (the ground truth), the balancer is a
+`twlb balancer` process in front of them, and Prometheus scrapes both when it is
+installed. A supervisor restarts crashed nodes with back-off as a kubelet would, and
+keeps a state file that `twlb status` reads. Everything started is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from twlb.procs import ManagedProcess, port_in_use, twlb_argv
+from twlb.spec import (
+    FaultSpec,
+    NodeAssignment,
+    NodeClass,
+    SpecError,
+    TrustCluster,
+    assign_faults,
+    load_trustcluster,
+)
+
+log = logging.getLogger("twlb.runtime")
+
+DEFAULT_STATE_DIR = ".twlb"
+STATE_FILE = "state.json"
+TRUTH_FILE = "truth.json"
+
+#: Restart back-off as a kubelet does it, scaled for a laptop: doubling, capped, reset
+#: after a node has run cleanly for RESTART_RESET_S.
+RESTART_BASE_S = 0.5
+RESTART_CAP_S = 8.0
+RESTART_RESET_S = 10.0
+
+
+class ClusterError(click.ClickException):
+    """A problem with the cluster file, its ports or its state, reported with exit status 2."""
+
+    exit_code = 2
+
+
+@dataclass
+class NodeProcess:
+    """One backend node: its assignment, port, live fault and process."""
+
+    assignment: NodeAssignment
+    port: int
+    fault: FaultSpec
+    proc: ManagedProcess | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+    backoff_s: float = RESTART_BASE_S
+
+    @property
+    def name(self) -> str:
+        return self.assignment.name
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    @property
+    def truth(self) -> NodeClass:
+        """Ground truth now: a node that is down is a crash, else its fault's class."""
+        if not self.alive:
+            return NodeClass.CRASH
+        return self.fault.node_class
+
+
+@dataclass
+class EmbeddedCluster:
+    """A TrustCluster as processes on loopback. Use as a context manager or start()/stop()."""
+
+    cluster: TrustCluster
+    port_base: int = 8000
+    state_dir: Path = field(default_factory=lambda: Path(DEFAULT_STATE_DIR))
+    prometheus: bool | None = None  # None: start it when the binary is installed
+    policy: str | None = None  # override of spec.policy
+    balancer_args: tuple[str, ...] = ()
+    control_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    nodes: list[NodeProcess] = field(default_factory=list, init=False)
+    balancer: ManagedProcess | None = field(default=None, init=False)
+    prometheus_proc: ManagedProcess | None = field(default=None, init=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.cluster.metadata.name
+
+    @property
+    def balancer_port(self) -> int:
+        return self.port_base
+
+    @property
+    def prometheus_port(self) -> int:
+        return self.port_base + 1
+
+    @property
+    def balancer_url(self) -> str:
+        return f"http://127.0.0.1:{self.balancer_port}"
+
+    @property
+    def prometheus_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.prometheus_port}" if self.prometheus_proc else None
+
+    def _want_prometheus(self) -> bool:
+        if self.prometheus is None:
+            return shutil.which("prometheus") is not None
+        return self.prometheus
+
+    def planned_ports(self) -> dict[str, int]:
+        """Every port this cluster will listen on, by role."""
+        ports = {"balancer": self.balancer_port}
+        if self._want_prometheus():
+            ports["prometheus"] = self.prometheus_port
+        for a in assign_faults(self.cluster.spec, self.name):
+            ports[a.name] = self.port_base + 2 + a.index
+        return ports
+
+    # ---- start and stop -----------------------------------------------------------------
+    def start(self, ready_timeout: float = 30.0) -> EmbeddedCluster:
+        busy = [f"{role} port {p}" for role, p in self.planned_ports().items() if port_in_use(p)]
+        if busy:
+            raise ClusterError(
+                f"port in use: {', '.join(busy)}; pick another --port-base or stop what uses it"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        if self._want_prometheus() and not shutil.which("prometheus"):
+            raise ClusterError("--prometheus was asked for but no `prometheus` binary is on PATH")
+        try:
+            for a in assign_faults(self.cluster.spec, self.name):
+                node = NodeProcess(a, self.port_base + 2 + a.index, a.fault)
+                self.nodes.append(node)
+                self._start_node(node)
+            for node in self.nodes:
+                assert node.proc is not None
+                node.proc.wait_ready(node.url + "/healthz", timeout=ready_timeout)
+            self._write_truth()
+            self._start_balancer()
+            assert self.balancer is not None
+            self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=ready_timeout)
+            if self._want_prometheus():
+                self._start_prometheus()
+            self._write_state()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _log(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
+
+    def _start_node(self, node: NodeProcess) -> None:
+        argv = twlb_argv(
+            "backend",
+            "--host", "127.0.0.1",
+            "--port", str(node.port),
+            "--node-id", node.name,
+            "--seed", str(node.assignment.seed),
+            "--control-token", self.control_token,
+            *node.fault.to_args(),
+        )  # fmt: skip
+        node.proc = ManagedProcess(argv, log_path=self._log(node.name)).start()
+        node.started_at = time.monotonic()
+
+    def _start_balancer(self) -> None:
+        spec = self.cluster.spec
+        b = spec.balancer
+        policy = self.policy or spec.policy.value
+        argv = twlb_argv(
+            "balancer",
+            "--host", "127.0.0.1",
+            "--port", str(self.balancer_port),
+            "--policy", policy,
+            "--admin-token", self.admin_token,
+            "--audit-fraction", repr(b.audit_fraction),
+            "--window", repr(b.window_s),
+            "--health-interval", repr(b.health_interval_s),
+            "--retry-budget", repr(b.retry_budget),
+            "--seed", str(spec.seed),
+            *(arg for n in self.nodes for arg in ("--backend", n.url)),
+        )  # fmt: skip
+        if policy == "oracle":
+            argv += ["--oracle-truth", str(self.state_dir / TRUTH_FILE)]
+        argv += list(self.balancer_args)
+        self.balancer = ManagedProcess(argv, log_path=self._log("balancer")).start()
+
+    def restart_balancer(self, policy: str | None = None, ready_timeout: float = 30.0) -> None:
+        """Stop the balancer and start it again, fresh, optionally with another policy."""
+        with self._lock:
+            if self.balancer is not None:
+                self.balancer.stop()
+            if policy is not None:
+                self.policy = policy
+            self._write_truth()
+            self._start_balancer()
+            assert self.balancer is not None
+            self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=ready_timeout)
+            self._write_state()
+
+    def _start_prometheus(self) -> None:
+        cfg = self.state_dir / "prometheus.yml"
+        targets = [f"127.0.0.1:{self.balancer_port}"] + [f"127.0.0.1:{n.port}" for n in self.nodes]
+        cfg.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n"
+            f"  - job_name: twlb-balancer\n    static_configs:\n      - targets: ['{targets[0]}']\n"
+            "  - job_name: twlb-nodes\n    static_configs:\n"
+            f"      - targets: [{', '.join(repr(t) for t in targets[1:])}]\n"
+        )
+        data = self.state_dir / "prometheus-data"
+        argv = [
+            shutil.which("prometheus") or "prometheus",
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+            "--storage.tsdb.retention.time=1d",
+        ]
+        self.prometheus_proc = ManagedProcess(argv, log_path=self._log("prometheus")).start()
+        self.prometheus_proc.wait_ready(f"{self.prometheus_url}/-/ready", timeout=30.0)
+
+    def stop(self) -> None:
+        """Stop the supervisor, then the balancer, Prometheus and every node, by pid."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        with self._lock:
+            for p in (self.balancer, self.prometheus_proc, *(n.proc for n in self.nodes)):
+                if p is not None:
+                    p.stop()
+            self._write_state(stopped=True)
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- supervision --------------------------------------------------------------------
+    def supervise_once(self, now: float | None = None) -> list[str]:
+        """Restart nodes that died (with back-off); refresh truth and state. Returns events."""
+        now = time.monotonic() if now is None else now
+        events: list[str] = []
+        with self._lock:
+            if self._stop.is_set():
+                return events
+            for node in self.nodes:
+                if node.alive:
+                    if now - node.started_at > RESTART_RESET_S:
+                        node.backoff_s = RESTART_BASE_S
+                    continue
+                if node.next_start == 0.0:
+                    code = node.proc.returncode() if node.proc else None
+                    node.next_start = now + node.backoff_s
+                    events.append(
+                        f"{node.name} exited (status {code}); restart in {node.backoff_s:.1f}s"
+                    )
+                    node.backoff_s = min(node.backoff_s * 2, RESTART_CAP_S)
+                elif now >= node.next_start:
+                    node.next_start = 0.0
+                    node.restarts += 1
+                    self._start_node(node)
+                    events.append(f"{node.name} restarted (restart #{node.restarts})")
+            self._write_truth()
+            self._write_state()
+        for e in events:
+            log.info(e)
+        return events
+
+    def start_supervisor(self, interval_s: float = 0.2) -> None:
+        """Supervise in a background thread until stop()."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.supervise_once()
+                except Exception:  # a supervisor must outlive one bad round
+                    log.exception("supervisor round failed")
+
+        self._thread = threading.Thread(target=loop, name="twlb-supervisor", daemon=True)
+        self._thread.start()
+
+    # ---- chaos and ground truth ---------------------------------------------------------
+    def node(self, which: int | str) -> NodeProcess:
+        for n in self.nodes:
+            if which in (n.assignment.index, n.name, n.url):
+                return n
+        raise KeyError(f"no node {which!r} in cluster {self.name}")
+
+    def kill_node(self, which: int | str, hold_down_s: float = 0.0) -> int:
+        """SIGKILL a node's process; the supervisor restarts it after back-off, or after
+        `hold_down_s` when that is longer (a node that stays down for a while).
+        Returns the killed pid."""
+        with self._lock:
+            node = self.node(which)
+            if node.proc is None or not node.alive:
+                raise RuntimeError(f"{node.name} is not running")
+            pid = node.proc.pid
+            node.proc.kill()
+            if hold_down_s > 0:
+                node.next_start = time.monotonic() + max(hold_down_s, node.backoff_s)
+            self._write_truth()
+            return pid
+
+    def set_fault(self, which: int | str, fault: FaultSpec, timeout: float = 5.0) -> None:
+        """Switch a node's fault at run time through its token-protected control endpoint."""
+        node = self.node(which)
+        r = httpx.put(
+            node.url + "/control/fault",
+            json=fault.model_dump(mode="json", by_alias=True),
+            headers={"Authorization": f"Bearer {self.control_token}"},
+            timeout=timeout,
+        )
+        r.raise_for_status()
+        with self._lock:
+            node.fault = fault
+            self._write_truth()
+
+    def truth(self) -> dict[str, str]:
+        """Ground truth by backend URL: each node's class right now."""
+        return {n.url: n.truth.value for n in self.nodes}
+
+    def _write_truth(self) -> None:
+        _atomic_write(self.state_dir / TRUTH_FILE, self.truth())
+
+    def snapshot(self, stopped: bool = False) -> dict[str, Any]:
+        return {
+            "cluster": self.name,
+            "runtime_pid": os.getpid(),
+            "stopped": stopped,
+            "updated": time.time(),
+            "balancer": {
+                "url": self.balancer_url,
+                "pid": self.balancer.pid if self.balancer and self.balancer.popen else None,
+                "policy": self.policy or self.cluster.spec.policy.value,
+            },
+            "prometheus": {
+                "url": self.prometheus_url,
+                "pid": self.prometheus_proc.pid if self.prometheus_proc else None,
+            },
+            "nodes": [
+                {
+                    "name": n.name,
+                    "index": n.assignment.index,
+                    "url": n.url,
+                    "pid": n.proc.pid if n.proc and n.proc.popen else None,
+                    "alive": n.alive,
+                    "seed": n.assignment.seed,
+                    "fault": n.fault.model_dump(mode="json", by_alias=True),
+                    "truth": n.truth.value,
+                    "restarts": n.restarts,
+                }
+                for n in self.nodes
+            ],
+        }
+
+    def _write_state(self, stopped: bool = False) -> None:
+        if self.state_dir.exists():
+            state = self.snapshot(stopped)
+            state["tokens"] = {"control": self.control_token, "admin": self.admin_token}
+            _atomic_write(self.state_dir / STATE_FILE, state, mode=0o600)
+
+
+def _atomic_write(path: Path, data: Any, mode: int = 0o644) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
+    """The state file enriched with live checks: processes, live faults and trust."""
+    path = state_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClusterError(
+            f"no running cluster: {path} does not exist (start one with `twlb up`)"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ClusterError(f"{path} is not valid JSON: {err}") from None
+    tokens = state.pop("tokens", {})
+    from twlb.procs import pid_alive
+
+    state["running"] = not state.get("stopped") and pid_alive(int(state.get("runtime_pid", 0)))
+    if not state["running"]:
+        return state
+    headers = {"Authorization": f"Bearer {tokens.get('control', '')}"}
+    with httpx.Client(timeout=timeout) as client:
+        for node in state["nodes"]:
+            node["alive"] = bool(node.get("pid")) and pid_alive(int(node["pid"]))
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                r = client.get(node["url"] + "/control/fault", headers=headers)
+                if r.status_code == 200:
+                    live = r.json()
+                    node["fault"] = live.get("fault", live)
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            state["trust"] = client.get(state["balancer"]["url"] + "/trust").json()
+    return state
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def _load_or_exit(path: str) -> TrustCluster:
+    try:
+        return load_trustcluster(path)
+    except SpecError as err:
+        raise ClusterError(str(err)) from None
+
+
+@click.command("up")
+@click.option(
+    "-f",
+    "--file",
+    "file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="TrustCluster YAML (the same file the operator reads).",
+)
+@click.option(
+    "--port-base",
+    default=8000,
+    type=click.IntRange(1024, 65000),
+    help="Balancer port; Prometheus is +1, node i is +2+i.",
+)
+@click.option(
+    "--state-dir",
+    default=DEFAULT_STATE_DIR,
+    type=click.Path(file_okay=False),
+    help="Where state, truth, logs and Prometheus data go.",
+)
+@click.option(
+    "--prometheus/--no-prometheus", default=None, help="Start Prometheus (default: when installed)."
+)
+@click.option("--policy", default=None, help="Override the spec's balancer policy.")
+@click.option(
+    "--duration",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    help="Stop by itself after this many seconds (0: run until Ctrl-C/SIGTERM).",
+)
+def up_command(
+    file: str, port_base: int, state_dir: str, prometheus: bool | None,
+    policy: str | None, duration: float,
+) -> None:  # fmt: skip
+    """Run a TrustCluster as local processes until Ctrl-C or SIGTERM."""
+    from rich.console import Console
+    from rich.table import Table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    tc = _load_or_exit(file)
+    if policy is not None:
+        from twlb.spec import PolicyName
+
+        if policy not in {p.value for p in PolicyName}:
+            raise click.BadParameter(f"unknown policy {policy!r}", param_hint="--policy")
+    cluster = EmbeddedCluster(
+        tc, port_base=port_base, state_dir=Path(state_dir), prometheus=prometheus, policy=policy
+    )
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    console = Console()
+    try:
+        cluster.start()
+        table = Table(title=f"TrustCluster {cluster.name}")
+        for col in ("role", "url", "fault", "truth"):
+            table.add_column(col)
+        table.add_row("balancer", cluster.balancer_url, cluster.policy or tc.spec.policy.value, "")
+        if cluster.prometheus_url:
+            table.add_row("prometheus", cluster.prometheus_url, "", "")
+        for n in cluster.nodes:
+            table.add_row(n.name, n.url, n.fault.type.value, n.truth.value)
+        console.print(table)
+        console.print(
+            f"state: {cluster.state_dir / STATE_FILE}  (twlb status --state-dir {state_dir})"
+        )
+        deadline = time.monotonic() + duration if duration else None
+        while not stopping.wait(0.2):
+            cluster.supervise_once()
+            if deadline and time.monotonic() >= deadline:
+                break
+    finally:
+        cluster.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        console.print("stopped every process this cluster started")
+
+
+@click.command("status")
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, type=click.Path(file_okay=False))
+def status_command(state_dir: str) -> None:
+    """Print the running cluster's ground truth and state as JSON."""
+    click.echo(json.dumps(read_status(Path(state_dir)), indent=2))

@@ -1,0 +1,626 @@
+"""Routing policies (sans-IO): plain objects fed request events and `now` that pick a backend.
+
+The balancer calls `pick` with the candidates it allows (backends that are up and not yet
+tried for this request), `on_start`/`on_end` around every upstream try and `tick`
+periodically; the future simulator drives the same objects. They read no clock, do no
+I/O, and cost a few microseconds per call. `make_policy` builds one by name.
+
+Policies: round-robin, random (seeded), least-connections (ties in round-robin order),
+weighted-round-robin (nginx's smooth WRR, including its effective-weight recovery after
+failures), consistent-hash (ring of virtual nodes, sha256 or md5), p2c-ewma (power of two
+choices on peak-EWMA latency times in-flight + 1, as Linkerd and Finagle), outlier-ejection
+(Envoy's consecutive-5xx and success-rate ejection), trust (smooth WRR over a TrustEngine's
+weights, ejected backends excluded) and oracle (ground truth; experiments only).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import inspect
+import math
+import random
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from twlb.balancer.trust import TrustEngine
+
+from twlb.outcome import Outcome
+from twlb.spec import NodeClass, PolicyName
+
+
+class Policy(Protocol):
+    """What the balancer needs from a routing policy."""
+
+    name: PolicyName
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None: ...
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None: ...
+
+    def on_start(self, backend: str, now: float) -> None: ...
+
+    def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None: ...
+
+    def tick(self, now: float) -> None: ...
+
+    def describe(self, backend: str) -> dict: ...
+
+
+class BasePolicy:
+    """Backend list and in-flight counts, shared by every policy."""
+
+    name: PolicyName
+
+    def __init__(self) -> None:
+        self.backends: list[str] = []
+        self.inflight: dict[str, int] = {}
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        self.backends = list(backends)
+        self.inflight = {b: self.inflight.get(b, 0) for b in self.backends}
+
+    def on_start(self, backend: str, now: float) -> None:
+        self.inflight[backend] = self.inflight.get(backend, 0) + 1
+
+    def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None:
+        n = self.inflight.get(backend)
+        if n:  # a backend removed mid-request has no counter left to lower
+            self.inflight[backend] = n - 1
+
+    def tick(self, now: float) -> None:
+        return None
+
+    def describe(self, backend: str) -> dict:
+        return {"inflight": self.inflight.get(backend, 0)}
+
+
+class Rotation:
+    """A turn counter: each `take` returns the next item of the sequence it is given."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def take(self, items: Sequence[str]) -> str | None:
+        if not items:
+            return None
+        i = self._next
+        self._next = i + 1
+        return items[i % len(items)]
+
+
+class RoundRobin(BasePolicy):
+    """Each pick takes the next candidate in turn."""
+
+    name = PolicyName.ROUND_ROBIN
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._turn = Rotation()
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        return self._turn.take(candidates)
+
+
+class RandomChoice(BasePolicy):
+    """A uniformly random candidate, from a seeded generator (same seed, same picks)."""
+
+    name = PolicyName.RANDOM
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self._rng = random.Random(seed)
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        if not candidates:
+            return None
+        return candidates[self._rng.randrange(len(candidates))]
+
+
+class LeastConnections(BasePolicy):
+    """The candidate with the fewest requests in flight; ties taken in round-robin order."""
+
+    name = PolicyName.LEAST_CONNECTIONS
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._turn = Rotation()
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        if not candidates:
+            return None
+        inflight = self.inflight
+        fewest = min(inflight.get(b, 0) for b in candidates)
+        return self._turn.take([b for b in candidates if inflight.get(b, 0) == fewest])
+
+
+def smooth_weighted_pick(
+    candidates: Sequence[str], weight_of: Callable[[str], float], current: dict[str, float]
+) -> str | None:
+    """nginx's smooth weighted round robin: current += weight, take the max, subtract the total.
+
+    `current` carries each backend's current weight between picks; ties go to the first.
+    """
+    best: str | None = None
+    best_current = -math.inf
+    total = 0.0
+    for b in candidates:
+        w = weight_of(b)
+        c = current.get(b, 0.0) + w
+        current[b] = c
+        total += w
+        if c > best_current:
+            best, best_current = b, c
+    if best is not None:
+        current[best] = best_current - total
+    return best
+
+
+class WeightedRoundRobin(BasePolicy):
+    """Smooth weighted round robin exactly as nginx (ngx_http_upstream_round_robin.c).
+
+    A failed try (connection error or timeout, nginx's default `proxy_next_upstream`
+    failures) lowers the backend's effective weight by weight / max_fails (floored at 0);
+    each pick in which it takes part raises it by one, back up to its configured weight.
+    """
+
+    name = PolicyName.WEIGHTED_ROUND_ROBIN
+
+    def __init__(self, weights: Mapping[str, float] | None = None, max_fails: int = 1) -> None:
+        super().__init__()
+        if max_fails < 1:
+            raise ValueError(f"max_fails must be at least 1, got {max_fails}")
+        for b, w in (weights or {}).items():
+            if not w > 0:
+                raise ValueError(f"weight of {b} must be positive, got {w}")
+        self.weights = dict(weights or {})
+        self.max_fails = max_fails
+        self.effective: dict[str, float] = {}
+        self.current: dict[str, float] = {}
+
+    def _weight(self, backend: str) -> float:
+        return self.weights.get(backend, 1)
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        self.effective = {b: self.effective.get(b, self._weight(b)) for b in self.backends}
+        self.current = {b: self.current.get(b, 0) for b in self.backends}
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        effective = self.effective
+        chosen = smooth_weighted_pick(
+            candidates, lambda b: effective.get(b, self._weight(b)), self.current
+        )
+        for b in candidates:
+            e = effective.get(b, self._weight(b))
+            if e < self._weight(b):
+                effective[b] = e + 1
+        return chosen
+
+    def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None:
+        super().on_end(backend, now, outcome, latency_s)
+        if outcome is Outcome.CONNECT_ERROR or outcome is Outcome.TIMEOUT:
+            e = self.effective.get(backend, self._weight(backend))
+            self.effective[backend] = max(0, e - self._weight(backend) / self.max_fails)
+
+    def describe(self, backend: str) -> dict:
+        return super().describe(backend) | {
+            "weight": self._weight(backend),
+            "effective_weight": self.effective.get(backend, self._weight(backend)),
+            "current_weight": self.current.get(backend, 0),
+        }
+
+
+HASH_ALGORITHMS = ("sha256", "md5")
+
+
+class ConsistentHash(BasePolicy):
+    """A hash ring with `vnodes` virtual nodes per backend, keyed by the request key.
+
+    A key maps to the first virtual node clockwise from its hash whose backend is among the
+    candidates, so a backend leaving moves only its own keys and one joining takes about
+    1/N of them. Requests without a key are spread round-robin.
+    """
+
+    name = PolicyName.CONSISTENT_HASH
+
+    def __init__(self, hash_algorithm: str = "sha256", vnodes: int = 160) -> None:
+        super().__init__()
+        if hash_algorithm not in HASH_ALGORITHMS:
+            raise ValueError(
+                f"unknown hash algorithm {hash_algorithm!r}; choose one of {HASH_ALGORITHMS}"
+            )
+        if vnodes < 1:
+            raise ValueError(f"vnodes must be at least 1, got {vnodes}")
+        self.hash_algorithm = hash_algorithm
+        self._digest = getattr(hashlib, hash_algorithm)
+        self.vnodes = vnodes
+        self._points: list[int] = []
+        self._owners: list[str] = []
+        self._fallback = Rotation()
+
+    def hash(self, text: str) -> int:
+        """Position of `text` on the ring (the first 8 bytes of its digest)."""
+        return int.from_bytes(self._digest(text.encode()).digest()[:8], "big")
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        ring = sorted((self.hash(f"{b}#{i}"), b) for b in self.backends for i in range(self.vnodes))
+        self._points = [p for p, _ in ring]
+        self._owners = [b for _, b in ring]
+
+    def owner(self, key: str, candidates: Sequence[str] | None = None) -> str | None:
+        """The backend owning `key` among `candidates` (default: all backends)."""
+        owners = self._owners
+        if not owners:
+            return None
+        allowed = set(self.backends if candidates is None else candidates)
+        if allowed.isdisjoint(self.backends):
+            return None
+        n = len(owners)
+        start = bisect.bisect(self._points, self.hash(key))
+        for step in range(n):
+            b = owners[(start + step) % n]
+            if b in allowed:
+                return b
+        return None  # unreachable: some allowed backend is on the ring
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        if not candidates:
+            return None
+        if key is not None:
+            chosen = self.owner(key, candidates)
+            if chosen is not None:
+                return chosen
+        return self._fallback.take(candidates)
+
+    def describe(self, backend: str) -> dict:
+        share = 0.0
+        if self._points:
+            # The fraction of the ring (hence of keys) this backend owns.
+            span = 2**64
+            owned = 0
+            prev = self._points[-1] - span
+            for p, b in zip(self._points, self._owners, strict=True):
+                if b == backend:
+                    owned += p - prev
+                prev = p
+            share = owned / span
+        return super().describe(backend) | {"ring_share": round(share, 6), "vnodes": self.vnodes}
+
+
+class PeakEwma(BasePolicy):
+    """Power of two choices on peak-EWMA latency times (in-flight + 1), as Linkerd and Finagle.
+
+    The cost of a backend jumps up at once to a slower sample and otherwise decays towards
+    newer samples (and towards zero while idle) with time constant `decay_s`. A failed try
+    counts as at least `failure_penalty_s` of latency. New backends start at `default_rtt_s`.
+    """
+
+    name = PolicyName.P2C_EWMA
+
+    def __init__(
+        self,
+        seed: int = 0,
+        decay_s: float = 10.0,
+        default_rtt_s: float = 0.03,
+        failure_penalty_s: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if decay_s <= 0 or default_rtt_s < 0 or failure_penalty_s < 0:
+            raise ValueError("need decay_s > 0, default_rtt_s >= 0, failure_penalty_s >= 0")
+        self._rng = random.Random(seed)
+        self.decay_s = decay_s
+        self.default_rtt_s = default_rtt_s
+        self.failure_penalty_s = failure_penalty_s
+        self.cost: dict[str, float] = {}
+        self.stamp: dict[str, float] = {}
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        self.cost = {b: self.cost.get(b, self.default_rtt_s) for b in self.backends}
+        self.stamp = {b: self.stamp.get(b, now) for b in self.backends}
+
+    def _decayed(self, backend: str, now: float) -> float:
+        cost = self.cost.get(backend, self.default_rtt_s)
+        elapsed = now - self.stamp.get(backend, now)
+        return cost * math.exp(-elapsed / self.decay_s) if elapsed > 0 else cost
+
+    def load(self, backend: str, now: float) -> float:
+        return self._decayed(backend, now) * (self.inflight.get(backend, 0) + 1)
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        n = len(candidates)
+        if n <= 1:
+            return candidates[0] if n else None
+        i = self._rng.randrange(n)
+        j = self._rng.randrange(n - 1)
+        if j >= i:
+            j += 1
+        a, b = candidates[i], candidates[j]
+        return a if self.load(a, now) <= self.load(b, now) else b
+
+    def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None:
+        super().on_end(backend, now, outcome, latency_s)
+        if backend not in self.cost:
+            return
+        rtt = max(latency_s, self.failure_penalty_s) if outcome.is_failure else latency_s
+        cost = self.cost[backend]
+        if rtt > cost:
+            self.cost[backend] = rtt
+        else:
+            elapsed = max(0.0, now - self.stamp[backend])
+            decay = math.exp(-elapsed / self.decay_s)
+            self.cost[backend] = cost * decay + rtt * (1.0 - decay)
+        self.stamp[backend] = now
+
+    def describe(self, backend: str) -> dict:
+        return super().describe(backend) | {"ewma_s": self.cost.get(backend, self.default_rtt_s)}
+
+
+class _HostOutlier:
+    __slots__ = ("consecutive_5xx", "ok", "total", "ejected_at", "backoff", "ejections")
+
+    def __init__(self) -> None:
+        self.consecutive_5xx = 0
+        self.ok = 0  # successes in the current interval
+        self.total = 0  # tries in the current interval
+        self.ejected_at: float | None = None
+        self.backoff = 0  # Envoy's ejection time multiplier
+        self.ejections = 0  # lifetime count, for describe()
+
+
+class OutlierEjection(BasePolicy):
+    """Round robin over backends not ejected by Envoy-style outlier detection.
+
+    As Envoy's outlier detection (with split_external_local_origin_errors off, so
+    timeouts and connection errors count as 5xx):
+    - `consecutive_5xx` failures in a row eject a backend at once;
+    - every `interval_s`, among backends with at least `success_rate_request_volume`
+      tries in the interval, if there are at least `success_rate_minimum_hosts` of them,
+      those whose success rate is below mean - `success_rate_stdev_factor` * stdev are
+      ejected;
+    - an ejection lasts `base_ejection_time_s` times the ejection multiplier (incremented
+      per ejection, decremented at each interval the backend spends un-ejected), capped
+      at `max_ejection_time_s`; unejection is checked at every tick;
+    - at most `max_ejection_percent` of the backends are ejected at once, though one may
+      always be. Envoy defaults to 10 %, which on a 6-node fleet never allows a second
+      ejection; 50 is the default here so half of a small fleet can be taken out.
+    """
+
+    name = PolicyName.OUTLIER_EJECTION
+
+    def __init__(
+        self,
+        consecutive_5xx: int = 5,
+        interval_s: float = 10.0,
+        base_ejection_time_s: float = 30.0,
+        max_ejection_time_s: float = 300.0,
+        max_ejection_percent: float = 50.0,
+        success_rate_minimum_hosts: int = 5,
+        success_rate_request_volume: int = 100,
+        success_rate_stdev_factor: float = 1.9,
+    ) -> None:
+        super().__init__()
+        if consecutive_5xx < 1 or interval_s <= 0 or base_ejection_time_s <= 0:
+            raise ValueError("need consecutive_5xx >= 1, interval_s > 0, base_ejection_time_s > 0")
+        if not 0 <= max_ejection_percent <= 100:
+            raise ValueError(f"max_ejection_percent must be in 0..100, got {max_ejection_percent}")
+        self.consecutive_5xx = consecutive_5xx
+        self.interval_s = interval_s
+        self.base_ejection_time_s = base_ejection_time_s
+        self.max_ejection_time_s = max(max_ejection_time_s, base_ejection_time_s)
+        self.max_ejection_percent = max_ejection_percent
+        self.success_rate_minimum_hosts = success_rate_minimum_hosts
+        self.success_rate_request_volume = success_rate_request_volume
+        self.success_rate_stdev_factor = success_rate_stdev_factor
+        self.hosts: dict[str, _HostOutlier] = {}
+        self._turn = Rotation()
+        self._interval_start: float | None = None
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        self.hosts = {b: self.hosts.get(b, None) or _HostOutlier() for b in self.backends}
+        if self._interval_start is None:
+            self._interval_start = now
+
+    def is_ejected(self, backend: str) -> bool:
+        h = self.hosts.get(backend)
+        return h is not None and h.ejected_at is not None
+
+    def ejected_count(self) -> int:
+        return sum(h.ejected_at is not None for h in self.hosts.values())
+
+    def ejection_time(self, backend: str) -> float:
+        """How long `backend`'s current ejection lasts, seconds."""
+        h = self.hosts[backend]
+        return min(self.base_ejection_time_s * max(1, h.backoff), self.max_ejection_time_s)
+
+    def _eject(self, backend: str, now: float) -> bool:
+        h = self.hosts[backend]
+        if h.ejected_at is not None:
+            return False
+        ejected = self.ejected_count()
+        share = 100.0 * (ejected + 1) / len(self.hosts)
+        if ejected > 0 and share > self.max_ejection_percent:
+            return False
+        h.ejected_at = now
+        h.ejections += 1
+        if self.base_ejection_time_s * h.backoff < self.max_ejection_time_s:
+            h.backoff += 1
+        return True
+
+    def _uneject(self, h: _HostOutlier) -> None:
+        h.ejected_at = None
+        h.consecutive_5xx = 0
+        h.ok = h.total = 0
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        hosts = self.hosts
+        return self._turn.take(
+            [b for b in candidates if b not in hosts or hosts[b].ejected_at is None]
+        )
+
+    def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None:
+        super().on_end(backend, now, outcome, latency_s)
+        h = self.hosts.get(backend)
+        if h is None:
+            return
+        h.total += 1
+        if outcome is Outcome.SUCCESS:
+            h.ok += 1
+            h.consecutive_5xx = 0
+            return
+        h.consecutive_5xx += 1
+        if h.consecutive_5xx >= self.consecutive_5xx:
+            self._eject(backend, now)
+            h.consecutive_5xx = 0
+
+    def tick(self, now: float) -> None:
+        for backend, h in self.hosts.items():
+            if h.ejected_at is not None and now - h.ejected_at >= self.ejection_time(backend):
+                self._uneject(h)
+        if self._interval_start is None:
+            self._interval_start = now
+        if now - self._interval_start >= self.interval_s:
+            self._interval_start = now
+            self._end_interval(now)
+
+    def _end_interval(self, now: float) -> None:
+        for h in self.hosts.values():
+            if h.ejected_at is None and h.backoff > 0:
+                h.backoff -= 1
+        rates = {
+            b: h.ok / h.total
+            for b, h in self.hosts.items()
+            if h.ejected_at is None and h.total >= self.success_rate_request_volume
+        }
+        if len(rates) >= self.success_rate_minimum_hosts:
+            mean = statistics.fmean(rates.values())
+            threshold = mean - self.success_rate_stdev_factor * statistics.pstdev(rates.values())
+            for b in sorted(rates, key=rates.__getitem__):
+                if rates[b] < threshold:
+                    self._eject(b, now)
+        for h in self.hosts.values():
+            h.ok = h.total = 0
+
+    def describe(self, backend: str) -> dict:
+        h = self.hosts.get(backend)
+        if h is None:
+            return super().describe(backend)
+        return super().describe(backend) | {
+            "ejected": h.ejected_at is not None,
+            "ejected_at": h.ejected_at,
+            "ejections": h.ejections,
+            "ejection_multiplier": h.backoff,
+            "consecutive_5xx": h.consecutive_5xx,
+        }
+
+
+class TrustWeighted(BasePolicy):
+    """Smooth WRR over the trust engine's weights, skipping backends it has ejected.
+
+    A backend that is not ejected always keeps at least `min_weight`, so a low but
+    un-ejected weight still gets a trickle of traffic (and so, fresh evidence).
+    """
+
+    name = PolicyName.TRUST
+
+    def __init__(self, trust_engine: TrustEngine, min_weight: float = 0.01) -> None:
+        super().__init__()
+        self.engine = trust_engine
+        self.min_weight = min_weight
+        self.current: dict[str, float] = {}
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        self.current = {b: self.current.get(b, 0.0) for b in self.backends}
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        engine = self.engine
+        allowed = [b for b in candidates if not engine.is_ejected(b)]
+        floor = self.min_weight
+        return smooth_weighted_pick(allowed, lambda b: max(floor, engine.weight(b)), self.current)
+
+    def describe(self, backend: str) -> dict:
+        return super().describe(backend) | {
+            "weight": self.engine.weight(backend),
+            "state": self.engine.state(backend).value,
+        }
+
+
+class Oracle(BasePolicy):
+    """Round robin over the candidates whose ground truth is healthy (experiments only)."""
+
+    name = PolicyName.ORACLE
+
+    def __init__(self, truth: Callable[[str], NodeClass]) -> None:
+        super().__init__()
+        self.truth = truth
+        self._turn = Rotation()
+
+    def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        return self._turn.take([b for b in candidates if self.truth(b) == NodeClass.HEALTHY])
+
+    def describe(self, backend: str) -> dict:
+        return super().describe(backend) | {"truth": str(self.truth(backend))}
+
+
+POLICIES: dict[PolicyName, type[BasePolicy]] = {
+    PolicyName.ROUND_ROBIN: RoundRobin,
+    PolicyName.RANDOM: RandomChoice,
+    PolicyName.LEAST_CONNECTIONS: LeastConnections,
+    PolicyName.WEIGHTED_ROUND_ROBIN: WeightedRoundRobin,
+    PolicyName.CONSISTENT_HASH: ConsistentHash,
+    PolicyName.P2C_EWMA: PeakEwma,
+    PolicyName.OUTLIER_EJECTION: OutlierEjection,
+    PolicyName.TRUST: TrustWeighted,
+    PolicyName.ORACLE: Oracle,
+}
+
+
+def parse_policy_name(name: PolicyName | str) -> PolicyName:
+    """The PolicyName for `name`, or ValueError listing the known ones."""
+    try:
+        return PolicyName(name)
+    except ValueError:
+        known = ", ".join(p.value for p in PolicyName)
+        raise ValueError(f"unknown policy {name!r}; choose one of {known}") from None
+
+
+def make_policy(
+    name: PolicyName | str,
+    *,
+    seed: int = 0,
+    weights: Mapping[str, float] | None = None,
+    hash_algorithm: str = "sha256",
+    vnodes: int = 160,
+    trust_engine: TrustEngine | None = None,
+    truth: Callable[[str], NodeClass] | None = None,
+    **options: Any,
+) -> Policy:
+    """Build the policy called `name`; `options` are its own tunables (ValueError if unknown)."""
+    policy = parse_policy_name(name)
+    if policy is PolicyName.TRUST and trust_engine is None:
+        raise ValueError("policy 'trust' needs a trust_engine")
+    if policy is PolicyName.ORACLE and truth is None:
+        raise ValueError("policy 'oracle' needs the ground truth (truth=...)")
+    cls = POLICIES[policy]
+    common = {
+        "seed": seed,
+        "weights": weights,
+        "hash_algorithm": hash_algorithm,
+        "vnodes": vnodes,
+        "trust_engine": trust_engine,
+        "truth": truth,
+    }
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(params) - {"self"})
+    if unknown:
+        own = sorted(set(params) - {"self"} - set(common))
+        raise ValueError(f"policy {policy.value!r} has no option {unknown}; its options: {own}")
+    kwargs = {k: v for k, v in common.items() if k in params} | options
+    return cls(**kwargs)

@@ -1,0 +1,806 @@
+"""The balancer service: the proxy hot path, health and trust loops, audits, quorum, API.
+
+`create_app(settings)` returns an ASGI callable. Requests to the balancer's own paths
+(`/healthz`, `/metrics`, `/trust`, `/admin/...`, see `settings.RESERVED_PATHS`) and the
+lifespan go to a FastAPI app; every other path and method is proxied by `BalancerApp`
+directly on ASGI receive/send, with no Request objects and no routing, to a backend the
+policy picks, through the lean keep-alive pool of `upstream.py` (chosen by measurement).
+
+Everything stateful lives in one `Balancer`, created per app and opened and closed in the
+lifespan, so two apps in one process share nothing. The sans-IO cores (policy, health
+tracker, feature windows, trust engine, retry budget) are driven here with
+`time.monotonic()` as their `now`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from time import monotonic
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
+
+import httpx
+import orjson
+from fastapi import Depends, FastAPI, HTTPException, status
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from twlb.balancer.audit import AuditResult, compare_answers
+from twlb.balancer.features import FleetWindows
+from twlb.balancer.health import HealthTracker
+from twlb.balancer.metrics import BackendMetrics, BalancerMetrics, LiveView
+from twlb.balancer.policies import make_policy
+from twlb.balancer.scoring import HeuristicScorer
+from twlb.balancer.settings import (
+    ADMIN_PREFIX,
+    IDEMPOTENT_METHODS,
+    RESERVED_PATHS,
+    BalancerSettings,
+)
+from twlb.balancer.trust import TrustEngine
+from twlb.balancer.upstream import (
+    REQUEST_DROPPED,
+    RESPONSE_DROPPED,
+    BackendPool,
+    BackendURLError,
+    UpstreamConnectError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    normalize_backend_url,
+)
+
+from twlb import __version__
+from twlb.budget import RetryBudget
+from twlb.outcome import Outcome
+from twlb.spec import NodeClass, PolicyName
+
+log = logging.getLogger("twlb.balancer")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+#: Audits cross-check only safe methods: the extra calls must not change anything.
+AUDITED_METHODS = frozenset({"GET"})
+
+#: Largest quorum a request may ask for (`X-TWLB-Quorum`).
+MAX_QUORUM = 5
+
+
+class OracleTruthError(ValueError):
+    """An oracle truth file that cannot be used; the message names the file and the problem."""
+
+
+def load_oracle_truth(path: Path) -> dict[str, str]:
+    """Read `{backend_url: node_class}` from a JSON file, URLs normalized, classes checked."""
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as err:
+        raise OracleTruthError(f"{path}: cannot read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise OracleTruthError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise OracleTruthError(f"{path}: must be a JSON object {{backend_url: node_class}}")
+    classes = {c.value for c in NodeClass}
+    truth: dict[str, str] = {}
+    for url, cls in raw.items():
+        try:
+            norm = normalize_backend_url(url)
+        except BackendURLError as err:
+            raise OracleTruthError(f"{path}: {err}") from None
+        if cls not in classes:
+            raise OracleTruthError(
+                f"{path}: {url}: unknown class {cls!r} (one of {sorted(classes)})"
+            )
+        truth[norm] = cls
+    return truth
+
+
+def _error_body(message: str, **extra: Any) -> bytes:
+    return orjson.dumps({"error": message, **extra})
+
+
+@dataclass(slots=True)
+class TryResult:
+    """One try against one backend."""
+
+    backend: str
+    outcome: Outcome
+    response: UpstreamResponse | None
+    latency_s: float
+
+
+class Balancer:
+    """All live state of one balancer; the server's I/O drives its sans-IO cores."""
+
+    def __init__(self, settings: BalancerSettings) -> None:
+        self.settings = settings
+        now = monotonic()
+        self.backends: list[str] = list(settings.backends)
+        self.pools: dict[str, BackendPool] = {b: BackendPool(b) for b in self.backends}
+        self.inflight: dict[str, int] = dict.fromkeys(self.backends, 0)
+        self.health = HealthTracker(
+            healthy_threshold=settings.healthy_threshold,
+            unhealthy_threshold=settings.unhealthy_threshold,
+        )
+        self.health.set_backends(self.backends, now)
+        horizon = max(60.0, 2 * settings.window_s)
+        self.windows = FleetWindows(
+            horizon_s=horizon, resolution_s=min(0.25, settings.window_s / 4)
+        )
+        self.windows.set_backends(self.backends)
+        self.scorer = HeuristicScorer()
+        self.engine = TrustEngine(self.scorer)
+        self.engine.set_backends(self.backends, now)
+        self.truth: dict[str, str] = {}
+        self._truth_mtime: float | None = None
+        if settings.oracle_truth is not None:
+            self._reload_truth()
+        self.policy = make_policy(
+            settings.policy.value,
+            seed=settings.seed,
+            weights=None,
+            hash_algorithm=settings.hash_algorithm,
+            vnodes=settings.vnodes,
+            trust_engine=self.engine,
+            truth=self.truth_of,
+        )
+        self.policy.set_backends(list(self.backends), now)
+        self.wants_key = settings.policy is PolicyName.CONSISTENT_HASH
+        self.budget = RetryBudget(ratio=settings.retry_budget)
+        self.rng = random.Random(settings.seed)
+        self.features: dict[str, dict[str, float]] = {}
+        self.metrics = BalancerMetrics(self.live_view)
+        self._backend_metrics: dict[str, BackendMetrics] = {
+            b: self.metrics.backend(b) for b in self.backends
+        }
+        self._health_tasks: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
+        self._tick_task: asyncio.Task | None = None
+        self._probe: httpx.AsyncClient | None = None
+
+    def truth_of(self, backend: str) -> NodeClass:
+        """The oracle's ground truth; a backend missing from the file counts as healthy."""
+        return NodeClass(self.truth.get(backend, NodeClass.HEALTHY))
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._probe = httpx.AsyncClient(
+            timeout=self.settings.health_timeout_s,
+            limits=httpx.Limits(max_keepalive_connections=len(self.backends) + 8),
+        )
+        for b in self.backends:
+            self._start_health(b)
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="twlb-balancer-tick")
+
+    async def stop(self) -> None:
+        tasks = [*self._health_tasks.values(), *self._background]
+        if self._tick_task is not None:
+            tasks.append(self._tick_task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._health_tasks.clear()
+        self._background.clear()
+        for pool in self.pools.values():
+            pool.close()
+        if self._probe is not None:
+            await self._probe.aclose()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---------------------------------------------------------------- backends
+    def add_backend(self, url: str) -> bool:
+        """Put a backend into the fleet (normalized URL); False if it is there already."""
+        if url in self.pools:
+            return False
+        now = monotonic()
+        self.backends.append(url)
+        self.pools[url] = BackendPool(url)
+        self.inflight[url] = 0
+        self._backend_metrics[url] = self.metrics.backend(url)
+        self._sync_backends(now)
+        if self._probe is not None:
+            self._start_health(url)
+        return True
+
+    def remove_backend(self, url: str) -> bool:
+        """Take a backend out of the fleet; False if it is not in it."""
+        if url not in self.pools:
+            return False
+        now = monotonic()
+        self.backends.remove(url)
+        self.pools.pop(url).close()
+        self.inflight.pop(url, None)
+        self._backend_metrics.pop(url, None)
+        self.features.pop(url, None)
+        task = self._health_tasks.pop(url, None)
+        if task is not None:
+            task.cancel()
+        self._sync_backends(now)
+        return True
+
+    def _sync_backends(self, now: float) -> None:
+        backends = list(self.backends)
+        self.health.set_backends(backends, now)
+        self.windows.set_backends(backends)
+        self.engine.set_backends(backends, now)
+        self.policy.set_backends(backends, now)
+
+    # ---------------------------------------------------------------- background loops
+    def _start_health(self, backend: str) -> None:
+        self._health_tasks[backend] = asyncio.create_task(
+            self._health_loop(backend), name=f"twlb-health {backend}"
+        )
+
+    async def _health_loop(self, backend: str) -> None:
+        """Active heartbeat: GET /healthz every interval, fed to health and the window."""
+        assert self._probe is not None
+        url = backend + "/healthz"
+        interval = self.settings.health_interval_s
+        timeout = self.settings.health_timeout_s
+        while True:
+            started = monotonic()
+            try:
+                r = await self._probe.get(url, timeout=timeout)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            now = monotonic()
+            if backend not in self.pools:
+                return
+            before = self.health.is_up(backend)
+            self.health.on_check(backend, ok, now)
+            self.windows[backend].record_health(now, ok)
+            after = self.health.is_up(backend)
+            if before != after:
+                log.warning("backend %s %s rotation", backend, "back in" if after else "out of")
+            await asyncio.sleep(max(0.0, interval - (monotonic() - started)))
+
+    async def _tick_loop(self) -> None:
+        """Policy and health ticks, in-flight samples, and periodic trust updates."""
+        s = self.settings
+        next_trust = monotonic()
+        while True:
+            await asyncio.sleep(s.policy_tick_s)
+            now = monotonic()
+            try:
+                self.policy.tick(now)
+                for b in self.health.tick(now):
+                    log.warning("backend %s back in rotation after its passive cooldown", b)
+                for b, n in self.inflight.items():
+                    self.windows[b].record_inflight(now, n)
+                if now >= next_trust:
+                    next_trust = now + s.trust_tick_s
+                    self.update_trust(now)
+            except Exception:  # a bug in one tick must not stop routing for good
+                log.exception("balancer tick failed")
+
+    def update_trust(self, now: float) -> None:
+        """Compute every backend's features over the window and feed the trust engine."""
+        if self.settings.oracle_truth is not None:
+            self._reload_truth()
+        self.features = self.windows.features(now, self.settings.window_s)
+        if self.features:
+            self.engine.update(self.features, now)
+
+    def _reload_truth(self) -> None:
+        path = self.settings.oracle_truth
+        assert path is not None
+        try:
+            mtime = path.stat().st_mtime
+        except OSError as err:
+            if self._truth_mtime is None:
+                raise OracleTruthError(f"{path}: cannot read: {err.strerror}") from None
+            return
+        if mtime == self._truth_mtime:
+            return
+        try:
+            truth = load_oracle_truth(path)
+        except OracleTruthError:
+            if self._truth_mtime is None:
+                raise
+            log.exception("oracle truth file changed but cannot be used; keeping the old one")
+            return
+        self.truth = truth
+        self._truth_mtime = mtime
+
+    # ---------------------------------------------------------------- one try
+    async def try_backend(
+        self, backend: str, method: str, target: bytes, headers: list, body: bytes
+    ) -> TryResult:
+        """Send one try to `backend` and feed its outcome to every core that learns from it."""
+        pool = self.pools.get(backend)
+        start = monotonic()
+        if pool is None:  # removed while the request was being routed
+            return TryResult(backend, Outcome.CONNECT_ERROR, None, 0.0)
+        self.policy.on_start(backend, start)
+        self.inflight[backend] += 1
+        response = None
+        try:
+            response = await pool.request(
+                method, target, headers, body, self.settings.try_timeout_s
+            )
+            outcome = Outcome.ERROR if response.status >= 500 else Outcome.SUCCESS
+        except UpstreamTimeout:
+            outcome = Outcome.TIMEOUT
+        except UpstreamConnectError:
+            outcome = Outcome.CONNECT_ERROR
+        finally:
+            end = monotonic()
+            if backend in self.inflight:
+                self.inflight[backend] -= 1
+        latency = end - start
+        if backend in self.pools:
+            self.policy.on_end(backend, end, outcome, latency)
+            self.health.on_passive(backend, outcome, end)
+            self.windows[backend].record_request(end, outcome, latency)
+            self._backend_metrics[backend].observe(outcome, latency)
+        return TryResult(backend, outcome, response, latency)
+
+    # ---------------------------------------------------------------- routing
+    async def route(
+        self, method: str, target: bytes, headers: list, body: bytes, key: str | None
+    ) -> tuple[TryResult | None, str]:
+        """Pick, try and retry; returns the last try (None if none was sent) and why not."""
+        now = monotonic()
+        self.budget.record_request(now)
+        candidates = self.health.up(self.backends)
+        if not candidates:
+            return None, "no backend is up" if self.backends else "no backends configured"
+        tried: list[str] = []
+        last: TryResult | None = None
+        retryable = method in IDEMPOTENT_METHODS
+        for attempt in range(self.settings.max_tries):
+            if attempt:
+                candidates = [b for b in self.health.up(self.backends) if b not in tried]
+                if not candidates:
+                    break
+                if not self.budget.try_withdraw(monotonic()):
+                    self.metrics.retries_refused.inc()
+                    break
+                self.metrics.retries.inc()
+            backend = self.policy.pick(candidates, monotonic(), key)
+            if backend is None:
+                if last is None:
+                    return None, f"policy {self.settings.policy.value} picked no backend"
+                break
+            last = await self.try_backend(backend, method, target, headers, body)
+            if last.outcome is Outcome.SUCCESS or not retryable:
+                break
+            tried.append(backend)
+        return last, ""
+
+    def maybe_audit(self, method: str, target: bytes, headers: list, answered: TryResult) -> None:
+        """With probability audit_fraction, cross-check a 2xx answer on two more backends."""
+        fraction = self.settings.audit_fraction
+        if not fraction or method not in AUDITED_METHODS or self.rng.random() >= fraction:
+            return
+        others = [b for b in self.health.up(self.backends) if b != answered.backend]
+        if len(others) < 2:
+            return
+        peers = self.rng.sample(others, 2)
+        self._spawn(self._audit(method, target, headers, answered, peers), "twlb-audit")
+
+    async def _audit(
+        self, method: str, target: bytes, headers: list, answered: TryResult, peers: list[str]
+    ) -> None:
+        tries = await asyncio.gather(
+            *(self.try_backend(b, method, target, headers, b"") for b in peers)
+        )
+        self.judge([answered, *tries], quorum=2)
+
+    def judge(self, tries: list[TryResult], quorum: int) -> AuditResult:
+        """Compare answers by body digest, charge the odd ones out, count the audit."""
+        answers = {t.backend: _answer_digest(t) for t in tries}
+        verdict = compare_answers(answers, quorum=quorum)
+        now = monotonic()
+        m = self.metrics
+        if verdict.quorum_met:
+            for b in verdict.majority:
+                if b in self.pools:
+                    self.windows[b].record_audit(now, False)
+                    self._backend_metrics[b].audits.inc()
+            for b in verdict.odd:
+                if b in self.pools:
+                    self.windows[b].record_audit(now, True)
+                    self._backend_metrics[b].audits.inc()
+                    self._backend_metrics[b].mismatches.inc()
+            m.audit_results["mismatch" if verdict.odd else "agreed"].inc()
+        else:
+            m.audit_results["no_quorum"].inc()
+        return verdict
+
+    async def quorum_read(
+        self, method: str, target: bytes, headers: list, body: bytes, quorum: int
+    ) -> tuple[TryResult | None, str]:
+        """Ask backends until `quorum` agree on the body; never return a minority answer."""
+        candidates = list(self.health.up(self.backends))
+        if len(candidates) < quorum:
+            return None, f"quorum {quorum} needs {quorum} backends up, {len(candidates)} are"
+        self.rng.shuffle(candidates)
+        now = monotonic()
+        self.budget.record_request(now)
+        # The policy picks the first askers (a trust policy prefers trusted backends); the
+        # rest, in random order, are asked one by one only while there is no agreement.
+        first: list[str] = []
+        for _ in range(quorum):
+            b = self.policy.pick(candidates, now, None) or candidates[0]
+            first.append(b)
+            candidates.remove(b)
+        tries = list(
+            await asyncio.gather(
+                *(self.try_backend(b, method, target, headers, body) for b in first)
+            )
+        )
+        while True:
+            answers = {t.backend: _answer_digest(t) for t in tries}
+            if compare_answers(answers, quorum=quorum).quorum_met or not candidates:
+                break
+            extra = candidates.pop(0)
+            tries.append(await self.try_backend(extra, method, target, headers, body))
+        verdict = self.judge(tries, quorum=quorum)
+        if not verdict.quorum_met:
+            return None, f"no {quorum} backends agreed: {verdict.reason}"
+        chosen = next(t for t in tries if t.backend == verdict.majority[0])
+        return chosen, ""
+
+    # ---------------------------------------------------------------- views
+    def live_view(self) -> LiveView:
+        return LiveView(
+            trust={b: float(self.engine.weight(b)) for b in self.backends},
+            up={b: self.health.is_up(b) for b in self.backends},
+            features=dict(self.features),
+        )
+
+    def trust_report(self) -> dict[str, Any]:
+        rows = []
+        for b in self.backends:
+            rows.append(
+                {
+                    "url": b,
+                    "weight": float(self.engine.weight(b)),
+                    "state": _jsonable(self.engine.state(b)),
+                    "health": self.health.describe(b),
+                    "up": self.health.is_up(b),
+                    "features": self.features.get(b, {}),
+                    "probabilities": _jsonable(self.engine.probabilities(b)),
+                    "policy": _jsonable(self.policy.describe(b)),
+                    "inflight": self.inflight.get(b, 0),
+                }
+            )
+        return {
+            "backends": rows,
+            "policy": self.settings.policy.value,
+            "window_s": self.settings.window_s,
+            "audit_fraction": self.settings.audit_fraction,
+            "model": self.engine.describe(),
+        }
+
+
+def _answer_digest(t: TryResult) -> str | None:
+    """An audit answer: sha256 of a 2xx body; anything else is no answer."""
+    r = t.response
+    if r is None or not 200 <= r.status < 300:
+        return None
+    return hashlib.sha256(r.body).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Enums, dataclasses and numpy scalars as plain JSON values."""
+    return orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=str))
+
+
+# -------------------------------------------------------------------- admin API models
+class BackendRef(BaseModel):
+    """A backend named by its URL (admin API body)."""
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        try:
+            return normalize_backend_url(value)
+        except BackendURLError as err:
+            raise ValueError(str(err)) from None
+
+
+class BackendList(BaseModel):
+    backends: list[str]
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def build_api(balancer_holder: dict[str, Balancer], settings: BalancerSettings) -> FastAPI:
+    """The FastAPI app serving the balancer's own endpoints and owning the lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        balancer = Balancer(settings)
+        balancer_holder["balancer"] = balancer
+        await balancer.start()
+        log.info(
+            "balancer up: policy %s, %d backends, audits %.3f",
+            settings.policy.value,
+            len(balancer.backends),
+            settings.audit_fraction,
+        )
+        try:
+            yield
+        finally:
+            await balancer.stop()
+            balancer_holder.pop("balancer", None)
+
+    api = FastAPI(
+        title="TW-LB balancer",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/admin/openapi.json",
+    )
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    def balancer() -> Balancer:
+        return balancer_holder["balancer"]
+
+    LiveBalancer = Annotated[Balancer, Depends(balancer)]
+
+    def admin(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        token = settings.admin_token
+        if token is None:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "admin disabled")
+        if creds is None or creds.scheme.lower() != "bearer":
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "admin API needs Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "wrong admin token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @api.get("/healthz")
+    async def healthz(b: LiveBalancer) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "backends": len(b.backends),
+            "backends_up": len(b.health.up(b.backends)),
+        }
+
+    @api.get("/metrics")
+    async def metrics(b: LiveBalancer) -> Response:
+        return Response(b.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/trust")
+    async def trust(b: LiveBalancer) -> Response:
+        return Response(
+            orjson.dumps(b.trust_report(), option=orjson.OPT_SERIALIZE_NUMPY),
+            media_type="application/json",
+        )
+
+    @api.get("/admin/backends", dependencies=[Depends(admin)])
+    async def list_backends(b: LiveBalancer) -> BackendList:
+        return BackendList(backends=list(b.backends))
+
+    @api.post("/admin/backends", dependencies=[Depends(admin)], status_code=status.HTTP_201_CREATED)
+    async def add_backend(ref: BackendRef, b: LiveBalancer) -> BackendList:
+        if not b.add_backend(ref.url):
+            raise HTTPException(status.HTTP_409_CONFLICT, f"backend {ref.url} is already present")
+        log.warning("backend %s added through the admin API", ref.url)
+        return BackendList(backends=list(b.backends))
+
+    @api.delete("/admin/backends", dependencies=[Depends(admin)])
+    async def remove_backend(
+        b: LiveBalancer,
+        ref: BackendRef | None = None,
+        url: str | None = None,
+    ) -> BackendList:
+        raw = ref.url if ref is not None else url
+        if raw is None:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                'name the backend: body {"url": ...} or ?url=',
+            )
+        try:
+            target = normalize_backend_url(raw)
+        except BackendURLError as err:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(err)) from None
+        if not b.remove_backend(target):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"backend {target} is not present")
+        log.warning("backend %s removed through the admin API", target)
+        return BackendList(backends=list(b.backends))
+
+    return api
+
+
+class BalancerApp:
+    """The ASGI entry point: own endpoints through FastAPI, everything else proxied raw."""
+
+    def __init__(self, settings: BalancerSettings) -> None:
+        self.settings = settings
+        self._holder: dict[str, Balancer] = {}
+        self.api = build_api(self._holder, settings)
+        self._max_body = settings.max_body_bytes
+
+    @property
+    def balancer(self) -> Balancer:
+        """The live balancer (exists between lifespan startup and shutdown)."""
+        return self._holder["balancer"]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path not in RESERVED_PATHS and not path.startswith(ADMIN_PREFIX):
+                await self.proxy(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The hot path: read the body, route with retries, answer, maybe audit."""
+        balancer = self._holder["balancer"]
+        method: str = scope["method"]
+        forwarded: list[tuple[bytes, bytes]] = []
+        key: str | None = None
+        quorum_header: bytes | None = None
+        declared_length: bytes | None = None
+        for name, value in scope["headers"]:
+            if name in REQUEST_DROPPED:
+                if name == b"content-length":
+                    declared_length = value
+                continue
+            if name == b"x-twlb-key":
+                key = value.decode("latin-1")
+            elif name == b"x-twlb-quorum":
+                quorum_header = value
+            forwarded.append((name, value))
+        client = scope.get("client")
+        if client:
+            forwarded.append((b"x-forwarded-for", client[0].encode("latin-1")))
+
+        limit = self._max_body
+        if declared_length is not None:
+            try:
+                too_big = int(declared_length) > limit
+            except ValueError:
+                await _send_json(send, 400, "Content-Length is not a number")
+                return
+            if too_big:
+                balancer.metrics.request_outcomes["too_large"].inc()
+                await _send_json(send, 413, f"request body over the limit of {limit} bytes")
+                return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            if chunk:
+                body = body + chunk if body else chunk
+                if len(body) > limit:
+                    balancer.metrics.request_outcomes["too_large"].inc()
+                    await _send_json(send, 413, f"request body over the limit of {limit} bytes")
+                    return
+            if not message.get("more_body", False):
+                break
+
+        query: bytes = scope["query_string"]
+        target: bytes = scope.get("raw_path") or scope["path"].encode()
+        if query:
+            target = target + b"?" + query
+            if key is None and balancer.wants_key and b"key=" in query:
+                key = next((v for k, v in parse_qsl(query.decode("latin-1")) if k == "key"), None)
+
+        if quorum_header is not None:
+            await self._quorum(balancer, send, method, target, forwarded, body, quorum_header)
+            return
+
+        result, why = await balancer.route(method, target, forwarded, body, key)
+        outcomes = balancer.metrics.request_outcomes
+        if result is None:
+            outcomes["no_backend"].inc()
+            await _send_json(send, 503, why)
+            return
+        response = result.response
+        if response is None:
+            outcomes["failed"].inc()
+            if result.outcome is Outcome.TIMEOUT:
+                await _send_json(
+                    send,
+                    504,
+                    f"backend {result.backend} did not answer in time",
+                    backend=result.backend,
+                )
+            else:
+                await _send_json(
+                    send,
+                    502,
+                    f"backend {result.backend} could not be reached",
+                    backend=result.backend,
+                )
+            return
+        outcomes["error" if response.status >= 500 else "success"].inc()
+        await _send_upstream(send, result.backend, response)
+        if 200 <= response.status < 300:
+            balancer.maybe_audit(method, target, forwarded, result)
+
+    async def _quorum(
+        self,
+        balancer: Balancer,
+        send: Send,
+        method: str,
+        target: bytes,
+        headers: list,
+        body: bytes,
+        raw: bytes,
+    ) -> None:
+        try:
+            quorum = int(raw)
+        except ValueError:
+            quorum = 0
+        if not 1 <= quorum <= MAX_QUORUM:
+            await _send_json(send, 400, f"X-TWLB-Quorum must be an integer 1..{MAX_QUORUM}")
+            return
+        if method not in IDEMPOTENT_METHODS:
+            await _send_json(send, 400, f"quorum reads need an idempotent method, not {method}")
+            return
+        result, why = await balancer.quorum_read(method, target, headers, body, quorum)
+        if result is None or result.response is None:
+            balancer.metrics.request_outcomes["quorum_failed"].inc()
+            await _send_json(send, 502, why or "no answer")
+            return
+        balancer.metrics.request_outcomes["success"].inc()
+        await _send_upstream(send, result.backend, result.response)
+
+
+async def _send_upstream(send: Send, backend: str, response: UpstreamResponse) -> None:
+    headers = [(n, v) for n, v in response.headers if n not in RESPONSE_DROPPED]
+    headers.append((b"content-length", str(len(response.body)).encode("ascii")))
+    headers.append((b"x-twlb-backend", backend.encode("latin-1")))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _send_json(send: Send, status_code: int, message: str, **extra: Any) -> None:
+    body = _error_body(message, **extra)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status_code,
+            "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii"))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: BalancerSettings) -> BalancerApp:
+    """A new balancer app; nothing is opened until its lifespan starts."""
+    if settings.oracle_truth is not None:
+        load_oracle_truth(settings.oracle_truth)  # fail now, not on the first tick
+    return BalancerApp(settings)

@@ -1,0 +1,1 @@
+"""The backend node: a work service that fails on purpose (faults, simulation, control)."""

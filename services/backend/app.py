@@ -1,0 +1,419 @@
+"""The backend node's HTTP service: `create_app(settings)` builds one node as a FastAPI app.
+
+`GET /work` does DESIGN.md's work and lets the sans-IO cores (`FaultInjector`,
+`NodeSimulation`) decide what goes wrong; this module only acts their decisions out
+(sleeps, exits, drops connections, answers 5xx or a wrong digest) and measures them.
+The /work route is a plain Starlette route with hand-parsed query and orjson bodies:
+it is the hot path every benchmark and experiment drives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
+
+import orjson
+import psutil
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import Route
+from twlb.backend.faults import FaultAction, FaultInjector
+from twlb.backend.simulation import NodeSimulation
+
+from twlb.spec import FaultSpec, FaultType
+from twlb.work import ROUNDS_MAX, ROUNDS_MIN, digest, key_problem
+
+log = logging.getLogger("twlb.backend")
+
+#: Exit status of a node whose crash fault fired (EX_SOFTWARE).
+CRASH_EXIT_STATUS = 70
+#: Where the server's own `send` is kept in the scope, so /work can drop the connection.
+SERVER_SEND = "twlb.server_send"
+WORK_PARAMS = ("key", "rounds")
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Everything one node needs; the CLI builds it from flags and environment variables."""
+
+    node_id: str
+    seed: int = 0
+    fault: FaultSpec = field(default_factory=FaultSpec)
+    control_token: str | None = None
+    simulation: bool = True
+    packet_loss: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldProblem:
+    """One invalid field of a request and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+def problems_response(what: str, problems: list[FieldProblem]) -> Response:
+    """A 422 whose JSON names every invalid field."""
+    summary = "; ".join(f"{p.field}: {p.message}" for p in problems)
+    body = {
+        "error": f"invalid {what}: {summary}",
+        "problems": [{"field": p.field, "message": p.message} for p in problems],
+    }
+    return Response(orjson.dumps(body), status_code=422, media_type="application/json")
+
+
+def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem]:
+    """`(key, rounds)` of a /work query string, or the problems that make it invalid."""
+    values: dict[str, list[str]] = {}
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        values.setdefault(name, []).append(value)
+    problems = [
+        FieldProblem(name, f"unknown query parameter (allowed: {', '.join(WORK_PARAMS)})")
+        for name in values
+        if name not in WORK_PARAMS
+    ]
+    problems += [
+        FieldProblem(name, "given more than once")
+        for name in WORK_PARAMS
+        if len(values.get(name, ())) > 1
+    ]
+    key = values.get("key", [None])[0]
+    if key is None:
+        problems.append(FieldProblem("key", "is required"))
+    elif (why := key_problem(key)) is not None:
+        problems.append(FieldProblem("key", why))
+    rounds = ROUNDS_MIN
+    raw_rounds = values.get("rounds", [None])[0]
+    if raw_rounds is not None:
+        if raw_rounds.isascii() and raw_rounds.isdigit():
+            rounds = int(raw_rounds)
+            if not ROUNDS_MIN <= rounds <= ROUNDS_MAX:
+                problems.append(
+                    FieldProblem("rounds", f"must be in {ROUNDS_MIN}..{ROUNDS_MAX}, got {rounds}")
+                )
+        else:
+            problems.append(FieldProblem("rounds", f"must be an integer, got {raw_rounds!r}"))
+    if problems:
+        return problems
+    assert key is not None
+    return key, rounds
+
+
+class NodeMetrics:
+    """The node's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self._requests = Counter(
+            "twlb_node_requests",
+            "Work requests answered, by HTTP status code.",
+            ["node", "code"],
+            registry=reg,
+        )
+        self._by_code: dict[int, Any] = {}
+        self.duration = Histogram(
+            "twlb_node_request_duration_seconds",
+            "Time to answer a work request, as the node itself reports it.",
+            ["node"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        ).labels(node=node_id)
+        self.in_flight = Gauge(
+            "twlb_node_in_flight_requests",
+            "Work requests being served.",
+            ["node"],
+            registry=reg,
+        ).labels(node=node_id)
+        self.dropped = Counter(
+            "twlb_node_dropped_connections",
+            "Work requests whose connection was dropped by simulated packet loss.",
+            ["node"],
+            registry=reg,
+        ).labels(node=node_id)
+        self.cpu = Gauge(
+            "twlb_node_cpu_utilization_ratio",
+            "CPU utilisation of the node (simulated, or the process's own without simulation).",
+            ["node"],
+            registry=reg,
+        ).labels(node=node_id)
+        self.memory = Gauge(
+            "twlb_node_memory_bytes",
+            "Memory in use by the node (simulated, or the process's RSS without simulation).",
+            ["node"],
+            registry=reg,
+        ).labels(node=node_id)
+        self.network_latency = Gauge(
+            "twlb_node_network_latency_seconds",
+            "The node's simulated baseline network latency.",
+            ["node"],
+            registry=reg,
+        ).labels(node=node_id)
+        self._fault_info = Gauge(
+            "twlb_node_fault_info",
+            "1 for the fault the node reports as active, 0 for the others.",
+            ["node", "type"],
+            registry=reg,
+        )
+
+    def answered(self, code: int, duration_s: float) -> None:
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._requests.labels(node=self.node_id, code=str(code))
+        child.inc()
+        self.duration.observe(max(0.0, duration_s))
+
+    def report_fault(self, fault: FaultType) -> None:
+        for t in FaultType:
+            self._fault_info.labels(node=self.node_id, type=t.value).set(1 if t is fault else 0)
+
+
+_BEARER = HTTPBearer(auto_error=False)
+
+
+@dataclass(frozen=True)
+class ControlAuth:
+    """Dependency guarding /control: the configured bearer token, or 403 when there is none."""
+
+    token: str | None
+
+    def __call__(
+        self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+    ) -> None:
+        if self.token is None:
+            raise HTTPException(
+                403,
+                "the control endpoint is disabled: start the node with --control-token "
+                "(TWLB_BACKEND_CONTROL_TOKEN) to enable it",
+            )
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, self.token.encode()):
+            raise HTTPException(
+                401,
+                "a valid 'Authorization: Bearer <token>' header is required",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+
+class BackendApp(FastAPI):
+    """FastAPI that keeps the server's own `send` in the scope (see `drop_connection`)."""
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
+async def drop_connection(scope: MutableMapping[str, Any]) -> None:
+    """Abort the request's TCP connection so the client gets no HTTP answer at all.
+
+    ASGI has no message for this, so we reach the transport through uvicorn's
+    request-response cycle (the owner of the `send` it handed to the app).
+    """
+    owner = getattr(scope.get(SERVER_SEND), "__self__", None)
+    transport = getattr(owner, "transport", None)
+    if transport is None:
+        raise RuntimeError("cannot drop a connection: the server does not expose its transport")
+    transport.abort()
+    # Let the server see the connection as lost before we return, so it answers nothing.
+    await asyncio.sleep(0)
+
+
+async def _no_answer(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI response that sends nothing (its connection is already gone)."""
+
+
+def _crash(node_id: str) -> None:
+    log.error("crash fault: node %s exits with status %d", node_id, CRASH_EXIT_STATUS)
+    logging.shutdown()
+    os._exit(CRASH_EXIT_STATUS)
+
+
+def create_app(settings: BackendSettings) -> FastAPI:
+    """One backend node: its work route, probes, metrics and fault control."""
+    node_id = settings.node_id
+    started = time.monotonic()
+    injector = FaultInjector(
+        settings.fault, random.Random(f"twlb-node-faults:{settings.seed}"), started
+    )
+    simulation = NodeSimulation(
+        settings.seed, started, enabled=settings.simulation, packet_loss=settings.packet_loss
+    )
+    metrics = NodeMetrics(node_id)
+    metrics.report_fault(injector.reported_type)
+    process = psutil.Process()
+    ready = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nonlocal ready
+        ready = True
+        log.info("node %s ready, fault %s", node_id, _fault_summary(injector.spec))
+        yield
+        ready = False
+
+    # Prometheus is the node's telemetry; FastAPI's native OpenTelemetry hooks would cost
+    # every request a provider lookup for nothing.
+    app = BackendApp(
+        title=f"twlb backend {node_id}",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
+
+    async def work(request: Request) -> Any:
+        began = time.perf_counter()
+        parsed = parse_work_query(request.scope["query_string"])
+        if isinstance(parsed, list):
+            metrics.answered(422, time.perf_counter() - began)
+            return problems_response("query", parsed)
+        key, rounds = parsed
+        now = time.monotonic()
+        decision = injector.decide(now)
+        if decision.action is FaultAction.CRASH:
+            _crash(node_id)
+        sample = simulation.sample(now)
+        metrics.in_flight.inc()
+        try:
+            answer = digest(key, rounds)
+            pause = sample.latency_s + decision.delay_s
+            if pause > 0.0:
+                await asyncio.sleep(pause)
+            if sample.dropped:
+                metrics.dropped.inc()
+                await drop_connection(request.scope)
+                return _no_answer
+        finally:
+            metrics.in_flight.dec()
+        if decision.action is FaultAction.ERROR:
+            status = decision.status
+            body = {"node": node_id, "error": "injected fault: error"}
+        else:
+            status = 200
+            if decision.action is FaultAction.BYZANTINE:
+                answer = injector.wrong_digest(answer)
+            body = {"node": node_id, "key": key, "rounds": rounds, "digest": answer}
+        metrics.answered(status, time.perf_counter() - began - decision.hidden_delay_s)
+        return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+    # First in the route table: every other route is matched after the hot one.
+    app.router.routes.insert(0, Route("/work", work, methods=["GET"], include_in_schema=False))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP (faults act on /work only)."""
+        return {"status": "ok", "node": node_id}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness: started and not shutting down."""
+        status = 200 if ready else 503
+        body = {"status": "ready" if ready else "not ready", "node": node_id}
+        return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        if simulation.enabled:
+            c = simulation.conditions(time.monotonic())
+            metrics.cpu.set(c.cpu_utilization)
+            metrics.memory.set(c.memory_bytes)
+            metrics.network_latency.set(c.network_latency_s)
+        else:
+            metrics.cpu.set(process.cpu_percent() / (100.0 * (psutil.cpu_count() or 1)))
+            metrics.memory.set(process.memory_info().rss)
+            metrics.network_latency.set(0.0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    require_control_token = ControlAuth(settings.control_token)
+
+    def fault_state() -> dict[str, Any]:
+        return {"node": node_id, "fault": injector.spec.model_dump(mode="json", by_alias=True)}
+
+    @app.get("/control/fault", dependencies=[Depends(require_control_token)])
+    async def get_fault() -> dict[str, Any]:
+        """The active fault (the ground truth, including what a lie-latency node hides)."""
+        return fault_state()
+
+    @app.put("/control/fault", dependencies=[Depends(require_control_token)])
+    async def put_fault(request: Request) -> Response:
+        """Replace the active fault from now on (fields not given take their defaults).
+
+        The body is read as JSON whatever its content type (`curl -d` sends a form type);
+        an invalid body leaves the previous fault active.
+        """
+        try:
+            fault = FaultSpec.model_validate(orjson.loads(await request.body()))
+        except orjson.JSONDecodeError as err:
+            return problems_response("fault", [FieldProblem("body", f"not JSON: {err}")])
+        except ValidationError as err:
+            return problems_response("fault", _validation_problems(err.errors()))
+        injector.switch(fault, time.monotonic())
+        metrics.report_fault(injector.reported_type)
+        log.info("node %s fault switched to %s", node_id, _fault_summary(fault))
+        return Response(orjson.dumps(fault_state()), media_type="application/json")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> Response:
+        return problems_response("request", _validation_problems(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> Response:
+        return Response(
+            orjson.dumps({"error": err.detail}),
+            status_code=err.status_code,
+            headers=err.headers,
+            media_type="application/json",
+        )
+
+    return app
+
+
+def _validation_problems(errors: Sequence[Any]) -> list[FieldProblem]:
+    """Pydantic/FastAPI errors as FieldProblems named by field (camelCase, as sent)."""
+    problems = []
+    for e in errors:
+        loc = [str(p) for p in e["loc"]]
+        if len(loc) > 1 and loc[0] in ("body", "query", "header", "path"):
+            loc = loc[1:]
+        problems.append(FieldProblem(".".join(loc) or "body", e["msg"]))
+    return problems
+
+
+def _fault_summary(spec: FaultSpec) -> str:
+    return orjson.dumps(spec.model_dump(mode="json", by_alias=True)).decode()

@@ -115,6 +115,16 @@ class HealthTracker:
         old = self._backends
         self._backends = {b: old[b] if b in old else BackendHealth(since=now) for b in backends}
 
+    def apply(self, backend: str, event: HealthEvent, now: float) -> HealthState:
+        """Move `backend` through the transition table on `event`; returns the new state.
+
+        The observation methods below call this with the events they classify; it is public
+        so a caller (or a test) can inject an event directly.
+        """
+        h = self._backends[backend]
+        self._apply(h, event, now)
+        return h.state
+
     def _apply(self, h: BackendHealth, event: HealthEvent, now: float) -> None:
         new = TRANSITIONS[(h.state, event)]
         if new is not h.state:
@@ -150,10 +160,13 @@ class HealthTracker:
             return HealthState.UNKNOWN
         if outcome is Outcome.CONNECT_ERROR or outcome is Outcome.TIMEOUT:
             h.passive_failures += 1
-            if h.passive_failures >= self.passive_threshold and h.state is not _X:
+            if h.passive_failures >= self.passive_threshold:
+                was_down = h.state is _X
                 h.passes = 0
+                h.passive_failures = 0
                 self._apply(h, HealthEvent.PASSIVE_FALL, now)
-                h.cooldown_until = now + self.passive_cooldown_s
+                if not was_down:  # already out on failed checks: the checks decide
+                    h.cooldown_until = now + self.passive_cooldown_s
         else:
             h.passive_failures = 0
         return h.state

@@ -362,13 +362,22 @@ class PeakEwma(BasePolicy):
 
 
 class _HostOutlier:
-    __slots__ = ("consecutive_5xx", "ok", "total", "ejected_at", "backoff", "ejections")
+    __slots__ = (
+        "consecutive_5xx",
+        "ok",
+        "total",
+        "ejected_at",
+        "unejected_at",
+        "backoff",
+        "ejections",
+    )
 
     def __init__(self) -> None:
         self.consecutive_5xx = 0
         self.ok = 0  # successes in the current interval
         self.total = 0  # tries in the current interval
         self.ejected_at: float | None = None
+        self.unejected_at: float | None = None
         self.backoff = 0  # Envoy's ejection time multiplier
         self.ejections = 0  # lifetime count, for describe()
 
@@ -453,8 +462,9 @@ class OutlierEjection(BasePolicy):
             h.backoff += 1
         return True
 
-    def _uneject(self, h: _HostOutlier) -> None:
+    def _uneject(self, h: _HostOutlier, now: float) -> None:
         h.ejected_at = None
+        h.unejected_at = now
         h.consecutive_5xx = 0
         h.ok = h.total = 0
 
@@ -482,16 +492,19 @@ class OutlierEjection(BasePolicy):
     def tick(self, now: float) -> None:
         for backend, h in self.hosts.items():
             if h.ejected_at is not None and now - h.ejected_at >= self.ejection_time(backend):
-                self._uneject(h)
+                self._uneject(h, now)
         if self._interval_start is None:
             self._interval_start = now
         if now - self._interval_start >= self.interval_s:
-            self._interval_start = now
             self._end_interval(now)
+            self._interval_start = now
 
     def _end_interval(self, now: float) -> None:
+        start = self._interval_start
         for h in self.hosts.values():
-            if h.ejected_at is None and h.backoff > 0:
+            # Only a whole interval spent un-ejected earns a lower multiplier.
+            whole = h.unejected_at is None or (start is not None and h.unejected_at <= start)
+            if h.ejected_at is None and h.backoff > 0 and whole:
                 h.backoff -= 1
         rates = {
             b: h.ok / h.total

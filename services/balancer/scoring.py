@@ -5,7 +5,7 @@ the ONNX model (onnx_scorer.py) and the documented `HeuristicScorer` below both 
 
 The heuristic's rules. Each fault class gets an evidence score in [0, 1], a linear ramp
 from a threshold where the symptom starts to count to one where it is conclusive,
-damped by how much traffic backs it (`n / (n + CONFIDENCE_HALF)` observations):
+damped by how much traffic backs it (`1 - exp(-n / CONFIDENCE_SCALE)` for n observations):
 - byzantine: audit_mismatch_ratio, ramp 0.05 -> 0.5, weighted by the audits seen;
 - error:     error_5xx_ratio, ramp 0.05 -> 0.5, weighted by the requests seen;
 - crash:     the larger of connect_error_ratio (ramp 0.05 -> 0.5, by requests) and
@@ -40,8 +40,9 @@ class Scorer(Protocol):
         ...
 
 
-#: Observations at which evidence counts half (damps verdicts drawn from a handful of tries).
-CONFIDENCE_HALF = 3.0
+#: Observations for which evidence counts 63 % (damps verdicts drawn from a handful of tries;
+#: ten observations count 96 %).
+CONFIDENCE_SCALE = 3.0
 
 
 def _ramp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -65,8 +66,8 @@ class HeuristicScorer:
         c = self._col
         requests = np.expm1(X[:, c["request_count_log1p"]])
         audits = np.expm1(X[:, c["audit_count_log1p"]])
-        by_requests = requests / (requests + CONFIDENCE_HALF)
-        by_audits = audits / (audits + CONFIDENCE_HALF)
+        by_requests = -np.expm1(-requests / CONFIDENCE_SCALE)
+        by_audits = -np.expm1(-audits / CONFIDENCE_SCALE)
         return {
             NodeClass.BYZANTINE: _ramp(X[:, c["audit_mismatch_ratio"]], 0.05, 0.5) * by_audits,
             NodeClass.ERROR: _ramp(X[:, c["error_5xx_ratio"]], 0.05, 0.5) * by_requests,

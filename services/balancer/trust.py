@@ -191,6 +191,16 @@ class TrustEngine:
 
     # -- events --------------------------------------------------------------------------
 
+    def apply(self, backend: str, event: TrustEvent, now: float) -> TrustState:
+        """Move `backend` through the transition table on `event`; returns the new state.
+
+        `update` and `tick` classify weights and timers into events and call this; it is
+        public so a caller (or a test) can inject an event directly.
+        """
+        b = self._backends[backend]
+        self._move(b, event, now)
+        return b.state
+
     def _move(self, b: BackendTrust, event: TrustEvent, now: float) -> None:
         new = TRANSITIONS[(b.state, event)]
         if new is b.state:

@@ -12,6 +12,7 @@ from twlb.balancer.policies import (
     PeakEwma,
     WeightedRoundRobin,
     make_policy,
+    smooth_weighted_pick,
 )
 from twlb.balancer.scoring import HeuristicScorer
 from twlb.balancer.trust import TrustEngine, TrustEvent
@@ -39,6 +40,7 @@ def _fail(policy, backend: str, now: float, times: int, outcome: Outcome = Outco
 
 def test_every_policy_name_builds_and_names_itself() -> None:
     engine = TrustEngine(HeuristicScorer())
+    engine.set_backends(["a", "b"], 0.0)
     assert set(POLICIES) == set(PolicyName)
     for name in PolicyName:
         policy = make_policy(name, trust_engine=engine, truth=lambda b: NodeClass.HEALTHY)
@@ -320,6 +322,17 @@ def test_trust_policy_follows_weights_and_skips_ejected_backends() -> None:
     assert picks == {"a": 150, "b": 150}
     assert policy.pick(["c"], 1.0) is None
     assert policy.describe("c")["state"] == "ejected"
+    assert policy.pick(["unknown"], 1.0) is None  # only backends the engine knows are routed
+
+
+def test_smooth_weighted_pick_shares_traffic_by_float_weights_with_a_floor() -> None:
+    weights = {"a": 0.9, "b": 0.3, "c": 0.001}
+    current: dict[str, float] = {}
+    picks = Counter(
+        smooth_weighted_pick(["a", "b", "c", "x"], weights, current, floor=0.01)
+        for _ in range(1210)
+    )
+    assert picks == {"a": 900, "b": 300, "c": 10}  # "x" has no weight: never picked
 
 
 def test_oracle_routes_only_to_truly_healthy_backends() -> None:

@@ -138,17 +138,26 @@ class LeastConnections(BasePolicy):
 
 
 def smooth_weighted_pick(
-    candidates: Sequence[str], weight_of: Callable[[str], float], current: dict[str, float]
+    candidates: Sequence[str],
+    weights: Mapping[str, float],
+    current: dict[str, float],
+    floor: float = 0.0,
 ) -> str | None:
     """nginx's smooth weighted round robin: current += weight, take the max, subtract the total.
 
-    `current` carries each backend's current weight between picks; ties go to the first.
+    `current` carries each backend's current weight between picks; candidates without an
+    entry in `weights` are skipped; weights under `floor` count as `floor`; ties go to the
+    first candidate.
     """
     best: str | None = None
     best_current = -math.inf
     total = 0.0
     for b in candidates:
-        w = weight_of(b)
+        w = weights.get(b)
+        if w is None:
+            continue
+        if w < floor:
+            w = floor
         c = current.get(b, 0.0) + w
         current[b] = c
         total += w
@@ -162,9 +171,10 @@ def smooth_weighted_pick(
 class WeightedRoundRobin(BasePolicy):
     """Smooth weighted round robin exactly as nginx (ngx_http_upstream_round_robin.c).
 
-    A failed try (connection error or timeout, nginx's default `proxy_next_upstream`
-    failures) lowers the backend's effective weight by weight / max_fails (floored at 0);
-    each pick in which it takes part raises it by one, back up to its configured weight.
+    Backends without a configured weight weigh 1. A failed try (connection error or
+    timeout, nginx's default `proxy_next_upstream` failures) lowers the backend's effective
+    weight by weight / max_fails (floored at 0); each pick in which it takes part raises it
+    by one, back up to its configured weight.
     """
 
     name = PolicyName.WEIGHTED_ROUND_ROBIN
@@ -176,41 +186,46 @@ class WeightedRoundRobin(BasePolicy):
         for b, w in (weights or {}).items():
             if not w > 0:
                 raise ValueError(f"weight of {b} must be positive, got {w}")
-        self.weights = dict(weights or {})
+        self.configured = dict(weights or {})
         self.max_fails = max_fails
+        self.weights: dict[str, float] = {}
         self.effective: dict[str, float] = {}
         self.current: dict[str, float] = {}
-
-    def _weight(self, backend: str) -> float:
-        return self.weights.get(backend, 1)
+        self._recovering: set[str] = set()  # effective weight below the configured one
 
     def set_backends(self, backends: Sequence[str], now: float) -> None:
         super().set_backends(backends, now)
-        self.effective = {b: self.effective.get(b, self._weight(b)) for b in self.backends}
+        self.weights = {b: self.configured.get(b, 1) for b in self.backends}
+        self.effective = {b: self.effective.get(b, w) for b, w in self.weights.items()}
         self.current = {b: self.current.get(b, 0) for b in self.backends}
+        self._recovering = {b for b in self._recovering if b in self.weights}
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
-        effective = self.effective
-        chosen = smooth_weighted_pick(
-            candidates, lambda b: effective.get(b, self._weight(b)), self.current
-        )
-        for b in candidates:
-            e = effective.get(b, self._weight(b))
-            if e < self._weight(b):
-                effective[b] = e + 1
+        chosen = smooth_weighted_pick(candidates, self.effective, self.current)
+        if self._recovering:
+            effective, weights = self.effective, self.weights
+            for b in candidates:
+                if b in self._recovering:
+                    effective[b] += 1
+                    if effective[b] >= weights[b]:
+                        effective[b] = weights[b]
+                        self._recovering.discard(b)
         return chosen
 
     def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None:
         super().on_end(backend, now, outcome, latency_s)
-        if outcome is Outcome.CONNECT_ERROR or outcome is Outcome.TIMEOUT:
-            e = self.effective.get(backend, self._weight(backend))
-            self.effective[backend] = max(0, e - self._weight(backend) / self.max_fails)
+        if (outcome is Outcome.CONNECT_ERROR or outcome is Outcome.TIMEOUT) and (
+            backend in self.weights
+        ):
+            weight = self.weights[backend]
+            self.effective[backend] = max(0, self.effective[backend] - weight / self.max_fails)
+            self._recovering.add(backend)
 
     def describe(self, backend: str) -> dict:
         return super().describe(backend) | {
-            "weight": self._weight(backend),
-            "effective_weight": self.effective.get(backend, self._weight(backend)),
-            "current_weight": self.current.get(backend, 0),
+            "weight": self.weights.get(backend),
+            "effective_weight": self.effective.get(backend),
+            "current_weight": self.current.get(backend),
         }
 
 
@@ -537,7 +552,9 @@ class TrustWeighted(BasePolicy):
     """Smooth WRR over the trust engine's weights, skipping backends it has ejected.
 
     A backend that is not ejected always keeps at least `min_weight`, so a low but
-    un-ejected weight still gets a trickle of traffic (and so, fresh evidence).
+    un-ejected weight still gets a trickle of traffic (and so, fresh evidence). Only
+    backends the engine knows are routed: the server gives the engine the same backend
+    list as the policy.
     """
 
     name = PolicyName.TRUST
@@ -553,10 +570,9 @@ class TrustWeighted(BasePolicy):
         self.current = {b: self.current.get(b, 0.0) for b in self.backends}
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
-        engine = self.engine
-        allowed = [b for b in candidates if not engine.is_ejected(b)]
-        floor = self.min_weight
-        return smooth_weighted_pick(allowed, lambda b: max(floor, engine.weight(b)), self.current)
+        return smooth_weighted_pick(
+            candidates, self.engine.admitted, self.current, floor=self.min_weight
+        )
 
     def describe(self, backend: str) -> dict:
         return super().describe(backend) | {

@@ -122,6 +122,8 @@ class TrustEngine:
         self.ejection_base_s = ejection_base_s
         self.max_ejection_s = max_ejection_s
         self._backends: dict[str, BackendTrust] = {}
+        #: weight of every backend that is not ejected (what routing reads on each pick)
+        self.admitted: dict[str, float] = {}
         self.set_scorer(scorer)
 
     # -- configuration -------------------------------------------------------------------
@@ -140,6 +142,12 @@ class TrustEngine:
         self._backends = {
             b: old[b] if b in old else BackendTrust(weight=self.probation_weight, since=now)
             for b in backends
+        }
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.admitted = {
+            url: b.weight for url, b in self._backends.items() if b.state is not TrustState.EJECTED
         }
 
     # -- reading -------------------------------------------------------------------------
@@ -199,6 +207,7 @@ class TrustEngine:
         """
         b = self._backends[backend]
         self._move(b, event, now)
+        self._refresh()
         return b.state
 
     def _move(self, b: BackendTrust, event: TrustEvent, now: float) -> None:
@@ -253,6 +262,7 @@ class TrustEngine:
         for url, b in self._backends.items():
             if b.ejected_at is not None and now - b.ejected_at >= self.ejection_time(url):
                 self._move(b, TrustEvent.RETRY_DUE, now)
+        self._refresh()
 
     def update(self, features: Mapping[str, Mapping[str, float]], now: float) -> None:
         """Score every backend in `features` at once, then apply hysteresis and the floor."""
@@ -274,3 +284,4 @@ class TrustEngine:
         for i, (_, url) in enumerate(sorted(low)):
             event = TrustEvent.LOW if i < room else TrustEvent.LOW_HELD
             self._move(self._backends[url], event, now)
+        self._refresh()

@@ -1,0 +1,559 @@
+"""Collect labelled feature windows: run chaos on loopback clusters, record what the balancer sees.
+
+Live mode runs clusters on the embedded runtime (real `twlb backend` and `twlb balancer`
+processes): each run draws, from its seed, the cluster's fault assignment, fault
+parameters, load and the run-time chaos (faults switched through /control/fault, a node
+killed and held down). A local Prometheus scrapes the balancer. At sample instants one
+window apart the collector reads every backend's features twice, directly from the
+balancer's /trust and through Prometheus's HTTP API, and labels each row with the node's
+true class at that moment (the runtime's ground truth). Rows whose window straddles a
+change of truth are left out: their label would be a guess.
+
+Attach mode (`--prometheus URL`) reads the windows of a balancer that is already running,
+for example in a cluster, from its Prometheus, labelled by polling each backend's
+GET /control/fault (a node that does not answer is down: `crash`).
+
+Sample instants are placed a fifth of a second after the balancer's trust tick (seen by
+polling /trust), so both sources read the same tick's values: Prometheus scrapes faster
+than the tick, so its last sample before the instant belongs to that tick too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import random
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from twlb.balancer.features import FEATURE_NAMES
+from twlb.ml.dataset import WindowRow
+from twlb.ml.prometheus import LocalPrometheus, PrometheusAPI
+
+from twlb.procs import ManagedProcess, port_in_use, twlb_argv
+from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster
+
+FEATURE_METRIC = "twlb_balancer_feature"
+SOURCES = ("balancer", "prometheus")
+
+#: Faults a run may draw (flapping is left out: its healthy periods carry its label).
+DRAWN_FAULTS = (
+    FaultType.DELAY,
+    FaultType.LIE_LATENCY,
+    FaultType.ERROR,
+    FaultType.BYZANTINE,
+    FaultType.CRASH,
+)
+#: How long after a trust tick is seen the instant is placed (scrapes are faster).
+TICK_OFFSET_S = 0.2
+POLL_S = 0.05
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class ChaosEvent:
+    """At `at_s` into the run: switch node `node`'s fault, or kill it for `hold_s`."""
+
+    at_s: float
+    node: int
+    action: str  # "fault" or "kill"
+    fault: FaultSpec | None = None
+    hold_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything one collection run does, drawn from its seed."""
+
+    run_id: str
+    seed: int
+    backends: int
+    duration_s: float
+    window_s: float
+    rate: float
+    audit_fraction: float
+    faults: tuple[FaultSpec, ...]
+    events: tuple[ChaosEvent, ...]
+
+    def cluster(self) -> TrustCluster:
+        """The TrustCluster this run starts: every node's fault pinned by index."""
+        return TrustCluster.model_validate(
+            {
+                "apiVersion": "twlb.dev/v1alpha1",
+                "kind": "TrustCluster",
+                "metadata": {"name": self.run_id},
+                "spec": {
+                    "backends": self.backends,
+                    "seed": self.seed,
+                    "policy": "round-robin",
+                    "nodes": [
+                        {"index": i, "fault": f.model_dump(mode="json", by_alias=True)}
+                        for i, f in enumerate(self.faults)
+                    ],
+                    "balancer": {"auditFraction": self.audit_fraction, "windowS": self.window_s},
+                },
+            }
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "seed": self.seed,
+            "backends": self.backends,
+            "rate": self.rate,
+            "audit_fraction": self.audit_fraction,
+            "faults": [f.model_dump(mode="json", by_alias=True) for f in self.faults],
+            "events": [
+                {
+                    "at_s": e.at_s,
+                    "node": e.node,
+                    "action": e.action,
+                    "fault": e.fault.model_dump(mode="json", by_alias=True) if e.fault else None,
+                    "hold_s": e.hold_s,
+                }
+                for e in self.events
+            ],
+        }
+
+
+def draw_fault(rng: random.Random, fault_type: FaultType) -> FaultSpec:
+    """A fault of this type with parameters drawn from the collection ranges."""
+    if fault_type is FaultType.CRASH:
+        # Per request: at tens of requests per second a node dies within a second.
+        return FaultSpec(type=fault_type, probability=round(rng.uniform(0.02, 0.3), 3))
+    if fault_type is FaultType.BENIGN:
+        return FaultSpec()
+    return FaultSpec(
+        type=fault_type,
+        probability=round(rng.uniform(0.3, 1.0), 3),
+        delay_ms=rng.choice([rng.randint(300, 900), rng.randint(1200, 5000)]),
+        error_status=rng.choice([500, 502, 503, 504]),
+    )
+
+
+def plan_run(
+    seed: int,
+    backends: int = 6,
+    duration_s: float = 45.0,
+    window_s: float = 5.0,
+    rate: float | None = None,
+    run_id: str | None = None,
+) -> RunPlan:
+    """Draw one run from its seed: faults on up to half the nodes, then chaos mid-run."""
+    if backends < 3:
+        raise ValueError(f"a run needs at least 3 backends (audits compare three), got {backends}")
+    rng = random.Random(f"twlb-collect:{seed}")
+    n_faulty = rng.randint(1, max(1, backends // 2))
+    faulty = rng.sample(range(backends), n_faulty)
+    faults = [FaultSpec() for _ in range(backends)]
+    for i in faulty:
+        faults[i] = draw_fault(rng, rng.choice(DRAWN_FAULTS))
+    healthy = [i for i in range(backends) if i not in faulty]
+    events: list[ChaosEvent] = []
+    if duration_s >= 3 * window_s and healthy:
+        # A healthy node turns faulty, a faulty one recovers, a healthy one is killed.
+        switch_at = round(rng.uniform(0.3, 0.45) * duration_s, 1)
+        victim = healthy.pop(rng.randrange(len(healthy)))
+        events.append(
+            ChaosEvent(switch_at, victim, "fault", draw_fault(rng, rng.choice(DRAWN_FAULTS)))
+        )
+        recovering = [i for i in faulty if faults[i].type is not FaultType.CRASH]
+        if recovering:
+            events.append(ChaosEvent(switch_at, rng.choice(recovering), "fault", FaultSpec()))
+        if healthy:
+            kill_at = round(rng.uniform(0.5, 0.65) * duration_s, 1)
+            events.append(
+                ChaosEvent(kill_at, rng.choice(healthy), "kill", hold_s=round(2.5 * window_s, 1))
+            )
+    return RunPlan(
+        run_id=run_id or f"run-{seed}",
+        seed=seed,
+        backends=backends,
+        duration_s=duration_s,
+        window_s=window_s,
+        rate=rate if rate is not None else float(rng.randint(120, 260)),
+        audit_fraction=round(rng.uniform(0.05, 0.15), 3),
+        faults=tuple(faults),
+        events=tuple(sorted(events, key=lambda e: e.at_s)),
+    )
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+@dataclass
+class TruthTimeline:
+    """Each node's true class over time, as (time, class, fault) changes."""
+
+    changes: dict[str, list[tuple[float, str, str]]] = field(default_factory=dict)
+
+    def observe(self, node: str, now: float, label: str, fault: str) -> None:
+        seq = self.changes.setdefault(node, [])
+        if not seq or seq[-1][1:] != (label, fault):
+            seq.append((now, label, fault))
+
+    def stable(self, node: str, start: float, end: float) -> tuple[str, str] | None:
+        """(class, fault) if it held over the whole of [start, end], else None."""
+        seq = self.changes.get(node, [])
+        current: tuple[str, str] | None = None
+        for t, label, fault in seq:
+            if t <= start:
+                current = (label, fault)
+            elif t <= end:
+                return None
+        return current
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def fleet_features(trust: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """backend URL -> features from a /trust answer (backends without a full row left out)."""
+    out = {}
+    for b in trust.get("backends", []):
+        feats = b.get("features") or {}
+        if all(n in feats for n in FEATURE_NAMES):
+            out[b["url"]] = {n: float(feats[n]) for n in FEATURE_NAMES}
+    return out
+
+
+def prometheus_features(api: PrometheusAPI, at: float, selector: str = "") -> dict[str, dict]:
+    """backend URL -> features of the last scrape at or before `at` (full rows only)."""
+    query = FEATURE_METRIC + (f"{{{selector}}}" if selector else "")
+    out: dict[str, dict[str, float]] = {}
+    for series in api.query(query, at=at):
+        labels = series["metric"]
+        out.setdefault(labels["backend"], {})[labels["feature"]] = float(series["value"][1])
+    return {b: f for b, f in out.items() if all(n in f for n in FEATURE_NAMES)}
+
+
+class TrustPoller:
+    """Polls a balancer's /trust; knows when its last trust tick was seen."""
+
+    def __init__(self, balancer_url: str) -> None:
+        self.url = balancer_url.rstrip("/") + "/trust"
+        self.client = httpx.Client(timeout=2.0)
+        self.last: dict[str, dict[str, float]] = {}
+        self.changed_at = 0.0
+
+    def poll(self) -> dict[str, dict[str, float]]:
+        try:
+            r = self.client.get(self.url)
+            r.raise_for_status()
+            current = fleet_features(r.json())
+        except httpx.HTTPError:
+            return self.last
+        if current != self.last:
+            self.last = current
+            self.changed_at = time.time()
+        return current
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass
+class Sample:
+    """One sample instant: the direct reading, labelled per backend URL later."""
+
+    at: float
+    direct: dict[str, dict[str, float]]
+
+
+def label_rows(
+    plan_id: str,
+    seed: int,
+    t0: float,
+    samples: Sequence[Sample],
+    readings: Sequence[Mapping[str, Mapping[str, float]]],
+    truth: TruthTimeline,
+    names: Mapping[str, str],
+    window_s: float,
+    guard_s: float = 1.0,
+) -> list[WindowRow]:
+    """Rows of one source: every backend reading whose truth held over its whole window."""
+    rows = []
+    for sample, reading in zip(samples, readings, strict=True):
+        for url, feats in reading.items():
+            node = names.get(url, url)
+            held = truth.stable(node, sample.at - window_s - guard_s, sample.at)
+            if held is None:
+                continue
+            rows.append(
+                WindowRow(
+                    run_id=plan_id,
+                    seed=seed,
+                    node=node,
+                    time=round(sample.at - t0, 3),
+                    features=tuple(feats[n] for n in FEATURE_NAMES),
+                    label=held[0],
+                    fault=held[1],
+                )
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------- load
+
+
+@contextlib.contextmanager
+def driven_load(url: str, rate: float, duration_s: float, workdir: Path) -> Iterator[None]:
+    """Open-loop GET /work load on `url` for `duration_s` (the `twlb load` generator)."""
+    if importlib.util.find_spec("twlb.client.cli") is not None:
+        proc = ManagedProcess(
+            twlb_argv(
+                "load",
+                "--url",
+                url,
+                "--rate",
+                repr(rate),
+                "--duration",
+                repr(duration_s),
+                "--mode",
+                "basic",
+                "--out",
+                str(workdir / "load.json"),
+            ),  # fmt: skip
+            log_path=workdir / "load.log",
+        ).start()
+        try:
+            yield
+        finally:
+            proc.stop()
+        return
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_httpx_load, args=(url, rate, duration_s, stop), name="twlb-collect-load"
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10.0)
+
+
+def _httpx_load(url: str, rate: float, duration_s: float, stop: threading.Event) -> None:
+    """Bounded open-loop load (count and time) when `twlb load` is not in this build."""
+    import asyncio
+
+    async def main() -> None:
+        limit = asyncio.Semaphore(128)
+        async with httpx.AsyncClient(
+            timeout=2.0, limits=httpx.Limits(max_connections=128)
+        ) as client:
+
+            async def one(i: int) -> None:
+                async with limit:
+                    with contextlib.suppress(httpx.HTTPError):
+                        await client.get(f"{url}/work", params={"key": f"k{i}", "rounds": 1})
+
+            tasks = []
+            start = time.monotonic()
+            for i in range(int(rate * duration_s)):
+                due = start + i / rate
+                if stop.is_set() or time.monotonic() - start > duration_s:
+                    break
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- live runs
+
+
+def _free_port_base(span: int, rng: random.Random, tries: int = 50) -> int:
+    for _ in range(tries):
+        base = rng.randrange(20000, 60000 - span)
+        if not any(port_in_use(p) for p in range(base, base + span)):
+            return base
+    raise RuntimeError(f"no free range of {span} loopback ports found")
+
+
+@dataclass
+class RunResult:
+    plan: RunPlan
+    rows: dict[str, list[WindowRow]]  # by source
+
+
+def run_live(
+    plan: RunPlan,
+    sources: Sequence[str] = SOURCES,
+    workdir: Path | None = None,
+    scrape_interval_s: float = 0.1,
+    warmup_windows: float = 1.0,
+    log: Log = print,
+) -> RunResult:
+    """Run one planned cluster with load and chaos; rows per source."""
+    from twlb.runtime import EmbeddedCluster
+
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twlb-run-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(f"twlb-ports:{plan.seed}:{secrets.randbits(32)}")
+        cluster = EmbeddedCluster(
+            plan.cluster(),
+            port_base=_free_port_base(plan.backends + 2, rng),
+            state_dir=workdir / plan.run_id,
+            prometheus=False,
+            policy="round-robin",
+        )
+        stack.enter_context(cluster)
+        cluster.start_supervisor(0.1)
+        prom = None
+        if "prometheus" in sources:
+            prom = stack.enter_context(
+                LocalPrometheus(
+                    [cluster.balancer_url],
+                    scrape_interval_s,
+                    workdir=workdir / plan.run_id / "prometheus",
+                )
+            )
+            _wait_scraping(prom.api)
+        names = {n.url: n.name for n in cluster.nodes}
+        poller = TrustPoller(cluster.balancer_url)
+        stack.callback(poller.close)
+        truth = TruthTimeline()
+        stack.enter_context(
+            driven_load(cluster.balancer_url, plan.rate, plan.duration_s + 1.0, workdir)
+        )
+        t0 = time.time()
+        pending = list(plan.events)
+        samples: list[Sample] = []
+        next_sample = t0 + warmup_windows * plan.window_s
+        end = t0 + plan.duration_s
+        while time.time() < end:
+            now = time.time()
+            while pending and now - t0 >= pending[0].at_s:
+                _apply(cluster, pending.pop(0), log)
+            with cluster._lock:  # truth() and the supervisor's restarts, consistently
+                current = {n.name: (n.truth.value, n.fault.type.value) for n in cluster.nodes}
+            for node, (label, fault) in current.items():
+                truth.observe(node, now, label, fault)
+            seen_before = poller.changed_at
+            reading = poller.poll()
+            if now >= next_sample and poller.changed_at > seen_before:
+                # A tick was just seen: read again once it has settled and scrapes saw it.
+                at = poller.changed_at + TICK_OFFSET_S
+                time.sleep(max(0.0, at - time.time()))
+                reading = poller.poll()
+                samples.append(Sample(at, reading))
+                next_sample += plan.window_s
+            time.sleep(POLL_S)
+        rows: dict[str, list[WindowRow]] = {}
+        label = {"plan_id": plan.run_id, "seed": plan.seed, "t0": t0, "samples": samples}
+        common = {"truth": truth, "names": names, "window_s": plan.window_s}
+        if "balancer" in sources:
+            rows["balancer"] = label_rows(**label, readings=[s.direct for s in samples], **common)
+        if prom is not None:
+            time.sleep(2 * scrape_interval_s)
+            readings = [prometheus_features(prom.api, s.at) for s in samples]
+            rows["prometheus"] = label_rows(**label, readings=readings, **common)
+        counts = ", ".join(f"{s} {len(r)} rows" for s, r in rows.items())
+        log(f"{plan.run_id}: {len(samples)} samples, {counts}")
+        return RunResult(plan, rows)
+
+
+def _wait_scraping(api: PrometheusAPI, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not api.targets_up():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Prometheus at {api.base_url} did not scrape the balancer")
+        time.sleep(0.1)
+
+
+def _apply(cluster: Any, event: ChaosEvent, log: Log) -> None:
+    node = cluster.node(event.node)
+    if event.action == "kill":
+        if node.alive:
+            cluster.kill_node(event.node, hold_down_s=event.hold_s)
+            log(f"  t+{event.at_s:.1f}s killed {node.name} for {event.hold_s:.1f}s")
+        return
+    assert event.fault is not None
+    try:
+        cluster.set_fault(event.node, event.fault)
+        log(f"  t+{event.at_s:.1f}s {node.name} fault -> {event.fault.type.value}")
+    except httpx.HTTPError as err:
+        log(f"  t+{event.at_s:.1f}s could not switch {node.name}: {err}")
+
+
+# --------------------------------------------------------------------------- attach mode
+
+
+def control_truth(url: str, token: str, client: httpx.Client) -> tuple[str, str]:
+    """(class, fault type) of a running backend from GET /control/fault; down is crash."""
+    try:
+        r = client.get(
+            url.rstrip("/") + "/control/fault", headers={"Authorization": f"Bearer {token}"}
+        )
+    except httpx.HTTPError:
+        return NodeClass.CRASH.value, "down"
+    if r.status_code in (401, 403):
+        raise PermissionError(f"{url}/control/fault refused the control token ({r.status_code})")
+    if r.status_code != 200:
+        return NodeClass.CRASH.value, "down"
+    fault = FaultSpec.model_validate(r.json()["fault"])
+    return fault.node_class.value, fault.type.value
+
+
+def collect_attached(
+    prometheus_url: str,
+    control_token: str,
+    duration_s: float,
+    window_s: float,
+    run_id: str,
+    seed: int,
+    selector: str = "",
+    log: Log = print,
+) -> list[WindowRow]:
+    """Label a running balancer's windows: poll truth for `duration_s`, then read Prometheus."""
+    api = PrometheusAPI(prometheus_url)
+    t0 = time.time()
+    backends = sorted(prometheus_features(api, t0, selector))
+    if not backends:
+        raise RuntimeError(f"{prometheus_url} holds no {FEATURE_METRIC} series to collect")
+    log(f"attached: {len(backends)} backends via {prometheus_url}")
+    truth = TruthTimeline()
+    with httpx.Client(timeout=1.0) as client:
+        while time.time() - t0 < duration_s:
+            now = time.time()
+            for b in backends:
+                label, fault = control_truth(b, control_token, client)
+                truth.observe(b, now, label, fault)
+            time.sleep(0.5)
+    samples = [Sample(t0 + k * window_s, {}) for k in range(1, int(duration_s // window_s) + 1)]
+    readings = [prometheus_features(api, s.at, selector) for s in samples]
+    return label_rows(run_id, seed, t0, samples, readings, truth, {}, window_s)
+
+
+def collection_metadata(source: str, window_s: float, plans: Sequence[RunPlan]) -> dict[str, str]:
+    rates = [p.rate for p in plans] or [0.0]
+    audits = [p.audit_fraction for p in plans] or [0.0]
+    return {
+        "source": source,
+        "window_s": repr(window_s),
+        "feature_names": json.dumps(list(FEATURE_NAMES)),
+        "description": (
+            f"{len(plans)} runs of {sorted({p.backends for p in plans})} backends, "
+            f"round-robin routing, load {min(rates):.0f}-{max(rates):.0f} req/s, audit "
+            f"fraction {min(audits):.2f}-{max(audits):.2f}; faults drawn per run "
+            "(delay/lie-latency 300-5000 ms and error/byzantine at probability 0.3-1.0, "
+            "crash at 0.02-0.3 per request), one healthy node switched to a fault, one "
+            "faulty node recovered and one node killed mid-run."
+        ),
+        "plans": json.dumps([p.describe() for p in plans]),
+    }

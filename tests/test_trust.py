@@ -220,6 +220,12 @@ def test_bad_scorers_features_and_settings_are_refused() -> None:
 
     with pytest.raises(ValueError, match="lack 'healthy'"):
         TrustEngine(NoHealthy())
+
+    class Foreign(_AlwaysSick):
+        feature_names = ("audit_mismatch_ratio", "cpu_temperature")
+
+    with pytest.raises(ValueError, match=r"does not compute: \['cpu_temperature'\]"):
+        TrustEngine(Foreign())
     engine = _engine()
     features = _features()
     del features["b0"]["audit_mismatch_ratio"]

@@ -111,7 +111,7 @@ class _Bucket:
     def __init__(self, index: int) -> None:
         self.index = index
         self.outcomes = dict.fromkeys(Outcome, 0)
-        self.hist: np.ndarray | None = None  # allocated on the first latency sample
+        self.hist: dict[int, int] = {}  # latency bin -> count (sparse: few bins are used)
         self.audits = 0
         self.mismatches = 0
         self.checks = 0
@@ -168,9 +168,9 @@ class FeatureWindow:
         bucket = self._bucket(now)
         bucket.outcomes[outcome] += 1
         if outcome is not Outcome.CONNECT_ERROR:
-            if bucket.hist is None:
-                bucket.hist = np.zeros(LATENCY_BINS, dtype=np.int64)
-            bucket.hist[latency_bin(latency_s)] += 1
+            hist = bucket.hist
+            i = latency_bin(latency_s)
+            hist[i] = hist.get(i, 0) + 1
 
     def record_audit(self, now: float, mismatch: bool) -> None:
         """This backend took part in an audit that reached agreement; `mismatch` if odd."""
@@ -201,7 +201,7 @@ class FeatureWindow:
         first = math.floor((now - window_s) / self.resolution_s)
         last = math.floor(now / self.resolution_s)
         outcomes = dict.fromkeys(Outcome, 0)
-        hist: np.ndarray | None = None
+        hist = np.zeros(LATENCY_BINS, dtype=np.int64)
         audits = mismatches = checks = check_failures = samples = 0
         inflight_sum = 0.0
         for b in self._buckets:
@@ -209,17 +209,15 @@ class FeatureWindow:
                 continue
             for o, n in b.outcomes.items():
                 outcomes[o] += n
-            if b.hist is not None:
-                hist = b.hist.copy() if hist is None else hist + b.hist
+            for i, n in b.hist.items():
+                hist[i] += n
             audits += b.audits
             mismatches += b.mismatches
             checks += b.checks
             check_failures += b.check_failures
             inflight_sum += b.inflight_sum
             samples += b.inflight_samples
-        quantiles = [None, None, None]
-        if hist is not None:
-            quantiles = [histogram_quantile(hist, q) for q in (0.50, 0.95, 0.99)]
+        quantiles = [histogram_quantile(hist, q) for q in (0.50, 0.95, 0.99)]
         return WindowStats(
             requests=sum(outcomes.values()),
             successes=outcomes[Outcome.SUCCESS],

@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+from twlb.balancer.features import FEATURE_NAMES
 from twlb.balancer.scoring import Scorer
 
 from twlb.spec import NodeClass
@@ -133,6 +134,9 @@ class TrustEngine:
         classes = tuple(scorer.classes)
         if NodeClass.HEALTHY.value not in classes:
             raise ValueError(f"scorer classes {list(classes)} lack 'healthy'")
+        unknown = [n for n in scorer.feature_names if n not in FEATURE_NAMES]
+        if unknown:
+            raise ValueError(f"scorer needs features the balancer does not compute: {unknown}")
         self.scorer = scorer
         self._healthy_col = classes.index(NodeClass.HEALTHY.value)
 

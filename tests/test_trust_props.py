@@ -40,7 +40,7 @@ histories = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(history=histories, fraction=st.sampled_from([0.0, 0.2, 0.34, 0.5, 1.0]))
 def test_never_more_than_the_floor_ejected_and_weights_stay_in_bounds(history, fraction) -> None:
     engine = TrustEngine(HeuristicScorer(), max_ejected_fraction=fraction)

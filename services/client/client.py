@@ -111,7 +111,14 @@ class TryResult:
 
 
 @dataclass(slots=True)
-class _CallProgress:
+class _Call:
+    """One call in progress: where it goes, how it is judged, what it has done so far."""
+
+    target: _Target
+    url: str
+    params: Mapping[str, Any] | None
+    verify: Verifier | None
+    deadline_at: float
     attempts: int = 0  # tenacity attempts (a hedged pair is one attempt)
     tries: int = 0  # requests sent
     hedged: bool = False
@@ -230,6 +237,15 @@ class _Target:
     def count(self, status: CallStatus) -> None:
         self._requests[status].inc()
 
+    def withdraw_retry(self, now: float) -> bool:
+        """Take a retry (or hedge) from the budget; a refusal is counted and reported."""
+        if self.budget.try_withdraw(now):
+            return True
+        self.budget_refusals.inc()
+        for listener in self._client.listeners:
+            listener.on_budget_refusal(self.name)
+        return False
+
     def _on_transition(self, t: BreakerTransition) -> None:
         self._client.metrics.transitions.labels(
             target=self.name, **{"from": t.from_state.value, "to": t.to_state.value}
@@ -253,12 +269,7 @@ class _StopWhenOutOfTimeOrBudget(stop_base):
         now = self._client.now()
         if now + retry_state.upcoming_sleep + policy.min_try_s >= self._deadline_at:
             return True
-        if not self._target.budget.try_withdraw(now):
-            self._target.budget_refusals.inc()
-            for listener in self._client.listeners:
-                listener.on_budget_refusal(self._target.name)
-            return True
-        return False
+        return not self._target.withdraw_retry(now)
 
 
 def _status_of(response: httpx.Response, verify: Verifier | None) -> CallStatus:
@@ -353,11 +364,11 @@ class ResilientClient:
         start = self.now()
         deadline_at = start + policy.deadline_s
         target.budget.record_request(start)
-        progress = _CallProgress()
+        call = _Call(target, url, params, verify, deadline_at)
 
         async def attempt() -> TryResult:
-            progress.attempts += 1
-            return await self._attempt(target, url, params, verify, deadline_at, progress)
+            call.attempts += 1
+            return await self._attempt(call)
 
         try:
             last = await attempt()
@@ -387,9 +398,9 @@ class ResilientClient:
         return CallResult(
             status=last.status,
             response=last.response,
-            attempts=progress.tries,
-            retries=progress.attempts - 1,
-            hedged=progress.hedged,
+            attempts=call.tries,
+            retries=call.attempts - 1,
+            hedged=call.hedged,
             elapsed_s=self.now() - start,
             error=last.error,
         )
@@ -400,37 +411,25 @@ class ResilientClient:
         for listener in self.listeners:
             listener.on_retry(target.name, rs.attempt_number, status, rs.upcoming_sleep)
 
-    async def _attempt(
-        self,
-        target: _Target,
-        url: str,
-        params: Mapping[str, Any] | None,
-        verify: Verifier | None,
-        deadline_at: float,
-        progress: _CallProgress,
-    ) -> TryResult:
+    async def _attempt(self, call: _Call) -> TryResult:
         """One attempt: a try, plus a hedge when the try is slow and hedging is on."""
+        target = call.target
         q = self.policy.hedge_quantile
         if q is None or len(target.latencies) < self.policy.hedge_min_samples:
-            return await self._try(target, url, params, verify, deadline_at, progress)
+            return await self._try(call)
         delay = max(target.latencies.quantile(q) or 0.0, self.policy.hedge_min_delay_s)
-        first = asyncio.ensure_future(self._try(target, url, params, verify, deadline_at, progress))
+        first = asyncio.ensure_future(self._try(call))
         done, _ = await asyncio.wait({first}, timeout=delay)
         now = self.now()
-        if done or now + self.policy.min_try_s >= deadline_at:
+        if done or now + self.policy.min_try_s >= call.deadline_at:
             return await first
-        if not target.budget.try_withdraw(now):
-            target.budget_refusals.inc()
-            for listener in self.listeners:
-                listener.on_budget_refusal(target.name)
+        if not target.withdraw_retry(now):
             return await first
-        progress.hedged = True
+        call.hedged = True
         target.hedges.inc()
         for listener in self.listeners:
             listener.on_hedge(target.name, delay)
-        second = asyncio.ensure_future(
-            self._try(target, url, params, verify, deadline_at, progress)
-        )
+        second = asyncio.ensure_future(self._try(call))
         pending = {first, second}
         last: TryResult | None = None
         try:
@@ -450,33 +449,26 @@ class ResilientClient:
             if pending:
                 await asyncio.wait(pending)
 
-    async def _try(
-        self,
-        target: _Target,
-        url: str,
-        params: Mapping[str, Any] | None,
-        verify: Verifier | None,
-        deadline_at: float,
-        progress: _CallProgress,
-    ) -> TryResult:
+    async def _try(self, call: _Call) -> TryResult:
         """One request on the wire, judged and fed to the breaker."""
+        target = call.target
         start = self.now()
         breaker = target.breaker
         if breaker is not None and not breaker.allow(start):
             return TryResult(CallStatus.BREAKER_OPEN, error="circuit breaker open")
-        remaining = deadline_at - start
+        remaining = call.deadline_at - start
         if remaining <= 0:
             if breaker is not None:
                 breaker.release(start)
             return TryResult(CallStatus.DEADLINE, error="deadline passed before the try")
         cut_by_deadline = remaining < self.policy.timeout_s
-        progress.tries += 1
+        call.tries += 1
         response: httpx.Response | None = None
         error: str | None = None
         try:
             async with asyncio.timeout(min(self.policy.timeout_s, remaining)):
-                response = await self._http.send(self._request_for(url, params))
-            status = _status_of(response, verify)
+                response = await self._http.send(self._request_for(call.url, call.params))
+            status = _status_of(response, call.verify)
         except TimeoutError:
             status = CallStatus.DEADLINE if cut_by_deadline else CallStatus.TIMEOUT
             error = f"no answer within {min(self.policy.timeout_s, remaining):.3f}s"

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 import orjson
-from fastapi import Depends, FastAPI, HTTPException, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -40,6 +40,8 @@ from twlb.balancer.audit import AuditResult, compare_answers
 from twlb.balancer.features import FleetWindows
 from twlb.balancer.health import HealthTracker
 from twlb.balancer.metrics import BackendMetrics, BalancerMetrics, LiveView
+from twlb.balancer.model_reload import ModelReloader
+from twlb.balancer.onnx_scorer import OnnxScorer
 from twlb.balancer.policies import make_policy
 from twlb.balancer.scoring import HeuristicScorer
 from twlb.balancer.settings import (
@@ -143,8 +145,7 @@ class Balancer:
             horizon_s=horizon, resolution_s=min(0.25, settings.window_s / 4)
         )
         self.windows.set_backends(self.backends)
-        self.scorer = HeuristicScorer()
-        self.engine = TrustEngine(self.scorer)
+        self.engine = TrustEngine(HeuristicScorer())
         self.engine.set_backends(self.backends, now)
         self.truth: dict[str, str] = {}
         self._truth_mtime: float | None = None
@@ -165,6 +166,14 @@ class Balancer:
         self.rng = random.Random(settings.seed)
         self.features: dict[str, dict[str, float]] = {}
         self.metrics = BalancerMetrics(self.live_view)
+        self.model: ModelReloader | None = None
+        if settings.model is not None:
+            # Without a model file the documented heuristic scores; with one, the model does,
+            # and a changed file is swapped in by the trust tick (or refused, keeping this one).
+            self.model = ModelReloader(
+                settings.model, on_load=self.engine.set_scorer, registry=self.metrics.registry
+            )
+            self.model.load_initial()
         self._backend_metrics: dict[str, BackendMetrics] = {
             b: self.metrics.backend(b) for b in self.backends
         }
@@ -298,6 +307,8 @@ class Balancer:
         """Compute every backend's features over the window and feed the trust engine."""
         if self.settings.oracle_truth is not None:
             self._reload_truth()
+        if self.model is not None:
+            self.model.poll()
         self.features = self.windows.features(now, self.settings.window_s)
         if self.features:
             self.engine.update(self.features, now)
@@ -531,13 +542,41 @@ class BackendList(BaseModel):
 _bearer = HTTPBearer(auto_error=False)
 
 
-def build_api(balancer_holder: dict[str, Balancer], settings: BalancerSettings) -> FastAPI:
+def _live_balancer(request: Request) -> Balancer:
+    return request.app.state.balancer
+
+
+LiveBalancer = Annotated[Balancer, Depends(_live_balancer)]
+
+
+def _admin(
+    b: LiveBalancer, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Admin calls need the configured bearer token; without one, admin is disabled."""
+    token = b.settings.admin_token
+    if token is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin disabled")
+    if creds is None or creds.scheme.lower() != "bearer":
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "admin API needs Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "wrong admin token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def build_api(settings: BalancerSettings) -> FastAPI:
     """The FastAPI app serving the balancer's own endpoints and owning the lifespan."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         balancer = Balancer(settings)
-        balancer_holder["balancer"] = balancer
+        app.state.balancer = balancer
         await balancer.start()
         log.info(
             "balancer up: policy %s, %d backends, audits %.3f",
@@ -549,7 +588,7 @@ def build_api(balancer_holder: dict[str, Balancer], settings: BalancerSettings) 
             yield
         finally:
             await balancer.stop()
-            balancer_holder.pop("balancer", None)
+            del app.state.balancer
 
     api = FastAPI(
         title="TW-LB balancer",
@@ -563,28 +602,6 @@ def build_api(balancer_holder: dict[str, Balancer], settings: BalancerSettings) 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    def balancer() -> Balancer:
-        return balancer_holder["balancer"]
-
-    LiveBalancer = Annotated[Balancer, Depends(balancer)]
-
-    def admin(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        token = settings.admin_token
-        if token is None:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "admin disabled")
-        if creds is None or creds.scheme.lower() != "bearer":
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "admin API needs Authorization: Bearer <token>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "wrong admin token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
 
     @api.get("/healthz")
     async def healthz(b: LiveBalancer) -> dict[str, Any]:
@@ -605,18 +622,20 @@ def build_api(balancer_holder: dict[str, Balancer], settings: BalancerSettings) 
             media_type="application/json",
         )
 
-    @api.get("/admin/backends", dependencies=[Depends(admin)])
+    @api.get("/admin/backends", dependencies=[Depends(_admin)])
     async def list_backends(b: LiveBalancer) -> BackendList:
         return BackendList(backends=list(b.backends))
 
-    @api.post("/admin/backends", dependencies=[Depends(admin)], status_code=status.HTTP_201_CREATED)
+    @api.post(
+        "/admin/backends", dependencies=[Depends(_admin)], status_code=status.HTTP_201_CREATED
+    )
     async def add_backend(ref: BackendRef, b: LiveBalancer) -> BackendList:
         if not b.add_backend(ref.url):
             raise HTTPException(status.HTTP_409_CONFLICT, f"backend {ref.url} is already present")
         log.warning("backend %s added through the admin API", ref.url)
         return BackendList(backends=list(b.backends))
 
-    @api.delete("/admin/backends", dependencies=[Depends(admin)])
+    @api.delete("/admin/backends", dependencies=[Depends(_admin)])
     async def remove_backend(
         b: LiveBalancer,
         ref: BackendRef | None = None,
@@ -645,14 +664,13 @@ class BalancerApp:
 
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
-        self._holder: dict[str, Balancer] = {}
-        self.api = build_api(self._holder, settings)
+        self.api = build_api(settings)
         self._max_body = settings.max_body_bytes
 
     @property
     def balancer(self) -> Balancer:
         """The live balancer (exists between lifespan startup and shutdown)."""
-        return self._holder["balancer"]
+        return self.api.state.balancer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -664,7 +682,7 @@ class BalancerApp:
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The hot path: read the body, route with retries, answer, maybe audit."""
-        balancer = self._holder["balancer"]
+        balancer: Balancer = self.api.state.balancer
         method: str = scope["method"]
         forwarded: list[tuple[bytes, bytes]] = []
         key: str | None = None
@@ -803,4 +821,6 @@ def create_app(settings: BalancerSettings) -> BalancerApp:
     """A new balancer app; nothing is opened until its lifespan starts."""
     if settings.oracle_truth is not None:
         load_oracle_truth(settings.oracle_truth)  # fail now, not on the first tick
+    if settings.model is not None:
+        OnnxScorer.load(settings.model)  # a refused model stops start-up (ModelRefused)
     return BalancerApp(settings)

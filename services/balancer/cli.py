@@ -35,7 +35,6 @@ def _backend_urls(
 @click.option("--port", default=8080, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option(
     "--backend",
-    "backends",
     multiple=True,
     callback=_backend_urls,
     help="Backend origin http://host:port (repeatable; space-separated in the environment).",
@@ -95,6 +94,12 @@ def _backend_urls(
     help="Ring hash of consistent-hash.",
 )  # fmt: skip
 @click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="ONNX trust model (twlb train); re-read when the file changes. Default: heuristic.",
+)
+@click.option(
     "--oracle-truth",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
@@ -113,20 +118,23 @@ def command(ctx: click.Context, **options: object) -> None:
     path and method is proxied. Quorum reads: header `X-TWLB-Quorum: 2`. Consistent-hash
     key: query parameter `key` or header `X-TWLB-Key`.
     """
-    import uvicorn
-    from twlb.balancer.app import OracleTruthError, create_app
-    from twlb.balancer.settings import BalancerSettings
-
     if options["policy"] == PolicyName.ORACLE.value and options["oracle_truth"] is None:
         raise click.UsageError("--policy oracle needs --oracle-truth FILE", ctx=ctx)
+    import uvicorn
+    from twlb.balancer.app import OracleTruthError, create_app
+    from twlb.balancer.onnx_scorer import ModelRefused
+    from twlb.balancer.settings import BalancerSettings
+
     try:
-        settings = BalancerSettings(**options)
+        settings = BalancerSettings(backends=options.pop("backend"), **options)
     except ValidationError as err:
         raise click.UsageError(describe_validation_error(err), ctx=ctx) from None
     try:
         app = create_app(settings)
     except OracleTruthError as err:
         raise click.BadParameter(str(err), ctx=ctx, param_hint="--oracle-truth") from None
+    except ModelRefused as err:
+        raise click.BadParameter(str(err), ctx=ctx, param_hint="--model") from None
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -37,7 +37,6 @@ from prometheus_client import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Route
 from twlb.backend.faults import FaultAction, FaultInjector
 from twlb.backend.simulation import NodeSimulation
 
@@ -48,8 +47,6 @@ log = logging.getLogger("twlb.backend")
 
 #: Exit status of a node whose crash fault fired (EX_SOFTWARE).
 CRASH_EXIT_STATUS = 70
-#: Where the server's own `send` is kept in the scope, so /work can drop the connection.
-SERVER_SEND = "twlb.server_send"
 WORK_PARAMS = ("key", "rounds")
 LATENCY_BUCKETS_S = (
     0.001,
@@ -89,14 +86,19 @@ class FieldProblem:
     message: str
 
 
-def problems_response(what: str, problems: list[FieldProblem]) -> Response:
-    """A 422 whose JSON names every invalid field."""
+def problems_body(what: str, problems: list[FieldProblem]) -> bytes:
+    """The JSON of a 422 that names every invalid field."""
     summary = "; ".join(f"{p.field}: {p.message}" for p in problems)
     body = {
         "error": f"invalid {what}: {summary}",
         "problems": [{"field": p.field, "message": p.message} for p in problems],
     }
-    return Response(orjson.dumps(body), status_code=422, media_type="application/json")
+    return orjson.dumps(body)
+
+
+def problems_response(what: str, problems: list[FieldProblem]) -> Response:
+    """A 422 response that names every invalid field."""
+    return Response(problems_body(what, problems), status_code=422, media_type="application/json")
 
 
 def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem]:
@@ -233,31 +235,48 @@ class ControlAuth:
             )
 
 
+ASGIHandler = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
+
+
 class BackendApp(FastAPI):
-    """FastAPI that keeps the server's own `send` in the scope (see `drop_connection`)."""
+    """FastAPI with its hot route, /work, served as plain ASGI in front of the framework.
+
+    /work then costs no middleware or routing, and it receives the server's own `send`,
+    which `drop_connection` needs. Everything else goes through FastAPI as usual.
+    """
+
+    work_endpoint: ASGIHandler | None = None
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        scope[SERVER_SEND] = send
+        if self.work_endpoint is not None and scope["type"] == "http" and scope["path"] == "/work":
+            await self.work_endpoint(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 
-async def drop_connection(scope: MutableMapping[str, Any]) -> None:
+async def send_json(send: Any, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
+    """Send one complete JSON response through a raw ASGI `send`."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def drop_connection(send: Any) -> None:
     """Abort the request's TCP connection so the client gets no HTTP answer at all.
 
     ASGI has no message for this, so we reach the transport through uvicorn's
-    request-response cycle (the owner of the `send` it handed to the app).
+    request-response cycle (the owner of the `send` it hands to the app).
     """
-    owner = getattr(scope.get(SERVER_SEND), "__self__", None)
-    transport = getattr(owner, "transport", None)
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
     if transport is None:
         raise RuntimeError("cannot drop a connection: the server does not expose its transport")
     transport.abort()
     # Let the server see the connection as lost before we return, so it answers nothing.
     await asyncio.sleep(0)
-
-
-async def _no_answer(scope: Any, receive: Any, send: Any) -> None:
-    """An ASGI response that sends nothing (its connection is already gone)."""
 
 
 def _crash(node_id: str) -> None:
@@ -297,12 +316,18 @@ def create_app(settings: BackendSettings) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
 
-    async def work(request: Request) -> Any:
+    async def work(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         began = time.perf_counter()
-        parsed = parse_work_query(request.scope["query_string"])
+        if scope["method"] != "GET":
+            metrics.answered(405, time.perf_counter() - began)
+            body = orjson.dumps({"error": f"method {scope['method']} not allowed; use GET"})
+            await send_json(send, 405, body, (b"allow", b"GET"))
+            return
+        parsed = parse_work_query(scope["query_string"])
         if isinstance(parsed, list):
             metrics.answered(422, time.perf_counter() - began)
-            return problems_response("query", parsed)
+            await send_json(send, 422, problems_body("query", parsed))
+            return
         key, rounds = parsed
         now = time.monotonic()
         decision = injector.decide(now)
@@ -317,23 +342,22 @@ def create_app(settings: BackendSettings) -> FastAPI:
                 await asyncio.sleep(pause)
             if sample.dropped:
                 metrics.dropped.inc()
-                await drop_connection(request.scope)
-                return _no_answer
+                await drop_connection(send)
+                return
         finally:
             metrics.in_flight.dec()
         if decision.action is FaultAction.ERROR:
             status = decision.status
-            body = {"node": node_id, "error": "injected fault: error"}
+            body = orjson.dumps({"node": node_id, "error": "injected fault: error"})
         else:
             status = 200
             if decision.action is FaultAction.BYZANTINE:
                 answer = injector.wrong_digest(answer)
-            body = {"node": node_id, "key": key, "rounds": rounds, "digest": answer}
+            body = orjson.dumps({"node": node_id, "key": key, "rounds": rounds, "digest": answer})
         metrics.answered(status, time.perf_counter() - began - decision.hidden_delay_s)
-        return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+        await send_json(send, status, body)
 
-    # First in the route table: every other route is matched after the hot one.
-    app.router.routes.insert(0, Route("/work", work, methods=["GET"], include_in_schema=False))
+    app.work_endpoint = work
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -164,6 +164,7 @@ class Balancer:
         self.wants_key = settings.policy is PolicyName.CONSISTENT_HASH
         self.budget = RetryBudget(ratio=settings.retry_budget)
         self.rng = random.Random(settings.seed)
+        self._ignore = frozenset(settings.audit_ignore_fields)
         self.features: dict[str, dict[str, float]] = {}
         self.metrics = BalancerMetrics(self.live_view)
         self.model: ModelReloader | None = None
@@ -421,7 +422,7 @@ class Balancer:
 
     def judge(self, tries: list[TryResult], quorum: int) -> AuditResult:
         """Compare answers by body digest, charge the odd ones out, count the audit."""
-        answers = {t.backend: _answer_digest(t) for t in tries}
+        answers = {t.backend: answer_digest(t.response, self._ignore) for t in tries}
         verdict = compare_answers(answers, quorum=quorum)
         now = monotonic()
         m = self.metrics
@@ -463,7 +464,7 @@ class Balancer:
             )
         )
         while True:
-            answers = {t.backend: _answer_digest(t) for t in tries}
+            answers = {t.backend: answer_digest(t.response, self._ignore) for t in tries}
             if compare_answers(answers, quorum=quorum).quorum_met or not candidates:
                 break
             extra = candidates.pop(0)
@@ -507,12 +508,26 @@ class Balancer:
         }
 
 
-def _answer_digest(t: TryResult) -> str | None:
-    """An audit answer: sha256 of a 2xx body; anything else is no answer."""
-    r = t.response
-    if r is None or not 200 <= r.status < 300:
+def answer_digest(response: UpstreamResponse | None, ignore_fields: frozenset[str]) -> str | None:
+    """An audit answer: sha256 of a 2xx body; anything else is no answer.
+
+    Backends put their own identity in answers (the work contract's `node`), so for a JSON
+    object the `ignore_fields` are dropped and the rest hashed in a canonical form; other
+    bodies are hashed as they are.
+    """
+    if response is None or not 200 <= response.status < 300:
         return None
-    return hashlib.sha256(r.body).hexdigest()
+    body = response.body
+    if ignore_fields and body[:1] == b"{":
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict):
+            for name in ignore_fields:
+                doc.pop(name, None)
+            body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(body).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -53,6 +53,14 @@ def _backend_urls(
     help="Share of GET requests cross-checked on two more backends.",
 )
 @click.option(
+    "--audit-ignore-field",
+    "audit_ignore_fields",
+    multiple=True,
+    default=("node",),
+    help="Top-level JSON field that differs between honest backends (their identity) and "
+    "is left out when answers are compared (repeatable).",
+)
+@click.option(
     "--window", "window_s", type=click.FloatRange(0.1, 300.0), default=5.0,
     help="Feature window, seconds.",
 )  # fmt: skip

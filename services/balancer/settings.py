@@ -30,6 +30,9 @@ class BalancerSettings(BaseModel):
     policy: PolicyName = PolicyName.ROUND_ROBIN
     admin_token: str | None = Field(None, description="Bearer token of the admin API.")
     audit_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    audit_ignore_fields: tuple[str, ...] = Field(
+        ("node",), description="Top-level JSON fields left out when comparing answers."
+    )
     window_s: float = Field(5.0, gt=0.0, le=300.0, description="Feature window length.")
     trust_tick_s: float = Field(0.5, gt=0.0, le=60.0, description="Trust update period.")
     policy_tick_s: float = Field(0.1, gt=0.0, le=10.0, description="Policy tick period.")

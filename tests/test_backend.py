@@ -122,7 +122,7 @@ def test_malformed_work_queries_are_422s_naming_the_field(spawn: Spawn) -> None:
 
 def test_error_fault_at_0_3_gives_about_30_percent_500s(spawn: Spawn) -> None:
     fault = FaultSpec(type=FaultType.ERROR, probability=0.3)
-    _, url = spawn("backend", *QUIET, "--seed", "21", *fault.to_args())
+    _, url = spawn("backend", *QUIET, "--seed", "21", "--node-id", "e", *fault.to_args())
     n = 300
     with httpx.Client(base_url=url, timeout=5) as c:
         answers = [work(c, key=f"e{i}") for i in range(n)]
@@ -132,7 +132,7 @@ def test_error_fault_at_0_3_gives_about_30_percent_500s(spawn: Spawn) -> None:
     # Binomial sd at n=300 is 0.026; the tolerance is three of them.
     assert abs(share - 0.3) < 0.08, share
     error = next(r for r in answers if r.status_code == 500)
-    assert error.json() == {"node": error.json()["node"], "error": "injected fault: error"}
+    assert error.json() == {"node": "e", "error": "injected fault: error"}
 
 
 def test_byzantine_fault_from_env_answers_200_with_wrong_digests(spawn: Spawn) -> None:
@@ -196,11 +196,14 @@ def test_delay_shifts_latency_and_lie_latency_hides_it_from_its_metrics(spawn: S
         assert put_fault(c, type="delay", delayMs=150).status_code == 200
         delayed = statistics.median(timed(c) for _ in range(n))
         # A request being delayed is in flight.
-        t = threading.Thread(target=work, args=(httpx.Client(base_url=url, timeout=5),))
-        t.start()
-        time.sleep(0.08)
-        in_flight = metric(c.get("/metrics").text, "twlb_node_in_flight_requests", node="d")
-        t.join()
+        in_flight = 0.0
+        with httpx.Client(base_url=url, timeout=5) as other:
+            t = threading.Thread(target=work, args=(other,))
+            t.start()
+            while t.is_alive():
+                text = c.get("/metrics").text
+                in_flight = max(in_flight, metric(text, "twlb_node_in_flight_requests", node="d"))
+            t.join()
         after_delay = c.get("/metrics").text
         r = put_fault(c, type="lie-latency", delayMs=150)
         assert r.json()["fault"]["type"] == "lie-latency"
@@ -221,7 +224,7 @@ def test_delay_shifts_latency_and_lie_latency_hides_it_from_its_metrics(spawn: S
         return total / count
 
     assert reported_mean(before, after_delay) > 0.14  # an honest slow node
-    assert reported_mean(after_delay, after_lie) < 0.03  # a slow node that says it is fast
+    assert reported_mean(after_delay, after_lie) < 0.05  # a slow node that says it is fast
     assert metric(after_delay, "twlb_node_fault_info", node="d", type="delay") == 1
     assert metric(after_lie, "twlb_node_fault_info", node="d", type="benign") == 1
     assert metric(after_lie, "twlb_node_fault_info", node="d", type="lie-latency") == 0
@@ -263,7 +266,8 @@ def test_control_endpoint_is_403_without_a_configured_token(spawn: Spawn) -> Non
         r = httpx.request(method, url + "/control/fault", headers=AUTH, json={"type": "crash"})
         assert r.status_code == 403
         assert "--control-token" in r.json()["error"]
-    assert work(httpx.Client(base_url=url)).status_code == 200
+    with httpx.Client(base_url=url, timeout=5) as c:
+        assert work(c).status_code == 200
 
 
 def test_control_endpoint_authenticates_and_switches_faults_at_run_time(spawn: Spawn) -> None:

@@ -3,8 +3,8 @@
 `GET /work` does DESIGN.md's work and lets the sans-IO cores (`FaultInjector`,
 `NodeSimulation`) decide what goes wrong; this module only acts their decisions out
 (sleeps, exits, drops connections, answers 5xx or a wrong digest) and measures them.
-The /work route is a plain Starlette route with hand-parsed query and orjson bodies:
-it is the hot path every benchmark and experiment drives.
+/work is served as plain ASGI ahead of FastAPI, with a hand-parsed query and orjson
+bodies: it is the hot path every benchmark and experiment drives.
 """
 
 from __future__ import annotations

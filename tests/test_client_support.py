@@ -34,6 +34,15 @@ class ControlledNode:
         )
         assert r.status_code == 200, r.text
 
+    def requests_served(self) -> float:
+        """All /work requests this node has answered so far (from its own metrics)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10.0, trust_env=False).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("twlb_node_requests_total{")
+        )
+
 
 def start_node(log_dir: Path, *args: str) -> tuple[ManagedProcess, str]:
     port = free_port()

@@ -122,6 +122,7 @@ class _Call:
     attempts: int = 0  # tenacity attempts (a hedged pair is one attempt)
     tries: int = 0  # requests sent
     hedged: bool = False
+    last_sent: TryResult | None = None  # the last try that reached the wire
 
 
 @dataclass(slots=True)
@@ -394,6 +395,9 @@ class ResilientClient:
         except asyncio.CancelledError:
             target.count(CallStatus.CANCELLED)
             raise
+        if last.status is CallStatus.BREAKER_OPEN and call.last_sent is not None:
+            # The breaker opened between tries: what the target did is the better answer.
+            last = call.last_sent
         target.count(last.status)
         return CallResult(
             status=last.status,
@@ -489,4 +493,5 @@ class ResilientClient:
                 breaker.record(end, status in TARGET_HEALTHY, duration)
         if status is CallStatus.OK:
             target.latencies.add(duration)
-        return TryResult(status, response, duration, error)
+        call.last_sent = TryResult(status, response, duration, error)
+        return call.last_sent

@@ -1,0 +1,404 @@
+"""The open-loop load generator: GET /work at a constant arrival rate, every answer verified.
+
+Request i is due at `start + i / rate` whatever happened to earlier ones (open loop), and
+its latency is counted from that scheduled time, so a slow target or a late generator
+shows up in the latencies instead of silently lowering the load (no coordinated
+omission). A run ends at `duration` or `count`, whichever comes first, or early on
+SIGINT/SIGTERM (partial) or when the breaker opens on a target never reached
+(unreachable); requests still in flight then get a bounded time to finish and are
+cancelled after it. `--workers N` splits the arrivals over N processes, interleaved on
+one shared schedule, and merges their tallies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+from twlb.client.breaker import BreakerConfig, BreakerState, BreakerTransition
+from twlb.client.client import CallStatus, ClientListener, ClientPolicy, ResilientClient
+from twlb.client.report import LoadTally
+
+from twlb.work import digest
+
+WORK_PATH = "/work"
+#: Extra time in-flight requests get after the last send, beyond the call's own deadline.
+DRAIN_GRACE_S = 0.5
+#: Time in-flight requests get after an interrupt, at most.
+INTERRUPT_DRAIN_S = 2.0
+#: How often a worker publishes its counts to the parent's progress display.
+PUBLISH_EVERY_S = 0.25
+
+
+class Mode(StrEnum):
+    BASIC = "basic"  # one try, no breaker, no retry: the baseline
+    RESILIENT = "resilient"  # breaker, retries with backoff and budget, deadline
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything a run needs; the report echoes it."""
+
+    url: str
+    rate: float
+    duration_s: float
+    count: int | None = None
+    mode: Mode = Mode.RESILIENT
+    key_prefix: str = "key-"
+    keys: int = 1000
+    rounds: int = 1
+    timeout_s: float = 1.0
+    deadline_s: float = 3.0
+    max_attempts: int = 3
+    hedge_quantile: float | None = None
+    seed: int = 0
+    workers: int = 1
+    pool_size: int = 256
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    def policy(self) -> ClientPolicy:
+        if self.mode is Mode.BASIC:
+            return ClientPolicy.basic(self.timeout_s)
+        return ClientPolicy(
+            timeout_s=self.timeout_s,
+            deadline_s=self.deadline_s,
+            max_attempts=self.max_attempts,
+            hedge_quantile=self.hedge_quantile,
+            breaker=self.breaker,
+        )
+
+    def drain_s(self) -> float:
+        """How long in-flight calls may still take once sending stops."""
+        call_bound = self.timeout_s if self.mode is Mode.BASIC else self.deadline_s
+        return call_bound + DRAIN_GRACE_S
+
+    def settings(self) -> dict[str, Any]:
+        """The plan as the report shows it."""
+        d = asdict(self)
+        d["mode"] = self.mode.value
+        d["breaker"] = {k: str(v) if isinstance(v, StrEnum) else v for k, v in d["breaker"].items()}
+        if self.mode is Mode.BASIC:
+            d.pop("breaker")
+        return d
+
+
+class KeyChooser:
+    """Seeded keys, each with its ready-made request path and expected digest."""
+
+    def __init__(self, plan: LoadPlan, worker: int) -> None:
+        self._rng = random.Random(f"twlb-load:{plan.seed}:{worker}")
+        self._n = plan.keys
+        self._prefix = plan.key_prefix
+        self._rounds = plan.rounds
+        self._cache: dict[int, tuple[str, str, str]] = {}
+
+    def next(self) -> tuple[str, str, str]:
+        """(key, path with query, expected digest) of the next request."""
+        i = self._rng.randrange(self._n)
+        entry = self._cache.get(i)
+        if entry is None:
+            key = f"{self._prefix}{i}"
+            path = f"{WORK_PATH}?key={quote(key, safe='')}&rounds={self._rounds}"
+            entry = self._cache[i] = (key, path, digest(key, self._rounds))
+        return entry
+
+
+def answer_verifier(key: str, rounds: int, expected: str) -> Callable[[httpx.Response], bool]:
+    """A check that a 200 body echoes the key and rounds and carries the right digest."""
+
+    def verify(response: httpx.Response) -> bool:
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            return False
+        return (
+            isinstance(body, dict)
+            and body.get("digest") == expected
+            and body.get("key") == key
+            and body.get("rounds") == rounds
+        )
+
+    return verify
+
+
+class _TallyListener(ClientListener):
+    """Feeds what the client does into the tally; notices a breaker opening."""
+
+    def __init__(self, tally: LoadTally, t0: float, breaker_opened: asyncio.Event) -> None:
+        self._tally = tally
+        self._t0 = t0
+        self._breaker_opened = breaker_opened
+
+    def on_breaker_transition(self, target: str, transition: BreakerTransition) -> None:
+        self._tally.transitions.append(
+            {
+                "at_s": round(transition.at - self._t0, 4),
+                "from": transition.from_state.value,
+                "to": transition.to_state.value,
+                "trigger": transition.trigger.value,
+            }
+        )
+        if transition.to_state is BreakerState.OPEN:
+            self._breaker_opened.set()
+
+    def on_budget_refusal(self, target: str) -> None:
+        self._tally.budget_refusals += 1
+
+
+@dataclass
+class RunControl:
+    """How a run is told to stop early and where it publishes live counts."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    publish: Callable[[LoadTally], None] | None = None
+    start_at_wall: float | None = None  # shared start time of all workers (time.time())
+    worker: int = 0
+
+
+async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTally:
+    """Drive one worker's share of the plan and return what it saw."""
+    control = control or RunControl()
+    loop = asyncio.get_running_loop()
+    tally = LoadTally()
+    # perf_counter, not loop.time(): uvloop's loop clock moves in whole milliseconds.
+    clock = time.perf_counter
+    if control.start_at_wall is not None:
+        t0 = clock() + max(0.0, control.start_at_wall - time.time())
+    else:
+        t0 = clock() + 0.01
+    end_at = t0 + plan.duration_s
+    interval = 1.0 / plan.rate
+    breaker_opened = asyncio.Event()
+    keys = KeyChooser(plan, control.worker)
+    base = plan.url.rstrip("/")
+    inflight: set[asyncio.Task[None]] = set()
+
+    async with ResilientClient(
+        plan.policy(),
+        pool_size=plan.pool_size,
+        listeners=[_TallyListener(tally, t0, breaker_opened)],
+    ) as client:
+
+        async def call(scheduled: float, key: str, path: str, expected: str) -> None:
+            try:
+                result = await client.get(
+                    base, path, verify=answer_verifier(key, plan.rounds, expected)
+                )
+                status = result.status
+                tally.retries += result.retries
+                tally.hedges += result.hedged
+            except asyncio.CancelledError:
+                status = CallStatus.CANCELLED
+            tally.record_result(status, (clock() - scheduled) * 1000.0)
+
+        async def publish_progress() -> None:
+            assert control.publish is not None
+            while True:
+                control.publish(tally)
+                await asyncio.sleep(PUBLISH_EVERY_S)
+
+        publisher = loop.create_task(publish_progress()) if control.publish else None
+        stop_waiter = loop.create_task(control.stop.wait())
+        k = 0
+        while True:
+            i = control.worker + k * plan.workers
+            scheduled = t0 + i * interval
+            if (plan.count is not None and i >= plan.count) or scheduled >= end_at:
+                break
+            now = clock()
+            if scheduled > now:
+                await asyncio.wait({stop_waiter}, timeout=scheduled - now)
+                now = clock()
+            if control.stop.is_set():
+                tally.partial = True
+                tally.stop_reason = "interrupted"
+                break
+            if breaker_opened.is_set() and not tally.contacted:
+                tally.unreachable = True
+                tally.stop_reason = (
+                    f"target unreachable: the circuit breaker opened with no answer from {base}"
+                )
+                break
+            key, path, expected = keys.next()
+            tally.record_send(now - t0, now - scheduled)
+            task = loop.create_task(call(scheduled, key, path, expected))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+            k += 1
+
+        if inflight:
+            drain = plan.drain_s()
+            if control.stop.is_set():
+                drain = min(drain, INTERRUPT_DRAIN_S)
+            _, late = await asyncio.wait(
+                set(inflight), timeout=drain, return_when=asyncio.ALL_COMPLETED
+            )
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        stop_waiter.cancel()
+        if publisher is not None:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+    tally.elapsed_s = max(0.0, clock() - t0)
+    if tally.sent and not tally.contacted:
+        tally.unreachable = True
+        if tally.stop_reason == "completed":
+            tally.stop_reason = f"target unreachable: no answer from {base}"
+    if control.publish is not None:
+        control.publish(tally)
+    return tally
+
+
+def run_load_blocking(plan: LoadPlan, control_factory: Callable[[], RunControl]) -> LoadTally:
+    """Run one worker's share on uvloop; SIGINT and SIGTERM stop it early (partial)."""
+    import uvloop
+
+    async def main() -> LoadTally:
+        control = control_factory()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, control.stop.set)
+        if _early_stop_requested:
+            control.stop.set()
+        try:
+            return await run_load(plan, control)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+#: Set by a signal that arrives before a worker's event loop takes over signal handling.
+_early_stop_requested = False
+
+
+def _note_early_stop(signum: int, frame: object) -> None:
+    global _early_stop_requested
+    _early_stop_requested = True
+
+
+COUNT_FIELDS = 4  # sent, correct, wrong, failed
+
+
+def _worker_main(
+    plan: LoadPlan,
+    worker: int,
+    start_at: Any,
+    go: Any,
+    counts: Any,
+    results: Any,
+) -> None:
+    """A worker process: wait for the shared start time, run, send the tally back."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _note_early_stop)
+    go.wait()
+
+    def publish(tally: LoadTally) -> None:
+        base = worker * COUNT_FIELDS
+        counts[base : base + COUNT_FIELDS] = [tally.sent, tally.correct, tally.wrong, tally.failed]
+
+    def control() -> RunControl:
+        return RunControl(publish=publish, start_at_wall=start_at.value, worker=worker)
+
+    try:
+        tally = run_load_blocking(plan, control)
+    except BaseException as err:  # the parent reports it instead of waiting forever
+        results.put((worker, None, f"{type(err).__name__}: {err}"))
+        raise
+    results.put((worker, tally, None))
+
+
+class WorkerFailed(RuntimeError):
+    """A load worker process died or raised."""
+
+
+def run_load_in_workers(
+    plan: LoadPlan, on_progress: Callable[[list[int]], None] | None = None
+) -> LoadTally:
+    """Split the plan over `plan.workers` forked processes and merge their tallies."""
+    ctx = multiprocessing.get_context("fork")
+    n = plan.workers
+    counts = ctx.Array("q", n * COUNT_FIELDS, lock=False)
+    start_at = ctx.Value("d", 0.0, lock=False)
+    go = ctx.Event()
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(plan, w, start_at, go, counts, results),
+            name=f"twlb-load-{w}",
+            daemon=True,
+        )
+        for w in range(n)
+    ]
+    interrupted = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        # Forked workers are ready almost at once; a short lead puts every first send
+        # on the same schedule.
+        start_at.value = time.time() + 0.2
+        go.set()
+        bound = time.monotonic() + 0.2 + plan.duration_s + plan.drain_s() + 30.0
+        merged = LoadTally()
+        received = 0
+        errors: list[str] = []
+        while received < n and time.monotonic() < bound:
+            if on_progress is not None:
+                on_progress(list(counts))
+            try:
+                _, tally, error = results.get(timeout=PUBLISH_EVERY_S)
+            except Exception:  # queue.Empty: nothing yet
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    break
+                continue
+            received += 1
+            if error is not None:
+                errors.append(error)
+            else:
+                merged.merge(tally)
+        if on_progress is not None:
+            on_progress(list(counts))
+        if errors or received < n:
+            raise WorkerFailed(
+                "; ".join(errors) or f"only {received} of {n} load workers reported back"
+            )
+        if interrupted and not merged.partial:
+            merged.partial = True
+            merged.stop_reason = "interrupted"
+        return merged
+    finally:
+        for p in procs:
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,198 @@
+"""`twlb load` end to end: a real generator process against a real backend on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_client_support import ControlledNode, node_fixture  # noqa: F401  (the node fixture)
+from twlb.client.report import FAILURE_REASONS
+
+from twlb.cli import main
+from twlb.procs import ManagedProcess, free_port, twlb_argv
+
+RUN_TIMEOUT_S = 60.0
+
+
+def _load(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        twlb_argv("load", *args),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _report(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_report_has_every_field_and_the_rate_asked_for(
+    node: ControlledNode, tmp_path: Path
+) -> None:
+    node.set_fault(type="benign")
+    out = tmp_path / "report.json"
+    run = _load(
+        "--url", node.url, "--duration", "2", "--out", str(out), env={"TWLB_LOAD_RATE": "100"}
+    )
+    assert run.returncode == 0, run.stderr
+    r = _report(out)
+    assert (r["mode"], r["url"], r["partial"], r["unreachable"]) == (
+        "resilient",
+        node.url,
+        False,
+        False,
+    )
+    assert r["target_rate"] == 100.0
+    assert r["sent"] == 200
+    assert r["correct"] == 200 and r["wrong"] == 0 and r["failed"] == 0
+    assert set(r["failed_by_reason"]) == set(FAILURE_REASONS)
+    assert r["achieved_rate"] == pytest.approx(100.0, rel=0.05)
+    for key in ("latency_ms", "latency_all_ms"):
+        lat = r[key]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert lat["count"] == 200
+    for key in ("retries", "breaker_transitions", "duration_s", "max_send_lag_ms", "throughput"):
+        assert key in r
+    assert "achieved rate" in run.stdout and "correct" in run.stdout
+
+
+def test_count_ends_a_run_before_its_duration_across_workers(
+    node: ControlledNode, tmp_path: Path
+) -> None:
+    node.set_fault(type="benign")
+    out = tmp_path / "report.json"
+    started = time.monotonic()
+    run = _load(
+        "--url", node.url, "--rate", "100", "--duration", "60", "--count", "30",
+        "--workers", "2", "--quiet", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert time.monotonic() - started < 20.0
+    r = _report(out)
+    assert (r["sent"], r["correct"], r["workers"]) == (30, 30, 2)
+    assert r["latency_ms"]["count"] == 30
+    assert run.stdout == ""  # --quiet
+
+
+def test_wrong_answers_from_a_byzantine_backend_are_counted(
+    node: ControlledNode, tmp_path: Path
+) -> None:
+    node.set_fault(type="byzantine")
+    out = tmp_path / "report.json"
+    run = _load(
+        "--url", node.url, "--mode", "basic", "--rate", "100", "--count", "40",
+        "--keys", "7", "--rounds", "3", "--quiet", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    r = _report(out)
+    assert (r["sent"], r["wrong"], r["correct"], r["failed"]) == (40, 40, 0, 0)
+    assert r["latency_ms"]["count"] == 0 and r["latency_all_ms"]["count"] == 40
+    assert r["retries"] == 0 and "breaker" not in r
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigint_stops_early_and_writes_a_partial_report(
+    node: ControlledNode, tmp_path: Path, workers: int
+) -> None:
+    node.set_fault(type="benign")
+    out = tmp_path / "report.json"
+    served_before = node.requests_served()
+    proc = ManagedProcess(
+        twlb_argv(
+            "load",
+            "--url",
+            node.url,
+            "--rate",
+            "50",
+            "--duration",
+            "30",
+            "--workers",
+            str(workers),
+            "--quiet",
+            "--out",
+            str(out),
+        ),  # fmt: skip
+        log_path=tmp_path / "load.log",
+    ).start()
+    try:
+        deadline = time.monotonic() + 30.0
+        # Interrupt once it is sending (the report then has something in it).
+        while node.requests_served() < served_before + 20:
+            assert time.monotonic() < deadline and proc.alive(), "the load never started"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.popen is not None
+        status = proc.popen.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        proc.stop()
+    assert status == 130, (tmp_path / "load.log").read_text()
+    r = _report(out)
+    assert r["partial"] is True and r["stop_reason"] == "interrupted"
+    assert 0 < r["sent"] < 50 * 30
+    assert r["sent"] == r["correct"] + r["wrong"] + r["failed"]
+
+
+def test_unreachable_target_is_reported_once_the_breaker_opens(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    run = _load("--url", url, "--rate", "200", "--duration", "30", "--quiet", "--out", str(out))
+    assert time.monotonic() - started < 15.0  # far from the 30 s asked for
+    assert run.returncode == 2
+    assert "unreachable" in run.stderr
+    r = _report(out)
+    assert r["unreachable"] is True and "breaker opened" in r["stop_reason"]
+    assert r["breaker_transitions"] >= 1 and r["correct"] == 0
+    assert r["failed_by_reason"]["connect_error"] >= 1
+    assert r["sent"] == r["failed"] < 200 * 30
+
+
+def test_unreachable_target_in_basic_mode_counts_connect_errors(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    url = f"http://127.0.0.1:{free_port()}"
+    run = _load(
+        "--url", url, "--mode", "basic", "--rate", "50", "--duration", "1",
+        "--quiet", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 2
+    r = _report(out)
+    assert r["unreachable"] is True
+    assert r["sent"] == 50
+    assert r["failed_by_reason"]["connect_error"] == 50
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--url", "not a url"], "--url"),
+        (["--url", "ftp://127.0.0.1:1"], "http://"),
+        (["--url", "http://"], "--url"),
+        (["--url", "http://127.0.0.1:1/?x=1"], "query"),
+        (["--url", "http://127.0.0.1:1", "--rate", "0"], "--rate"),
+        (["--url", "http://127.0.0.1:1", "--rate", "-5"], "--rate"),
+        (["--url", "http://127.0.0.1:1", "--duration", "0"], "--duration"),
+        (["--url", "http://127.0.0.1:1", "--count", "0"], "--count"),
+        (["--url", "http://127.0.0.1:1", "--mode", "eager"], "--mode"),
+        (["--url", "http://127.0.0.1:1", "--key-prefix", "x" * 300], "--key-prefix"),
+        ([], "--url"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(args: list[str], complaint: str) -> None:
+    result = CliRunner().invoke(main, ["load", *args])
+    assert result.exit_code == 2, result.output
+    assert complaint in result.output
+
+
+def test_bad_rate_from_the_environment_exits_2() -> None:
+    result = CliRunner().invoke(
+        main, ["load", "--url", "http://127.0.0.1:1"], env={"TWLB_LOAD_RATE": "-1"}
+    )
+    assert result.exit_code == 2 and "rate" in result.output

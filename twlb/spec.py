@@ -184,10 +184,14 @@ class TrustClusterSpec(_Model):
     seed: int = Field(0, ge=0, description="Seed for fault assignment and node simulation.")
     policy: PolicyName = Field(PolicyName.TRUST, description="The balancer's routing policy.")
     fault_mix: list[FaultMixEntry] = Field(
-        default_factory=list, description="Faults spread over randomly chosen nodes (by seed)."
+        default_factory=list,
+        max_length=100,
+        description="Faults spread over randomly chosen nodes (by seed).",
     )
     nodes: list[NodeOverride] = Field(
-        default_factory=list, description="Faults pinned on given node indices (win over the mix)."
+        default_factory=list,
+        max_length=100,
+        description="Faults pinned on given node indices (win over the mix).",
     )
     balancer: BalancerSpec = Field(default_factory=BalancerSpec)
     image: str = Field("twlb:0.1.0", min_length=1, description="Container image (cluster only).")

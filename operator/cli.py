@@ -1,0 +1,83 @@
+"""`twlb operator` runs the TrustCluster operator (kopf); `twlb crd` prints the CRD YAML."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+from twlb.operator.crd import render_crd_yaml
+
+
+@click.command()
+@click.option(
+    "--namespace",
+    "-n",
+    "namespaces",
+    multiple=True,
+    help="Namespace (or glob) to watch; repeatable. Default: all namespaces.",
+)
+@click.option(
+    "--liveness",
+    default="http://0.0.0.0:8080/healthz",
+    help="kopf's liveness endpoint; empty to disable.",
+)
+@click.option(
+    "--status-interval",
+    type=click.FloatRange(min=0.5, max=3600),
+    default=10.0,
+    help="Seconds between status refreshes (readiness and /trust).",
+)
+@click.option(
+    "--trust-threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    help="A backend with trust below this counts as suspected.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=16,
+    help="Threads running handlers (API calls fan out on a pool of half as many).",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def command(
+    namespaces: tuple[str, ...],
+    liveness: str,
+    status_interval: float,
+    trust_threshold: float,
+    workers: int,
+    verbose: bool,
+) -> None:
+    """Run the TrustCluster operator against the cluster of the current credentials."""
+    import kopf
+    from twlb.operator.handlers import OperatorConfig, make_settings, register
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = OperatorConfig(
+        status_interval_s=status_interval,
+        trust_threshold=trust_threshold,
+        handler_workers=workers,
+        api_workers=max(2, workers // 2),
+    )
+    registry = register(config)
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            settings=make_settings(config),
+            # One replica (Recreate); peering would need its own CRDs for nothing.
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=list(namespaces),
+            liveness_endpoint=liveness or None,
+        )
+    )
+
+
+@click.command()
+def crd_command() -> None:
+    """Print the TrustCluster CustomResourceDefinition (k8s/crd.yaml) as YAML."""
+    click.echo(render_crd_yaml(), nl=False)

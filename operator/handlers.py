@@ -1,0 +1,351 @@
+"""The kopf handlers of the TrustCluster operator: reconcile children, write status, clean up.
+
+`register()` puts every handler in a registry with the given `OperatorConfig`, so the
+CLI, the tests and the benchmark run the same operator with their own settings. The
+handlers only do I/O; what to create (render), what to change (reconcile) and what the
+status says (status) are pure functions of other modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import kopf
+from pydantic import ValidationError
+from twlb.operator import render
+from twlb.operator.kube import KubeApi, KubeError
+from twlb.operator.reconcile import Plan, plan
+from twlb.operator.status import (
+    PHASE_INVALID,
+    TrustReading,
+    invalid_status,
+    summarize,
+)
+
+from twlb.spec import (
+    API_GROUP,
+    API_VERSION,
+    PLURAL,
+    SpecError,
+    TrustClusterSpec,
+    describe_validation_error,
+)
+
+log = logging.getLogger("twlb.operator")
+
+#: Kinds a TrustCluster owns; listed to find what exists and what is left over.
+OWNED_KINDS = ("Secret", "ConfigMap", "Deployment", "Service")
+#: Created before the rest: pods refer to them.
+FIRST_KINDS = frozenset({"Secret", "ConfigMap"})
+
+NODE_PORT_RANGE = range(30000, 32768)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Settings of one operator process."""
+
+    status_interval_s: float = 10.0
+    trust_threshold: float = 0.5
+    trust_timeout_s: float = 2.0
+    api_workers: int = 8
+    handler_workers: int = 16
+
+
+def make_settings(config: OperatorConfig) -> kopf.OperatorSettings:
+    """kopf settings: our own finalizer and annotation prefix, events only when we say."""
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    # Handler logs stay logs; Kubernetes events are posted explicitly on transitions.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = config.handler_workers
+    settings.queueing.error_delays = (1, 2, 5, 10, 30)
+    return settings
+
+
+def validate(name: str, spec: Any, annotations: Any) -> tuple[TrustClusterSpec, int | None]:
+    """The spec as the model sees it and the balancer's fixed NodePort, or SpecError."""
+    if len(name) > render.MAX_CLUSTER_NAME or not name[:1].isalpha():
+        raise SpecError(
+            f"metadata.name: must start with a letter and have at most "
+            f"{render.MAX_CLUSTER_NAME} characters (children add suffixes)"
+        )
+    try:
+        parsed = TrustClusterSpec.model_validate(dict(spec or {}))
+    except ValidationError as err:
+        raise SpecError(describe_validation_error(err)) from None
+    raw_port = (annotations or {}).get(render.ANNOTATION_NODE_PORT)
+    node_port = None
+    if raw_port is not None:
+        try:
+            node_port = int(raw_port)
+        except ValueError:
+            node_port = -1
+        if node_port not in NODE_PORT_RANGE:
+            raise SpecError(
+                f"metadata.annotations[{render.ANNOTATION_NODE_PORT}]: {raw_port!r} is not "
+                f"a NodePort ({NODE_PORT_RANGE.start}..{NODE_PORT_RANGE.stop - 1})"
+            )
+    return parsed, node_port
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Operator:
+    """The handlers' shared state: one API client and one pool for fanning out calls."""
+
+    def __init__(self, config: OperatorConfig, api: KubeApi | None = None) -> None:
+        self.config = config
+        self._api = api
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(config.api_workers, thread_name_prefix="twlb-api")
+
+    @property
+    def api(self) -> KubeApi:
+        # Built on first use, after kopf has logged in, so credentials exist by then.
+        with self._lock:
+            if self._api is None:
+                self._api = KubeApi()
+            return self._api
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            if self._api is not None:
+                # Open keep-alive connections would outlive the operator otherwise.
+                self._api.close()
+                self._api = None
+
+    # ---- reading --------------------------------------------------------------------
+
+    def live_children(self, owner: render.Owner) -> list[dict[str, Any]]:
+        selector = {render.LABEL_CLUSTER: owner.name}
+        lists = self._pool.map(
+            lambda kind: self.api.list(kind, owner.namespace, selector), OWNED_KINDS
+        )
+        return [obj for objs in lists for obj in objs if _owned_by(obj, owner)]
+
+    async def read_trust(self, url: str) -> TrustReading:
+        try:
+            async with httpx.AsyncClient(timeout=self.config.trust_timeout_s) as client:
+                r = await client.get(url.rstrip("/") + "/trust")
+                r.raise_for_status()
+                backends = r.json().get("backends")
+            if not isinstance(backends, list):
+                raise ValueError("answer has no 'backends' list")
+            return TrustReading(url=url, read_at=_now(), backends=backends)
+        except (httpx.HTTPError, ValueError) as err:
+            return TrustReading(url=url, read_at=_now(), error=f"{type(err).__name__}: {err}")
+
+    # ---- writing --------------------------------------------------------------------
+
+    def apply(self, owner: render.Owner, todo: Plan) -> None:
+        first = [o for o in todo.create if o["kind"] in FIRST_KINDS]
+        rest = [o for o in todo.create if o["kind"] not in FIRST_KINDS]
+        list(self._pool.map(self.api.create, first))
+        calls = [lambda o=o: self.api.create(o) for o in rest]
+        calls += [
+            lambda k=k, p=p: self.api.patch(k[0], owner.namespace, k[1], p) for k, p in todo.patch
+        ]
+        calls += [lambda k=k: self.api.delete(k[0], owner.namespace, k[1]) for k in todo.delete]
+        list(self._pool.map(lambda call: call(), calls))
+
+    def reconcile(
+        self,
+        owner: render.Owner,
+        spec: TrustClusterSpec,
+        node_port: int | None,
+    ) -> tuple[Plan, list[dict[str, Any]]]:
+        """Make the children match the spec; returns what was done and the live objects."""
+        live = self.live_children(owner)
+        secret = next(
+            (
+                o
+                for o in live
+                if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-tokens")
+            ),
+            None,
+        )
+        # Tokens are generated once; the live Secret's values are never rewritten.
+        desired = render.render_children(
+            owner,
+            spec,
+            admin_token=secrets.token_urlsafe(24),
+            control_token=secrets.token_urlsafe(24),
+            node_port=node_port,
+        )
+        if secret is not None:
+            desired = [secret if o["kind"] == "Secret" else o for o in desired]
+        todo = plan(desired, live)
+        if not todo.empty:
+            self.apply(owner, todo)
+            live = self.live_children(owner)
+        return todo, live
+
+    def delete_children(self, owner: render.Owner) -> int:
+        live = self.live_children(owner)
+        done = self._pool.map(
+            lambda o: self.api.delete(o["kind"], owner.namespace, o["metadata"]["name"]), live
+        )
+        return sum(1 for d in done if d)
+
+
+def _owned_by(obj: dict[str, Any], owner: render.Owner) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(r.get("uid") == owner.uid for r in refs)
+
+
+def _post_phase_event(body: Any, old: Any, new: dict[str, Any]) -> None:
+    old_phase = (old or {}).get("phase")
+    if old_phase == new["phase"]:
+        return
+    kind = "Normal" if new["phase"] in ("Running", "Pending") else "Warning"
+    kopf.event(
+        body,
+        type=kind,
+        reason=new["phase"],
+        message=f"phase {old_phase or 'None'} -> {new['phase']}: {new.get('message', '')}",
+    )
+
+
+def register(
+    config: OperatorConfig | None = None,
+    registry: kopf.OperatorRegistry | None = None,
+    api: KubeApi | None = None,
+) -> kopf.OperatorRegistry:
+    """A registry holding every TrustCluster handler, configured by `config`."""
+    config = config or OperatorConfig()
+    registry = registry or kopf.OperatorRegistry()
+    op = Operator(config, api)
+    resource = (API_GROUP, API_VERSION, PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.cleanup(registry=registry)
+    def close(**_: Any) -> None:
+        op.close()
+
+    def mark_invalid(body: Any, status: Any, patch: kopf.Patch, gen: Any, err: SpecError) -> None:
+        new = invalid_status(str(err), status, gen, _now())
+        patch.status.update(new)
+        if (status or {}).get("phase") != PHASE_INVALID or status.get("message") != str(err):
+            kopf.event(body, type="Warning", reason="InvalidSpec", message=str(err))
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    def reconcile_cluster(
+        body: kopf.Body,
+        spec: kopf.Spec,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        name: str,
+        namespace: str,
+        uid: str,
+        patch: kopf.Patch,
+        logger: logging.Logger,
+        **_: Any,
+    ) -> None:
+        """Create, update or adopt every child so that it matches the spec."""
+        generation = meta.get("generation")
+        try:
+            parsed, node_port = validate(name, spec, meta.annotations)
+        except SpecError as err:
+            logger.warning("invalid spec: %s", err)
+            mark_invalid(body, status, patch, generation, err)
+            return
+        owner = render.Owner(name=name, namespace=namespace, uid=uid)
+        try:
+            todo, live = op.reconcile(owner, parsed, node_port)
+        except KubeError as err:
+            raise kopf.TemporaryError(str(err), delay=2) from None
+        if not todo.empty:
+            logger.info("reconciled: %s", todo.summary())
+            kopf.event(body, type="Normal", reason="Reconciled", message=todo.summary())
+        deployments = [o for o in live if o["kind"] == "Deployment"]
+        new = summarize(
+            owner,
+            parsed,
+            deployments,
+            None,
+            status,
+            generation,
+            config.trust_threshold,
+            _now(),
+        )
+        patch.status.update(new)
+        _post_phase_event(body, status, new)
+
+    @kopf.on.delete(*resource, registry=registry)
+    def delete_cluster(name: str, namespace: str, uid: str, logger: logging.Logger, **_: Any):
+        """Delete the children now (the garbage collector would, later, via owner refs)."""
+        owner = render.Owner(name=name, namespace=namespace, uid=uid)
+        try:
+            n = op.delete_children(owner)
+        except KubeError as err:
+            raise kopf.TemporaryError(str(err), delay=2) from None
+        logger.info("deleted %d children", n)
+
+    @kopf.timer(*resource, interval=config.status_interval_s, registry=registry)
+    async def refresh_status(
+        body: kopf.Body,
+        spec: kopf.Spec,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        name: str,
+        namespace: str,
+        uid: str,
+        patch: kopf.Patch,
+        **_: Any,
+    ) -> None:
+        """Readiness from the Deployments and trust from the balancer's /trust."""
+        try:
+            parsed, _port = validate(name, spec, meta.annotations)
+        except SpecError:
+            return  # the reconcile handler has already said so in the status
+        owner = render.Owner(name=name, namespace=namespace, uid=uid)
+        url = meta.annotations.get(render.ANNOTATION_BALANCER_URL) or render.service_url(
+            owner, render.balancer_name(owner)
+        )
+        selector = {render.LABEL_CLUSTER: name}
+        try:
+            deployments, trust = await asyncio.gather(
+                asyncio.to_thread(op.api.list, "Deployment", namespace, selector),
+                op.read_trust(url),
+            )
+        except KubeError as err:
+            raise kopf.TemporaryError(str(err), delay=2) from None
+        deployments = [d for d in deployments if _owned_by(d, owner)]
+        new = summarize(
+            owner,
+            parsed,
+            deployments,
+            trust,
+            status,
+            # Only the reconcile handler observes a generation; the timer only reads.
+            (status or {}).get("observedGeneration"),
+            config.trust_threshold,
+            trust.read_at,
+        )
+        # The body a timer sees can predate the reconcile handler's last write.
+        new.pop("observedGeneration")
+        patch.status.update(new)
+        _post_phase_event(body, status, new)
+
+    return registry

@@ -1,0 +1,437 @@
+"""Pure functions that turn one TrustCluster into the Kubernetes objects it owns.
+
+Each `render_*` takes the cluster's identity (`Owner`) and its validated spec and returns
+plain dicts; nothing here talks to the API. The handlers compare these with what exists
+and create, patch or delete. Every object carries an owner reference (with uid), the
+`app.kubernetes.io/*` labels and `twlb.dev/cluster`; every pod is hardened the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from twlb.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    FaultSpec,
+    NodeAssignment,
+    PolicyName,
+    TrustClusterSpec,
+    assign_faults,
+)
+
+#: Port every backend and balancer container listens on.
+HTTP_PORT = 8080
+#: Longest cluster name whose children (`<name>-balancer`, `<name>-node-99`) stay DNS labels.
+MAX_CLUSTER_NAME = 52
+
+LABEL_CLUSTER = f"{API_GROUP}/cluster"
+LABEL_NODE = f"{API_GROUP}/node"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+ANNOTATION_FAULT_TYPE = f"{API_GROUP}/fault-type"
+ANNOTATION_FAULT_PROBABILITY = f"{API_GROUP}/fault-probability"
+ANNOTATION_FAULT_CLASS = f"{API_GROUP}/fault-class"
+#: TrustCluster annotation: where the operator reads `/trust` (tests point it at loopback).
+ANNOTATION_BALANCER_URL = f"{API_GROUP}/balancer-url"
+#: TrustCluster annotation: a fixed NodePort for the balancer Service (kind maps it).
+ANNOTATION_NODE_PORT = f"{API_GROUP}/node-port"
+
+COMPONENT_BACKEND = "backend"
+COMPONENT_BALANCER = "balancer"
+COMPONENT_MODEL = "model"
+COMPONENT_TRUTH = "truth"
+COMPONENT_TOKENS = "tokens"
+
+TOKENS_ADMIN_KEY = "admin-token"
+TOKENS_CONTROL_KEY = "control-token"
+MODEL_MOUNT = "/etc/twlb/model"
+MODEL_FILE = "model.onnx"
+TRUTH_MOUNT = "/etc/twlb/truth"
+TRUTH_FILE = "truth.json"
+
+#: The uid the image runs as (Dockerfile's USER).
+RUN_AS_UID = 10001
+
+BACKEND_RESOURCES = {
+    "requests": {"cpu": "50m", "memory": "96Mi"},
+    "limits": {"cpu": "500m", "memory": "256Mi"},
+}
+BALANCER_RESOURCES = {
+    "requests": {"cpu": "200m", "memory": "256Mi"},
+    "limits": {"cpu": "1", "memory": "768Mi"},
+}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The TrustCluster that owns the rendered objects."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def node_name(owner: Owner, index: int) -> str:
+    return f"{owner.name}-node-{index}"
+
+
+def balancer_name(owner: Owner) -> str:
+    return f"{owner.name}-balancer"
+
+
+def model_config_map_name(owner: Owner, spec: TrustClusterSpec) -> str:
+    return spec.balancer.model_config_map or f"{owner.name}-model"
+
+
+def truth_config_map_name(owner: Owner) -> str:
+    return f"{owner.name}-truth"
+
+
+def tokens_secret_name(owner: Owner) -> str:
+    return f"{owner.name}-tokens"
+
+
+def service_url(owner: Owner, service: str) -> str:
+    """In-cluster URL of one of the cluster's Services."""
+    return f"http://{service}.{owner.namespace}.svc:{HTTP_PORT}"
+
+
+def labels(owner: Owner, component: str, node: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "twlb",
+        "app.kubernetes.io/instance": owner.name,
+        LABEL_COMPONENT: component,
+        "app.kubernetes.io/part-of": "twlb",
+        "app.kubernetes.io/managed-by": "twlb-operator",
+        LABEL_CLUSTER: owner.name,
+    }
+    if node is not None:
+        out[LABEL_NODE] = node
+    return out
+
+
+def selector(owner: Owner, component: str, node: str | None = None) -> dict[str, str]:
+    """The immutable subset of labels that Deployments and Services select on."""
+    out = {LABEL_CLUSTER: owner.name, LABEL_COMPONENT: component}
+    if node is not None:
+        out[LABEL_NODE] = node
+    return out
+
+
+def _metadata(
+    owner: Owner, name: str, component: str, node: str | None = None, annotations=None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, component, node),
+        "ownerReferences": [owner.reference()],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def fault_annotations(fault: FaultSpec) -> dict[str, str]:
+    """The node's fault as annotations: the ground truth anyone can read with kubectl."""
+    out = {
+        ANNOTATION_FAULT_TYPE: fault.type.value,
+        ANNOTATION_FAULT_PROBABILITY: repr(fault.probability),
+        ANNOTATION_FAULT_CLASS: fault.node_class.value,
+    }
+    params = fault.model_dump(by_alias=True, mode="json", exclude={"type", "probability"})
+    for key, value in params.items():
+        out[f"{API_GROUP}/fault-{_kebab(key)}"] = str(value)
+    return out
+
+
+def _kebab(camel: str) -> str:
+    return "".join(f"-{c.lower()}" if c.isupper() else c for c in camel)
+
+
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_UID,
+    "runAsGroup": RUN_AS_UID,
+    "fsGroup": RUN_AS_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def _pod_template(
+    owner: Owner,
+    component: str,
+    node: str | None,
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+    annotations: dict[str, str],
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "labels": labels(owner, component, node),
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(HTTP_PORT),
+                "prometheus.io/path": "/metrics",
+                **annotations,
+            },
+        },
+        "spec": {
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": POD_SECURITY_CONTEXT,
+            "terminationGracePeriodSeconds": 10,
+            "containers": [container],
+            # The root filesystem is read-only; Python and uvicorn still want a /tmp.
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}, *volumes],
+        },
+    }
+
+
+def _container(
+    name: str,
+    image: str,
+    args: list[str],
+    env: list[dict[str, Any]],
+    resources: dict[str, Any],
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "readinessProbe": _probe("/readyz" if name == COMPONENT_BACKEND else "/healthz", 2, 2),
+        "livenessProbe": _probe("/healthz", 10, 3),
+        "startupProbe": _probe("/healthz", 1, 30),
+        "resources": resources,
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts],
+    }
+
+
+def _secret_env(var: str, owner: Owner, key: str) -> dict[str, Any]:
+    return {
+        "name": var,
+        "valueFrom": {"secretKeyRef": {"name": tokens_secret_name(owner), "key": key}},
+    }
+
+
+def _deployment(
+    owner: Owner,
+    name: str,
+    component: str,
+    node: str | None,
+    template: dict[str, Any],
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, name, component, node, annotations),
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 2,
+            # A node is one process with one identity: never run two at once.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector(owner, component, node)},
+            "template": template,
+        },
+    }
+
+
+def render_node_deployment(
+    owner: Owner, spec: TrustClusterSpec, node: NodeAssignment
+) -> dict[str, Any]:
+    """One backend node: `twlb backend` with its fault as environment and annotations."""
+    annotations = fault_annotations(node.fault)
+    env = [{"name": k, "value": v} for k, v in sorted(node.fault.to_env().items())]
+    env.append(_secret_env("TWLB_BACKEND_CONTROL_TOKEN", owner, TOKENS_CONTROL_KEY))
+    container = _container(
+        COMPONENT_BACKEND,
+        spec.image,
+        [
+            "backend",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(HTTP_PORT),
+            "--node-id",
+            node.name,
+            "--seed",
+            str(node.seed),
+        ],
+        env,
+        BACKEND_RESOURCES,
+        [],
+    )
+    template = _pod_template(owner, COMPONENT_BACKEND, node.name, container, [], annotations)
+    return _deployment(owner, node.name, COMPONENT_BACKEND, node.name, template, annotations)
+
+
+def _service(
+    owner: Owner,
+    name: str,
+    component: str,
+    node: str | None,
+    node_port: int | None = None,
+) -> dict[str, Any]:
+    port: dict[str, Any] = {"name": "http", "port": HTTP_PORT, "targetPort": "http"}
+    spec: dict[str, Any] = {
+        "type": "ClusterIP",
+        "selector": selector(owner, component, node),
+        "ports": [port],
+    }
+    if component == COMPONENT_BALANCER:
+        spec["type"] = "NodePort"
+        if node_port is not None:
+            port["nodePort"] = node_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, name, component, node),
+        "spec": spec,
+    }
+
+
+def render_node_service(owner: Owner, node: NodeAssignment) -> dict[str, Any]:
+    return _service(owner, node.name, COMPONENT_BACKEND, node.name)
+
+
+def render_balancer_service(owner: Owner, node_port: int | None = None) -> dict[str, Any]:
+    """The balancer's Service: NodePort so kind can map it to the host."""
+    return _service(owner, balancer_name(owner), COMPONENT_BALANCER, None, node_port)
+
+
+def render_balancer_deployment(
+    owner: Owner, spec: TrustClusterSpec, nodes: list[NodeAssignment]
+) -> dict[str, Any]:
+    """The balancer: every node Service as a backend, policy and settings from the spec."""
+    b = spec.balancer
+    args = [
+        "balancer",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(HTTP_PORT),
+        "--policy",
+        spec.policy.value,
+        "--audit-fraction",
+        repr(b.audit_fraction),
+        "--window",
+        repr(b.window_s),
+        "--health-interval",
+        repr(b.health_interval_s),
+        "--retry-budget",
+        repr(b.retry_budget),
+        "--seed",
+        str(spec.seed),
+    ]
+    for node in nodes:
+        args += ["--backend", service_url(owner, node.name)]
+    mounts = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}]
+    volumes: list[dict[str, Any]] = [
+        # Optional: until a model is trained the ConfigMap may be empty or absent and
+        # the balancer falls back to its heuristic scorer.
+        {
+            "name": "model",
+            "configMap": {"name": model_config_map_name(owner, spec), "optional": True},
+        }
+    ]
+    if spec.policy is PolicyName.ORACLE:
+        args += ["--oracle-truth", f"{TRUTH_MOUNT}/{TRUTH_FILE}"]
+        mounts.append({"name": "truth", "mountPath": TRUTH_MOUNT, "readOnly": True})
+        volumes.append({"name": "truth", "configMap": {"name": truth_config_map_name(owner)}})
+    env = [_secret_env("TWLB_BALANCER_ADMIN_TOKEN", owner, TOKENS_ADMIN_KEY)]
+    container = _container(COMPONENT_BALANCER, spec.image, args, env, BALANCER_RESOURCES, mounts)
+    template = _pod_template(owner, COMPONENT_BALANCER, None, container, volumes, {})
+    return _deployment(owner, balancer_name(owner), COMPONENT_BALANCER, None, template)
+
+
+def render_model_config_map(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any] | None:
+    """An empty ConfigMap the trained model is loaded into (None if the spec names its own)."""
+    if spec.balancer.model_config_map:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, model_config_map_name(owner, spec), COMPONENT_MODEL),
+        "data": {},
+    }
+
+
+def render_truth_config_map(owner: Owner, nodes: list[NodeAssignment]) -> dict[str, Any]:
+    """Ground truth {backend URL: class} for the oracle policy and for experiments."""
+    truth = {service_url(owner, n.name): n.fault.node_class.value for n in nodes}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, truth_config_map_name(owner), COMPONENT_TRUTH),
+        "data": {TRUTH_FILE: json.dumps(truth, indent=1, sort_keys=True)},
+    }
+
+
+def render_tokens_secret(owner: Owner, admin_token: str, control_token: str) -> dict[str, Any]:
+    """The balancer's admin token and the nodes' fault-control token."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(owner, tokens_secret_name(owner), COMPONENT_TOKENS),
+        "stringData": {TOKENS_ADMIN_KEY: admin_token, TOKENS_CONTROL_KEY: control_token},
+    }
+
+
+def render_children(
+    owner: Owner,
+    spec: TrustClusterSpec,
+    *,
+    admin_token: str,
+    control_token: str,
+    node_port: int | None = None,
+) -> list[dict[str, Any]]:
+    """Everything a TrustCluster owns, in the order it should be created."""
+    nodes = assign_faults(spec, owner.name)
+    out: list[dict[str, Any]] = [render_tokens_secret(owner, admin_token, control_token)]
+    model = render_model_config_map(owner, spec)
+    if model is not None:
+        out.append(model)
+    out.append(render_truth_config_map(owner, nodes))
+    for node in nodes:
+        out.append(render_node_deployment(owner, spec, node))
+        out.append(render_node_service(owner, node))
+    out.append(render_balancer_deployment(owner, spec, nodes))
+    out.append(render_balancer_service(owner, node_port))
+    return out

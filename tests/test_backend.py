@@ -1,4 +1,8 @@
-"""Real backend nodes on loopback: each fault's observable effect, control, metrics, bad input."""
+"""Real backend nodes on loopback: each fault's observable effect, control, metrics, bad input.
+
+Each test has a node of its own, but the module starts them all at once: start-up (the
+imports) dominates on a busy two-core machine, and started together they overlap.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,17 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import Spawn
 from twlb.backend.app import CRASH_EXIT_STATUS
 from twlb.backend.simulation import NodeProfile
 
 from twlb.cli import main
-from twlb.procs import twlb_argv
+from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
 from twlb.spec import FaultSpec, FaultType
 from twlb.work import digest
 
@@ -26,6 +31,58 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # No simulated latency or loss, so counts and latencies show the fault alone.
 QUIET = ("--no-simulation",)
+
+#: node name -> (flags, environment) of the node each test uses.
+FLEET: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "simulated": (("--node-id", "n-1", "--seed", "4"), {}),
+    "plain": ((*QUIET, "--node-id", "v"), {}),
+    "error": (
+        (
+            *QUIET,
+            "--seed",
+            "21",
+            "--node-id",
+            "e",
+            *FaultSpec(type=FaultType.ERROR, probability=0.3).to_args(),
+        ),
+        {},
+    ),
+    "byzantine": (
+        (*QUIET, "--seed", "8"),
+        FaultSpec(type=FaultType.BYZANTINE, probability=0.5).to_env(),
+    ),
+    "crash": ((*QUIET, "--fault-type", "crash", "--fault-probability", "0.2"), {}),
+    "lossy": ((*QUIET, "--packet-loss", "0.3", "--node-id", "lossy"), {}),
+    "delay": ((*QUIET, "--control-token", TOKEN, "--node-id", "d"), {}),
+    "flapping": ((*QUIET, "--control-token", TOKEN), {}),
+    "control": ((*QUIET, "--control-token", TOKEN, "--node-id", "ctl"), {}),
+}
+Fleet = dict[str, tuple[ManagedProcess, str]]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Every node of FLEET, started together; each stopped by its pid at the end."""
+    logs: Path = tmp_path_factory.mktemp("fleet")
+    nodes: Fleet = {}
+    ports: set[int] = set()
+    try:
+        for name, (args, env) in FLEET.items():
+            port = free_port()
+            while port in ports:
+                port = free_port()
+            ports.add(port)
+            argv = twlb_argv("backend", "--host", "127.0.0.1", "--port", str(port), *args)
+            proc = ManagedProcess(argv, env=env, log_path=logs / f"{name}.log").start()
+            nodes[name] = (proc, f"http://127.0.0.1:{port}")
+        for proc, url in nodes.values():
+            proc.wait_ready(url + "/healthz", timeout=90)
+        yield nodes
+    finally:
+        for proc, _ in nodes.values():
+            proc.stop()
+        for proc, _ in nodes.values():
+            assert not pid_alive(proc.pid), f"process {proc.pid} outlived its test"
 
 
 def work(client: httpx.Client, key: str = "k", rounds: int = 1) -> httpx.Response:
@@ -53,8 +110,8 @@ def timed(client: httpx.Client) -> float:
     return time.perf_counter() - t
 
 
-def test_benign_simulated_node_answers_the_work_contract(spawn: Spawn) -> None:
-    _, url = spawn("backend", "--node-id", "n-1", "--seed", "4")
+def test_benign_simulated_node_answers_the_work_contract(fleet: Fleet) -> None:
+    _, url = fleet["simulated"]
     with httpx.Client(base_url=url, timeout=5) as c:
         r = c.get("/work", params={"key": "héllo wörld", "rounds": 3})
         assert r.status_code == 200
@@ -95,8 +152,8 @@ def test_benign_simulated_node_answers_the_work_contract(spawn: Spawn) -> None:
     assert metric(text, "twlb_node_fault_info", node="n-1", type="error") == 0
 
 
-def test_malformed_work_queries_are_422s_naming_the_field(spawn: Spawn) -> None:
-    _, url = spawn("backend", *QUIET, "--node-id", "v")
+def test_malformed_work_queries_are_422s_naming_the_field(fleet: Fleet) -> None:
+    _, url = fleet["plain"]
     cases = {
         "/work": "key",
         "/work?key=": "key",
@@ -120,9 +177,8 @@ def test_malformed_work_queries_are_422s_naming_the_field(spawn: Spawn) -> None:
     assert metric(text, "twlb_node_requests_total", node="v", code="422") == len(cases)
 
 
-def test_error_fault_at_0_3_gives_about_30_percent_500s(spawn: Spawn) -> None:
-    fault = FaultSpec(type=FaultType.ERROR, probability=0.3)
-    _, url = spawn("backend", *QUIET, "--seed", "21", "--node-id", "e", *fault.to_args())
+def test_error_fault_at_0_3_gives_about_30_percent_500s(fleet: Fleet) -> None:
+    _, url = fleet["error"]
     n = 300
     with httpx.Client(base_url=url, timeout=5) as c:
         answers = [work(c, key=f"e{i}") for i in range(n)]
@@ -135,9 +191,8 @@ def test_error_fault_at_0_3_gives_about_30_percent_500s(spawn: Spawn) -> None:
     assert error.json() == {"node": "e", "error": "injected fault: error"}
 
 
-def test_byzantine_fault_from_env_answers_200_with_wrong_digests(spawn: Spawn) -> None:
-    fault = FaultSpec(type=FaultType.BYZANTINE, probability=0.5)
-    _, url = spawn("backend", *QUIET, "--seed", "8", env=fault.to_env())
+def test_byzantine_fault_from_env_answers_200_with_wrong_digests(fleet: Fleet) -> None:
+    _, url = fleet["byzantine"]
     n = 150
     wrong = 0
     with httpx.Client(base_url=url, timeout=5) as c:
@@ -150,8 +205,8 @@ def test_byzantine_fault_from_env_answers_200_with_wrong_digests(spawn: Spawn) -
     assert abs(wrong / n - 0.5) < 0.12, wrong  # 3 sd of a binomial at n=150
 
 
-def test_crash_fault_ends_the_process_with_a_nonzero_status(spawn: Spawn) -> None:
-    proc, url = spawn("backend", *QUIET, "--fault-type", "crash", "--fault-probability", "0.2")
+def test_crash_fault_ends_the_process_with_a_nonzero_status(fleet: Fleet) -> None:
+    proc, url = fleet["crash"]
     answered = 0
     with httpx.Client(base_url=url, timeout=5) as c:
         for i in range(200):
@@ -169,8 +224,8 @@ def test_crash_fault_ends_the_process_with_a_nonzero_status(spawn: Spawn) -> Non
         httpx.get(url + "/healthz", timeout=2)
 
 
-def test_packet_loss_drops_connections_without_an_http_answer(spawn: Spawn) -> None:
-    _, url = spawn("backend", *QUIET, "--packet-loss", "0.3", "--node-id", "lossy")
+def test_packet_loss_drops_connections_without_an_http_answer(fleet: Fleet) -> None:
+    _, url = fleet["lossy"]
     n = 150
     dropped = 0
     with httpx.Client(base_url=url, timeout=5) as c:
@@ -187,8 +242,8 @@ def test_packet_loss_drops_connections_without_an_http_answer(spawn: Spawn) -> N
     assert metric(text, "twlb_node_requests_total", node="lossy", code="200") == n - dropped
 
 
-def test_delay_shifts_latency_and_lie_latency_hides_it_from_its_metrics(spawn: Spawn) -> None:
-    _, url = spawn("backend", *QUIET, "--control-token", TOKEN, "--node-id", "d")
+def test_delay_shifts_latency_and_lie_latency_hides_it_from_its_metrics(fleet: Fleet) -> None:
+    _, url = fleet["delay"]
     n = 6
     with httpx.Client(base_url=url, timeout=5) as c:
         base = statistics.median(timed(c) for _ in range(n))
@@ -232,36 +287,32 @@ def test_delay_shifts_latency_and_lie_latency_hides_it_from_its_metrics(spawn: S
     assert truth["fault"]["type"] == "lie-latency" and truth["fault"]["delayMs"] == 150
 
 
-def test_flapping_alternates_healthy_and_faulty_periods(spawn: Spawn) -> None:
-    period = 0.4
-    _, url = spawn("backend", *QUIET, "--control-token", TOKEN)
-    seen: list[tuple[float, int]] = []
+def test_flapping_alternates_healthy_and_faulty_periods(fleet: Fleet) -> None:
+    period = 0.5
+    _, url = fleet["flapping"]
+    runs: list[list[float]] = []  # [status, time of its first answer]
     with httpx.Client(base_url=url, timeout=5) as c:
-        before = time.monotonic()
         put_fault(c, type="flapping", periodS=period, flapType="error")
-        after = time.monotonic()
-        while time.monotonic() - after < 5 * period:
-            t = time.monotonic()
+        start = time.monotonic()
+        while time.monotonic() - start < 4.6 * period:
             code = work(c).status_code
-            seen.append(((t + time.monotonic()) / 2, code))
+            if not runs or runs[-1][0] != code:
+                runs.append([code, time.monotonic()])
             time.sleep(0.02)
-    assert {code for _, code in seen} == {200, 500}
-    runs = [code for i, (_, code) in enumerate(seen) if i == 0 or seen[i - 1][1] != code]
-    assert runs[:5] == [200, 500, 200, 500, 200]
-    # Away from the edges, answers match the phase counted from the switch (a loaded
-    # machine may hold a request back past an edge now and then).
-    agree = total = 0
-    for t, code in seen:
-        phase = (t - (before + after) / 2) / period
-        if abs(phase - round(phase)) < 0.2:
-            continue
-        total += 1
-        agree += code == (500 if int(phase) % 2 else 200)
-    assert total > 15 and agree >= 0.9 * total
+        state = c.get("/control/fault", headers=AUTH).json()
+    assert [code for code, _ in runs][:5] == [200, 500, 200, 500, 200]
+    # Each whole run in between lasts one period (answers are 20 ms apart, plus load).
+    for (_, began), (_, ended) in zip(runs[1:-1], runs[2:], strict=False):
+        assert ended - began == pytest.approx(period, abs=0.2)
+    # The node's own account of its current half agrees with the fault's age (activeForS is
+    # rounded to the millisecond, so skip the instant of a switch).
+    age = state["activeForS"]
+    if min(age % period, period - age % period) > 0.002:
+        assert state["faultyNow"] is (int(age / period) % 2 == 1)
 
 
-def test_control_endpoint_is_403_without_a_configured_token(spawn: Spawn) -> None:
-    _, url = spawn("backend", *QUIET)
+def test_control_endpoint_is_403_without_a_configured_token(fleet: Fleet) -> None:
+    _, url = fleet["plain"]
     for method in ("GET", "PUT"):
         r = httpx.request(method, url + "/control/fault", headers=AUTH, json={"type": "crash"})
         assert r.status_code == 403
@@ -270,18 +321,17 @@ def test_control_endpoint_is_403_without_a_configured_token(spawn: Spawn) -> Non
         assert work(c).status_code == 200
 
 
-def test_control_endpoint_authenticates_and_switches_faults_at_run_time(spawn: Spawn) -> None:
-    proc, url = spawn("backend", *QUIET, "--control-token", TOKEN, "--node-id", "ctl")
+def test_control_endpoint_authenticates_and_switches_faults_at_run_time(fleet: Fleet) -> None:
+    proc, url = fleet["control"]
     with httpx.Client(base_url=url, timeout=5) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
             for method in ("GET", "PUT"):
                 r = c.request(method, "/control/fault", headers=headers, json={"type": "error"})
                 assert r.status_code == 401, (method, headers)
                 assert r.headers["www-authenticate"] == "Bearer"
-        assert c.get("/control/fault", headers=AUTH).json() == {
-            "node": "ctl",
-            "fault": FaultSpec().model_dump(mode="json", by_alias=True),
-        }
+        state = c.get("/control/fault", headers=AUTH).json()
+        assert state["node"] == "ctl" and state["faultyNow"] is False
+        assert state["fault"] == FaultSpec().model_dump(mode="json", by_alias=True)
         r = put_fault(c, type="error", probability=1.0, errorStatus=503)
         assert r.status_code == 200 and r.json()["fault"]["errorStatus"] == 503
         assert work(c).status_code == 503

@@ -387,7 +387,14 @@ def create_app(settings: BackendSettings) -> FastAPI:
     require_control_token = ControlAuth(settings.control_token)
 
     def fault_state() -> dict[str, Any]:
-        return {"node": node_id, "fault": injector.spec.model_dump(mode="json", by_alias=True)}
+        now = time.monotonic()
+        return {
+            "node": node_id,
+            "fault": injector.spec.model_dump(mode="json", by_alias=True),
+            "activeForS": round(now - injector.since, 3),
+            # A flapping node's current half: the ground truth of this very moment.
+            "faultyNow": injector.in_faulty_period(now),
+        }
 
     @app.get("/control/fault", dependencies=[Depends(require_control_token)])
     async def get_fault() -> dict[str, Any]:

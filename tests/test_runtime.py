@@ -98,7 +98,7 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
         runtime.wait_ready(f"http://127.0.0.1:{base}/healthz", timeout=60)
         st = _wait(lambda: _status(state_dir), 10, "status")
         assert st["running"] is True
-        assert [n["truth"] for n in st["nodes"]] == ["healthy", "healthy", "healthy"]
+        assert [n["truth"] for n in st["nodes"]] == ["healthy", "healthy", "crash"]
         crash = st["nodes"][2]
         assert crash["fault"]["type"] == "crash"
         pids = {n["name"]: n["pid"] for n in st["nodes"]}
@@ -120,9 +120,14 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
             )
 
         node = _wait(restarted, 20, "crash node restart")
-        _wait(
-            lambda: httpx.get(node["url"] + "/healthz", timeout=2).status_code == 200, 10, "ready"
-        )
+
+        def ready():
+            try:
+                return httpx.get(node["url"] + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(ready, 10, "restarted node to answer")
 
         final = _status(state_dir)
         all_pids = [n["pid"] for n in final["nodes"]] + [final["balancer"]["pid"]]

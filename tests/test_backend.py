@@ -175,6 +175,10 @@ def test_malformed_work_queries_are_422s_naming_the_field(fleet: Fleet) -> None:
         assert c.post("/work?key=a").status_code == 405
         text = c.get("/metrics").text
     assert metric(text, "twlb_node_requests_total", node="v", code="422") == len(cases)
+    assert metric(text, "twlb_node_requests_total", node="v", code="405") == 1
+    # Without simulation a node reports its real process: RSS, and no simulated network.
+    assert metric(text, "twlb_node_memory_bytes", node="v") > 10 * 2**20
+    assert metric(text, "twlb_node_network_latency_seconds", node="v") == 0
 
 
 def test_error_fault_at_0_3_gives_about_30_percent_500s(fleet: Fleet) -> None:

@@ -140,6 +140,54 @@ def test_sigint_stops_early_and_writes_a_partial_report(
     assert r["sent"] == r["correct"] + r["wrong"] + r["failed"]
 
 
+def test_hard_stop_cancels_calls_still_in_flight_after_an_interrupt(
+    node: ControlledNode, tmp_path: Path
+) -> None:
+    # Half the calls hang for 20 s and both the try timeout and the deadline allow it:
+    # only the bounded drain after SIGINT can end the run quickly.
+    node.set_fault(type="delay", probability=0.5, delayMs=20_000)
+    out = tmp_path / "report.json"
+    served_before = node.requests_served()
+    proc = ManagedProcess(
+        twlb_argv(
+            "load",
+            "--url",
+            node.url,
+            "--rate",
+            "40",
+            "--duration",
+            "60",
+            "--timeout",
+            "30",
+            "--deadline",
+            "30",
+            "--quiet",
+            "--out",
+            str(out),
+        ),  # fmt: skip
+        log_path=tmp_path / "load.log",
+    ).start()
+    try:
+        deadline = time.monotonic() + 30.0
+        while node.requests_served() < served_before + 10:
+            assert time.monotonic() < deadline and proc.alive(), "the load never started"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        assert proc.popen is not None
+        status = proc.popen.wait(timeout=15.0)
+        stopped_after = time.monotonic() - interrupted
+    finally:
+        proc.stop()
+        node.set_fault(type="benign")
+    assert status == 130
+    assert stopped_after < 10.0  # the 2 s drain bound plus start-up noise, not 20 s
+    r = _report(out)
+    assert r["partial"] is True
+    assert r["failed_by_reason"]["cancelled"] >= 1
+    assert r["sent"] == r["correct"] + r["wrong"] + r["failed"]
+
+
 def test_unreachable_target_is_reported_once_the_breaker_opens(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     url = f"http://127.0.0.1:{free_port()}"

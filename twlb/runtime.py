@@ -476,6 +476,7 @@ def up_command(
     from rich.table import Table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
     tc = _load_or_exit(file)
     if policy is not None:
         from twlb.spec import PolicyName

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from time import monotonic
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qsl
 
 import httpx
@@ -40,8 +40,6 @@ from twlb.balancer.audit import AuditResult, compare_answers
 from twlb.balancer.features import FleetWindows
 from twlb.balancer.health import HealthTracker
 from twlb.balancer.metrics import BackendMetrics, BalancerMetrics, LiveView
-from twlb.balancer.model_reload import ModelReloader
-from twlb.balancer.onnx_scorer import OnnxScorer
 from twlb.balancer.policies import make_policy
 from twlb.balancer.scoring import HeuristicScorer
 from twlb.balancer.settings import (
@@ -66,6 +64,9 @@ from twlb import __version__
 from twlb.budget import RetryBudget
 from twlb.outcome import Outcome
 from twlb.spec import NodeClass, PolicyName
+
+if TYPE_CHECKING:  # onnxruntime is heavy to import: only a balancer given --model loads it
+    from twlb.balancer.model_reload import ModelReloader
 
 log = logging.getLogger("twlb.balancer")
 
@@ -169,6 +170,8 @@ class Balancer:
         self.metrics = BalancerMetrics(self.live_view)
         self.model: ModelReloader | None = None
         if settings.model is not None:
+            from twlb.balancer.model_reload import ModelReloader
+
             # Without a model file the documented heuristic scores; with one, the model does,
             # and a changed file is swapped in by the trust tick (or refused, keeping this one).
             self.model = ModelReloader(
@@ -557,14 +560,14 @@ class BackendList(BaseModel):
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _live_balancer(request: Request) -> Balancer:
+async def _live_balancer(request: Request) -> Balancer:
     return request.app.state.balancer
 
 
 LiveBalancer = Annotated[Balancer, Depends(_live_balancer)]
 
 
-def _admin(
+async def _admin(
     b: LiveBalancer, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """Admin calls need the configured bearer token; without one, admin is disabled."""
@@ -837,5 +840,7 @@ def create_app(settings: BalancerSettings) -> BalancerApp:
     if settings.oracle_truth is not None:
         load_oracle_truth(settings.oracle_truth)  # fail now, not on the first tick
     if settings.model is not None:
+        from twlb.balancer.onnx_scorer import OnnxScorer
+
         OnnxScorer.load(settings.model)  # a refused model stops start-up (ModelRefused)
     return BalancerApp(settings)

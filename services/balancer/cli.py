@@ -159,6 +159,8 @@ def command(ctx: click.Context, **options: object) -> None:
         access_log=False,
         log_level=settings.log_level,
         server_header=False,
+        # X-Forwarded-* from clients are forwarded as they are, not trusted for scope.
+        proxy_headers=False,
         # Many keep-alive clients: the proxy itself decides what to do with slow backends.
         timeout_keep_alive=30,
         backlog=2048,

@@ -1,0 +1,378 @@
+"""Benchmark: the balancer's proxy against nginx, side by side on the same three backends.
+
+Three benign `twlb backend` nodes (simulation on, as deployed), nginx (Debian's
+nginx-light, generated config in a temp dir, run in the foreground, upstream keepalive),
+a round-robin balancer without audits and a trust balancer with 5 % audits. wrk (32
+connections) drives one proxy at a time, in alternating order for several rounds, and
+the medians are compared. Then `twlb load` (a separate process, open loop at a constant
+rate, bounded count) measures p50 latency at 500 req/s through the balancer and straight
+to a backend. `--memory` instead proxies one million requests through the trust balancer
+and reports its resident memory. Figures are printed and written to
+reports/bench/proxy_bench.json (or proxy_bench_memory.json).
+
+    .venv/bin/python bench/proxy_bench.py            # throughput and added latency
+    .venv/bin/python bench/proxy_bench.py --memory   # RSS after 1,000,000 requests
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import httpx
+import psutil
+from backend_throughput import WrkRun, measure, run_wrk
+from rich.console import Console
+from rich.table import Table
+
+from twlb.procs import ManagedProcess, free_port, twlb_argv
+
+WORK_PATH = "/work?key=bench&rounds=1"
+NGINX = "nginx"
+ROUND_ROBIN = "balancer round-robin"
+TRUST = "balancer trust, 5% audits"
+BACKEND_DIRECT = "backend direct"
+LATENCY_RATE = 500.0
+
+NGINX_CONF = """\
+worker_processes {workers};
+daemon off;
+master_process on;
+user root;
+pid {root}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    upstream backends {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def nginx_process(root: Path, port: int, backends: list[str], workers: int) -> ManagedProcess:
+    """nginx in the foreground with a generated round-robin keepalive config."""
+    # max_fails=0: a connection the simulated network drops must not bench a backend for
+    # fail_timeout (nginx would then answer 502 at once and count it as throughput).
+    servers = "\n".join(
+        f"        server {b.removeprefix('http://')} max_fails=0;" for b in backends
+    )
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, root=root, servers=servers, port=port))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return ManagedProcess([nginx, "-p", str(root), "-c", str(conf), "-e", "stderr"],
+                          log_path=root / "nginx.log")  # fmt: skip
+
+
+def balancer_process(
+    log_dir: Path, port: int, backends: list[str], policy: str, audits: float
+) -> ManagedProcess:
+    argv = twlb_argv(
+        "balancer", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+        "--audit-fraction", str(audits), "--log-level", "warning",
+        *(arg for b in backends for arg in ("--backend", b)),
+    )  # fmt: skip
+    return ManagedProcess(argv, log_path=log_dir / f"balancer-{port}.log")
+
+
+def requests_total(url: str) -> float:
+    """Client requests a balancer has answered, from its /metrics."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("twlb_balancer_requests_total{")
+    )
+
+
+def load_p50_ms(url: str, duration: float, out: Path) -> dict:
+    """`twlb load` at LATENCY_RATE in its own process; returns its JSON report."""
+    count = int(LATENCY_RATE * duration)
+    argv = twlb_argv(
+        "load", "--url", url, "--rate", str(LATENCY_RATE), "--duration", str(duration),
+        "--count", str(count), "--mode", "basic", "--timeout", "2", "--quiet", "--out", str(out),
+    )  # fmt: skip
+    subprocess.run(argv, check=True, timeout=duration + 60, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def machine(load_before: tuple[float, float, float]) -> dict:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
+@click.command()
+@click.option("--rounds", default=3, type=click.IntRange(1, 20), show_default=True)
+@click.option("--duration", default=5, type=click.IntRange(1, 60), show_default=True,
+              help="Seconds per wrk run.")  # fmt: skip
+@click.option("--connections", default=32, type=click.IntRange(1, 1024), show_default=True)
+@click.option("--threads", default=1, type=click.IntRange(1, 8), show_default=True,
+              help="wrk threads.")  # fmt: skip
+@click.option("--nginx-workers", default=1, type=click.IntRange(1, 8), show_default=True,
+              help="nginx worker processes (the balancer is one process).")  # fmt: skip
+@click.option("--latency-duration", default=6.0, type=click.FloatRange(1, 60), show_default=True,
+              help="Seconds of each 500 req/s latency run.")  # fmt: skip
+@click.option(
+    "--memory",
+    is_flag=True,
+    help="Proxy --memory-requests through the trust balancer and report its RSS.",
+)
+@click.option("--memory-requests", default=1_000_000, type=click.IntRange(1000), show_default=True)
+@click.option("--memory-max-s", default=900, type=click.IntRange(10), show_default=True,
+              help="Give up the memory run after this many seconds.")  # fmt: skip
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON report [default: reports/bench/proxy_bench(_memory).json].",
+)
+def main(
+    rounds: int,
+    duration: int,
+    connections: int,
+    threads: int,
+    nginx_workers: int,
+    latency_duration: float,
+    memory: bool,
+    memory_requests: int,
+    memory_max_s: int,
+    out: Path | None,
+) -> None:
+    """Balancer vs nginx throughput, added latency at 500 req/s, or memory (--memory)."""
+    if shutil.which("wrk") is None:
+        raise click.UsageError("wrk is not installed (Debian: apt-get install -y wrk)")
+    if not memory and shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        raise click.UsageError("nginx is not installed (Debian: apt-get install -y nginx-light)")
+    out = out or Path(f"reports/bench/proxy_bench{'_memory' if memory else ''}.json")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="twlb-proxy-bench-") as tmp:
+        root = Path(tmp)
+        backends = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
+        procs: dict[str, ManagedProcess] = {
+            f"backend {i}": ManagedProcess(
+                twlb_argv(
+                    "backend",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    b.rsplit(":", 1)[1],
+                    "--node-id",
+                    f"bench-{i}",
+                    "--seed",
+                    str(i),
+                    "--log-level",
+                    "warning",
+                ),
+                log_path=root / f"backend-{i}.log",
+            )  # fmt: skip
+            for i, b in enumerate(backends)
+        }
+        urls = {f"backend {i}": b for i, b in enumerate(backends)}
+        proxies = [TRUST] if memory else [NGINX, ROUND_ROBIN, TRUST]
+        for name in proxies:
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            if name == NGINX:
+                procs[name] = nginx_process(root, port, backends, nginx_workers)
+            else:
+                policy, audits = ("round-robin", 0.0) if name == ROUND_ROBIN else ("trust", 0.05)
+                procs[name] = balancer_process(root, port, backends, policy, audits)
+        try:
+            for proc in procs.values():
+                proc.start()
+            for name, proc in procs.items():
+                proc.wait_ready(urls[name] + "/healthz", timeout=60)
+            if memory:
+                report = memory_run(urls[TRUST], procs[TRUST], memory_requests, memory_max_s)
+            else:
+                report = speed_run(
+                    urls, procs, proxies, root, rounds, duration, connections, threads,
+                    latency_duration,
+                )  # fmt: skip
+                report["nginx_workers"] = nginx_workers
+        finally:
+            for proc in procs.values():
+                proc.stop()
+    report["machine"] = machine(load_before)
+    report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    Console().print(f"wrote {out}")
+
+
+def speed_run(
+    urls: dict[str, str],
+    procs: dict[str, ManagedProcess],
+    proxies: list[str],
+    root: Path,
+    rounds: int,
+    duration: int,
+    connections: int,
+    threads: int,
+    latency_duration: float,
+) -> dict:
+    runs: list[WrkRun] = []
+    for name in proxies:  # warm-up (connections, caches), not recorded
+        run_wrk(name, 0, urls[name] + WORK_PATH, 2, connections, threads)
+    for r in range(1, rounds + 1):
+        # Rotate the order so drift (other load on the machine) hits every proxy alike.
+        order = proxies[r % len(proxies) :] + proxies[: r % len(proxies)]
+        for name in order:
+            runs.append(
+                measure(
+                    name, procs[name], r, urls[name] + WORK_PATH, duration, connections, threads
+                )
+            )
+
+    def of(name: str, attr: str) -> list[float]:
+        if attr == "ok_per_s":  # answered 2xx/3xx per second: fast errors are not throughput
+            return [
+                x.requests_per_s * (x.requests - x.non_2xx) / max(x.requests, 1)
+                for x in runs
+                if x.server == name
+            ]
+        return [getattr(x, attr) for x in runs if x.server == name]
+
+    median = {name: statistics.median(of(name, "ok_per_s")) for name in proxies}
+    cpu = {name: statistics.median(of(name, "server_cpu_us_per_request")) for name in proxies}
+
+    def paired(name: str) -> float:
+        # Runs of one round are close in time, so per-round ratios are the least disturbed.
+        return statistics.median(
+            b / a for a, b in zip(of(NGINX, "ok_per_s"), of(name, "ok_per_s"), strict=True)
+        )
+
+    rr_ratio, trust_ratio = paired(ROUND_ROBIN), paired(TRUST)
+
+    latency: dict[str, list[float]] = {ROUND_ROBIN: [], BACKEND_DIRECT: []}
+    for r in range(1, rounds + 1):
+        order = [ROUND_ROBIN, BACKEND_DIRECT] if r % 2 else [BACKEND_DIRECT, ROUND_ROBIN]
+        for name in order:
+            url = urls[ROUND_ROBIN] if name == ROUND_ROBIN else urls["backend 0"]
+            rep = load_p50_ms(url, latency_duration, root / f"load-{r}-{len(latency[name])}.json")
+            latency[name].append(rep["latency_ms"]["p50"])
+    p50 = {name: statistics.median(v) for name, v in latency.items()}
+    added_p50 = p50[ROUND_ROBIN] - p50[BACKEND_DIRECT]
+
+    table = Table(title=f"GET {WORK_PATH}, wrk -t{threads} -c{connections} -d{duration}s")
+    for col in ("proxy", "round", "req/s", "non-2xx", "socket err", "avg ms", "proc CPU us/req"):
+        table.add_column(col, justify="left" if col == "proxy" else "right")
+    for x in runs:
+        table.add_row(
+            x.server, str(x.round), f"{x.requests_per_s:,.0f}", str(x.non_2xx),
+            str(x.socket_errors), f"{x.latency_avg_ms:.2f}", f"{x.server_cpu_us_per_request:.0f}",
+        )  # fmt: skip
+    console = Console(width=120)
+    console.print(table)
+    figures = Table(title="Figures (medians)")
+    for col in ("figure", "value", "target", "met"):
+        figures.add_column(col)
+    rows = [
+        ("round-robin / nginx throughput", f"{rr_ratio:.3f}", ">= 0.5", rr_ratio >= 0.5),
+        ("trust 5% audits / nginx throughput", f"{trust_ratio:.3f}", ">= 0.4", trust_ratio >= 0.4),
+        ("added p50 latency at 500 req/s", f"{added_p50:.3f} ms", "< 1 ms", added_p50 < 1.0),
+    ]
+    for fig, value, target, met in rows:
+        figures.add_row(fig, value, target, "yes" if met else "NO")
+    console.print(figures)
+    console.print(
+        "median 2xx req/s: "
+        + ", ".join(f"{n} {median[n]:,.0f}" for n in proxies)
+        + f"; p50 at {LATENCY_RATE:.0f} req/s: balancer {p50[ROUND_ROBIN]:.3f} ms, "
+        f"direct {p50[BACKEND_DIRECT]:.3f} ms"
+    )
+    return {
+        "benchmark": "proxy_bench",
+        "path": WORK_PATH,
+        "wrk": {
+            "threads": threads,
+            "connections": connections,
+            "duration_s": duration,
+            "rounds": rounds,
+        },  # fmt: skip
+        "ok_requests_per_s": median,
+        "server_cpu_us_per_request": cpu,
+        "round_robin_over_nginx": rr_ratio,
+        "trust_over_nginx": trust_ratio,
+        "latency_rate_per_s": LATENCY_RATE,
+        "p50_ms": p50,
+        "p50_ms_runs": latency,
+        "added_p50_ms": added_p50,
+        "targets": {"round_robin_over_nginx": 0.5, "trust_over_nginx": 0.4, "added_p50_ms": 1.0},
+        "meets_targets": {
+            "round_robin_over_nginx": rr_ratio >= 0.5,
+            "trust_over_nginx": trust_ratio >= 0.4,
+            "added_p50_ms": added_p50 < 1.0,
+        },
+        "runs": [asdict(x) for x in runs],
+    }
+
+
+def memory_run(url: str, proc: ManagedProcess, target: int, max_s: int) -> dict:
+    """Drive wrk in 20 s slices until the balancer has answered `target` requests."""
+    ps = psutil.Process(proc.pid)
+    rss_start = ps.memory_info().rss
+    started = time.monotonic()
+    samples = []
+    console = Console()
+    while (done := requests_total(url)) < target:
+        if time.monotonic() - started > max_s:
+            raise click.ClickException(f"only {done:,.0f} requests after {max_s} s")
+        run_wrk(TRUST, len(samples) + 1, url + WORK_PATH, 20, 32, 1)
+        rss = ps.memory_info().rss
+        samples.append({"requests": requests_total(url), "rss_bytes": rss})
+        console.print(f"{samples[-1]['requests']:>12,.0f} requests  RSS {rss / 2**20:7.1f} MiB")
+    rss_end = ps.memory_info().rss
+    mib = rss_end / 2**20
+    table = Table(title="Trust balancer (5% audits) resident memory")
+    for col in ("requests", "RSS start MiB", "RSS end MiB", "target", "met"):
+        table.add_column(col)
+    table.add_row(
+        f"{done:,.0f}", f"{rss_start / 2**20:.1f}", f"{mib:.1f}", "< 150 MB",
+        "yes" if rss_end < 150e6 else "NO",
+    )  # fmt: skip
+    console.print(table)
+    return {
+        "benchmark": "proxy_bench_memory",
+        "requests": done,
+        "rss_start_bytes": rss_start,
+        "rss_end_bytes": rss_end,
+        "rss_end_mib": mib,
+        "target_bytes": 150e6,
+        "meets_target": rss_end < 150e6,
+        "elapsed_s": time.monotonic() - started,
+        "samples": samples,
+    }
+
+
+if __name__ == "__main__":
+    main()

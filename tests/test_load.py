@@ -98,43 +98,42 @@ def test_wrong_answers_from_a_byzantine_backend_are_counted(
     assert r["retries"] == 0 and "breaker" not in r
 
 
+def _interrupt_once_serving(
+    node: ControlledNode, tmp_path: Path, *args: str
+) -> tuple[int, float, dict]:
+    """Run `twlb load ARGS --out F`, SIGINT it once the node has answered some of its
+    requests; return the exit status, seconds from SIGINT to exit, and the report."""
+    out = tmp_path / "report.json"
+    served_before = node.requests_served()
+    proc = ManagedProcess(
+        twlb_argv("load", "--url", node.url, "--quiet", "--out", str(out), *args),
+        log_path=tmp_path / "load.log",
+    ).start()
+    try:
+        deadline = time.monotonic() + 30.0
+        while node.requests_served() < served_before + 10:
+            assert time.monotonic() < deadline and proc.alive(), "the load never started"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        assert proc.popen is not None
+        status = proc.popen.wait(timeout=20.0)
+        stopped_after = time.monotonic() - interrupted
+    finally:
+        proc.stop()
+    assert out.exists(), (tmp_path / "load.log").read_text()
+    return status, stopped_after, _report(out)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigint_stops_early_and_writes_a_partial_report(
     node: ControlledNode, tmp_path: Path, workers: int
 ) -> None:
     node.set_fault(type="benign")
-    out = tmp_path / "report.json"
-    served_before = node.requests_served()
-    proc = ManagedProcess(
-        twlb_argv(
-            "load",
-            "--url",
-            node.url,
-            "--rate",
-            "50",
-            "--duration",
-            "30",
-            "--workers",
-            str(workers),
-            "--quiet",
-            "--out",
-            str(out),
-        ),  # fmt: skip
-        log_path=tmp_path / "load.log",
-    ).start()
-    try:
-        deadline = time.monotonic() + 30.0
-        # Interrupt once it is sending (the report then has something in it).
-        while node.requests_served() < served_before + 20:
-            assert time.monotonic() < deadline and proc.alive(), "the load never started"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.popen is not None
-        status = proc.popen.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        proc.stop()
-    assert status == 130, (tmp_path / "load.log").read_text()
-    r = _report(out)
+    status, _, r = _interrupt_once_serving(
+        node, tmp_path, "--rate", "50", "--duration", "30", "--workers", str(workers)
+    )
+    assert status == 130
     assert r["partial"] is True and r["stop_reason"] == "interrupted"
     assert 0 < r["sent"] < 50 * 30
     assert r["sent"] == r["correct"] + r["wrong"] + r["failed"]
@@ -146,43 +145,15 @@ def test_hard_stop_cancels_calls_still_in_flight_after_an_interrupt(
     # Half the calls hang for 20 s and both the try timeout and the deadline allow it:
     # only the bounded drain after SIGINT can end the run quickly.
     node.set_fault(type="delay", probability=0.5, delayMs=20_000)
-    out = tmp_path / "report.json"
-    served_before = node.requests_served()
-    proc = ManagedProcess(
-        twlb_argv(
-            "load",
-            "--url",
-            node.url,
-            "--rate",
-            "40",
-            "--duration",
-            "60",
-            "--timeout",
-            "30",
-            "--deadline",
-            "30",
-            "--quiet",
-            "--out",
-            str(out),
-        ),  # fmt: skip
-        log_path=tmp_path / "load.log",
-    ).start()
     try:
-        deadline = time.monotonic() + 30.0
-        while node.requests_served() < served_before + 10:
-            assert time.monotonic() < deadline and proc.alive(), "the load never started"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGINT)
-        interrupted = time.monotonic()
-        assert proc.popen is not None
-        status = proc.popen.wait(timeout=15.0)
-        stopped_after = time.monotonic() - interrupted
+        status, stopped_after, r = _interrupt_once_serving(
+            node, tmp_path, "--rate", "40", "--duration", "60", "--timeout", "30",
+            "--deadline", "30",
+        )  # fmt: skip
     finally:
-        proc.stop()
         node.set_fault(type="benign")
     assert status == 130
     assert stopped_after < 10.0  # the 2 s drain bound plus start-up noise, not 20 s
-    r = _report(out)
     assert r["partial"] is True
     assert r["failed_by_reason"]["cancelled"] >= 1
     assert r["sent"] == r["correct"] + r["wrong"] + r["failed"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 import httpx
@@ -72,16 +71,18 @@ class ProgressView:
         self._live = Live(
             Group(self._progress, self._counts), console=console, refresh_per_second=4
         )
-        self._elapsed_start: float | None = None
+        self._started = False
 
-    def __enter__(self) -> ProgressView:
-        self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._live.__exit__(*exc)
+    def stop(self) -> None:
+        if self._started:
+            self._live.stop()
 
     def update(self, sent: int, correct: int, wrong: int, failed: int) -> None:
+        # Started on the first update, so worker processes are forked before rich's
+        # refresh thread exists.
+        if not self._started:
+            self._live.start()
+            self._started = True
         task = self._progress.tasks[self._task]
         elapsed = task.elapsed or 0.0
         rate = sent / elapsed if elapsed > 0 else 0.0
@@ -209,8 +210,6 @@ def command(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _note_early_stop)
     try:
-        if view is not None:
-            view.__enter__()
         if workers == 1:
             publish = view.show_tally if view is not None else None
             tally = run_load_blocking(plan, lambda: RunControl(publish=publish))
@@ -221,7 +220,7 @@ def command(
         sys.exit(EXIT_WORKER_FAILED)
     finally:
         if view is not None:
-            view.__exit__(None, None, None)
+            view.stop()
 
     report = build_report(tally, plan.settings())
     if out is not None:

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 UV_VERSION := 0.13.8
 
-.PHONY: venv test lint demo bench lock clean
+.PHONY: venv test lint demo bench lock clean chaos-local
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,8 @@ lock: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache reports build *.egg-info
+
+## make chaos-local: the local chaos experiments on the embedded runtime (journals,
+## recordings, labelled dataset and a model trained on it under reports/chaos/)
+chaos-local: $(STAMP)
+	BIN=$(BIN) OUT=reports/chaos chaos/run-local.sh

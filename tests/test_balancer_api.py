@@ -166,8 +166,16 @@ def test_proxy_forwards_path_and_query_and_passes_backend_answers_through(site: 
         # The backend's own 4xx comes through unchanged and counts as the caller's fault.
         assert client.get("/work", params={"rounds": "0"}).status_code == 422
         assert client.head("/not-a-balancer-path").status_code == 404
+        # A HEAD answer has no body but keeps the length the backend declared; the
+        # backend's own headers (here Allow) come through.
+        get = client.post("/work", params={"key": "h"})
+        head = client.head("/work", params={"key": "h"})
+        assert (get.status_code, head.status_code) == (405, 405)
+        assert head.headers["allow"] == "GET"
+        assert head.headers["content-length"] == str(len(get.content))
+        assert head.content == b""
         after = _sample(client, "twlb_balancer_requests_total", 'outcome="success"')
-        assert after - before == 3
+        assert after - before == 5
 
 
 def _sample(client: httpx.Client, name: str, labels: str) -> float:

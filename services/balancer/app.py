@@ -80,6 +80,9 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 #: Audits cross-check only safe methods: the extra calls must not change anything.
 AUDITED_METHODS = frozenset({"GET"})
 
+#: Response headers dropped when no body follows (HEAD, 304): Content-Length stays.
+BODYLESS_DROPPED = RESPONSE_DROPPED - {b"content-length"}
+
 #: Largest quorum a request may ask for (`X-TWLB-Quorum`).
 MAX_QUORUM = 5
 
@@ -782,7 +785,7 @@ class BalancerApp:
                 )
             return
         outcomes["error" if response.status >= 500 else "success"].inc()
-        await _send_upstream(send, result.backend, response)
+        await _send_upstream(send, result.backend, response, method)
         if 200 <= response.status < 300:
             balancer.maybe_audit(method, target, forwarded, result)
 
@@ -812,14 +815,22 @@ class BalancerApp:
             await _send_json(send, 502, why or "no answer")
             return
         balancer.metrics.request_outcomes["success"].inc()
-        await _send_upstream(send, result.backend, result.response)
+        await _send_upstream(send, result.backend, result.response, method)
 
 
-async def _send_upstream(send: Send, backend: str, response: UpstreamResponse) -> None:
-    headers = [(n, v) for n, v in response.headers if n not in RESPONSE_DROPPED]
-    headers.append((b"content-length", str(len(response.body)).encode("ascii")))
+async def _send_upstream(
+    send: Send, backend: str, response: UpstreamResponse, method: str = "GET"
+) -> None:
+    status_code = response.status
+    if method == "HEAD" or status_code == 304:
+        # No body follows; the length the backend declared (that of the full answer) stays.
+        headers = [(n, v) for n, v in response.headers if n not in BODYLESS_DROPPED]
+    else:
+        headers = [(n, v) for n, v in response.headers if n not in RESPONSE_DROPPED]
+        if status_code != 204:
+            headers.append((b"content-length", str(len(response.body)).encode("ascii")))
     headers.append((b"x-twlb-backend", backend.encode("latin-1")))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status_code, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 
 

@@ -32,7 +32,12 @@ def _echo(message: str) -> None:
     default=True,
     help="Live mode: also read the other source and report whether the rows agree.",
 )
-@click.option("--runs", type=click.IntRange(1, 1000), default=10, help="Live runs to collect.")
+@click.option(
+    "--runs",
+    type=click.IntRange(1, 1000),
+    default=10,
+    help="Runs to collect (attach mode: consecutive watches of --duration each).",
+)
 @click.option(
     "--seed",
     type=click.IntRange(min=0),
@@ -60,8 +65,8 @@ def _echo(message: str) -> None:
 )
 @click.option(
     "--scrape-interval",
-    type=click.FloatRange(min=0.05, max=0.4),
-    default=0.1,
+    type=click.FloatRange(min=0.05, max=0.3),
+    default=0.15,
     help="Live mode: scrape interval of the local Prometheus (below the 0.5 s trust tick).",
 )
 @click.option(
@@ -118,7 +123,7 @@ def collect_command(
         rid = run_id or f"attached-{int(time.time())}"
         try:
             rows = collect.collect_attached(
-                prometheus_url, control_token, duration, window, rid, seed, selector, _echo
+                prometheus_url, control_token, duration, window, rid, seed, runs, selector, _echo
             )
         except (PrometheusUnavailable, RuntimeError, PermissionError) as err:
             raise click.ClickException(str(err)) from None
@@ -165,7 +170,8 @@ def collect_command(
     "--data",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help="Parquet file written by `twlb collect`.",
+    multiple=True,
+    help="Parquet file written by `twlb collect` (repeat to train on several).",
 )
 @click.option(
     "--out",
@@ -188,7 +194,7 @@ def collect_command(
 )
 @click.option("--namespace", default="default", help="Namespace of --publish-configmap.")
 def train_command(
-    data: Path,
+    data: tuple[Path, ...],
     out: Path,
     seed: int,
     holdout_fraction: float,

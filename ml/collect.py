@@ -13,9 +13,10 @@ Attach mode (`--prometheus URL`) reads the windows of a balancer that is already
 for example in a cluster, from its Prometheus, labelled by polling each backend's
 GET /control/fault (a node that does not answer is down: `crash`).
 
-Sample instants are placed a fifth of a second after the balancer's trust tick (seen by
-polling /trust), so both sources read the same tick's values: Prometheus scrapes faster
-than the tick, so its last sample before the instant belongs to that tick too.
+Sample instants are placed one scrape interval and a little after the balancer's trust
+tick (seen by polling /trust), so both sources read the same tick's values: Prometheus
+scrapes more often than the trust ticks (0.5 s), so its last sample before the instant
+belongs to that tick too.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ DRAWN_FAULTS = (
     FaultType.BYZANTINE,
     FaultType.CRASH,
 )
-#: How long after a trust tick is seen the instant is placed (scrapes are faster).
-TICK_OFFSET_S = 0.2
+#: The instant is placed this long after a trust tick is seen, plus one scrape interval.
+TICK_SETTLE_S = 0.1
 POLL_S = 0.05
 Log = Callable[[str], None]
 
@@ -228,13 +229,21 @@ def fleet_features(trust: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def prometheus_features(api: PrometheusAPI, at: float, selector: str = "") -> dict[str, dict]:
-    """backend URL -> features of the last scrape at or before `at` (full rows only)."""
-    query = FEATURE_METRIC + (f"{{{selector}}}" if selector else "")
+def prometheus_features(
+    api: PrometheusAPI, at: float, selector: str = "", lookback_s: float = 5.0
+) -> dict[str, dict[str, float]]:
+    """backend URL -> features of the last successful scrape at or before `at` (full rows).
+
+    A range selector returns raw samples, so one failed scrape (whose staleness markers
+    would blank an instant query) falls back to the scrape before it.
+    """
+    query = f"{FEATURE_METRIC}{{{selector}}}[{round(lookback_s * 1000)}ms]"
     out: dict[str, dict[str, float]] = {}
     for series in api.query(query, at=at):
         labels = series["metric"]
-        out.setdefault(labels["backend"], {})[labels["feature"]] = float(series["value"][1])
+        if series["values"]:
+            value = float(series["values"][-1][1])
+            out.setdefault(labels["backend"], {})[labels["feature"]] = value
     return {b: f for b, f in out.items() if all(n in f for n in FEATURE_NAMES)}
 
 
@@ -393,7 +402,7 @@ def run_live(
     plan: RunPlan,
     sources: Sequence[str] = SOURCES,
     workdir: Path | None = None,
-    scrape_interval_s: float = 0.1,
+    scrape_interval_s: float = 0.15,
     warmup_windows: float = 1.0,
     log: Log = print,
 ) -> RunResult:
@@ -448,7 +457,7 @@ def run_live(
             reading = poller.poll()
             if now >= next_sample and poller.changed_at > seen_before:
                 # A tick was just seen: read again once it has settled and scrapes saw it.
-                at = poller.changed_at + TICK_OFFSET_S
+                at = poller.changed_at + scrape_interval_s + TICK_SETTLE_S
                 time.sleep(max(0.0, at - time.time()))
                 reading = poller.poll()
                 samples.append(Sample(at, reading))
@@ -517,27 +526,38 @@ def collect_attached(
     window_s: float,
     run_id: str,
     seed: int,
+    segments: int = 1,
     selector: str = "",
     log: Log = print,
 ) -> list[WindowRow]:
-    """Label a running balancer's windows: poll truth for `duration_s`, then read Prometheus."""
+    """Label a running balancer's windows from its Prometheus, `segments` runs in a row.
+
+    Truth is polled from every backend's /control/fault while the runs last; then the
+    windows are read back at one-window steps. Segment i is run `{run_id}-{i}` with seed
+    `seed + i`, so grouped training can hold some of them out.
+    """
     api = PrometheusAPI(prometheus_url)
-    t0 = time.time()
-    backends = sorted(prometheus_features(api, t0, selector))
+    start = time.time()
+    backends = sorted(prometheus_features(api, start, selector))
     if not backends:
         raise RuntimeError(f"{prometheus_url} holds no {FEATURE_METRIC} series to collect")
-    log(f"attached: {len(backends)} backends via {prometheus_url}")
+    log(f"attached: {len(backends)} backends via {prometheus_url}, {segments} x {duration_s}s")
     truth = TruthTimeline()
     with httpx.Client(timeout=1.0) as client:
-        while time.time() - t0 < duration_s:
+        while time.time() - start < segments * duration_s:
             now = time.time()
             for b in backends:
                 label, fault = control_truth(b, control_token, client)
                 truth.observe(b, now, label, fault)
             time.sleep(0.5)
-    samples = [Sample(t0 + k * window_s, {}) for k in range(1, int(duration_s // window_s) + 1)]
-    readings = [prometheus_features(api, s.at, selector) for s in samples]
-    return label_rows(run_id, seed, t0, samples, readings, truth, {}, window_s)
+    rows: list[WindowRow] = []
+    per_segment = int(duration_s // window_s)
+    for i in range(segments):
+        t0 = start + i * duration_s
+        samples = [Sample(t0 + k * window_s, {}) for k in range(1, per_segment + 1)]
+        readings = [prometheus_features(api, s.at, selector) for s in samples]
+        rows += label_rows(f"{run_id}-{i}", seed + i, t0, samples, readings, truth, {}, window_s)
+    return rows
 
 
 def collection_metadata(source: str, window_s: float, plans: Sequence[RunPlan]) -> dict[str, str]:

@@ -170,3 +170,37 @@ def read_dataset(path: str | Path, feature_names: Sequence[str]) -> Dataset:
         feature_names=tuple(feature_names),
         metadata=meta,
     )
+
+
+def read_datasets(paths: Sequence[str | Path], feature_names: Sequence[str]) -> Dataset:
+    """Several dataset files as one; the digest of more than one covers each file's in order."""
+    parts = [read_dataset(p, feature_names) for p in paths]
+    if not parts:
+        raise DatasetError("no dataset files given")
+    if len(parts) == 1:
+        return parts[0]
+    seeds: dict[int, str] = {}
+    for part in parts:
+        for s in {int(v) for v in part.seed}:
+            if seeds.setdefault(s, str(part.path)) != str(part.path):
+                raise DatasetError(
+                    f"seed {s} appears in both {seeds[s]} and {part.path}: runs must not share seeds"
+                )
+    joined = hashlib.sha256("".join(p.digest for p in parts).encode()).hexdigest()
+    return Dataset(
+        path=Path(" + ".join(str(p.path) for p in parts)),
+        digest=joined,
+        run_id=np.concatenate([p.run_id for p in parts]),
+        seed=np.concatenate([p.seed for p in parts]),
+        node=np.concatenate([p.node for p in parts]),
+        time=np.concatenate([p.time for p in parts]),
+        X=np.vstack([p.X for p in parts]),
+        y=np.concatenate([p.y for p in parts]),
+        fault=np.concatenate([p.fault for p in parts]),
+        feature_names=tuple(feature_names),
+        metadata={
+            "source": ", ".join(p.metadata.get("source", "?") for p in parts),
+            "window_s": parts[0].metadata.get("window_s", "?"),
+            "description": " + ".join(p.metadata.get("description", "") for p in parts),
+        },
+    )

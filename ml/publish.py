@@ -1,6 +1,7 @@
 """Publish a trained model as the ConfigMap the balancer mounts (kubernetes client).
 
-The ONNX file travels as binaryData, the model card and training report as data. The
+The ONNX file travels as binaryData under the key the operator mounts into the balancer,
+the model card and training report as data. The
 ConfigMap is patched when it exists and created otherwise, so the Job's ServiceAccount
 needs only get, create and patch on that one name.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from twlb.ml.train import CARD_FILE, MODEL_FILE, REPORT_FILE
+from twlb.operator.render import MODEL_FILE as MOUNTED_MODEL_FILE
 
 
 def render_configmap(name: str, namespace: str, model_dir: Path) -> dict[str, Any]:
@@ -33,7 +35,8 @@ def render_configmap(name: str, namespace: str, model_dir: Path) -> dict[str, An
             "namespace": namespace,
             "labels": {"app.kubernetes.io/part-of": "twlb", "app.kubernetes.io/component": "model"},
         },
-        "binaryData": {MODEL_FILE: base64.b64encode(model.read_bytes()).decode()},
+        # The key the operator mounts into the balancer (its --model path).
+        "binaryData": {MOUNTED_MODEL_FILE: base64.b64encode(model.read_bytes()).decode()},
         "data": data,
     }
 

@@ -37,7 +37,7 @@ from twlb.balancer.onnx_scorer import (
     META_VERSION,
     OnnxScorer,
 )
-from twlb.ml.dataset import read_dataset
+from twlb.ml.dataset import read_datasets
 
 MODEL_NAME = "trust-svm"
 MODEL_FILE = "trust-svm.onnx"
@@ -204,7 +204,7 @@ class TrainingResult:
 
 
 def train(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     out: str | Path,
     seed: int = 0,
     holdout_fraction: float = 0.25,
@@ -217,7 +217,8 @@ def train(
         from twlb.balancer.features import FEATURE_NAMES
 
         feature_names = FEATURE_NAMES
-    ds = read_dataset(data, feature_names)
+    paths = [data] if isinstance(data, str | Path) else list(data)
+    ds = read_datasets(paths, feature_names)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = split_by_seed(ds.seed, holdout_fraction, seed)
@@ -292,6 +293,7 @@ def train(
         },
         "seed": seed,
         "split": {
+            "holdout_fraction": holdout_fraction,
             "holdout_seeds": list(split.holdout_seeds),
             "train_seeds": sorted({int(s) for s in ds.seed[split.train]}),
             "train_windows": len(y_train),
@@ -300,9 +302,9 @@ def train(
         "feature_names": list(feature_names),
         "classes": classes,
         "search": {
-            "grid": {k: [str(v) for v in vs] for k, vs in SVM_GRID.items()},
+            "grid": SVM_GRID,
             "folds": n_folds,
-            "best_params": {k: str(v) for k, v in search.best_params_.items()},
+            "best_params": dict(search.best_params_),
             "cv_macro_f1": float(search.best_score_),
         },
         "holdout": results,

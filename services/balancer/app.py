@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from twlb.balancer.audit import AuditResult, compare_answers
 from twlb.balancer.features import FleetWindows
 from twlb.balancer.health import HealthTracker
-from twlb.balancer.metrics import BackendMetrics, BalancerMetrics, LiveView
+from twlb.balancer.metrics import BackendCounters, BalancerMetrics, LiveView
 from twlb.balancer.policies import make_policy
 from twlb.balancer.scoring import HeuristicScorer
 from twlb.balancer.settings import (
@@ -144,6 +144,7 @@ class Balancer:
             unhealthy_threshold=settings.unhealthy_threshold,
         )
         self.health.set_backends(self.backends, now)
+        self.up: list[str] = list(self.backends)
         horizon = max(60.0, 2 * settings.window_s)
         self.windows = FleetWindows(
             horizon_s=horizon, resolution_s=min(0.25, settings.window_s / 4)
@@ -181,7 +182,7 @@ class Balancer:
                 settings.model, on_load=self.engine.set_scorer, registry=self.metrics.registry
             )
             self.model.load_initial()
-        self._backend_metrics: dict[str, BackendMetrics] = {
+        self._counters: dict[str, BackendCounters] = {
             b: self.metrics.backend(b) for b in self.backends
         }
         self._health_tasks: dict[str, asyncio.Task] = {}
@@ -232,7 +233,7 @@ class Balancer:
         self.backends.append(url)
         self.pools[url] = BackendPool(url)
         self.inflight[url] = 0
-        self._backend_metrics[url] = self.metrics.backend(url)
+        self._counters[url] = self.metrics.backend(url)
         self._sync_backends(now)
         if self._probe is not None:
             self._start_health(url)
@@ -246,7 +247,7 @@ class Balancer:
         self.backends.remove(url)
         self.pools.pop(url).close()
         self.inflight.pop(url, None)
-        self._backend_metrics.pop(url, None)
+        self._counters.pop(url, None)
         self.features.pop(url, None)
         task = self._health_tasks.pop(url, None)
         if task is not None:
@@ -260,6 +261,12 @@ class Balancer:
         self.windows.set_backends(backends)
         self.engine.set_backends(backends, now)
         self.policy.set_backends(backends, now)
+        self._refresh_up()
+
+    def _refresh_up(self) -> None:
+        # The hot path reads this list; it is rebuilt after every health event that can
+        # change a state (checks, ticks, failed tries), not on every request.
+        self.up = self.health.up(self.backends)
 
     # ---------------------------------------------------------------- background loops
     def _start_health(self, backend: str) -> None:
@@ -285,6 +292,7 @@ class Balancer:
                 return
             before = self.health.is_up(backend)
             self.health.on_check(backend, ok, now)
+            self._refresh_up()
             self.windows[backend].record_health(now, ok)
             after = self.health.is_up(backend)
             if before != after:
@@ -302,6 +310,7 @@ class Balancer:
                 self.policy.tick(now)
                 for b in self.health.tick(now):
                     log.warning("backend %s back in rotation after its passive cooldown", b)
+                self._refresh_up()
                 for b, n in self.inflight.items():
                     self.windows[b].record_inflight(now, n)
                 if now >= next_trust:
@@ -370,8 +379,11 @@ class Balancer:
         if backend in self.pools:
             self.policy.on_end(backend, end, outcome, latency)
             self.health.on_passive(backend, outcome, end)
+            if outcome is not Outcome.SUCCESS:
+                # A success only resets the passive run; a failure may take the backend out.
+                self._refresh_up()
             self.windows[backend].record_request(end, outcome, latency)
-            self._backend_metrics[backend].observe(outcome, latency)
+            self._counters[backend].observe(outcome, latency)
         return TryResult(backend, outcome, response, latency)
 
     # ---------------------------------------------------------------- routing
@@ -381,7 +393,7 @@ class Balancer:
         """Pick, try and retry; returns the last try (None if none was sent) and why not."""
         now = monotonic()
         self.budget.record_request(now)
-        candidates = self.health.up(self.backends)
+        candidates = self.up
         if not candidates:
             return None, "no backend is up" if self.backends else "no backends configured"
         tried: list[str] = []
@@ -389,13 +401,13 @@ class Balancer:
         retryable = method in IDEMPOTENT_METHODS
         for attempt in range(self.settings.max_tries):
             if attempt:
-                candidates = [b for b in self.health.up(self.backends) if b not in tried]
+                candidates = [b for b in self.up if b not in tried]
                 if not candidates:
                     break
                 if not self.budget.try_withdraw(monotonic()):
-                    self.metrics.retries_refused.inc()
+                    self.metrics.retries_refused += 1
                     break
-                self.metrics.retries.inc()
+                self.metrics.retries += 1
             backend = self.policy.pick(candidates, monotonic(), key)
             if backend is None:
                 if last is None:
@@ -412,7 +424,7 @@ class Balancer:
         fraction = self.settings.audit_fraction
         if not fraction or method not in AUDITED_METHODS or self.rng.random() >= fraction:
             return
-        others = [b for b in self.health.up(self.backends) if b != answered.backend]
+        others = [b for b in self.up if b != answered.backend]
         if len(others) < 2:
             return
         peers = self.rng.sample(others, 2)
@@ -436,22 +448,22 @@ class Balancer:
             for b in verdict.majority:
                 if b in self.pools:
                     self.windows[b].record_audit(now, False)
-                    self._backend_metrics[b].audits.inc()
+                    self._counters[b].audits += 1
             for b in verdict.odd:
                 if b in self.pools:
                     self.windows[b].record_audit(now, True)
-                    self._backend_metrics[b].audits.inc()
-                    self._backend_metrics[b].mismatches.inc()
-            m.audit_results["mismatch" if verdict.odd else "agreed"].inc()
+                    self._counters[b].audits += 1
+                    self._counters[b].mismatches += 1
+            m.audits["mismatch" if verdict.odd else "agreed"] += 1
         else:
-            m.audit_results["no_quorum"].inc()
+            m.audits["no_quorum"] += 1
         return verdict
 
     async def quorum_read(
         self, method: str, target: bytes, headers: list, body: bytes, quorum: int
     ) -> tuple[TryResult | None, str]:
         """Ask backends until `quorum` agree on the body; never return a minority answer."""
-        candidates = list(self.health.up(self.backends))
+        candidates = list(self.up)
         if len(candidates) < quorum:
             return None, f"quorum {quorum} needs {quorum} backends up, {len(candidates)} are"
         self.rng.shuffle(candidates)
@@ -728,10 +740,11 @@ class BalancerApp:
             try:
                 too_big = int(declared_length) > limit
             except ValueError:
+                balancer.metrics.requests["bad_request"] += 1
                 await _send_json(send, 400, "Content-Length is not a number")
                 return
             if too_big:
-                balancer.metrics.request_outcomes["too_large"].inc()
+                balancer.metrics.requests["too_large"] += 1
                 await _send_json(send, 413, f"request body over the limit of {limit} bytes")
                 return
         body = b""
@@ -743,7 +756,7 @@ class BalancerApp:
             if chunk:
                 body = body + chunk if body else chunk
                 if len(body) > limit:
-                    balancer.metrics.request_outcomes["too_large"].inc()
+                    balancer.metrics.requests["too_large"] += 1
                     await _send_json(send, 413, f"request body over the limit of {limit} bytes")
                     return
             if not message.get("more_body", False):
@@ -761,14 +774,14 @@ class BalancerApp:
             return
 
         result, why = await balancer.route(method, target, forwarded, body, key)
-        outcomes = balancer.metrics.request_outcomes
+        outcomes = balancer.metrics.requests
         if result is None:
-            outcomes["no_backend"].inc()
+            outcomes["no_backend"] += 1
             await _send_json(send, 503, why)
             return
         response = result.response
         if response is None:
-            outcomes["failed"].inc()
+            outcomes["failed"] += 1
             if result.outcome is Outcome.TIMEOUT:
                 await _send_json(
                     send,
@@ -784,7 +797,7 @@ class BalancerApp:
                     backend=result.backend,
                 )
             return
-        outcomes["error" if response.status >= 500 else "success"].inc()
+        outcomes["error" if response.status >= 500 else "success"] += 1
         await _send_upstream(send, result.backend, response, method)
         if 200 <= response.status < 300:
             balancer.maybe_audit(method, target, forwarded, result)
@@ -804,17 +817,19 @@ class BalancerApp:
         except ValueError:
             quorum = 0
         if not 1 <= quorum <= MAX_QUORUM:
+            balancer.metrics.requests["bad_request"] += 1
             await _send_json(send, 400, f"X-TWLB-Quorum must be an integer 1..{MAX_QUORUM}")
             return
         if method not in IDEMPOTENT_METHODS:
+            balancer.metrics.requests["bad_request"] += 1
             await _send_json(send, 400, f"quorum reads need an idempotent method, not {method}")
             return
         result, why = await balancer.quorum_read(method, target, headers, body, quorum)
         if result is None or result.response is None:
-            balancer.metrics.request_outcomes["quorum_failed"].inc()
+            balancer.metrics.requests["quorum_failed"] += 1
             await _send_json(send, 502, why or "no answer")
             return
-        balancer.metrics.request_outcomes["success"].inc()
+        balancer.metrics.requests["success"] += 1
         await _send_upstream(send, result.backend, result.response, method)
 
 

@@ -1,23 +1,30 @@
 """The balancer's Prometheus metrics, one registry per balancer app.
 
-Counters and the latency histogram are updated on the hot path through cached label
-children (a `labels()` lookup per request would cost a lock and a dict build). Trust,
-backend liveness and the feature windows are read from the live balancer at scrape time
-by a collector, so a removed backend disappears from them at once.
+The hot path only bumps plain integers (the balancer runs on one event loop thread, so
+the locks of prometheus-client's Counter and Histogram would buy nothing and cost about
+as much as the rest of the routing bookkeeping). A collector turns those integers, and
+the live trust, liveness and feature windows of the balancer, into metric families at
+scrape time; prometheus-client renders the exposition.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from twlb.outcome import Outcome
 
-#: Histogram buckets (seconds) for upstream tries: sub-millisecond to the longest timeouts.
+#: Histogram bounds (seconds) for upstream tries: sub-millisecond to the longest timeouts.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 
 #: Outcomes of whole client requests (`twlb_balancer_requests_total{outcome}`).
@@ -28,6 +35,7 @@ REQUEST_OUTCOMES = (
     "no_backend",  # nothing to route to: 503
     "too_large",  # body over the limit: 413
     "quorum_failed",  # no two backends agreed: 502
+    "bad_request",  # malformed balancer headers (quorum, length): 400
 )
 
 #: Audit results (`twlb_balancer_audits_total{result}`).
@@ -43,11 +51,103 @@ class LiveView:
     features: Mapping[str, Mapping[str, float]]
 
 
-class _LiveCollector(Collector):
+class BackendCounters:
+    """Tries, their durations and audit verdicts of one backend, as plain counts."""
+
+    __slots__ = ("outcomes", "buckets", "duration_sum", "audits", "mismatches")
+
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(Outcome, 0)
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.duration_sum = 0.0
+        self.audits = 0  # agreeing audits this backend took part in
+        self.mismatches = 0  # of which it was the odd one out
+
+    def observe(self, outcome: Outcome, latency_s: float) -> None:
+        self.outcomes[outcome] += 1
+        self.buckets[bisect.bisect_left(DURATION_BUCKETS, latency_s)] += 1
+        self.duration_sum += latency_s
+
+
+class BalancerMetrics(Collector):
+    """All metrics of one balancer; register-once collector over plain counters."""
+
     def __init__(self, view: Callable[[], LiveView]) -> None:
         self._view = view
+        self.requests = dict.fromkeys(REQUEST_OUTCOMES, 0)
+        self.retries = 0
+        self.retries_refused = 0
+        self.audits = dict.fromkeys(AUDIT_RESULTS, 0)
+        # Every backend ever seen keeps its counters (counters never go down or vanish).
+        self.backends: dict[str, BackendCounters] = {}
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def backend(self, url: str) -> BackendCounters:
+        """The counters of a backend, created on first use."""
+        counters = self.backends.get(url)
+        if counters is None:
+            counters = self.backends[url] = BackendCounters()
+        return counters
+
+    def exposition(self) -> bytes:
+        """The text exposition format of every metric in this balancer's registry."""
+        return generate_latest(self.registry)
 
     def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "twlb_balancer_requests", "Client requests by how they ended.", labels=["outcome"]
+        )
+        for outcome, n in self.requests.items():
+            requests.add_metric([outcome], n)
+        yield requests
+
+        tries = CounterMetricFamily(
+            "twlb_balancer_upstream_requests",
+            "Tries sent to backends, by backend and outcome.",
+            labels=["backend", "outcome"],
+        )
+        duration = HistogramMetricFamily(
+            "twlb_balancer_upstream_duration_seconds",
+            "Duration of tries sent to backends.",
+            labels=["backend"],
+        )
+        checks = CounterMetricFamily(
+            "twlb_balancer_audit_checks",
+            "Agreeing audits a backend took part in (mismatch ratio = mismatches / checks).",
+            labels=["backend"],
+        )
+        mismatches = CounterMetricFamily(
+            "twlb_balancer_audit_mismatches",
+            "Audits in which a backend was the odd one out.",
+            labels=["backend"],
+        )
+        for url, c in self.backends.items():
+            for outcome, n in c.outcomes.items():
+                tries.add_metric([url, outcome.value], n)
+            cumulative, total = [], 0
+            for bound, n in zip((*DURATION_BUCKETS, float("inf")), c.buckets, strict=True):
+                total += n
+                cumulative.append((_le(bound), total))
+            duration.add_metric([url], cumulative, c.duration_sum)
+            checks.add_metric([url], c.audits)
+            mismatches.add_metric([url], c.mismatches)
+        yield from (tries, duration, checks, mismatches)
+
+        retries = CounterMetricFamily("twlb_balancer_retries", "Tries repeated on another backend.")
+        retries.add_metric([], self.retries)
+        refused = CounterMetricFamily(
+            "twlb_balancer_retries_refused",
+            "Retries not sent because the retry budget was spent.",
+        )
+        refused.add_metric([], self.retries_refused)
+        audits = CounterMetricFamily(
+            "twlb_balancer_audits", "Audits (answer comparisons) by result.", labels=["result"]
+        )
+        for result, n in self.audits.items():
+            audits.add_metric([result], n)
+        yield from (retries, refused, audits)
+
         view = self._view()
         trust = GaugeMetricFamily(
             "twlb_balancer_trust", "Trust weight of a backend (0..1).", labels=["backend"]
@@ -69,90 +169,8 @@ class _LiveCollector(Collector):
         for backend, values in view.features.items():
             for name, value in values.items():
                 feature.add_metric([backend, name], float(value))
-        return [trust, up, feature]
+        yield from (trust, up, feature)
 
 
-class BackendMetrics:
-    """Cached label children of one backend (the hot path touches only these)."""
-
-    __slots__ = ("outcomes", "duration", "audits", "mismatches")
-
-    def __init__(self, metrics: BalancerMetrics, backend: str) -> None:
-        self.outcomes = {
-            o: metrics.upstream_requests.labels(backend=backend, outcome=o.value) for o in Outcome
-        }
-        self.duration = metrics.upstream_duration.labels(backend=backend)
-        self.audits = metrics.audit_checks.labels(backend=backend)
-        self.mismatches = metrics.audit_mismatches.labels(backend=backend)
-
-    def observe(self, outcome: Outcome, latency_s: float) -> None:
-        self.outcomes[outcome].inc()
-        self.duration.observe(latency_s)
-
-
-class BalancerMetrics:
-    """All metrics of one balancer, registered in a registry of its own."""
-
-    def __init__(self, view: Callable[[], LiveView]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "twlb_balancer_requests",
-            "Client requests by how they ended.",
-            ["outcome"],
-            registry=r,
-        )
-        self.request_outcomes = {o: self.requests.labels(outcome=o) for o in REQUEST_OUTCOMES}
-        self.upstream_requests = Counter(
-            "twlb_balancer_upstream_requests",
-            "Tries sent to backends, by backend and outcome.",
-            ["backend", "outcome"],
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "twlb_balancer_upstream_duration_seconds",
-            "Duration of tries sent to backends.",
-            ["backend"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.retries = Counter(
-            "twlb_balancer_retries", "Tries repeated on another backend.", registry=r
-        )
-        self.retries_refused = Counter(
-            "twlb_balancer_retries_refused",
-            "Retries not sent because the retry budget was spent.",
-            registry=r,
-        )
-        self.audits = Counter(
-            "twlb_balancer_audits",
-            "Audits (three-way comparisons) by result.",
-            ["result"],
-            registry=r,
-        )
-        self.audit_results = {a: self.audits.labels(result=a) for a in AUDIT_RESULTS}
-        self.audit_checks = Counter(
-            "twlb_balancer_audit_checks",
-            "Agreeing audits a backend took part in (mismatch ratio = mismatches / checks).",
-            ["backend"],
-            registry=r,
-        )
-        self.audit_mismatches = Counter(
-            "twlb_balancer_audit_mismatches",
-            "Audits in which a backend was the odd one out.",
-            ["backend"],
-            registry=r,
-        )
-        r.register(_LiveCollector(view))
-        self._backends: dict[str, BackendMetrics] = {}
-
-    def backend(self, url: str) -> BackendMetrics:
-        """The cached children of a backend, created on first use."""
-        bm = self._backends.get(url)
-        if bm is None:
-            bm = self._backends[url] = BackendMetrics(self, url)
-        return bm
-
-    def exposition(self) -> bytes:
-        """The text exposition format of every metric."""
-        return generate_latest(self.registry)
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)

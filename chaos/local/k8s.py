@@ -46,8 +46,17 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 def _api(secrets: Secrets | None) -> client.ApiClient:
-    from chaosk8s import create_k8s_api_client
+    """An API client built as chaostoolkit-kubernetes builds its own, except that a
+    kubeconfig is read from the path KUBECONFIG names now (not when `kubernetes` was
+    imported) and into a client of its own rather than the process-wide default."""
+    import os
 
+    from chaosk8s import create_k8s_api_client, get_config_path, has_local_config_file
+    from kubernetes import config
+
+    if has_local_config_file():
+        context = (secrets or {}).get("KUBERNETES_CONTEXT") or os.environ.get("KUBERNETES_CONTEXT")
+        return config.new_client_from_config(config_file=get_config_path(), context=context)
     return create_k8s_api_client(secrets)
 
 
@@ -146,9 +155,10 @@ def restore_node_fault(
 
 
 def _backend_deployments(api: client.ApiClient, cluster: str, ns: str) -> list[client.V1Deployment]:
-    selector = f"{LABEL_CLUSTER}={cluster},{LABEL_COMPONENT}={COMPONENT_BACKEND}"
+    wanted = {LABEL_CLUSTER: cluster, LABEL_COMPONENT: COMPONENT_BACKEND}
+    selector = ",".join(f"{k}={v}" for k, v in wanted.items())
     try:
-        return (
+        items = (
             client.AppsV1Api(api)
             .list_namespaced_deployment(
                 ns, label_selector=selector, _request_timeout=HTTP_TIMEOUT_S * 5
@@ -159,6 +169,11 @@ def _backend_deployments(api: client.ApiClient, cluster: str, ns: str) -> list[c
         raise ActivityFailed(
             f"cannot list Deployments in {ns}: {err.status} {err.reason}"
         ) from None
+    # Checked here too: an API server (or emulator) that ignores the selector must not
+    # make the balancer's Deployment count as a node's.
+    return [
+        d for d in items if all((d.metadata.labels or {}).get(k) == v for k, v in wanted.items())
+    ]
 
 
 def wait_node_rolled_out(

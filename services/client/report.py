@@ -8,13 +8,14 @@ report DESIGN.md promises (`sent`, `correct`, `wrong`, `failed`, `achieved_rate`
 
 from __future__ import annotations
 
+import math
+import statistics
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 from rich.console import Console
 from rich.table import Table
@@ -105,18 +106,22 @@ class LoadTally:
 
 
 def latency_summary(samples_ms: array) -> dict[str, float | None]:
-    """p50/p95/p99/max/mean in milliseconds (None for no samples)."""
-    if len(samples_ms) == 0:
+    """p50/p95/p99/max/mean in milliseconds (None for no samples), linear interpolation."""
+    n = len(samples_ms)
+    if n == 0:
         return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None, "count": 0}
-    a = np.frombuffer(samples_ms, dtype=np.float64)
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    if n == 1:
+        p50 = p95 = p99 = samples_ms[0]
+    else:
+        cuts = statistics.quantiles(samples_ms, n=100, method="inclusive")
+        p50, p95, p99 = cuts[49], cuts[94], cuts[98]
     return {
-        "p50": round(float(p50), 3),
-        "p95": round(float(p95), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(a.max()), 3),
-        "mean": round(float(a.mean()), 3),
-        "count": int(a.size),
+        "p50": round(p50, 3),
+        "p95": round(p95, 3),
+        "p99": round(p99, 3),
+        "max": round(max(samples_ms), 3),
+        "mean": round(math.fsum(samples_ms) / n, 3),
+        "count": n,
     }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,25 @@ def test_a_file_that_is_not_a_journal_is_named(tmp_path: Path):
         read_journal(bad)
     with pytest.raises(JournalError, match="no such journal"):
         read_journal(tmp_path / "missing.json")
+
+
+def test_the_labels_command_prints_intervals_and_names_a_bad_journal(tmp_path: Path):
+    good = tmp_path / "good.json"
+    good.write_text(
+        json.dumps(
+            _journal([_run("kill", 1, 2, {"node": "c-node-0", "chaos_class": "crash"})], end=9)
+        )
+    )
+    ok = subprocess.run(
+        [sys.executable, "-m", "twlb.chaos", "labels", str(good)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    [row] = json.loads(ok.stdout)
+    assert (row["node"], row["label"], row["end"] - row["start"]) == ("c-node-0", "crash", 7.0)
+    bad = subprocess.run(
+        [sys.executable, "-m", "twlb.chaos", "labels", str(tmp_path / "missing.json")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "no such journal" in bad.stderr

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from chaoslib.exceptions import ActivityFailed
 from twlb.balancer.features import FEATURE_NAMES
 from twlb.chaos.journal import FeatureWindow, window_intervals
 from twlb.chaos.state import load_cluster
@@ -89,8 +90,14 @@ def record(
     cluster = load_cluster(str(state_dir))
     stop = stop or threading.Event()
     with httpx.Client(timeout=2.0) as client:
-        trust = client.get(cluster.balancer_url + "/trust").json()
-        window_s = float(trust["window_s"])
+        try:
+            r = client.get(cluster.balancer_url + "/trust")
+            r.raise_for_status()
+            window_s = float(r.json()["window_s"])
+        except (httpx.HTTPError, ValueError, KeyError) as err:
+            raise ActivityFailed(
+                f"cannot read the feature window from {cluster.balancer_url}/trust: {err!r}"
+            ) from None
         writer = _Writer(Path(out))
         t0 = time.time()
         writer.write(

@@ -30,7 +30,7 @@ from pathlib import Path
 import click
 import httpx
 import psutil
-from backend_throughput import WrkRun, measure, run_wrk
+from backend_throughput import WrkRun, run_wrk
 from rich.console import Console
 from rich.table import Table
 
@@ -97,6 +97,30 @@ def balancer_process(
         *(arg for b in backends for arg in ("--backend", b)),
     )  # fmt: skip
     return ManagedProcess(argv, log_path=log_dir / f"balancer-{port}.log")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User+system CPU seconds of a process and its children (nginx's workers)."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def measure(
+    name: str, proc: ManagedProcess, round_: int, url: str, duration: int, conns: int, threads: int
+) -> WrkRun:
+    """One wrk run plus the CPU the proxy (with its children) spent per answered request."""
+    before = tree_cpu_s(proc.pid)
+    run = run_wrk(name, round_, url, duration, conns, threads)
+    run.server_cpu_us_per_request = (tree_cpu_s(proc.pid) - before) / max(run.requests, 1) * 1e6
+    return run
 
 
 def requests_total(url: str) -> float:

@@ -107,6 +107,15 @@ def test_bad_start_up_input_exits_2_with_a_clear_message(args: list[str], messag
     assert message in result.output
 
 
+def test_a_model_file_that_is_not_a_model_stops_start_up(tmp_path: Path) -> None:
+    junk = tmp_path / "model.onnx"
+    junk.write_bytes(b"not an onnx graph")
+    result = CliRunner().invoke(main, ["balancer", "--port", "1", "--model", str(junk)])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --model" in result.output
+    assert str(junk) in result.output
+
+
 def test_backend_urls_from_the_environment_are_space_separated() -> None:
     env = {"TWLB_BALANCER_BACKEND": "http://127.0.0.1:1 nonsense://x"}
     result = CliRunner().invoke(main, ["balancer", "--port", "1"], env=env)

@@ -130,18 +130,22 @@ def command(ctx: click.Context, **options: object) -> None:
         raise click.UsageError("--policy oracle needs --oracle-truth FILE", ctx=ctx)
     import uvicorn
     from twlb.balancer.app import OracleTruthError, create_app
-    from twlb.balancer.onnx_scorer import ModelRefused
     from twlb.balancer.settings import BalancerSettings
 
     try:
         settings = BalancerSettings(backends=options.pop("backend"), **options)
     except ValidationError as err:
         raise click.UsageError(describe_validation_error(err), ctx=ctx) from None
+    refused: tuple[type[Exception], ...] = ()
+    if settings.model is not None:  # onnxruntime is heavy: imported only when a model is used
+        from twlb.balancer.onnx_scorer import ModelRefused
+
+        refused = (ModelRefused,)
     try:
         app = create_app(settings)
     except OracleTruthError as err:
         raise click.BadParameter(str(err), ctx=ctx, param_hint="--oracle-truth") from None
-    except ModelRefused as err:
+    except refused as err:
         raise click.BadParameter(str(err), ctx=ctx, param_hint="--model") from None
 
     logging.basicConfig(

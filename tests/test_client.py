@@ -55,6 +55,14 @@ async def test_basic_policy_tries_once_and_reports_the_5xx(node: ControlledNode)
     assert client.breaker(url) is None
 
 
+async def test_basic_policy_reports_a_timeout_not_a_deadline(node: ControlledNode) -> None:
+    node.set_fault(type="delay", delayMs=2000)
+    async with ResilientClient(ClientPolicy.basic(timeout_s=0.2)) as client:
+        result = await client.get(node.url, "/work?key=slow")
+    assert result.status is CallStatus.TIMEOUT
+    assert 0.2 <= result.elapsed_s < 0.3
+
+
 async def test_retry_budget_caps_retries_against_a_failing_backend(node: ControlledNode) -> None:
     node.set_fault(type="error")
     url = node.url

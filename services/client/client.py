@@ -53,6 +53,8 @@ RETRYABLE = frozenset(
 )
 #: Statuses the breaker counts as the target's success (4xx is the caller's fault).
 TARGET_HEALTHY = frozenset({CallStatus.OK, CallStatus.HTTP_OTHER})
+#: How much less than the per-try timeout the deadline must leave to be the cause of a cut.
+DEADLINE_SLACK_S = 0.01
 #: Distinct URLs whose built requests are kept for reuse.
 REQUEST_CACHE_SIZE = 16_384
 
@@ -465,7 +467,9 @@ class ResilientClient:
             if breaker is not None:
                 breaker.release(start)
             return TryResult(CallStatus.DEADLINE, error="deadline passed before the try")
-        cut_by_deadline = remaining < self.policy.timeout_s
+        # The deadline cut this try short only if it left clearly less than the timeout
+        # (a first try under a deadline equal to the timeout, as in basic mode, is not).
+        cut_by_deadline = remaining < self.policy.timeout_s - DEADLINE_SLACK_S
         call.tries += 1
         response: httpx.Response | None = None
         error: str | None = None

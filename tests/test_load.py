@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from test_client_support import ControlledNode, node_fixture  # noqa: F401  (the node fixture)
-from twlb.client.report import FAILURE_REASONS
+from twlb.client.breaker import BreakerConfig
+from twlb.client.load import LoadPlan, Mode, RunControl, run_load
+from twlb.client.report import FAILURE_REASONS, build_report
 
 from twlb.cli import main
 from twlb.procs import ManagedProcess, free_port, twlb_argv
@@ -96,6 +98,29 @@ def test_wrong_answers_from_a_byzantine_backend_are_counted(
     assert (r["sent"], r["wrong"], r["correct"], r["failed"]) == (40, 40, 0, 0)
     assert r["latency_ms"]["count"] == 0 and r["latency_all_ms"]["count"] == 40
     assert r["retries"] == 0 and "breaker" not in r
+
+
+async def test_retries_and_breaker_transitions_show_in_the_report(node: ControlledNode) -> None:
+    node.set_fault(type="error", probability=1.0)
+    plan = LoadPlan(
+        url=node.url,
+        rate=100.0,
+        duration_s=0.8,
+        mode=Mode.RESILIENT,
+        breaker=BreakerConfig(minimum_calls=10, window_size=10, wait_in_open_s=0.3),
+    )
+    try:
+        tally = await run_load(plan, RunControl())
+    finally:
+        node.set_fault(type="benign")
+    r = build_report(tally, plan.settings())
+    assert r["sent"] == 80 and r["correct"] == 0 and not r["unreachable"]
+    assert r["retries"] >= 1
+    assert r["failed_by_reason"]["http_5xx"] >= 1 and r["failed_by_reason"]["breaker_open"] >= 1
+    log = [(t["from"], t["to"]) for t in r["breaker_transition_log"]]
+    assert log[:2] == [("closed", "open"), ("open", "half_open")]
+    assert r["breaker_transitions"] == len(log) >= 3
+    assert r["breaker"]["minimum_calls"] == 10
 
 
 def _interrupt_once_serving(

@@ -236,6 +236,8 @@ class _Target:
         self.hedges = m.hedges.labels(target=name)
         self.budget_refusals = m.budget_refusals.labels(target=name)
         self._requests = {s: m.requests.labels(target=name, outcome=s.value) for s in CallStatus}
+        #: Tries that got past connecting (an answer of any kind, or a timeout waiting for one).
+        self.reached_total = 0
 
     def count(self, status: CallStatus) -> None:
         self._requests[status].inc()
@@ -347,6 +349,10 @@ class ResilientClient:
         if t is None:
             t = self._targets[base_url] = _Target(base_url, self)
         return t
+
+    def reached(self, base_url: str) -> bool:
+        """Has any try to this target got past connecting (answered, or timed out waiting)?"""
+        return self.target(base_url).reached_total > 0
 
     def breaker(self, base_url: str) -> CircuitBreaker | None:
         """The breaker of a target (None in basic mode)."""
@@ -495,6 +501,8 @@ class ResilientClient:
                 breaker.release(end)
             else:
                 breaker.record(end, status in TARGET_HEALTHY, duration)
+        if status is not CallStatus.CONNECT_ERROR:
+            target.reached_total += 1
         if status is CallStatus.OK:
             target.latencies.add(duration)
         call.last_sent = TryResult(status, response, duration, error)

@@ -225,7 +225,7 @@ async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTal
                 tally.partial = True
                 tally.stop_reason = "interrupted"
                 break
-            if breaker_opened.is_set() and not tally.contacted:
+            if breaker_opened.is_set() and not client.reached(base):
                 tally.unreachable = True
                 tally.stop_reason = (
                     f"target unreachable: the circuit breaker opened with no answer from {base}"
@@ -250,6 +250,7 @@ async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTal
             if late:
                 await asyncio.wait(late)
         stop_waiter.cancel()
+        tally.contacted = client.reached(base)
         if publisher is not None:
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,8 +24,6 @@ from twlb.client.client import CallStatus
 REPORT_VERSION = 1
 #: Failure reasons always present in `failed_by_reason`, so reports compare key by key.
 FAILURE_REASONS = tuple(s.value for s in CallStatus if s not in (CallStatus.OK, CallStatus.WRONG))
-#: Statuses that prove nothing reached the target (used to tell an unreachable target).
-NO_CONTACT = frozenset({CallStatus.CONNECT_ERROR, CallStatus.BREAKER_OPEN, CallStatus.CANCELLED})
 MAX_LISTED_TRANSITIONS = 1000
 
 
@@ -45,7 +43,7 @@ class LoadTally:
     last_send_s: float | None = None
     max_send_lag_s: float = 0.0
     elapsed_s: float = 0.0
-    contacted: bool = False
+    contacted: bool = False  # some try got past connecting to the target
     partial: bool = False
     unreachable: bool = False
     stop_reason: str = "completed"
@@ -63,8 +61,6 @@ class LoadTally:
         self.latency_all_ms.append(latency_ms)
         if status is CallStatus.OK:
             self.latency_correct_ms.append(latency_ms)
-        if status not in NO_CONTACT:
-            self.contacted = True
 
     @property
     def answered(self) -> int:
@@ -100,7 +96,8 @@ class LoadTally:
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.contacted = self.contacted or other.contacted
         self.partial = self.partial or other.partial
-        self.unreachable = self.unreachable or other.unreachable
+        # Unreachable only if no worker ever reached the target.
+        self.unreachable = self.sent > 0 and not self.contacted
         if other.stop_reason != "completed" and self.stop_reason == "completed":
             self.stop_reason = other.stop_reason
 

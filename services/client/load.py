@@ -38,6 +38,8 @@ WORK_PATH = "/work"
 DRAIN_GRACE_S = 0.5
 #: Time in-flight requests get after an interrupt, at most.
 INTERRUPT_DRAIN_S = 2.0
+#: Longest the sender sleeps between looks at the stop flag.
+MAX_IDLE_S = 0.1
 #: How often a worker publishes its counts to the parent's progress display.
 PUBLISH_EVERY_S = 0.25
 
@@ -210,7 +212,6 @@ async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTal
                 await asyncio.sleep(PUBLISH_EVERY_S)
 
         publisher = loop.create_task(publish_progress()) if control.publish else None
-        stop_waiter = loop.create_task(control.stop.wait())
         k = 0
         while True:
             i = control.worker + k * plan.workers
@@ -218,8 +219,10 @@ async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTal
             if (plan.count is not None and i >= plan.count) or scheduled >= end_at:
                 break
             now = clock()
-            if scheduled > now:
-                await asyncio.wait({stop_waiter}, timeout=scheduled - now)
+            while scheduled > now and not control.stop.is_set():
+                # A plain sleep is the cheapest wait; capped so a stop request at a low
+                # rate is still noticed within MAX_IDLE_S.
+                await asyncio.sleep(min(scheduled - now, MAX_IDLE_S))
                 now = clock()
             if control.stop.is_set():
                 tally.partial = True
@@ -249,7 +252,6 @@ async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTal
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-        stop_waiter.cancel()
         tally.contacted = client.reached(base)
         if publisher is not None:
             publisher.cancel()

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from twlb.balancer.features import FEATURE_NAMES
-from twlb.chaos.journal import chaos_intervals
+from twlb.chaos.journal import chaos_intervals, steady_state_problems
 from twlb.ml.dataset import read_dataset, schema
 
 from twlb.procs import ManagedProcess, free_port, free_port_range, pid_alive, twlb_argv
@@ -147,15 +147,10 @@ def runs(workdir: Path) -> Iterator[dict[str, Any]]:
 
 
 def _assert_completed_with_steady_state(journal: dict[str, Any]) -> None:
-    failures = [
-        (p["activity"]["name"], p.get("output"), (p.get("exception") or [""])[-1])
-        for phase in ("before", "after")
-        for p in (journal["steady_states"].get(phase) or {}).get("probes", [])
-        if not p.get("tolerance_met")
-    ]
-    assert journal["status"] == "completed", failures
-    assert journal["steady_states"]["before"]["steady_state_met"] is True, failures
-    assert journal["steady_states"]["after"]["steady_state_met"] is True, failures
+    assert steady_state_problems(journal) == []
+    assert journal["status"] == "completed"
+    assert journal["steady_states"]["before"]["steady_state_met"] is True
+    assert journal["steady_states"]["after"]["steady_state_met"] is True
 
 
 def test_killing_a_node_keeps_the_steady_state(runs: dict[str, Any]):

@@ -17,6 +17,7 @@ from twlb.chaos.journal import (
     chaos_intervals,
     label_windows,
     read_journal,
+    steady_state_problems,
 )
 
 from twlb.spec import NodeClass
@@ -149,3 +150,20 @@ def test_the_labels_command_prints_intervals_and_names_a_bad_journal(tmp_path: P
     )  # fmt: skip
     assert bad.returncode == 2
     assert "no such journal" in bad.stderr
+
+
+def test_a_completed_run_whose_steady_state_was_not_met_is_not_clean():
+    probe = {
+        "activity": {"name": "correct-ratio"},
+        "output": 0.75,
+        "tolerance_met": False,
+    }
+    j = _journal([])
+    j["steady_states"] = {"before": {"steady_state_met": False, "probes": [probe]}, "after": None}
+    assert steady_state_problems(j) == [
+        "before: correct-ratio not met (output 0.75)",
+        "no steady-state check after the method",
+    ]
+    ok = {"steady_state_met": True, "probes": [dict(probe, output=1.0, tolerance_met=True)]}
+    j["steady_states"] = {"before": ok, "after": ok}
+    assert steady_state_problems(j) == []

@@ -2,6 +2,7 @@
 
 - `record`: while experiments run, record a running cluster's feature windows and truth;
 - `labels`: print the kill/fault intervals a journal holds, as JSON;
+- `check`: exit 1 unless journals completed with the steady state met before and after;
 - `dataset`: label recordings from journals and write the training dataset (Parquet).
 """
 
@@ -14,7 +15,12 @@ from pathlib import Path
 
 import click
 from chaoslib.exceptions import ActivityFailed
-from twlb.chaos.journal import JournalError, chaos_intervals, read_journal
+from twlb.chaos.journal import (
+    JournalError,
+    chaos_intervals,
+    read_journal,
+    steady_state_problems,
+)
 
 
 @click.group("chaos", context_settings={"auto_envvar_prefix": "TWLB_CHAOS"})
@@ -74,6 +80,25 @@ def labels_command(journal: str) -> None:
             indent=2,
         )
     )
+
+
+@command.command("check")
+@click.argument("journals", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def check_command(journals: tuple[str, ...]) -> None:
+    """Exit 1 unless every JOURNAL completed with its steady state met before and after."""
+    failed = False
+    for path in journals:
+        try:
+            problems = steady_state_problems(read_journal(path))
+        except JournalError as err:
+            raise click.BadParameter(str(err), param_hint="JOURNALS") from None
+        for p in problems:
+            click.echo(f"{path}: {p}", err=True)
+        failed = failed or bool(problems)
+        if not problems:
+            click.echo(f"{path}: completed, steady state met before and after")
+    if failed:
+        raise SystemExit(1)
 
 
 @command.command("dataset")

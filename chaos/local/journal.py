@@ -95,6 +95,30 @@ def _epoch(stamp: str) -> float:
     return t.timestamp()
 
 
+def steady_state_problems(journal: Mapping[str, Any]) -> list[str]:
+    """Why a journal does not show a clean run: not completed, or a steady state (before
+    or after the method) not met, naming each probe out of tolerance. Empty when clean.
+
+    Chaos Toolkit may end a run whose steady state was not met before the method with
+    status "completed" and exit status 0, so both the status and the states are read."""
+    problems = []
+    if journal.get("status") != "completed":
+        problems.append(f"status is {journal.get('status')!r}, not 'completed'")
+    steady = journal.get("steady_states") or {}
+    for phase in ("before", "after"):
+        state = steady.get(phase)
+        if not state:
+            problems.append(f"no steady-state check {phase} the method")
+            continue
+        for p in state.get("probes") or []:
+            if not p.get("tolerance_met"):
+                why = (p.get("exception") or [""])[-1].strip() or f"output {p.get('output')!r}"
+                problems.append(f"{phase}: {p['activity']['name']} not met ({why})")
+        if not state.get("steady_state_met") and not any(x.startswith(phase) for x in problems):
+            problems.append(f"{phase}: steady state not met")
+    return problems
+
+
 def journal_entries(journal: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """Every activity run of a journal (hypothesis before, method, hypothesis after,
     rollbacks), in the order they started."""

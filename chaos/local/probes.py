@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -26,6 +27,9 @@ from twlb.client.report import build_report
 
 from twlb.procs import pid_alive
 from twlb.spec import NodeClass
+
+#: Chaos Toolkit's logger: what probes say lands in the run's log file.
+log = logging.getLogger("chaostoolkit")
 
 #: Per-request timeout of the probes' own HTTP calls (health, trust, control).
 HTTP_TIMEOUT_S = 2.0
@@ -75,7 +79,14 @@ def verified_load(
     """Send `requests` GET /work through the balancer at `rate`, verify every answer, and
     return `twlb load`'s report (sent, correct, wrong, failed, latency_ms, ...)."""
     plan = _plan(_target(url, state_dir), requests, rate, mode, seed)
-    return _report(plan, asyncio.run(run_load(plan)))
+    report = _report(plan, asyncio.run(run_load(plan)))
+    failed = {k: v for k, v in report["failed_by_reason"].items() if v}
+    log.info(
+        "verified load through %s (%s): %d sent, %d correct, %d wrong, %d failed %s, p95 %s ms",
+        plan.url, mode, report["sent"], report["correct"], report["wrong"], report["failed"],
+        failed or "", report["latency_ms"]["p95"],
+    )  # fmt: skip
+    return report
 
 
 #: What `answer_ratio` can count, as named in `twlb load`'s report.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import statistics
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twlb.backend.app import FieldProblem, parse_work_query
+from twlb.backend.app import FieldProblem, parse_work_query, query_pairs
 from twlb.backend.faults import NO_FAULT, FaultAction, FaultInjector
 from twlb.backend.simulation import NodeProfile, NodeSimulation
 
@@ -228,3 +228,9 @@ def test_malformed_queries_name_their_fields(query: bytes, fields: set[str]) -> 
 
 def test_rounds_defaults_to_one() -> None:
     assert parse_work_query(b"key=hello") == ("hello", 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60))
+def test_query_fast_path_splits_exactly_like_parse_qsl(text: str) -> None:
+    assert query_pairs(text.encode()) == parse_qsl(text, keep_blank_values=True)

@@ -101,28 +101,33 @@ def problems_response(what: str, problems: list[FieldProblem]) -> Response:
     return Response(problems_body(what, problems), status_code=422, media_type="application/json")
 
 
+def query_pairs(query_string: bytes) -> list[tuple[str, str]]:
+    """Name-value pairs exactly as `parse_qsl` gives them, without its cost on plain queries."""
+    text = query_string.decode("latin-1")
+    if "%" in text or "+" in text:
+        return parse_qsl(text, keep_blank_values=True)
+    return [(name, value) for name, _, value in (p.partition("=") for p in text.split("&") if p)]
+
+
 def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem]:
     """`(key, rounds)` of a /work query string, or the problems that make it invalid."""
-    values: dict[str, list[str]] = {}
-    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        values.setdefault(name, []).append(value)
-    problems = [
-        FieldProblem(name, f"unknown query parameter (allowed: {', '.join(WORK_PARAMS)})")
-        for name in values
-        if name not in WORK_PARAMS
-    ]
-    problems += [
-        FieldProblem(name, "given more than once")
-        for name in WORK_PARAMS
-        if len(values.get(name, ())) > 1
-    ]
-    key = values.get("key", [None])[0]
+    values: dict[str, str] = {}
+    problems: list[FieldProblem] = []
+    for name, value in query_pairs(query_string):
+        if name not in WORK_PARAMS:
+            allowed = ", ".join(WORK_PARAMS)
+            problems.append(FieldProblem(name, f"unknown query parameter (allowed: {allowed})"))
+        elif name in values:
+            problems.append(FieldProblem(name, "given more than once"))
+        else:
+            values[name] = value
+    key = values.get("key")
     if key is None:
         problems.append(FieldProblem("key", "is required"))
     elif (why := key_problem(key)) is not None:
         problems.append(FieldProblem("key", why))
     rounds = ROUNDS_MIN
-    raw_rounds = values.get("rounds", [None])[0]
+    raw_rounds = values.get("rounds")
     if raw_rounds is not None:
         if raw_rounds.isascii() and raw_rounds.isdigit():
             rounds = int(raw_rounds)
@@ -159,12 +164,15 @@ class NodeMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=reg,
         ).labels(node=node_id)
-        self.in_flight = Gauge(
+        # Served from a plain count read at scrape time: the event loop is one thread, so
+        # the hot path need not take the gauge's lock twice per request.
+        self.in_flight = 0
+        Gauge(
             "twlb_node_in_flight_requests",
             "Work requests being served.",
             ["node"],
             registry=reg,
-        ).labels(node=node_id)
+        ).labels(node=node_id).set_function(lambda: self.in_flight)
         self.dropped = Counter(
             "twlb_node_dropped_connections",
             "Work requests whose connection was dropped by simulated packet loss.",
@@ -334,7 +342,7 @@ def create_app(settings: BackendSettings) -> FastAPI:
         if decision.action is FaultAction.CRASH:
             _crash(node_id)
         sample = simulation.sample(now)
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         try:
             answer = digest(key, rounds)
             pause = sample.latency_s + decision.delay_s
@@ -345,7 +353,7 @@ def create_app(settings: BackendSettings) -> FastAPI:
                 await drop_connection(send)
                 return
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
         if decision.action is FaultAction.ERROR:
             status = decision.status
             body = orjson.dumps({"node": node_id, "error": "injected fault: error"})

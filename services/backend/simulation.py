@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MIB = 1024 * 1024
 
@@ -88,9 +89,8 @@ class NodeConditions:
     network_latency_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class RequestSample:
-    """What the simulated node and network do to one request."""
+class RequestSample(NamedTuple):
+    """What the simulated node and network do to one request (a tuple: built per request)."""
 
     latency_s: float  # added before the answer leaves
     dropped: bool  # the connection is lost instead of answered

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import uvicorn
 from click.core import ParameterSource
 from pydantic import ValidationError
 
 from twlb.spec import FaultSpec, FaultType
+
+if TYPE_CHECKING:
+    import uvicorn
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -30,6 +32,8 @@ _FAULT_TYPES = click.Choice([t.value for t in FaultType])
 
 def server_config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Config:
     """How a node is served: one uvicorn worker on uvloop and httptools, no access log."""
+    import uvicorn  # here, so listing `twlb` commands does not import the server
+
     return uvicorn.Config(
         app,
         host=host,
@@ -164,4 +168,6 @@ def command(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # uvicorn handles SIGTERM and SIGINT itself: stop accepting, finish in-flight requests.
+    import uvicorn
+
     uvicorn.Server(server_config(create_app(settings), host, port, log_level)).run()

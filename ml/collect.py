@@ -13,7 +13,7 @@ Attach mode (`--prometheus URL`) reads the windows of a balancer that is already
 for example in a cluster, from its Prometheus, labelled by polling each backend's
 GET /control/fault (a node that does not answer is down: `crash`).
 
-Sample instants are placed one scrape interval and a little after the balancer's trust
+Sample instants are placed two scrape intervals and a little after the balancer's trust
 tick (seen by polling /trust), so both sources read the same tick's values: Prometheus
 scrapes more often than the trust ticks (0.5 s), so its last sample before the instant
 belongs to that tick too.
@@ -45,15 +45,17 @@ from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster
 FEATURE_METRIC = "twlb_balancer_feature"
 SOURCES = ("balancer", "prometheus")
 
-#: Faults a run may draw (flapping is left out: its healthy periods carry its label).
-DRAWN_FAULTS = (
-    FaultType.DELAY,
-    FaultType.LIE_LATENCY,
-    FaultType.ERROR,
-    FaultType.BYZANTINE,
-    FaultType.CRASH,
-)
-#: The instant is placed this long after a trust tick is seen, plus one scrape interval.
+#: Faults a run may draw, with weights giving each fault class a similar share of windows
+#: (kills add crash windows to every run; flapping is left out: its healthy periods carry
+#: its label).
+DRAWN_FAULTS: dict[FaultType, float] = {
+    FaultType.BYZANTINE: 0.3,
+    FaultType.ERROR: 0.25,
+    FaultType.DELAY: 0.15,
+    FaultType.LIE_LATENCY: 0.1,
+    FaultType.CRASH: 0.2,
+}
+#: The instant is placed this long after a trust tick is seen, plus two scrape intervals.
 TICK_SETTLE_S = 0.1
 POLL_S = 0.05
 Log = Callable[[str], None]
@@ -128,6 +130,10 @@ class RunPlan:
         }
 
 
+def _draw_type(rng: random.Random) -> FaultType:
+    return rng.choices(list(DRAWN_FAULTS), weights=list(DRAWN_FAULTS.values()))[0]
+
+
 def draw_fault(rng: random.Random, fault_type: FaultType) -> FaultSpec:
     """A fault of this type with parameters drawn from the collection ranges."""
     if fault_type is FaultType.CRASH:
@@ -159,16 +165,14 @@ def plan_run(
     faulty = rng.sample(range(backends), n_faulty)
     faults = [FaultSpec() for _ in range(backends)]
     for i in faulty:
-        faults[i] = draw_fault(rng, rng.choice(DRAWN_FAULTS))
+        faults[i] = draw_fault(rng, _draw_type(rng))
     healthy = [i for i in range(backends) if i not in faulty]
     events: list[ChaosEvent] = []
     if duration_s >= 3 * window_s and healthy:
         # A healthy node turns faulty, a faulty one recovers, a healthy one is killed.
         switch_at = round(rng.uniform(0.3, 0.45) * duration_s, 1)
         victim = healthy.pop(rng.randrange(len(healthy)))
-        events.append(
-            ChaosEvent(switch_at, victim, "fault", draw_fault(rng, rng.choice(DRAWN_FAULTS)))
-        )
+        events.append(ChaosEvent(switch_at, victim, "fault", draw_fault(rng, _draw_type(rng))))
         recovering = [i for i in faulty if faults[i].type is not FaultType.CRASH]
         if recovering:
             events.append(ChaosEvent(switch_at, rng.choice(recovering), "fault", FaultSpec()))
@@ -403,7 +407,7 @@ def run_live(
     sources: Sequence[str] = SOURCES,
     workdir: Path | None = None,
     scrape_interval_s: float = 0.15,
-    warmup_windows: float = 1.0,
+    warmup_windows: float = 1.25,
     log: Log = print,
 ) -> RunResult:
     """Run one planned cluster with load and chaos; rows per source."""
@@ -423,6 +427,8 @@ def run_live(
         )
         stack.enter_context(cluster)
         cluster.start_supervisor(0.1)
+        truth = TruthTimeline()
+        _observe(cluster, truth)
         prom = None
         if "prometheus" in sources:
             prom = stack.enter_context(
@@ -436,11 +442,12 @@ def run_live(
         names = {n.url: n.name for n in cluster.nodes}
         poller = TrustPoller(cluster.balancer_url)
         stack.callback(poller.close)
-        truth = TruthTimeline()
         stack.enter_context(
             driven_load(cluster.balancer_url, plan.rate, plan.duration_s + 1.0, workdir)
         )
         t0 = time.time()
+        # Two scrapes after the tick (one may fail under load), still before the next one.
+        settle_s = min(2 * scrape_interval_s + TICK_SETTLE_S, 0.4)
         pending = list(plan.events)
         samples: list[Sample] = []
         next_sample = t0 + warmup_windows * plan.window_s
@@ -449,19 +456,17 @@ def run_live(
             now = time.time()
             while pending and now - t0 >= pending[0].at_s:
                 _apply(cluster, pending.pop(0), log)
-            with cluster._lock:  # truth() and the supervisor's restarts, consistently
-                current = {n.name: (n.truth.value, n.fault.type.value) for n in cluster.nodes}
-            for node, (label, fault) in current.items():
-                truth.observe(node, now, label, fault)
+            _observe(cluster, truth, now)
             seen_before = poller.changed_at
             reading = poller.poll()
             if now >= next_sample and poller.changed_at > seen_before:
-                # A tick was just seen: read again once it has settled and scrapes saw it.
-                at = poller.changed_at + scrape_interval_s + TICK_SETTLE_S
+                # A tick was just seen: read again once scrapes have seen it too. If another
+                # tick came in between (a starved loop), wait for the next one instead.
+                at = poller.changed_at + settle_s
                 time.sleep(max(0.0, at - time.time()))
-                reading = poller.poll()
-                samples.append(Sample(at, reading))
-                next_sample += plan.window_s
+                if poller.poll() == reading:
+                    samples.append(Sample(at, reading))
+                    next_sample += plan.window_s
             time.sleep(POLL_S)
         rows: dict[str, list[WindowRow]] = {}
         label = {"plan_id": plan.run_id, "seed": plan.seed, "t0": t0, "samples": samples}
@@ -475,6 +480,13 @@ def run_live(
         counts = ", ".join(f"{s} {len(r)} rows" for s, r in rows.items())
         log(f"{plan.run_id}: {len(samples)} samples, {counts}")
         return RunResult(plan, rows)
+
+
+def _observe(cluster: Any, truth: TruthTimeline, now: float | None = None) -> None:
+    """Record every node's true class now (the runtime's view, under its lock)."""
+    now = time.time() if now is None else now
+    for n in cluster.nodes:
+        truth.observe(n.name, now, n.truth.value, n.fault.type.value)
 
 
 def _wait_scraping(api: PrometheusAPI, timeout_s: float = 15.0) -> None:
@@ -537,10 +549,16 @@ def collect_attached(
     `seed + i`, so grouped training can hold some of them out.
     """
     api = PrometheusAPI(prometheus_url)
+    # The balancer may still be coming up (a Job applied with the cluster): wait for it.
+    deadline = time.time() + duration_s
+    while not (backends := sorted(prometheus_features(api, time.time(), selector))):
+        if time.time() > deadline:
+            raise RuntimeError(
+                f"{prometheus_url} held no {FEATURE_METRIC}{{{selector}}} series "
+                f"for {duration_s:.0f}s: is the balancer running and scraped?"
+            )
+        time.sleep(2.0)
     start = time.time()
-    backends = sorted(prometheus_features(api, start, selector))
-    if not backends:
-        raise RuntimeError(f"{prometheus_url} holds no {FEATURE_METRIC} series to collect")
     log(f"attached: {len(backends)} backends via {prometheus_url}, {segments} x {duration_s}s")
     truth = TruthTimeline()
     with httpx.Client(timeout=1.0) as client:

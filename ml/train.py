@@ -65,16 +65,27 @@ class Split:
     holdout_seeds: tuple[int, ...]
 
 
-def split_by_seed(seeds: np.ndarray, holdout_fraction: float, seed: int) -> Split:
-    """Hold out a seeded share of distinct run seeds (at least one, never all)."""
+def split_by_seed(
+    seeds: np.ndarray, holdout_fraction: float, seed: int, labels: np.ndarray | None = None
+) -> Split:
+    """Hold out a seeded share of distinct run seeds (at least one, never all).
+
+    With `labels`, the first of the seeded draws whose held-out and training runs both
+    contain every class is taken, so each class has a held-out figure.
+    """
     distinct = sorted({int(s) for s in seeds})
     if len(distinct) < 3:
         raise TrainingError(
             f"need runs with at least 3 distinct seeds to hold some out, got {distinct}"
         )
     n_out = min(len(distinct) - 2, max(1, round(len(distinct) * holdout_fraction)))
-    held = sorted(random.Random(f"twlb-holdout:{seed}").sample(distinct, n_out))
-    mask = np.isin(seeds, held)
+    rng = random.Random(f"twlb-holdout:{seed}")
+    every = set() if labels is None else set(labels)
+    for _ in range(200):
+        held = sorted(rng.sample(distinct, n_out))
+        mask = np.isin(seeds, held)
+        if labels is None or (set(labels[mask]) == every and set(labels[~mask]) == every):
+            break
     return Split(np.flatnonzero(~mask), np.flatnonzero(mask), tuple(held))
 
 
@@ -101,8 +112,13 @@ def scores_for(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[s
     report = classification_report(
         y_true, y_pred, labels=list(classes), output_dict=True, zero_division=0
     )
+    # Macro-F1 over the classes that occur (true or predicted), as scikit-learn's default
+    # does: a class neither in the held-out runs nor predicted has no F1 to average.
+    present = [c for c in classes if c in set(y_true) | set(y_pred)]
     return {
-        "macro_f1": float(f1_score(y_true, y_pred, labels=list(classes), average="macro")),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        ),
         "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred))),
         "per_class": {
             c: {
@@ -115,6 +131,11 @@ def scores_for(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[s
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(classes)).tolist(),
     }
+
+
+def _recall_if_seen(scores: dict, cls: str) -> float | None:
+    m = scores["per_class"].get(cls)
+    return m["recall"] if m and m["support"] else None
 
 
 def heuristic_predictions(X: np.ndarray) -> list[str]:
@@ -138,12 +159,14 @@ def export_onnx(
     from skl2onnx.common.data_types import FloatTensorType
 
     svm = pipeline.steps[-1][1]
-    model = to_onnx(
-        pipeline,
-        initial_types=[(INPUT_NAME, FloatTensorType([None, len(feature_names)]))],
-        options={id(svm): {"zipmap": False}},
-        target_opset={"": 17, "ai.onnx.ml": 3},
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # skl2onnx reads probA_ and probB_
+        model = to_onnx(
+            pipeline,
+            initial_types=[(INPUT_NAME, FloatTensorType([None, len(feature_names)]))],
+            options={id(svm): {"zipmap": False}},
+            target_opset={"": 17, "ai.onnx.ml": 3},
+        )
     model.doc_string = "TW-LB trust model: P(class | backend feature window)"
     meta = {
         META_NAME: MODEL_NAME,
@@ -221,7 +244,7 @@ def train(
     ds = read_datasets(paths, feature_names)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    split = split_by_seed(ds.seed, holdout_fraction, seed)
+    split = split_by_seed(ds.seed, holdout_fraction, seed, ds.y)
     X_train, y_train = ds.X[split.train], ds.y[split.train].astype(str)
     X_test, y_test = ds.X[split.holdout], ds.y[split.holdout].astype(str)
     classes = sorted(set(ds.y.astype(str)))
@@ -241,7 +264,7 @@ def train(
         SVM_GRID,
         scoring="f1_macro",
         cv=GroupKFold(n_splits=n_folds),
-        n_jobs=2,
+        n_jobs=1,
         refit=True,
     )
     with warnings.catch_warnings():
@@ -263,7 +286,7 @@ def train(
 
     summary = {
         "macro_f1": results["svm"]["macro_f1"],
-        "byzantine_recall": results["svm"]["per_class"].get("byzantine", {}).get("recall"),
+        "byzantine_recall": _recall_if_seen(results["svm"], "byzantine"),
         "heuristic_macro_f1": results["heuristic"]["macro_f1"],
         "holdout_windows": len(y_test),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from test_client_support import ControlledNode, node_fixture  # noqa: F401  (the node fixture)
@@ -61,6 +62,25 @@ async def test_basic_policy_reports_a_timeout_not_a_deadline(node: ControlledNod
         result = await client.get(node.url, "/work?key=slow")
     assert result.status is CallStatus.TIMEOUT
     assert 0.2 <= result.elapsed_s < 0.3
+
+
+async def test_a_callers_own_httpx_client_is_used_as_given(node: ControlledNode) -> None:
+    node.set_fault(type="error", probability=1.0)
+    seen: list[str] = []
+
+    async def on_request(request: httpx.Request) -> None:
+        seen.append(request.headers["x-caller"])
+
+    policy = ClientPolicy(max_attempts=2, backoff_base_s=0.001, breaker=None)
+    async with httpx.AsyncClient(
+        headers={"x-caller": "svc"}, event_hooks={"request": [on_request]}, trust_env=False
+    ) as http:
+        async with ResilientClient(policy, http=http) as client:
+            result = await client.get(node.url, "/work?key=own")
+        assert not http.is_closed  # the caller's client stays the caller's to close
+    node.set_fault(type="benign")
+    assert result.status is CallStatus.HTTP_5XX and result.retries == 1
+    assert seen == ["svc", "svc"]
 
 
 async def test_retry_budget_caps_retries_against_a_failing_backend(node: ControlledNode) -> None:

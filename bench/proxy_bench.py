@@ -20,8 +20,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -192,6 +194,10 @@ def main(
     out: Path | None,
 ) -> None:
     """Balancer vs nginx throughput, added latency at 500 req/s, or memory (--memory)."""
+    # Stopped by SIGTERM or SIGINT (even when started in the background), the finally below
+    # still stops every process this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if shutil.which("wrk") is None:
         raise click.UsageError("wrk is not installed (Debian: apt-get install -y wrk)")
     if not memory and shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():

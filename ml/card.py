@@ -70,7 +70,16 @@ def render_card(report: dict[str, Any]) -> str:
     ]
     for name, r in holdout.items():
         out.append(f"| {name} | {r['macro_f1']:.4f} | {r['accuracy']:.4f} |")
-    out += ["", "### SVM per class", "", *_per_class_table(holdout["svm"]), ""]
+    out += [
+        "",
+        "The SVM's figures here use its own label (the pairwise vote); the targets below use",
+        "the most probable class of the ONNX probabilities, which is what the balancer uses.",
+        "",
+        "### SVM per class",
+        "",
+        *_per_class_table(holdout["svm"]),
+        "",
+    ]
     out += ["### SVM confusion matrix (held-out)", ""]
     out += _confusion_table(holdout["svm"]["confusion_matrix"], report["classes"])
     out += ["", "![confusion matrix](confusion_matrix.png)", ""]

@@ -35,7 +35,7 @@ def _echo(message: str) -> None:
 @click.option(
     "--runs",
     type=click.IntRange(1, 1000),
-    default=10,
+    default=12,
     help="Runs to collect (attach mode: consecutive watches of --duration each).",
 )
 @click.option(

@@ -233,22 +233,33 @@ def fleet_features(trust: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def prometheus_features(
+def prometheus_reading(
     api: PrometheusAPI, at: float, selector: str = "", lookback_s: float = 5.0
-) -> dict[str, dict[str, float]]:
-    """backend URL -> features of the last successful scrape at or before `at` (full rows).
+) -> tuple[dict[str, dict[str, float]], float]:
+    """Features of the last successful scrape at or before `at` (full rows only), and the
+    time of the oldest scrape they come from (0.0 when there is none).
 
     A range selector returns raw samples, so one failed scrape (whose staleness markers
     would blank an instant query) falls back to the scrape before it.
     """
     query = f"{FEATURE_METRIC}{{{selector}}}[{round(lookback_s * 1000)}ms]"
     out: dict[str, dict[str, float]] = {}
+    oldest = float("inf")
     for series in api.query(query, at=at):
         labels = series["metric"]
         if series["values"]:
-            value = float(series["values"][-1][1])
-            out.setdefault(labels["backend"], {})[labels["feature"]] = value
-    return {b: f for b, f in out.items() if all(n in f for n in FEATURE_NAMES)}
+            ts, value = series["values"][-1]
+            out.setdefault(labels["backend"], {})[labels["feature"]] = float(value)
+            oldest = min(oldest, float(ts))
+    full = {b: f for b, f in out.items() if all(n in f for n in FEATURE_NAMES)}
+    return full, (oldest if full else 0.0)
+
+
+def prometheus_features(
+    api: PrometheusAPI, at: float, selector: str = "", lookback_s: float = 5.0
+) -> dict[str, dict[str, float]]:
+    """backend URL -> features of the last successful scrape at or before `at`."""
+    return prometheus_reading(api, at, selector, lookback_s)[0]
 
 
 class TrustPoller:
@@ -282,6 +293,7 @@ class Sample:
 
     at: float
     direct: dict[str, dict[str, float]]
+    tick_seen_at: float = 0.0  # when the balancer's trust tick being read was first seen
 
 
 def label_rows(
@@ -465,18 +477,30 @@ def run_live(
                 at = poller.changed_at + settle_s
                 time.sleep(max(0.0, at - time.time()))
                 if poller.poll() == reading:
-                    samples.append(Sample(at, reading))
+                    samples.append(Sample(at, reading, poller.changed_at))
                     next_sample += plan.window_s
             time.sleep(POLL_S)
+        scraped = []
+        if prom is not None:
+            time.sleep(2 * scrape_interval_s)
+            kept = []
+            for s in samples:
+                reading, oldest = prometheus_reading(prom.api, s.at)
+                # A scrape started before the tick was seen may hold the previous tick
+                # (scrapes delayed or failed under load): leave it out of both sources.
+                if oldest >= s.tick_seen_at:
+                    kept.append(s)
+                    scraped.append(reading)
+            if len(kept) < len(samples):
+                log(f"  {len(samples) - len(kept)} samples left out: no scrape of their tick")
+            samples = kept
         rows: dict[str, list[WindowRow]] = {}
         label = {"plan_id": plan.run_id, "seed": plan.seed, "t0": t0, "samples": samples}
         common = {"truth": truth, "names": names, "window_s": plan.window_s}
         if "balancer" in sources:
             rows["balancer"] = label_rows(**label, readings=[s.direct for s in samples], **common)
         if prom is not None:
-            time.sleep(2 * scrape_interval_s)
-            readings = [prometheus_features(prom.api, s.at) for s in samples]
-            rows["prometheus"] = label_rows(**label, readings=readings, **common)
+            rows["prometheus"] = label_rows(**label, readings=scraped, **common)
         counts = ", ".join(f"{s} {len(r)} rows" for s, r in rows.items())
         log(f"{plan.run_id}: {len(samples)} samples, {counts}")
         return RunResult(plan, rows)

@@ -353,7 +353,8 @@ class ResilientClient:
     def _request_for(self, url: str, params: Mapping[str, Any] | None) -> httpx.Request:
         """A GET request for `url`, built once per URL: parsing a URL costs more CPU than
         the rest of httpx's request path, and a load run repeats the same few URLs."""
-        if params:
+        if params or self._transport is None:
+            # A caller's client may add cookies or headers per request: build afresh.
             return self._http.build_request("GET", url, params=params)
         request = self._requests.get(url)
         if request is None:
@@ -449,20 +450,20 @@ class ResilientClient:
             return await self._try(call)
         delay = max(target.latencies.quantile(q) or 0.0, self.policy.hedge_min_delay_s)
         first = asyncio.ensure_future(self._try(call))
-        done, _ = await asyncio.wait({first}, timeout=delay)
-        now = self.now()
-        if done or now + self.policy.min_try_s >= call.deadline_at:
-            return await first
-        if not target.withdraw_retry(now):
-            return await first
-        call.hedged = True
-        target.hedges.inc()
-        for listener in self.listeners:
-            listener.on_hedge(target.name, delay)
-        second = asyncio.ensure_future(self._try(call))
-        pending = {first, second}
-        last: TryResult | None = None
+        pending: set[asyncio.Future[TryResult]] = {first}
         try:
+            done, pending = await asyncio.wait(pending, timeout=delay)
+            now = self.now()
+            if done or now + self.policy.min_try_s >= call.deadline_at:
+                return await first
+            if not target.withdraw_retry(now):
+                return await first
+            call.hedged = True
+            target.hedges.inc()
+            for listener in self.listeners:
+                listener.on_hedge(target.name, delay)
+            pending.add(asyncio.ensure_future(self._try(call)))
+            last: TryResult | None = None
             while pending:
                 finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
@@ -474,6 +475,9 @@ class ResilientClient:
             assert last is not None
             return last
         finally:
+            # The losing try, or every try when the caller gives up, is cancelled and
+            # awaited, so no request outlives its call.
+            pending = {task for task in pending | {first} if not task.done()}
             for task in pending:
                 task.cancel()
             if pending:

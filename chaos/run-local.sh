@@ -60,6 +60,11 @@ for seed in $SEEDS; do
         tail -n 20 "$run/up.log" >&2 || true
         exit 1
     fi
+    # A short load first, so the first hypothesis does not measure a cold balancer.
+    balancer=$("$BIN/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["balancer"]["url"])' \
+        "$run/state/state.json")
+    "$BIN/twlb" load --url "$balancer" --rate 50 --duration 5 --mode basic --quiet \
+        --out "$run/warmup.json" >/dev/null || true
     "$BIN/python" -m twlb.chaos record --state-dir "$run/state" --out "$run/recording.jsonl" \
         --run-id "chaos-seed-$seed" --seed "$seed" --max-duration 1800 >"$run/record.log" 2>&1 &
     started+=("$!")

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from twlb.balancer.features import FEATURE_NAMES
 from twlb.chaos.journal import chaos_intervals, steady_state_problems
+from twlb.chaos.probes import verified_load
 from twlb.ml.dataset import read_dataset, schema
 
 from twlb.procs import ManagedProcess, free_port, free_port_range, pid_alive, twlb_argv
@@ -122,6 +123,8 @@ def runs(workdir: Path) -> Iterator[dict[str, Any]]:
     up = _start_cluster(workdir, state)
     recorder: ManagedProcess | None = None
     try:
+        # A short load first, so the first hypothesis does not measure a cold balancer.
+        verified_load(state_dir=str(state), requests=100, rate=50.0)
         recorder = ManagedProcess(
             [
                 sys.executable, "-m", "twlb.chaos", "record", "--state-dir", str(state),

@@ -23,7 +23,7 @@ import psutil
 from chaoslib.exceptions import ActivityFailed
 from twlb.chaos.state import load_cluster
 from twlb.client.load import LoadPlan, Mode, RunControl, run_load
-from twlb.client.report import build_report
+from twlb.client.report import LoadTally, build_report
 
 from twlb.procs import pid_alive
 from twlb.spec import NodeClass
@@ -58,7 +58,7 @@ def _plan(url: str, requests: int, rate: float, mode: str, seed: int) -> LoadPla
     )
 
 
-def _report(plan: LoadPlan, tally: Any) -> dict[str, Any]:
+def _report(plan: LoadPlan, tally: LoadTally) -> dict[str, Any]:
     report = build_report(tally, plan.settings())
     if report["unreachable"] or report["sent"] == 0:
         raise ActivityFailed(
@@ -149,7 +149,10 @@ def backend_matches(backend_url: str, node: str, node_url: str | None = None) ->
 
 def node_trust(node: str, url: str | None = None, state_dir: str | None = None) -> dict[str, Any]:
     """One node's trust row: {"node", "url", "weight", "state"}."""
-    node_url = load_cluster(state_dir).node(node).url if state_dir else None
+    node_url = None
+    if state_dir:
+        found = load_cluster(state_dir).node(node)
+        node, node_url = found.name, found.url
     for b in read_trust(url, state_dir)["backends"]:
         if backend_matches(b["url"], node, node_url):
             return {"node": node, "url": b["url"], "weight": b["weight"], "state": b["state"]}

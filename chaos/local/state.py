@@ -44,10 +44,8 @@ class ClusterState:
     name: str
     runtime_pid: int
     balancer_url: str
-    balancer_pid: int | None
     nodes: tuple[NodeState, ...]
     control_token: str
-    admin_token: str
 
     def node(self, which: str | int) -> NodeState:
         """A node by name, index (also as a string) or URL."""
@@ -56,9 +54,6 @@ class ClusterState:
                 return n
         names = ", ".join(n.name for n in self.nodes)
         raise ActivityFailed(f"no node {which!r} in cluster {self.name} (nodes: {names})")
-
-    def node_by_url(self) -> dict[str, NodeState]:
-        return {n.url: n for n in self.nodes}
 
     def control_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.control_token}"}
@@ -116,10 +111,8 @@ def load_cluster(state_dir: str | os.PathLike[str] | None) -> ClusterState:
             name=str(doc["cluster"]),
             runtime_pid=runtime_pid,
             balancer_url=str(doc["balancer"]["url"]),
-            balancer_pid=int(doc["balancer"]["pid"]) if doc["balancer"].get("pid") else None,
             nodes=nodes,
             control_token=str(doc["tokens"]["control"]),
-            admin_token=str(doc["tokens"]["admin"]),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ActivityFailed(f"cluster state {path} lacks or mangles {err}") from None

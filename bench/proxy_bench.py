@@ -304,6 +304,9 @@ def speed_run(
     rr_ratio, trust_ratio = paired(ROUND_ROBIN), paired(TRUST)
 
     latency: dict[str, list[float]] = {ROUND_ROBIN: [], BACKEND_DIRECT: []}
+    for i, name in enumerate(latency):  # warm-up (connections, the nodes' caches)
+        url = urls[ROUND_ROBIN] if name == ROUND_ROBIN else urls["backend 0"]
+        load_p50_ms(url, 2.0, root / f"load-warmup-{i}.json")
     for r in range(1, rounds + 1):
         order = [ROUND_ROBIN, BACKEND_DIRECT] if r % 2 else [BACKEND_DIRECT, ROUND_ROBIN]
         for name in order:

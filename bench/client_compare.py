@@ -7,7 +7,9 @@ to 30 % of requests and one benign; the benign one is killed (SIGKILL, as a cras
 with error 0.3, killed and restarted the same way; the resilient client can only retry
 against it. Each mode gets fresh processes with the same seeds, and the same open-loop
 schedule (the generator runs in this process so the crash lands at an exact time).
-Prints success rate and p99 for both; writes reports/bench/client_compare.json.
+Three clients run: basic; resilient as `twlb load --mode resilient` sets it up (breaker
+at 80 % failed tries); resilient with resilience4j's default breaker (50 %). Prints
+success rate and p99 for each; writes reports/bench/client_compare.json.
 
     .venv/bin/python bench/client_compare.py
     .venv/bin/python bench/client_compare.py --setup single --rate 100 --duration 20
@@ -28,7 +30,8 @@ import uvloop
 from client_support import REPORT_DIR, machine, start_service, write_json
 from rich.console import Console
 from rich.table import Table
-from twlb.client.load import LoadPlan, Mode, RunControl, run_load
+from twlb.client.breaker import BreakerConfig
+from twlb.client.load import LoadPlan, Mode, RunControl, load_breaker, run_load
 from twlb.client.report import build_report
 
 from twlb.procs import ManagedProcess
@@ -95,12 +98,24 @@ class Setup:
             proc.stop()
 
 
+#: The clients compared: (name, mode, breaker). `twlb load`'s resilient breaker opens at
+#: 80 % failed tries; resilience4j's default, 50 %, is run too: behind a balancer it trips
+#: while the balancer is still ejecting a crashed backend.
+CLIENTS: tuple[tuple[str, Mode, BreakerConfig], ...] = (
+    ("basic", Mode.BASIC, BreakerConfig()),
+    ("resilient", Mode.RESILIENT, load_breaker()),
+    ("resilient_breaker_50", Mode.RESILIENT, BreakerConfig(failure_rate_threshold=50.0)),
+)
+
+
 async def one_run(
-    mode: Mode, kind: str, rate: float, duration: float, log_dir: Path
+    mode: Mode, breaker: BreakerConfig, kind: str, rate: float, duration: float, log_dir: Path
 ) -> dict[str, Any]:
     setup = Setup(kind, log_dir).start()
     try:
-        plan = LoadPlan(url=setup.url, rate=rate, duration_s=duration, mode=mode, keys=500)
+        plan = LoadPlan(
+            url=setup.url, rate=rate, duration_s=duration, mode=mode, keys=500, breaker=breaker
+        )
         started = time.monotonic()
         load = asyncio.create_task(run_load(plan, RunControl()))
         timeline = {}
@@ -135,6 +150,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "breaker_transitions": report["breaker_transitions"],
         "achieved_rate": report["achieved_rate"],
         "timeline": report["timeline"],
+        "breaker_failure_rate_threshold": report.get("breaker", {}).get("failure_rate_threshold"),
     }
 
 
@@ -144,14 +160,14 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
 @click.option("--duration", type=click.FloatRange(min=5.0), default=20.0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON path.")
 def main(kind: str, rate: float, duration: float, out: Path | None) -> None:
-    console = Console()
+    console = Console(width=150)
     before = machine()
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="twlb-client-compare-") as tmp:
-        for mode in (Mode.BASIC, Mode.RESILIENT):
-            console.print(f"running {mode.value} against the {kind} setup for {duration:.0f} s")
+        for name, mode, breaker in CLIENTS:
+            console.print(f"running {name} against the {kind} setup for {duration:.0f} s")
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runs[mode.value] = runner.run(one_run(mode, kind, rate, duration, Path(tmp)))
+                runs[name] = runner.run(one_run(mode, breaker, kind, rate, duration, Path(tmp)))
     result = {
         "benchmark": "client_compare",
         "command": " ".join(sys.argv),
@@ -166,9 +182,7 @@ def main(kind: str, rate: float, duration: float, out: Path | None) -> None:
         "duration_s": duration,
         "machine_before": before,
         "machine_after": machine(),
-        "basic": summary(runs["basic"]),
-        "resilient": summary(runs["resilient"]),
-        "resilient_settings": runs["resilient"].get("breaker"),
+        **{name: summary(runs[name]) for name, _, _ in CLIENTS},
         "reports": runs,
     }
     path = write_json(out or REPORT_DIR / "client_compare.json", result)
@@ -176,10 +190,10 @@ def main(kind: str, rate: float, duration: float, out: Path | None) -> None:
     table = Table(title=f"basic vs resilient · {kind} setup · {rate:.0f} req/s · {duration:.0f} s")
     for col in ("mode", "success rate", "p50 ms", "p99 ms", "p99 all ms", "failed", "retries"):
         table.add_column(col, justify="right")
-    for mode in ("basic", "resilient"):
-        s = result[mode]
+    for name, _, _ in CLIENTS:
+        s = result[name]
         table.add_row(
-            mode,
+            name,
             f"{100 * s['success_rate']:.2f} %",
             f"{s['p50_ms']}",
             f"{s['p99_ms']}",

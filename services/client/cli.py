@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 from twlb.client.breaker import BreakerConfig
 from twlb.client.load import (
+    LOAD_BREAKER_FAILURE_RATE,
     LoadPlan,
     Mode,
     RunControl,
@@ -137,8 +138,8 @@ class ProgressView:
 @click.option(
     "--breaker-failure-rate",
     type=click.FloatRange(0.0, 100.0, min_open=True),
-    default=50.0,
-    help="Failure rate (percent) that opens the breaker.",
+    default=LOAD_BREAKER_FAILURE_RATE,
+    help="Failure rate (percent) of tries that opens the breaker (resilient).",
 )
 @click.option(
     "--breaker-min-calls",

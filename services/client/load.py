@@ -38,6 +38,18 @@ WORK_PATH = "/work"
 DRAIN_GRACE_S = 0.5
 #: Time in-flight requests get after an interrupt, at most.
 INTERRUPT_DRAIN_S = 2.0
+#: The load generator's breaker opens at this share of failed tries (percent), above
+#: resilience4j's 50: behind a balancer, which ejects bad backends itself, 50 % trips on
+#: one backend's crash and fails calls that retries would have saved (bench/client_compare.py
+#: measures both); a dead or drowning target still opens it.
+LOAD_BREAKER_FAILURE_RATE = 80.0
+
+
+def load_breaker() -> BreakerConfig:
+    """The breaker `twlb load --mode resilient` uses unless told otherwise."""
+    return BreakerConfig(failure_rate_threshold=LOAD_BREAKER_FAILURE_RATE)
+
+
 #: Longest the sender sleeps between looks at the stop flag.
 MAX_IDLE_S = 0.1
 #: How often a worker publishes its counts to the parent's progress display.
@@ -68,7 +80,7 @@ class LoadPlan:
     seed: int = 0
     workers: int = 1
     pool_size: int = 256
-    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    breaker: BreakerConfig = field(default_factory=load_breaker)
 
     def policy(self) -> ClientPolicy:
         if self.mode is Mode.BASIC:

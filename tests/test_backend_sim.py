@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twlb.backend.app import FieldProblem, parse_work_query, query_pairs
+from twlb.backend.app import FieldProblem, parse_work_query, query_pairs, timer_pause
 from twlb.backend.faults import NO_FAULT, FaultAction, FaultInjector
 from twlb.backend.simulation import NodeProfile, NodeSimulation
 
@@ -234,3 +234,12 @@ def test_rounds_defaults_to_one() -> None:
 @given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60))
 def test_query_fast_path_splits_exactly_like_parse_qsl(text: str) -> None:
     assert query_pairs(text.encode()) == parse_qsl(text, keep_blank_values=True)
+
+
+def test_timer_pauses_are_whole_milliseconds_keeping_the_mean() -> None:
+    rng = random.Random(0)
+    for seconds in (0.0004, 0.0016, 0.150):
+        pauses = [timer_pause(seconds, rng) for _ in range(20_000)]
+        assert {round(p * 1000) for p in pauses} <= {int(seconds * 1000), int(seconds * 1000) + 1}
+        assert statistics.fmean(pauses) == pytest.approx(seconds, abs=0.00003)
+    assert timer_pause(0.0, rng) == 0.0

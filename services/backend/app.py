@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import os
 import random
 import time
@@ -273,6 +274,17 @@ async def send_json(send: Any, status: int, body: bytes, *extra: tuple[bytes, by
     await send({"type": "http.response.body", "body": body})
 
 
+def timer_pause(seconds: float, rng: random.Random) -> float:
+    """A pause in whole milliseconds whose mean is `seconds`.
+
+    uvloop's timers round to the millisecond, which would turn a node's 1.6 ms into 2 ms
+    and 0.4 ms into nothing; rounding up or down at random keeps every node's mean latency.
+    """
+    ms = seconds * 1000.0
+    whole = math.floor(ms)
+    return (whole + (rng.random() < ms - whole)) / 1000.0
+
+
 async def drop_connection(send: Any) -> None:
     """Abort the request's TCP connection so the client gets no HTTP answer at all.
 
@@ -303,6 +315,7 @@ def create_app(settings: BackendSettings) -> FastAPI:
     simulation = NodeSimulation(
         settings.seed, started, enabled=settings.simulation, packet_loss=settings.packet_loss
     )
+    timer_rng = random.Random(f"twlb-node-timer:{settings.seed}")
     metrics = NodeMetrics(node_id)
     metrics.report_fault(injector.reported_type)
     process = psutil.Process()
@@ -345,7 +358,7 @@ def create_app(settings: BackendSettings) -> FastAPI:
         metrics.in_flight += 1
         try:
             answer = digest(key, rounds)
-            pause = sample.latency_s + decision.delay_s
+            pause = timer_pause(sample.latency_s + decision.delay_s, timer_rng)
             if pause > 0.0:
                 await asyncio.sleep(pause)
             if sample.dropped:

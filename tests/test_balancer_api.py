@@ -70,6 +70,7 @@ class Site:
     balancer: str  # in front of `first`: admin token, 100-byte body limit, trust policy
     bare: str  # no backends, no admin token
     dead: str  # in front of a port where nothing listens
+    hashing: str  # consistent-hash in front of both backends
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,12 @@ def site(group: ServiceGroup) -> Site:
         "balancer", "--backend", f"http://127.0.0.1:{free_port()}",
         "--health-interval", "0.1", "--health-timeout", "0.1", *quiet,
     )  # fmt: skip
+    hashing = group.start(
+        "balancer", "--backend", first, "--backend", second, "--policy", "consistent-hash",
+        "--audit-fraction", "0", *quiet,
+    )  # fmt: skip
     group.wait()
-    return Site(first, second, balancer, bare, dead)
+    return Site(first, second, balancer, bare, dead, hashing)
 
 
 @pytest.mark.parametrize(
@@ -264,3 +269,21 @@ def test_trust_reports_every_backend_with_its_window_features(site: Site) -> Non
     feature = f'twlb_balancer_feature{{backend="{site.first}",feature="success_ratio"}} 1.0'
     assert feature in metrics
     assert f'twlb_balancer_trust{{backend="{site.first}"}}' in metrics
+
+
+def test_consistent_hash_routes_by_the_key_parameter_or_the_key_header(site: Site) -> None:
+    with httpx.Client(base_url=site.hashing, timeout=5) as client:
+
+        def node(key: str, header: str | None = None) -> str:
+            headers = {"X-TWLB-Key": header} if header is not None else {}
+            r = client.get("/work", params={"key": key}, headers=headers)
+            assert r.status_code == 200
+            return r.json()["node"]
+
+        owners = {f"user-{i}": node(f"user-{i}") for i in range(24)}
+        assert set(owners.values()) == {"first", "second"}
+        for key, owner in owners.items():
+            assert node(key) == owner
+            # The header wins over the query parameter as the routing key.
+            other = next(k for k, o in owners.items() if o != owner)
+            assert node(other, header=key) == owner

@@ -314,7 +314,10 @@ def speed_run(
             rep = load_p50_ms(url, latency_duration, root / f"load-{r}-{len(latency[name])}.json")
             latency[name].append(rep["latency_ms"]["p50"])
     p50 = {name: statistics.median(v) for name, v in latency.items()}
-    added_p50 = p50[ROUND_ROBIN] - p50[BACKEND_DIRECT]
+    # Per-round differences (the two runs of a round are back to back), then their median.
+    added_p50 = statistics.median(
+        b - d for b, d in zip(latency[ROUND_ROBIN], latency[BACKEND_DIRECT], strict=True)
+    )
 
     table = Table(title=f"GET {WORK_PATH}, wrk -t{threads} -c{connections} -d{duration}s")
     for col in ("proxy", "round", "req/s", "non-2xx", "socket err", "avg ms", "proc CPU us/req"):

@@ -158,10 +158,10 @@ def measure(
 
 
 @click.group(invoke_without_command=True)
-@click.option("--rounds", default=5, type=click.IntRange(1, 20), show_default=True)
+@click.option("--rounds", default=9, type=click.IntRange(1, 30), show_default=True)
 @click.option(
     "--duration",
-    default=4,
+    default=2,
     type=click.IntRange(1, 60),
     show_default=True,
     help="Seconds per wrk run.",

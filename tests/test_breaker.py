@@ -187,6 +187,7 @@ def test_half_open_timeout_is_off_by_default() -> None:
         ("minimum_calls", 0),
         ("permitted_calls_in_half_open", 0),
         ("wait_in_open_s", -1.0),
+        ("minimum_calls", 51),  # more than the count window holds
     ],
 )
 def test_bad_config_names_the_field(field: str, value: float) -> None:

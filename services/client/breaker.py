@@ -76,6 +76,11 @@ class BreakerConfig:
         for name in ("window_size", "minimum_calls", "permitted_calls_in_half_open"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.window_type is WindowType.COUNT and self.minimum_calls > self.window_size:
+            problems.append(
+                f"minimum_calls ({self.minimum_calls}) must not exceed a count window_size "
+                f"({self.window_size}): the breaker could never judge"
+            )
         if self.wait_in_open_s < 0 or self.max_wait_in_half_open_s < 0:
             problems.append("wait_in_open_s and max_wait_in_half_open_s must be >= 0")
         if problems:

@@ -179,7 +179,13 @@ def command(
     out: Path | None,
     quiet: bool,
 ) -> None:
-    """Send GET /work at a constant rate, verify every answer, report what happened."""
+    """Send GET /work at a constant rate, verify every answer, report what happened.
+
+    Open loop: latency counts from each request's scheduled time. Every option is also
+    an environment variable (TWLB_LOAD_RATE, ...). Exit status: 0 when the run completed,
+    2 for bad options or an unreachable target (the report is still written), 130 when
+    interrupted (a partial report is written), 1 when a worker process failed.
+    """
     for probe in (f"{key_prefix}0", f"{key_prefix}{keys - 1}"):
         problem = key_problem(probe)
         if problem is not None:
@@ -203,6 +209,7 @@ def command(
         breaker=BreakerConfig(
             failure_rate_threshold=breaker_failure_rate,
             minimum_calls=breaker_min_calls,
+            window_size=max(BreakerConfig.window_size, breaker_min_calls),
             wait_in_open_s=breaker_wait,
         ),
     )

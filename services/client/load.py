@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import queue
 import random
 import signal
 import time
@@ -390,7 +391,7 @@ def run_load_in_workers(
                 on_progress(list(counts))
             try:
                 _, tally, error = results.get(timeout=PUBLISH_EVERY_S)
-            except Exception:  # queue.Empty: nothing yet
+            except queue.Empty:
                 if not any(p.is_alive() for p in procs) and results.empty():
                     break
                 continue

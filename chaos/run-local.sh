@@ -15,7 +15,7 @@ set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-reports/chaos}
 SEEDS=${CHAOS_SEEDS:-"11 12 13"}
-EXPERIMENTS=${CHAOS_EXPERIMENTS:-"backend_failure byzantine_node latency_injection"}
+EXPERIMENTS=${CHAOS_EXPERIMENTS:-"backend_failure byzantine_node latency_injection node_restart_storm"}
 CLUSTER_FILE=${CLUSTER_FILE:-chaos/local/cluster.yaml}
 TRAIN=${CHAOS_TRAIN:-1}
 READY_TIMEOUT_S=90

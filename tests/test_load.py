@@ -52,7 +52,8 @@ def test_report_has_every_field_and_the_rate_asked_for(
         False,
         False,
     )
-    assert r["target_rate"] == 100.0
+    assert r["target_rate"] == 100.0 and r["target_duration_s"] == 2.0
+    assert r["duration_s"] == pytest.approx(2.0, abs=0.5)
     assert r["sent"] == 200
     assert r["correct"] == 200 and r["wrong"] == 0 and r["failed"] == 0
     assert set(r["failed_by_reason"]) == set(FAILURE_REASONS)

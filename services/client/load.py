@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 import httpx
 import orjson
+import uvloop
 from twlb.client.breaker import BreakerConfig, BreakerState, BreakerTransition
 from twlb.client.client import CallStatus, ClientListener, ClientPolicy, ResilientClient
 from twlb.client.report import LoadTally
@@ -102,6 +103,8 @@ class LoadPlan:
     def settings(self) -> dict[str, Any]:
         """The plan as the report shows it."""
         d = asdict(self)
+        # The report's own `duration_s` is how long the run really took.
+        d["target_duration_s"] = d.pop("duration_s")
         d["mode"] = self.mode.value
         d["breaker"] = {k: str(v) if isinstance(v, StrEnum) else v for k, v in d["breaker"].items()}
         if self.mode is Mode.BASIC:
@@ -282,7 +285,6 @@ async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTal
 
 def run_load_blocking(plan: LoadPlan, control_factory: Callable[[], RunControl]) -> LoadTally:
     """Run one worker's share on uvloop; SIGINT and SIGTERM stop it early (partial)."""
-    import uvloop
 
     async def main() -> LoadTally:
         control = control_factory()

@@ -45,8 +45,9 @@ def render_card(report: dict[str, Any]) -> str:
         f"- File: `{model['file']}` (ONNX, input `features` float32 [n, "
         f"{len(report['feature_names'])}], outputs `label` and `probabilities` [n, "
         f"{len(report['classes'])}]).",
-        "- Pipeline: StandardScaler + SVC (RBF kernel, Platt-scaled probabilities), "
-        "scikit-learn, exported with skl2onnx (zipmap off).",
+        "- Pipeline (scikit-learn): PowerTransformer (Yeo-Johnson: spreads ratios near zero, "
+        "squeezes latency tails) + StandardScaler + SVC (RBF kernel, Platt-scaled "
+        "probabilities), exported with skl2onnx (zipmap off).",
         f"- Hyperparameters (GridSearchCV, GroupKFold by run id, {report['search']['folds']} "
         f"folds, scoring macro-F1): `{report['search']['best_params']}`, cv macro-F1 "
         f"{report['search']['cv_macro_f1']:.4f}.",

@@ -147,7 +147,7 @@ async def test_deadline_bounds_every_call_against_a_delayed_backend(
 
 
 async def test_hedge_answers_when_the_first_try_is_slow(node: ControlledNode) -> None:
-    node.set_fault(type="delay", probability=0.25, delayMs=400)
+    node.set_fault(type="delay", probability=0.15, delayMs=400)
     url = node.url
     recorder = Recorder()
     registry = CollectorRegistry()

@@ -141,9 +141,9 @@ async def test_deadline_bounds_every_call_against_a_delayed_backend(
         wall = time.perf_counter() - started
     for r in results:
         assert r.status in (CallStatus.TIMEOUT, CallStatus.DEADLINE)
-        assert r.elapsed_s <= deadline + 0.05, r
+        assert r.elapsed_s <= deadline + 0.1, r
         assert r.retries >= 1  # it did retry within the deadline
-    assert wall <= deadline + 0.15
+    assert wall <= deadline + 0.3
 
 
 async def test_hedge_answers_when_the_first_try_is_slow(node: ControlledNode) -> None:

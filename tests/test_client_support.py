@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
 
@@ -38,9 +39,10 @@ class ControlledNode:
         """All /work requests this node has answered so far (from its own metrics)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10.0, trust_env=False).text
         return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("twlb_node_requests_total{")
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "twlb_node_requests_total"
         )
 
 

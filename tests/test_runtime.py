@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -128,6 +129,17 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
                 return False
 
         _wait(ready, 10, "restarted node to answer")
+
+        # A killed balancer is restarted on its port, as a kubelet would restart its pod.
+        os.kill(st["balancer"]["pid"], signal.SIGKILL)
+
+        def balancer_back():
+            s = _status(state_dir)
+            b = s["balancer"]
+            return b if b["restarts"] >= 1 and b["alive"] else None
+
+        _wait(balancer_back, 20, "balancer restart")
+        runtime.wait_ready(f"http://127.0.0.1:{base}/healthz", timeout=30)
 
         final = _status(state_dir)
         all_pids = [n["pid"] for n in final["nodes"]] + [final["balancer"]["pid"]]

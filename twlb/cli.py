@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "twlb.ml.cli:train_command",
     "operator": "twlb.operator.cli:command",
     "crd": "twlb.operator.cli:crd_command",
+    "chaos": "twlb.chaos.cli:command",
 }
 
 

@@ -103,6 +103,9 @@ class EmbeddedCluster:
     nodes: list[NodeProcess] = field(default_factory=list, init=False)
     balancer: ManagedProcess | None = field(default=None, init=False)
     prometheus_proc: ManagedProcess | None = field(default=None, init=False)
+    balancer_restarts: int = field(default=0, init=False)
+    _balancer_next_start: float = field(default=0.0, init=False)
+    _balancer_backoff_s: float = field(default=RESTART_BASE_S, init=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -218,6 +221,7 @@ class EmbeddedCluster:
                 self.balancer.stop()
             if policy is not None:
                 self.policy = policy
+            self._balancer_next_start = 0.0
             self._write_truth()
             self._start_balancer()
             assert self.balancer is not None
@@ -287,11 +291,40 @@ class EmbeddedCluster:
                     node.restarts += 1
                     self._start_node(node)
                     events.append(f"{node.name} restarted (restart #{node.restarts})")
+            if self.balancer is not None and not self.balancer.alive():
+                events += self._supervise_balancer(now)
             self._write_truth()
             self._write_state()
         for e in events:
             log.info(e)
         return events
+
+    def _supervise_balancer(self, now: float) -> list[str]:
+        """A dead balancer is restarted like a node (same port, same back-off rule)."""
+        assert self.balancer is not None
+        if self._balancer_next_start == 0.0:
+            self._balancer_next_start = now + self._balancer_backoff_s
+            msg = (
+                f"balancer exited (status {self.balancer.returncode()}); "
+                f"restart in {self._balancer_backoff_s:.1f}s"
+            )
+            self._balancer_backoff_s = min(self._balancer_backoff_s * 2, RESTART_CAP_S)
+            return [msg]
+        if now < self._balancer_next_start:
+            return []
+        self._balancer_next_start = 0.0
+        self.balancer_restarts += 1
+        self._start_balancer()
+        return [f"balancer restarted (restart #{self.balancer_restarts})"]
+
+    def kill_balancer(self) -> int:
+        """SIGKILL the balancer (the supervisor restarts it). Returns the killed pid."""
+        with self._lock:
+            if self.balancer is None or not self.balancer.alive():
+                raise RuntimeError("the balancer is not running")
+            pid = self.balancer.pid
+            self.balancer.kill()
+            return pid
 
     def start_supervisor(self, interval_s: float = 0.2) -> None:
         """Supervise in a background thread until stop()."""
@@ -359,6 +392,8 @@ class EmbeddedCluster:
                 "url": self.balancer_url,
                 "pid": self.balancer.pid if self.balancer and self.balancer.popen else None,
                 "policy": self.policy or self.cluster.spec.policy.value,
+                "alive": self.balancer is not None and self.balancer.alive(),
+                "restarts": self.balancer_restarts,
             },
             "prometheus": {
                 "url": self.prometheus_url,
@@ -414,6 +449,8 @@ def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
         return state
     headers = {"Authorization": f"Bearer {tokens.get('control', '')}"}
     with httpx.Client(timeout=timeout) as client:
+        bal = state["balancer"]
+        bal["alive"] = bool(bal.get("pid")) and pid_alive(int(bal["pid"]))
         for node in state["nodes"]:
             node["alive"] = bool(node.get("pid")) and pid_alive(int(node["pid"]))
             with contextlib.suppress(httpx.HTTPError, ValueError):

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -27,20 +27,21 @@ import psutil
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
+from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from twlb.backend.faults import FaultAction, FaultInjector
+from twlb.backend.faults import NO_FAULT, FaultAction, FaultInjector
 from twlb.backend.simulation import NodeSimulation
 
+from twlb.plain_metrics import PlainHistogram
 from twlb.spec import FaultSpec, FaultType
 from twlb.work import ROUNDS_MAX, ROUNDS_MIN, digest, key_problem
 
@@ -112,23 +113,24 @@ def query_pairs(query_string: bytes) -> list[tuple[str, str]]:
 
 def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem]:
     """`(key, rounds)` of a /work query string, or the problems that make it invalid."""
-    values: dict[str, str] = {}
+    key: str | None = None
+    raw_rounds: str | None = None
     problems: list[FieldProblem] = []
     for name, value in query_pairs(query_string):
-        if name not in WORK_PARAMS:
-            allowed = ", ".join(WORK_PARAMS)
-            problems.append(FieldProblem(name, f"unknown query parameter (allowed: {allowed})"))
-        elif name in values:
+        if name == "key" and key is None:
+            key = value
+        elif name == "rounds" and raw_rounds is None:
+            raw_rounds = value
+        elif name in WORK_PARAMS:
             problems.append(FieldProblem(name, "given more than once"))
         else:
-            values[name] = value
-    key = values.get("key")
+            allowed = ", ".join(WORK_PARAMS)
+            problems.append(FieldProblem(name, f"unknown query parameter (allowed: {allowed})"))
     if key is None:
         problems.append(FieldProblem("key", "is required"))
     elif (why := key_problem(key)) is not None:
         problems.append(FieldProblem("key", why))
     rounds = ROUNDS_MIN
-    raw_rounds = values.get("rounds")
     if raw_rounds is not None:
         if raw_rounds.isascii() and raw_rounds.isdigit():
             rounds = int(raw_rounds)
@@ -144,42 +146,23 @@ def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem
     return key, rounds
 
 
-class NodeMetrics:
-    """The node's Prometheus metrics, in a registry of its own (one per app)."""
+class NodeMetrics(Collector):
+    """The node's Prometheus metrics, in a registry of its own (one per app).
+
+    What /work updates per request is kept as plain numbers (the event loop is one
+    thread) and turned into metric families at scrape time; the gauges set on a scrape
+    or a fault switch stay prometheus-client Gauges.
+    """
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
+        self.requests: dict[int, int] = {}  # answered work requests by HTTP status
+        self.duration = PlainHistogram(LATENCY_BUCKETS_S)
+        self.in_flight = 0
+        self.dropped = 0
         self.registry = CollectorRegistry()
         reg = self.registry
-        self._requests = Counter(
-            "twlb_node_requests",
-            "Work requests answered, by HTTP status code.",
-            ["node", "code"],
-            registry=reg,
-        )
-        self._by_code: dict[int, Any] = {}
-        self.duration = Histogram(
-            "twlb_node_request_duration_seconds",
-            "Time to answer a work request, as the node itself reports it.",
-            ["node"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=reg,
-        ).labels(node=node_id)
-        # Served from a plain count read at scrape time: the event loop is one thread, so
-        # the hot path need not take the gauge's lock twice per request.
-        self.in_flight = 0
-        Gauge(
-            "twlb_node_in_flight_requests",
-            "Work requests being served.",
-            ["node"],
-            registry=reg,
-        ).labels(node=node_id).set_function(lambda: self.in_flight)
-        self.dropped = Counter(
-            "twlb_node_dropped_connections",
-            "Work requests whose connection was dropped by simulated packet loss.",
-            ["node"],
-            registry=reg,
-        ).labels(node=node_id)
+        reg.register(self)
         self.cpu = Gauge(
             "twlb_node_cpu_utilization_ratio",
             "CPU utilisation of the node (simulated, or the process's own without simulation).",
@@ -206,15 +189,39 @@ class NodeMetrics:
         )
 
     def answered(self, code: int, duration_s: float) -> None:
-        child = self._by_code.get(code)
-        if child is None:
-            child = self._by_code[code] = self._requests.labels(node=self.node_id, code=str(code))
-        child.inc()
-        self.duration.observe(max(0.0, duration_s))
+        self.requests[code] = self.requests.get(code, 0) + 1
+        self.duration.observe(duration_s if duration_s > 0.0 else 0.0)
 
     def report_fault(self, fault: FaultType) -> None:
         for t in FaultType:
             self._fault_info.labels(node=self.node_id, type=t.value).set(1 if t is fault else 0)
+
+    def collect(self) -> Iterable[Metric]:
+        node = [self.node_id]
+        requests = CounterMetricFamily(
+            "twlb_node_requests",
+            "Work requests answered, by HTTP status code.",
+            labels=["node", "code"],
+        )
+        for code, n in sorted(self.requests.items()):
+            requests.add_metric([self.node_id, str(code)], n)
+        duration = HistogramMetricFamily(
+            "twlb_node_request_duration_seconds",
+            "Time to answer a work request, as the node itself reports it.",
+            labels=["node"],
+        )
+        duration.add_metric(node, self.duration.cumulative_buckets(), self.duration.sum)
+        in_flight = GaugeMetricFamily(
+            "twlb_node_in_flight_requests", "Work requests being served.", labels=["node"]
+        )
+        in_flight.add_metric(node, self.in_flight)
+        dropped = CounterMetricFamily(
+            "twlb_node_dropped_connections",
+            "Work requests whose connection was dropped by simulated packet loss.",
+            labels=["node"],
+        )
+        dropped.add_metric(node, self.dropped)
+        yield from (requests, duration, in_flight, dropped)
 
 
 _BEARER = HTTPBearer(auto_error=False)
@@ -263,13 +270,12 @@ class BackendApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
 async def send_json(send: Any, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
     """Send one complete JSON response through a raw ASGI `send`."""
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *extra,
-    ]
+    headers = [JSON_CONTENT_TYPE, (b"content-length", b"%d" % len(body)), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -354,19 +360,24 @@ def create_app(settings: BackendSettings) -> FastAPI:
         decision = injector.decide(now)
         if decision.action is FaultAction.CRASH:
             _crash(node_id)
-        sample = simulation.sample(now)
+        latency_s, dropped = simulation.draw(now)
+        seconds = latency_s + decision.delay_s
         metrics.in_flight += 1
         try:
             answer = digest(key, rounds)
-            pause = timer_pause(sample.latency_s + decision.delay_s, timer_rng)
-            if pause > 0.0:
+            if seconds > 0.0 and (pause := timer_pause(seconds, timer_rng)) > 0.0:
                 await asyncio.sleep(pause)
-            if sample.dropped:
-                metrics.dropped.inc()
+            if dropped:
+                metrics.dropped += 1
                 await drop_connection(send)
                 return
         finally:
             metrics.in_flight -= 1
+        if decision is NO_FAULT:
+            body = orjson.dumps({"node": node_id, "key": key, "rounds": rounds, "digest": answer})
+            metrics.answered(200, time.perf_counter() - began)
+            await send_json(send, 200, body)
+            return
         if decision.action is FaultAction.ERROR:
             status = decision.status
             body = orjson.dumps({"node": node_id, "error": "injected fault: error"})

@@ -120,6 +120,9 @@ class NodeSimulation:
         self.profile = NodeProfile.from_seed(seed)
         self._rng = random.Random(f"twlb-node-requests:{seed}")
         self._spikes: dict[int, Spike | None] = {}
+        # The spikes that can overlap the current spike window (see `draw`).
+        self._window: int | None = None
+        self._window_spikes: tuple[Spike, ...] = ()
 
     def _spike(self, window: int) -> Spike | None:
         if window not in self._spikes:
@@ -163,15 +166,39 @@ class NodeSimulation:
 
     def sample(self, now: float) -> RequestSample:
         """One request arriving at `now`: its added latency and whether it is dropped."""
+        return RequestSample(*self.draw(now))
+
+    def draw(self, now: float) -> tuple[float, bool]:
+        """`sample(now)` as a plain tuple: the same draws, without building a named tuple.
+
+        The service calls this once per request, so it inlines `load` over the spikes of
+        the current window pair, which it keeps until `now` leaves that window.
+        """
+        rng = self._rng
         if not self.enabled:
             loss = self.packet_loss or 0.0
-            return RequestSample(0.0, loss > 0.0 and self._rng.random() < loss)
+            return 0.0, loss > 0.0 and rng.random() < loss
         p = self.profile
-        load = self.load(now)
+        t = now - self.start
+        wave = 1.0 + p.load_amplitude * math.sin(2.0 * math.pi * t / p.load_period_s + p.load_phase)
+        window = math.floor(t / SPIKE_WINDOW_S)
+        if window != self._window:
+            self._window = window
+            self._window_spikes = tuple(
+                s for s in (self._spike(window - 1), self._spike(window)) if s is not None
+            )
+        extra = 0.0  # summed apart from the wave, exactly as `load` does
+        for spike in self._window_spikes:
+            extra += spike.load_at(t)
+        load = wave + extra
+        if load < 0.0:
+            load = 0.0
         mean = p.network_latency_s + p.base_latency_s * load
-        latency = max(0.1 * mean, self._rng.gauss(mean, p.jitter_ratio * mean))
+        latency = rng.gauss(mean, p.jitter_ratio * mean)
+        if latency < 0.1 * mean:
+            latency = 0.1 * mean
         if self.packet_loss is None:
-            loss = p.packet_loss * min(load, LOSS_LOAD_CAP)
+            loss = p.packet_loss * (load if load < LOSS_LOAD_CAP else LOSS_LOAD_CAP)
         else:
             loss = self.packet_loss
-        return RequestSample(latency, self._rng.random() < loss)
+        return latency, rng.random() < loss

@@ -9,7 +9,6 @@ scrape time; prometheus-client renders the exposition.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from twlb.outcome import Outcome
+from twlb.plain_metrics import PlainHistogram
 
 #: Histogram bounds (seconds) for upstream tries: sub-millisecond to the longest timeouts.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
@@ -54,19 +54,17 @@ class LiveView:
 class BackendCounters:
     """Tries, their durations and audit verdicts of one backend, as plain counts."""
 
-    __slots__ = ("outcomes", "buckets", "duration_sum", "audits", "mismatches")
+    __slots__ = ("outcomes", "duration", "audits", "mismatches")
 
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(Outcome, 0)
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
-        self.duration_sum = 0.0
+        self.duration = PlainHistogram(DURATION_BUCKETS)
         self.audits = 0  # agreeing audits this backend took part in
         self.mismatches = 0  # of which it was the odd one out
 
     def observe(self, outcome: Outcome, latency_s: float) -> None:
         self.outcomes[outcome] += 1
-        self.buckets[bisect.bisect_left(DURATION_BUCKETS, latency_s)] += 1
-        self.duration_sum += latency_s
+        self.duration.observe(latency_s)
 
 
 class BalancerMetrics(Collector):
@@ -125,11 +123,7 @@ class BalancerMetrics(Collector):
         for url, c in self.backends.items():
             for outcome, n in c.outcomes.items():
                 tries.add_metric([url, outcome.value], n)
-            cumulative, total = [], 0
-            for bound, n in zip((*DURATION_BUCKETS, float("inf")), c.buckets, strict=True):
-                total += n
-                cumulative.append((_le(bound), total))
-            duration.add_metric([url], cumulative, c.duration_sum)
+            duration.add_metric([url], c.duration.cumulative_buckets(), c.duration.sum)
             checks.add_metric([url], c.audits)
             mismatches.add_metric([url], c.mismatches)
         yield from (tries, duration, checks, mismatches)
@@ -170,7 +164,3 @@ class BalancerMetrics(Collector):
             for name, value in values.items():
                 feature.add_metric([backend, name], float(value))
         yield from (trust, up, feature)
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)

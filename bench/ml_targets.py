@@ -17,6 +17,7 @@ Writes reports/bench/ml_targets.json and the targets section of ml/models/MODEL_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import platform
@@ -36,6 +37,7 @@ from twlb.balancer.features import FEATURE_NAMES
 from twlb.balancer.onnx_scorer import OnnxScorer
 from twlb.balancer.trust import TrustEngine
 from twlb.ml.card import write_targets
+from twlb.ml.collect import driven_load
 from twlb.ml.dataset import read_dataset
 from twlb.ml.train import heuristic_predictions, scores_for, split_by_seed
 
@@ -109,6 +111,7 @@ def live_detection(model: Path, window_s: float, rate: float, workdir: Path) -> 
     n_nodes = len(scenarios) + 3
     procs: list[ManagedProcess] = []
     results = []
+    stack = contextlib.ExitStack()
     try:
         nodes = []
         for i in range(n_nodes):
@@ -132,24 +135,7 @@ def live_detection(model: Path, window_s: float, rate: float, workdir: Path) -> 
         procs.append(ManagedProcess(argv, log_path=workdir / "balancer.log").start())
         procs[-1].wait_ready(balancer + "/healthz")
         duration = 3 * window_s + len(scenarios) * (2.5 * window_s + 2) + 10
-        load = ManagedProcess(
-            twlb_argv(
-                "load",
-                "--url",
-                balancer,
-                "--rate",
-                repr(rate),
-                "--duration",
-                repr(duration),
-                "--mode",
-                "basic",
-                "--quiet",
-                "--out",
-                str(workdir / "load.json"),
-            ),  # fmt: skip
-            log_path=workdir / "load.log",
-        ).start()
-        procs.append(load)
+        load = stack.enter_context(driven_load(balancer, rate, duration, workdir))
         time.sleep(3 * window_s)  # every node trusted on a full window of healthy traffic
         lowest_healthy = 1.0  # the never-faulted nodes' lowest weight (false alarms)
         for i, fault in enumerate(scenarios):
@@ -182,12 +168,11 @@ def live_detection(model: Path, window_s: float, rate: float, workdir: Path) -> 
                     "predicted": max(row["probabilities"], key=row["probabilities"].get),
                 }
             )
-        load.stop()
-        report = workdir / "load.json"
-        loaded = json.loads(report.read_text()) if report.exists() else None
     finally:
+        stack.close()  # the load first, so its report is written
         for p in procs:
             p.stop()
+    loaded = json.loads(load.read_text()) if load.exists() else None
     worst = [r["windows"] for r in results]
     return {
         "rate": rate,

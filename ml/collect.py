@@ -22,12 +22,10 @@ belongs to that tick too.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import random
 import secrets
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -333,68 +331,19 @@ def label_rows(
 
 
 @contextlib.contextmanager
-def driven_load(url: str, rate: float, duration_s: float, workdir: Path) -> Iterator[None]:
-    """Open-loop GET /work load on `url` for `duration_s` (the `twlb load` generator)."""
-    if importlib.util.find_spec("twlb.client.cli") is not None:
-        proc = ManagedProcess(
-            twlb_argv(
-                "load",
-                "--url",
-                url,
-                "--rate",
-                repr(rate),
-                "--duration",
-                repr(duration_s),
-                "--mode",
-                "basic",
-                "--out",
-                str(workdir / "load.json"),
-            ),  # fmt: skip
-            log_path=workdir / "load.log",
-        ).start()
-        try:
-            yield
-        finally:
-            proc.stop()
-        return
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=_httpx_load, args=(url, rate, duration_s, stop), name="twlb-collect-load"
-    )
-    thread.start()
+def driven_load(url: str, rate: float, duration_s: float, workdir: Path) -> Iterator[Path]:
+    """Open-loop GET /work on `url` with `twlb load` while the block runs (at most
+    `duration_s`); yields where its JSON report lands once the block is left."""
+    report = workdir / "load.json"
+    argv = twlb_argv(
+        "load", "--url", url, "--rate", repr(rate), "--duration", repr(duration_s),
+        "--mode", "basic", "--quiet", "--out", str(report),
+    )  # fmt: skip
+    proc = ManagedProcess(argv, log_path=workdir / "load.log").start()
     try:
-        yield
+        yield report
     finally:
-        stop.set()
-        thread.join(10.0)
-
-
-def _httpx_load(url: str, rate: float, duration_s: float, stop: threading.Event) -> None:
-    """Bounded open-loop load (count and time) when `twlb load` is not in this build."""
-    import asyncio
-
-    async def main() -> None:
-        limit = asyncio.Semaphore(128)
-        async with httpx.AsyncClient(
-            timeout=2.0, limits=httpx.Limits(max_connections=128)
-        ) as client:
-
-            async def one(i: int) -> None:
-                async with limit:
-                    with contextlib.suppress(httpx.HTTPError):
-                        await client.get(f"{url}/work", params={"key": f"k{i}", "rounds": 1})
-
-            tasks = []
-            start = time.monotonic()
-            for i in range(int(rate * duration_s)):
-                due = start + i / rate
-                if stop.is_set() or time.monotonic() - start > duration_s:
-                    break
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                tasks.append(asyncio.create_task(one(i)))
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
-
-    asyncio.run(main())
+        proc.stop()
 
 
 # --------------------------------------------------------------------------- live runs

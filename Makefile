@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 UV_VERSION := 0.13.8
 
-.PHONY: venv test lint demo bench lock clean chaos-local
+.PHONY: venv test lint demo bench lock clean chaos-local train
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,12 @@ clean:
 ## recordings, labelled dataset and a model trained on it under reports/chaos/)
 chaos-local: $(STAMP)
 	BIN=$(BIN) OUT=reports/chaos chaos/run-local.sh
+
+## make train: collect labelled windows from 16 seeded chaos runs on loopback (real
+## backends, balancer and Prometheus: about 11 minutes on 2 idle cores), then train,
+## compare and export the trust model with its card into ml/models. Training alone on the
+## shipped data takes seconds: twlb train --data ml/data/train.parquet --out ml/models
+TRAIN_SEED ?= 0
+train: $(STAMP)
+	$(BIN)/twlb collect --out ml/data/train.parquet --runs 16 --duration 35 --seed $(TRAIN_SEED)
+	$(BIN)/twlb train --data ml/data/train.parquet --out ml/models --seed $(TRAIN_SEED)

@@ -98,10 +98,15 @@ def render_card(report: dict[str, Any]) -> str:
         TARGETS_END,
         "",
         "## Limits",
+        f"- The held-out figures rest on {split['holdout_windows']} windows from "
+        f"{len(split['holdout_seeds'])} runs; a perfect score on them bounds the error rate "
+        "only roughly (one mistake would cost about "
+        f"{100 / max(1, split['holdout_windows']):.1f} points of accuracy).",
         "- Trained on loopback clusters of the embedded lab: fault parameters and loads",
         "  outside the collected ranges (see the data description) are untested.",
-        "- `lie-latency` is labelled `delay` and `flapping` is labelled `error`",
-        "  (twlb.spec.FAULT_CLASS); windows that straddle a fault switch are left out.",
+        "- `lie-latency` is labelled `delay` (twlb.spec.FAULT_CLASS); `flapping` nodes are",
+        "  not collected (their healthy periods would carry the `error` label); windows",
+        "  that straddle a fault switch or a kill are left out.",
         "- Byzantine detection relies on the balancer's audits; with an audit fraction",
         "  far below the collection's, fewer mismatches are seen per window.",
         "",

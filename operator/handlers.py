@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ import kopf
 from pydantic import ValidationError
 from twlb.operator import render
 from twlb.operator.kube import KubeApi, KubeError
-from twlb.operator.reconcile import Plan, plan
+from twlb.operator.reconcile import Key, Plan, key_of, plan
 from twlb.operator.status import (
     PHASE_INVALID,
     TrustReading,
@@ -113,6 +114,7 @@ class Operator:
         self._api = api
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.api_workers, thread_name_prefix="twlb-api")
+        self._http: httpx.AsyncClient | None = None
 
     @property
     def api(self) -> KubeApi:
@@ -122,7 +124,10 @@ class Operator:
                 self._api = KubeApi()
             return self._api
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             if self._api is not None:
@@ -140,11 +145,13 @@ class Operator:
         return [obj for objs in lists for obj in objs if _owned_by(obj, owner)]
 
     async def read_trust(self, url: str) -> TrustReading:
+        if self._http is None:
+            # One client for every read: building one costs a TLS context (~0.2 s of CPU).
+            self._http = httpx.AsyncClient(timeout=self.config.trust_timeout_s)
         try:
-            async with httpx.AsyncClient(timeout=self.config.trust_timeout_s) as client:
-                r = await client.get(url.rstrip("/") + "/trust")
-                r.raise_for_status()
-                backends = r.json().get("backends")
+            r = await self._http.get(url.rstrip("/") + "/trust")
+            r.raise_for_status()
+            backends = r.json().get("backends")
             if not isinstance(backends, list):
                 raise ValueError("answer has no 'backends' list")
             return TrustReading(url=url, read_at=_now(), backends=backends)
@@ -153,16 +160,24 @@ class Operator:
 
     # ---- writing --------------------------------------------------------------------
 
-    def apply(self, owner: render.Owner, todo: Plan) -> None:
+    def apply(self, owner: render.Owner, todo: Plan) -> dict[Key, dict[str, Any] | None]:
+        """Carry out a plan; returns each touched object as the server answered (None: gone)."""
+        ns = owner.namespace
         first = [o for o in todo.create if o["kind"] in FIRST_KINDS]
         rest = [o for o in todo.create if o["kind"] not in FIRST_KINDS]
-        list(self._pool.map(self.api.create, first))
-        calls = [lambda o=o: self.api.create(o) for o in rest]
-        calls += [
-            lambda k=k, p=p: self.api.patch(k[0], owner.namespace, k[1], p) for k, p in todo.patch
+        done: dict[Key, dict[str, Any] | None] = {}
+        # Pods refer to the Secret and ConfigMaps, so those exist before any Deployment.
+        for obj, answer in zip(first, self._pool.map(self.api.create, first), strict=True):
+            done[key_of(obj)] = answer
+        calls: list[tuple[Key, Callable[[], dict[str, Any] | None]]] = [
+            (key_of(o), lambda o=o: self.api.create(o)) for o in rest
         ]
-        calls += [lambda k=k: self.api.delete(k[0], owner.namespace, k[1]) for k in todo.delete]
-        list(self._pool.map(lambda call: call(), calls))
+        calls += [(k, lambda k=k, p=p: self.api.patch(k[0], ns, k[1], p)) for k, p in todo.patch]
+        calls += [(k, lambda k=k: self.api.delete(k[0], ns, k[1]) and None) for k in todo.delete]
+        answers = self._pool.map(lambda call: call[1](), calls)
+        for (key, _), answer in zip(calls, answers, strict=True):
+            done[key] = answer
+        return done
 
     def reconcile(
         self,
@@ -172,13 +187,9 @@ class Operator:
     ) -> tuple[Plan, list[dict[str, Any]]]:
         """Make the children match the spec; returns what was done and the live objects."""
         live = self.live_children(owner)
+        tokens = render.tokens_secret_name(owner)
         secret = next(
-            (
-                o
-                for o in live
-                if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-tokens")
-            ),
-            None,
+            (o for o in live if o["kind"] == "Secret" and o["metadata"]["name"] == tokens), None
         )
         # Tokens are generated once; the live Secret's values are never rewritten.
         desired = render.render_children(
@@ -192,8 +203,13 @@ class Operator:
             desired = [secret if o["kind"] == "Secret" else o for o in desired]
         todo = plan(desired, live)
         if not todo.empty:
-            self.apply(owner, todo)
-            live = self.live_children(owner)
+            by_key = {key_of(o): o for o in live}
+            for key, answer in self.apply(owner, todo).items():
+                if answer is None:
+                    by_key.pop(key, None)
+                else:
+                    by_key[key] = {**answer, "kind": key[0]}
+            live = list(by_key.values())
         return todo, live
 
     def delete_children(self, owner: render.Owner) -> int:
@@ -238,8 +254,8 @@ def register(
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.cleanup(registry=registry)
-    def close(**_: Any) -> None:
-        op.close()
+    async def close(**_: Any) -> None:
+        await op.close()
 
     def mark_invalid(body: Any, status: Any, patch: kopf.Patch, gen: Any, err: SpecError) -> None:
         new = invalid_status(str(err), status, gen, _now())
@@ -302,7 +318,13 @@ def register(
             raise kopf.TemporaryError(str(err), delay=2) from None
         logger.info("deleted %d children", n)
 
-    @kopf.timer(*resource, interval=config.status_interval_s, registry=registry)
+    @kopf.timer(
+        *resource,
+        interval=config.status_interval_s,
+        # The reconcile handler writes the first status; an immediate tick would only race it.
+        initial_delay=config.status_interval_s,
+        registry=registry,
+    )
     async def refresh_status(
         body: kopf.Body,
         spec: kopf.Spec,

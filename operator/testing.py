@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import tempfile
 import uuid
@@ -20,11 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import kmock
 import kopf
 import yaml
 from kmock._internal import enums
 from twlb.operator.handlers import OperatorConfig, make_settings, register
+from twlb.operator.kube import labels_match
 
 from twlb.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
@@ -42,10 +43,20 @@ CLOSE = {"Connection": "close"}
 class ApiServerEmulator(kmock.KubernetesEmulator):
     """kmock's emulator plus the server-side metadata fields a real API server sets."""
 
-    _versions = itertools.count(1)
+    #: The last resourceVersion handed out (one sequence for all objects, as etcd's).
+    _version = 0
 
     async def _handle(self, request: Any) -> Any:
+        # kmock matches a request to its reactions by finding it in the request history,
+        # scanned from the start for each reaction: serving would slow down with every
+        # request served. Only the request being served is kept; objects hold the state.
+        del self._requests[:-1]
         data = request.data
+        if request.resource is not None and isinstance(data, list):
+            self._json_patch_preconditions(request)
+            data.append(
+                {"op": "add", "path": "/metadata/resourceVersion", "value": self._next_version()}
+            )
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.action == enums.action.CREATE:
@@ -58,9 +69,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 meta.setdefault(
                     "creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
                 )
-                meta["resourceVersion"] = str(next(self._versions))
+                meta["resourceVersion"] = self._next_version()
             elif request.action == enums.action.UPDATE:
-                meta["resourceVersion"] = str(next(self._versions))
+                meta["resourceVersion"] = self._next_version()
                 if request.subresource is None and "spec" in data:
                     key = (request.resource, request.namespace, request.name)
                     try:
@@ -71,6 +82,53 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                         gen = obj.raw.get("metadata", {}).get("generation", 1)
                         meta["generation"] = gen + 1
         return await super()._handle(request)
+
+    def _next_version(self) -> str:
+        ApiServerEmulator._version += 1
+        return str(self._version)
+
+    async def _serve_list(self, request: Any) -> Any:
+        """kmock's list plus the server's part: the list's resourceVersion and labelSelector."""
+        answer = await super()._serve_list(request)
+        answer["metadata"]["resourceVersion"] = str(self._version)
+        selector = request.params.get("labelSelector")
+        if selector:
+            wanted = dict(term.split("=", 1) for term in selector.split(","))
+            answer["items"] = [i for i in answer["items"] if labels_match(i, wanted)]
+        return answer
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        """A watch from a listed resourceVersion sees only changes after it.
+
+        kmock replays every existing object as ADDED; a client that listed first (kopf)
+        would then handle the same object version twice and race itself.
+        """
+        since = request.params.get("resourceVersion", "")
+        since_version = int(since) if since.isdigit() else 0
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict) and event.get("type") == "ADDED":
+                rv = event["object"].get("metadata", {}).get("resourceVersion", "")
+                if rv.isdigit() and int(rv) <= since_version:
+                    continue
+            yield event
+
+    def _json_patch_preconditions(self, request: Any) -> None:
+        """A JSON patch whose `test` ops fail is refused with 422, as the API server does.
+
+        kopf guards its finalizer and progress patches with a test of resourceVersion and
+        re-reads the object on 422; any other answer makes it retry the stale patch.
+        """
+        try:
+            current = self.objects[request.resource, request.namespace, request.name]
+        except KeyError:
+            return
+        if current.deleted:
+            return
+        tests = [op for op in request.data if op.get("op") == "test"]
+        try:
+            jsonpatch.apply_patch(current.raw, tests)
+        except (jsonpatch.JsonPatchTestFailed, jsonpatch.JsonPointerException) as err:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(err)) from None
 
 
 def trustcluster(name: str, namespace: str, spec: Mapping[str, Any], **meta: Any) -> dict:
@@ -161,21 +219,56 @@ def _kubeconfig_env(url: str) -> Iterator[Path]:
                 os.environ["KUBECONFIG"] = old
 
 
+def _serve_resources(api: ApiServerEmulator) -> None:
+    """The bundled core resources and the TrustCluster CRD's resource."""
+    api.resources.load_bundled()
+    api.resources[TRUSTCLUSTERS] = kmock.ResourceInfo(
+        kind=KIND,
+        singular=KIND.lower(),
+        namespaced=True,
+        verbs={"list", "watch", "get", "patch", "create", "delete"},
+        subresources={"status"},
+        shortnames={"tc"},
+    )
+
+
 @contextlib.asynccontextmanager
 async def emulated_cluster() -> AsyncIterator[EmulatedCluster]:
-    """An emulator serving the bundled core resources and the TrustCluster CRD's resource."""
+    """An emulator in this event loop, with KUBECONFIG pointing at it while in use."""
     async with ApiServerEmulator() as api, kmock.Server(api):
-        api.resources.load_bundled()
-        api.resources[TRUSTCLUSTERS] = kmock.ResourceInfo(
-            kind=KIND,
-            singular=KIND.lower(),
-            namespaced=True,
-            verbs={"list", "watch", "get", "patch", "create", "delete"},
-            subresources={"status"},
-            shortnames={"tc"},
-        )
+        _serve_resources(api)
         with _kubeconfig_env(str(api.url)) as kubeconfig:
             yield EmulatedCluster(api=api, url=str(api.url), kubeconfig=kubeconfig)
+
+
+@contextlib.contextmanager
+def kubeconfig_for(url: str) -> Iterator[Path]:
+    """KUBECONFIG pointing at an API server URL while in use (e.g. `serve` in a child)."""
+    with _kubeconfig_env(url) as path:
+        yield path
+
+
+async def serve(port: int) -> None:
+    """Run the emulator on 127.0.0.1:port until cancelled (a stand-alone API server)."""
+    async with ApiServerEmulator() as api, kmock.Server(api, port=port):
+        _serve_resources(api)
+        await asyncio.Event().wait()
+
+
+def main() -> None:
+    """`python -m twlb.operator.testing --port P`: the emulator in its own process."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(serve(args.port))
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    loop.add_signal_handler(signal.SIGINT, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        loop.run_until_complete(task)
 
 
 @contextlib.asynccontextmanager
@@ -225,3 +318,7 @@ async def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> fl
         if loop.time() - start > timeout:
             raise TimeoutError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+if __name__ == "__main__":
+    main()

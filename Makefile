@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 UV_VERSION := 0.13.8
 
-.PHONY: venv test lint demo bench lock clean chaos-local train
+.PHONY: venv test lint demo bench lock clean chaos-local kind-up kind-down crd train
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,27 @@ clean:
 ## recordings, labelled dataset and a model trained on it under reports/chaos/)
 chaos-local: $(STAMP)
 	BIN=$(BIN) OUT=reports/chaos chaos/run-local.sh
+
+## make crd: regenerate k8s/crd.yaml from the TrustCluster spec model
+crd: $(STAMP)
+	$(BIN)/twlb crd > k8s/crd.yaml
+
+KIND_CLUSTER ?= twlb
+IMAGE        ?= twlb:0.1.0
+
+## make kind-up: a kind cluster with the image loaded, the CRD, the operator and Prometheus
+kind-up:
+	kind create cluster --name $(KIND_CLUSTER) --config kind-config.yaml
+	docker build -t $(IMAGE) .
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+	kubectl apply -f k8s/
+	kubectl wait --for=condition=Established crd/trustclusters.twlb.dev --timeout=60s
+	kubectl -n twlb rollout status deployment/twlb-operator --timeout=180s
+	kubectl -n twlb rollout status deployment/prometheus --timeout=180s
+
+## make kind-down: delete the kind cluster
+kind-down:
+	kind delete cluster --name $(KIND_CLUSTER)
 
 ## make train: collect labelled windows from 16 seeded chaos runs on loopback (real
 ## backends, balancer and Prometheus: about 11 minutes on 2 idle cores), then train,

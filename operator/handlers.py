@@ -115,6 +115,7 @@ class Operator:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.api_workers, thread_name_prefix="twlb-api")
         self._http: httpx.AsyncClient | None = None
+        self._locks: dict[str, threading.Lock] = {}
 
     @property
     def api(self) -> KubeApi:
@@ -186,7 +187,21 @@ class Operator:
         node_port: int | None,
     ) -> tuple[Plan, list[dict[str, Any]]]:
         """Make the children match the spec; returns what was done and the live objects."""
+        # The handlers and the timer may both reconcile one cluster; never at once.
+        with self._locks.setdefault(owner.uid, threading.Lock()):
+            return self._reconcile(owner, spec, node_port)
+
+    def _reconcile(
+        self, owner: render.Owner, spec: TrustClusterSpec, node_port: int | None
+    ) -> tuple[Plan, list[dict[str, Any]]]:
         live = self.live_children(owner)
+        model_name = render.model_config_map_name(owner, spec)
+        model = next(
+            (o for o in live if o["kind"] == "ConfigMap" and o["metadata"]["name"] == model_name),
+            None,
+        )
+        if model is None and spec.balancer.model_config_map:
+            model = self.api.get("ConfigMap", owner.namespace, model_name)
         tokens = render.tokens_secret_name(owner)
         secret = next(
             (o for o in live if o["kind"] == "Secret" and o["metadata"]["name"] == tokens), None
@@ -198,6 +213,7 @@ class Operator:
             admin_token=secrets.token_urlsafe(24),
             control_token=secrets.token_urlsafe(24),
             node_port=node_port,
+            model_ready=render.model_ready(model),
         )
         if secret is not None:
             desired = [secret if o["kind"] == "Secret" else o for o in desired]
@@ -336,20 +352,34 @@ def register(
         patch: kopf.Patch,
         **_: Any,
     ) -> None:
-        """Readiness from the Deployments and trust from the balancer's /trust."""
+        """Converge the children, then readiness from them and trust from /trust.
+
+        Reconciling here too repairs drift (a deleted Service, an edited Deployment) and
+        picks up a model published into the model ConfigMap. Only when the handlers have
+        seen this generation: otherwise the timer's spec could be older than theirs.
+        """
         try:
-            parsed, _port = validate(name, spec, meta.annotations)
+            parsed, node_port = validate(name, spec, meta.annotations)
         except SpecError:
             return  # the reconcile handler has already said so in the status
         owner = render.Owner(name=name, namespace=namespace, uid=uid)
         url = meta.annotations.get(render.ANNOTATION_BALANCER_URL) or render.service_url(
             owner, render.balancer_name(owner)
         )
+        current = (status or {}).get("observedGeneration") == meta.get("generation")
         selector = {render.LABEL_CLUSTER: name}
+
+        def children() -> list[dict[str, Any]]:
+            if not current:
+                return op.api.list("Deployment", namespace, selector)
+            todo, live = op.reconcile(owner, parsed, node_port)
+            if not todo.empty:
+                kopf.event(body, type="Normal", reason="Reconciled", message=todo.summary())
+            return [o for o in live if o["kind"] == "Deployment"]
+
         try:
             deployments, trust = await asyncio.gather(
-                asyncio.to_thread(op.api.list, "Deployment", namespace, selector),
-                op.read_trust(url),
+                asyncio.to_thread(children), op.read_trust(url)
             )
         except KubeError as err:
             raise kopf.TemporaryError(str(err), delay=2) from None

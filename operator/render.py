@@ -96,6 +96,15 @@ def model_config_map_name(owner: Owner, spec: TrustClusterSpec) -> str:
     return spec.balancer.model_config_map or f"{owner.name}-model"
 
 
+def model_ready(config_map: dict[str, Any] | None) -> bool:
+    """Whether a model ConfigMap holds a model file the balancer can load."""
+    if not config_map:
+        return False
+    return MODEL_FILE in (config_map.get("binaryData") or {}) or MODEL_FILE in (
+        config_map.get("data") or {}
+    )
+
+
 def truth_config_map_name(owner: Owner) -> str:
     return f"{owner.name}-truth"
 
@@ -336,9 +345,13 @@ def render_balancer_service(owner: Owner, node_port: int | None = None) -> dict[
 
 
 def render_balancer_deployment(
-    owner: Owner, spec: TrustClusterSpec, nodes: list[NodeAssignment]
+    owner: Owner, spec: TrustClusterSpec, nodes: list[NodeAssignment], model_ready: bool = False
 ) -> dict[str, Any]:
-    """The balancer: every node Service as a backend, policy and settings from the spec."""
+    """The balancer: every node Service as a backend, policy and settings from the spec.
+
+    With `model_ready` (the model ConfigMap holds MODEL_FILE) it loads and hot-reloads that
+    model; until then it runs its heuristic scorer (`--model` needs an existing file).
+    """
     b = spec.balancer
     args = [
         "balancer",
@@ -370,6 +383,8 @@ def render_balancer_deployment(
             "configMap": {"name": model_config_map_name(owner, spec), "optional": True},
         }
     ]
+    if model_ready:
+        args += ["--model", f"{MODEL_MOUNT}/{MODEL_FILE}"]
     if spec.policy is PolicyName.ORACLE:
         args += ["--oracle-truth", f"{TRUTH_MOUNT}/{TRUTH_FILE}"]
         mounts.append({"name": "truth", "mountPath": TRUTH_MOUNT, "readOnly": True})
@@ -421,6 +436,7 @@ def render_children(
     admin_token: str,
     control_token: str,
     node_port: int | None = None,
+    model_ready: bool = False,
 ) -> list[dict[str, Any]]:
     """Everything a TrustCluster owns, in the order it should be created."""
     nodes = assign_faults(spec, owner.name)
@@ -432,6 +448,6 @@ def render_children(
     for node in nodes:
         out.append(render_node_deployment(owner, spec, node))
         out.append(render_node_service(owner, node))
-    out.append(render_balancer_deployment(owner, spec, nodes))
+    out.append(render_balancer_deployment(owner, spec, nodes, model_ready))
     out.append(render_balancer_service(owner, node_port))
     return out

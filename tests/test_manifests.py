@@ -40,7 +40,12 @@ def rendered_objects() -> list[tuple[str, dict[str, Any]]]:
     out = []
     for name, spec in specs.items():
         objs = render.render_children(
-            OWNER, spec, admin_token="a", control_token="c", node_port=30080
+            OWNER,
+            spec,
+            admin_token="a",
+            control_token="c",
+            node_port=30080,
+            model_ready=name == "own-model",
         )
         out += [(f"{name}:{o['kind']}/{o['metadata']['name']}", o) for o in objs]
     return out

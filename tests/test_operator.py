@@ -269,3 +269,24 @@ async def test_status_counts_ready_nodes_and_reads_trust_from_a_real_balancer(cl
     assert status["phase"] == ("Degraded" if status["suspected"] else "Running")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
+
+
+async def test_timer_repairs_drift_and_loads_a_published_model(cluster):
+    async with running_operator([NS], FAST):
+        await cluster.create(TRUSTCLUSTERS, trustcluster("heal", NS, {"backends": 2}))
+        await wait_for(lambda: _observed(cluster, "heal", 1), timeout=10)
+
+        def balancer_args() -> list[str]:
+            dep = cluster.get(DEPLOYMENTS, NS, "heal-balancer")
+            return dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+        assert "--model" not in balancer_args()
+        # Someone deletes a node's Service; a trained model is published (twlb.ml publish).
+        await cluster.delete(SERVICES, NS, "heal-node-1")
+        await cluster.patch(CONFIGMAPS, NS, "heal-model", {"binaryData": {"model.onnx": "AAEC"}})
+        await wait_for(lambda: cluster.get(SERVICES, NS, "heal-node-1") is not None, timeout=10)
+        await wait_for(lambda: "--model" in balancer_args(), timeout=10)
+        args = balancer_args()
+        assert args[args.index("--model") + 1] == "/etc/twlb/model/model.onnx"
+        # The model's content is the publisher's: the operator never rewrites it.
+        assert cluster.get(CONFIGMAPS, NS, "heal-model")["binaryData"] == {"model.onnx": "AAEC"}

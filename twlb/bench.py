@@ -28,7 +28,7 @@ from twlb.experiment import (
     write_reports,
 )
 from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster
+from twlb.runtime import EmbeddedCluster, resolve_model
 from twlb.spec import TrustCluster
 
 SCENARIOS = ("all-healthy", "one-byzantine", "standard-mix", "onset")
@@ -101,13 +101,19 @@ def run_proxy_comparison(out: Path) -> dict[str, Any] | None:
     "--policy", "policies", multiple=True, default=DEMO_POLICIES, type=click.Choice(DEMO_POLICIES)
 )
 @click.option(
+    "--model",
+    "model_choice",
+    default="shipped",
+    help="Trust model: 'shipped', 'heuristic', or an ONNX file.",
+)
+@click.option(
     "--proxy/--no-proxy",
     default=True,
     help="Also run the proxy throughput comparison with nginx when installed.",
 )
 def command(
     out: str, seed: int, rate: float, duration: float, scenarios: tuple[str, ...],
-    policies: tuple[str, ...], proxy: bool,
+    policies: tuple[str, ...], model_choice: str, proxy: bool,
 ) -> None:  # fmt: skip
     """Run the scenario x policy matrix and write tables and plots to --out."""
     from rich.console import Console
@@ -115,6 +121,7 @@ def command(
 
     console = Console()
     out_dir = Path(out)
+    model = resolve_model(model_choice)
     phases = []
     started = time.monotonic()
     total = len(scenarios) * len(policies) * duration
@@ -124,7 +131,9 @@ def command(
         for name in scenarios:
             sc = scenario(name, seed, rate, duration)
             base = free_port_range(sc.cluster.spec.backends + 2)
-            with EmbeddedCluster(sc.cluster, port_base=base, state_dir=out_dir / "state") as cl:
+            with EmbeddedCluster(
+                sc.cluster, port_base=base, state_dir=out_dir / "state", model=model
+            ) as cl:
                 for policy in policies:
                     progress.update(task, description=f"{name} / {policy}")
                     phases.append(
@@ -140,7 +149,7 @@ def command(
                         )  # fmt: skip
                     )
                     done += duration
-    meta = {"seed": seed, "rate": rate, "duration_s": duration, "scenarios": list(scenarios),
+    meta = {"seed": seed, "model": str(model) if model else "heuristic", "rate": rate, "duration_s": duration, "scenarios": list(scenarios),
             "policies": list(policies), "wall_seconds": round(time.monotonic() - started, 1)}  # fmt: skip
     summaries = write_reports(out_dir, "bench", phases, "TW-LB policy benchmark", meta)
     targets = check_targets(summaries)

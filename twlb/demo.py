@@ -24,7 +24,7 @@ from twlb.experiment import (
     write_reports,
 )
 from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster
+from twlb.runtime import EmbeddedCluster, resolve_model
 
 
 @click.command("demo")
@@ -63,9 +63,15 @@ from twlb.runtime import EmbeddedCluster
     type=click.IntRange(0, 65000),
     help="Balancer port (0: pick free ports).",
 )
+@click.option(
+    "--model",
+    "model_choice",
+    default="shipped",
+    help="Trust model: 'shipped', 'heuristic', or an ONNX file.",
+)
 def command(
     out: str, seed: int, rate: float, phase_seconds: float, policies: tuple[str, ...],
-    port_base: int,
+    port_base: int, model_choice: str,
 ) -> None:  # fmt: skip
     """Run the six-node demo through every policy and write reports/demo/."""
     from rich.console import Console
@@ -78,7 +84,8 @@ def command(
         "standard-mix+onset", tc, onset_events(tc, phase_seconds), rate, phase_seconds
     )
     base = port_base or free_port_range(tc.spec.backends + 2)
-    cluster = EmbeddedCluster(tc, port_base=base, state_dir=out_dir / "state")
+    model = resolve_model(model_choice)
+    cluster = EmbeddedCluster(tc, port_base=base, state_dir=out_dir / "state", model=model)
     started = time.monotonic()
     phases = []
     console.print(
@@ -104,6 +111,7 @@ def command(
                 phases.append(phase)
     meta = {
         "seed": seed,
+        "model": str(model) if model else "heuristic",
         "rate": rate,
         "phase_seconds": phase_seconds,
         "nodes": [

@@ -98,6 +98,7 @@ class EmbeddedCluster:
     prometheus: bool | None = None  # None: start it when the binary is installed
     policy: str | None = None  # override of spec.policy
     balancer_args: tuple[str, ...] = ()
+    model: Path | None = None  # ONNX trust model for the balancer; None: heuristic scorer
     control_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     nodes: list[NodeProcess] = field(default_factory=list, init=False)
@@ -211,6 +212,8 @@ class EmbeddedCluster:
         )  # fmt: skip
         if policy == "oracle":
             argv += ["--oracle-truth", str(self.state_dir / TRUTH_FILE)]
+        if self.model is not None:
+            argv += ["--model", str(self.model)]
         argv += list(self.balancer_args)
         self.balancer = ManagedProcess(argv, log_path=self._log("balancer")).start()
 
@@ -466,6 +469,26 @@ def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
 # ---- commands ---------------------------------------------------------------------------
 
 
+def shipped_model() -> Path | None:
+    """The trust model that ships in ml/models/, if this build has one."""
+    from importlib.resources import files
+
+    path = Path(str(files("twlb.ml") / "models" / "trust-svm.onnx"))
+    return path if path.is_file() else None
+
+
+def resolve_model(choice: str) -> Path | None:
+    """`--model` value: 'shipped' (the default model when present), 'heuristic', or a path."""
+    if choice == "shipped":
+        return shipped_model()
+    if choice == "heuristic":
+        return None
+    path = Path(choice)
+    if not path.is_file():
+        raise click.BadParameter(f"{choice}: no such model file", param_hint="--model")
+    return path
+
+
 def _load_or_exit(path: str) -> TrustCluster:
     try:
         return load_trustcluster(path)
@@ -499,6 +522,13 @@ def _load_or_exit(path: str) -> TrustCluster:
 )
 @click.option("--policy", default=None, help="Override the spec's balancer policy.")
 @click.option(
+    "--model",
+    "model_choice",
+    default="shipped",
+    help="Trust model: 'shipped' (ml/models/trust-svm.onnx when present), "
+    "'heuristic', or an ONNX file.",
+)
+@click.option(
     "--duration",
     default=0.0,
     type=click.FloatRange(min=0),
@@ -506,7 +536,7 @@ def _load_or_exit(path: str) -> TrustCluster:
 )
 def up_command(
     file: str, port_base: int, state_dir: str, prometheus: bool | None,
-    policy: str | None, duration: float,
+    policy: str | None, model_choice: str, duration: float,
 ) -> None:  # fmt: skip
     """Run a TrustCluster as local processes until Ctrl-C or SIGTERM."""
     from rich.console import Console
@@ -521,8 +551,9 @@ def up_command(
         if policy not in {p.value for p in PolicyName}:
             raise click.BadParameter(f"unknown policy {policy!r}", param_hint="--policy")
     cluster = EmbeddedCluster(
-        tc, port_base=port_base, state_dir=Path(state_dir), prometheus=prometheus, policy=policy
-    )
+        tc, port_base=port_base, state_dir=Path(state_dir), prometheus=prometheus, policy=policy,
+        model=resolve_model(model_choice),
+    )  # fmt: skip
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -9,10 +9,18 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twlb.backend.app import FieldProblem, parse_work_query, query_pairs, timer_pause
+from prometheus_client import CollectorRegistry, Histogram
+from twlb.backend.app import (
+    LATENCY_BUCKETS_S,
+    FieldProblem,
+    parse_work_query,
+    query_pairs,
+    timer_pause,
+)
 from twlb.backend.faults import NO_FAULT, FaultAction, FaultInjector
 from twlb.backend.simulation import NodeProfile, NodeSimulation
 
+from twlb.plain_metrics import PlainHistogram
 from twlb.spec import FaultSpec, FaultType
 from twlb.work import KEY_MAX_LEN, ROUNDS_MAX
 
@@ -243,3 +251,26 @@ def test_timer_pauses_are_whole_milliseconds_keeping_the_mean() -> None:
         assert {round(p * 1000) for p in pauses} <= {int(seconds * 1000), int(seconds * 1000) + 1}
         assert statistics.fmean(pauses) == pytest.approx(seconds, abs=0.00003)
     assert timer_pause(0.0, rng) == 0.0
+
+
+# --- the node's lock-free latency histogram -----------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.0, 60.0), max_size=50))
+def test_plain_histogram_exposes_what_a_prometheus_histogram_would(values: list[float]) -> None:
+    registry = CollectorRegistry()
+    reference = Histogram("h", "h", buckets=LATENCY_BUCKETS_S, registry=registry)
+    plain = PlainHistogram(LATENCY_BUCKETS_S)
+    for v in [*values, *LATENCY_BUCKETS_S]:  # the bounds themselves: `le` is inclusive
+        reference.observe(v)
+        plain.observe(v)
+    expected = {
+        s.labels["le"]: s.value
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == "h_bucket"
+    }
+    assert dict(plain.cumulative_buckets()) == expected
+    assert plain.count == len(values) + len(LATENCY_BUCKETS_S)
+    assert plain.sum == pytest.approx(registry.get_sample_value("h_sum"))

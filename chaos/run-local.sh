@@ -15,7 +15,8 @@ set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-reports/chaos}
 SEEDS=${CHAOS_SEEDS:-"11 12 13"}
-EXPERIMENTS=${CHAOS_EXPERIMENTS:-"backend_failure byzantine_node latency_injection node_restart_storm"}
+# balancer_kill last: the restarted balancer starts its trust afresh.
+EXPERIMENTS=${CHAOS_EXPERIMENTS:-"backend_failure byzantine_node latency_injection node_restart_storm balancer_kill"}
 CLUSTER_FILE=${CLUSTER_FILE:-chaos/local/cluster.yaml}
 TRAIN=${CHAOS_TRAIN:-1}
 READY_TIMEOUT_S=90

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -43,11 +44,7 @@ def kill_node(node: str, state_dir: str | None = None) -> dict[str, Any]:
     n = cluster.node(node)
     if n.pid is None or not pid_alive(n.pid) or not _is_node_process(n.pid, n):
         raise ActivityFailed(f"node {n.name} is not running (pid {n.pid}); nothing to kill")
-    # The runtime starts every node in its own session, so its group is the node alone.
-    if os.getpgid(n.pid) == n.pid:
-        os.killpg(n.pid, signal.SIGKILL)
-    else:
-        os.kill(n.pid, signal.SIGKILL)
+    _sigkill(n.pid)
     return {
         "node": n.name,
         "url": n.url,
@@ -136,3 +133,109 @@ def restore_fault(node: str, state_dir: str | None = None) -> dict[str, Any]:
         "restored": True,
         "at": time.time(),
     }
+
+
+# ---------------------------------------------------------------- the balancer
+
+#: Balancer kills made by this process (one `chaos run`), as `balancer_recovered` reads
+#: them back: {"pid", "restarts_before", "at" or "error"}.
+_balancer_kills: list[dict[str, Any]] = []
+_balancer_kills_lock = threading.Lock()
+
+
+def _is_balancer_process(pid: int) -> bool:
+    """Whether `pid` is still a `twlb balancer` (a pid can be reused)."""
+    try:
+        argv = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return "balancer" in argv and "--port" in argv
+
+
+def _sigkill(pid: int) -> None:
+    # The runtime starts every process in its own session, so its group is it alone.
+    if os.getpgid(pid) == pid:
+        os.killpg(pid, signal.SIGKILL)
+    else:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _running_balancer(cluster: ClusterState) -> int:
+    pid = cluster.balancer_pid
+    if pid is None or not pid_alive(pid) or not _is_balancer_process(pid):
+        raise ActivityFailed(f"the balancer is not running (pid {pid}); nothing to kill")
+    return pid
+
+
+def kill_balancer(state_dir: str | None = None, delay_s: float = 0.0) -> dict[str, Any]:
+    """SIGKILL the balancer's process `delay_s` from now (at once when 0), by its pid in the
+    state file; the runtime restarts it after its back-off. A delayed kill returns at once,
+    so the after-hypothesis that follows measures the steady state across the kill;
+    `balancer_recovered` then says whether it happened and the balancer came back."""
+    cluster = load_cluster(state_dir)
+    pid = _running_balancer(cluster)
+    kill = {"pid": pid, "restarts_before": cluster.balancer_restarts}
+    with _balancer_kills_lock:
+        _balancer_kills.append(kill)
+
+    def fire() -> None:
+        try:
+            if not (pid_alive(pid) and _is_balancer_process(pid)):
+                raise ProcessLookupError(f"pid {pid} is no longer the balancer")
+            _sigkill(pid)
+            kill["at"] = time.time()
+        except OSError as err:
+            kill["error"] = f"cannot kill the balancer (pid {pid}): {err}"
+
+    out = {"balancer": cluster.balancer_url, "pid": pid, "kill_at": time.time() + delay_s}
+    if delay_s <= 0:
+        fire()
+        if "error" in kill:
+            raise ActivityFailed(kill["error"])
+        return out
+    timer = threading.Timer(delay_s, fire)
+    timer.daemon = True
+    kill["timer"] = timer
+    timer.start()
+    return out
+
+
+def balancer_recovered(state_dir: str | None = None, timeout_s: float = 20.0) -> bool:
+    """True when every balancer kill of this run happened and the runtime has the balancer
+    running again (a new process, restarted, answering its health check); True at once
+    when there was no kill. ActivityFailed says which kill did not happen or not recover."""
+    deadline = time.monotonic() + timeout_s
+    with _balancer_kills_lock:
+        kills = list(_balancer_kills)
+    for kill in kills:
+        timer = kill.get("timer")
+        if timer is not None:
+            timer.join(max(0.0, deadline - time.monotonic()))
+        if "error" in kill:
+            raise ActivityFailed(kill["error"])
+        if "at" not in kill:
+            raise ActivityFailed(f"the balancer kill (pid {kill['pid']}) has not happened yet")
+    if not kills:
+        return True
+    killed = {k["pid"] for k in kills}
+    restarts = max(k["restarts_before"] for k in kills) + 1
+    last = "not checked"
+    with httpx.Client(timeout=HTTP_TIMEOUT_S) as client:
+        while True:
+            cluster = load_cluster(state_dir)
+            pid = cluster.balancer_pid
+            if pid in killed or pid is None or not pid_alive(pid):
+                last = f"no new balancer process (pid {pid})"
+            elif cluster.balancer_restarts < restarts:
+                last = f"{cluster.balancer_restarts} restarts recorded, expected {restarts}"
+            else:
+                try:
+                    r = client.get(cluster.balancer_url + "/healthz")
+                    if r.status_code == 200:
+                        return True
+                    last = f"health check answered {r.status_code}"
+                except httpx.HTTPError as err:
+                    last = f"health check failed: {err!r}"
+            if time.monotonic() >= deadline:
+                raise ActivityFailed(f"the balancer did not recover within {timeout_s}s ({last})")
+            time.sleep(RECOVERY_POLL_S)

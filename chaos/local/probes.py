@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +23,8 @@ import httpx
 import psutil
 from chaoslib.exceptions import ActivityFailed
 from twlb.chaos.state import load_cluster
+from twlb.client.breaker import BreakerConfig
+from twlb.client.client import ClientPolicy
 from twlb.client.load import LoadPlan, Mode, RunControl, run_load
 from twlb.client.report import LoadTally, build_report
 
@@ -44,7 +47,32 @@ def _target(url: str | None, state_dir: str | None) -> str:
     return load_cluster(state_dir).balancer_url
 
 
-def _plan(url: str, requests: int, rate: float, mode: str, seed: int) -> LoadPlan:
+@dataclass(frozen=True)
+class ProbePlan(LoadPlan):
+    """`twlb load`'s plan with the rest of the resilient client's policy (backoff, retry
+    budget, no breaker) open to an experiment, as `client` settings of a load probe."""
+
+    policy_overrides: tuple[tuple[str, Any], ...] = ()
+
+    def policy(self) -> ClientPolicy:
+        return replace(super().policy(), **dict(self.policy_overrides))
+
+
+#: ClientPolicy settings a load probe's `client` may override; `breaker` is a mapping of
+#: BreakerConfig settings, or None for a client without a breaker.
+CLIENT_SETTINGS = frozenset(f.name for f in fields(ClientPolicy))
+#: Those `twlb load`'s own plan carries (its report echoes them).
+_PLAN_SETTINGS = frozenset({"timeout_s", "deadline_s", "max_attempts", "hedge_quantile"})
+
+
+def _plan(
+    url: str,
+    requests: int,
+    rate: float,
+    mode: str,
+    seed: int,
+    client: Mapping[str, Any] | None = None,
+) -> LoadPlan:
     try:
         load_mode = Mode(mode)
     except ValueError:
@@ -53,9 +81,25 @@ def _plan(url: str, requests: int, rate: float, mode: str, seed: int) -> LoadPla
         ) from None
     if requests < 1 or rate <= 0:
         raise ActivityFailed(f"need requests >= 1 and rate > 0, got {requests} and {rate}")
-    return LoadPlan(
-        url=url, rate=rate, duration_s=requests / rate, count=requests, mode=load_mode, seed=seed
-    )
+    settings = dict(client or {})
+    unknown = set(settings) - CLIENT_SETTINGS
+    if unknown:
+        raise ActivityFailed(
+            f"unknown client settings {sorted(unknown)}; known: {sorted(CLIENT_SETTINGS)}"
+        )
+    on_plan = {k: v for k, v in settings.items() if k in _PLAN_SETTINGS}
+    overrides = {k: v for k, v in settings.items() if k not in _PLAN_SETTINGS}
+    try:
+        if overrides.get("breaker") is not None:
+            on_plan["breaker"] = BreakerConfig(**overrides.pop("breaker"))
+        plan = ProbePlan(
+            url=url, rate=rate, duration_s=requests / rate, count=requests, mode=load_mode,
+            seed=seed, policy_overrides=tuple(sorted(overrides.items())), **on_plan,
+        )  # fmt: skip
+        plan.policy()
+    except (TypeError, ValueError) as err:
+        raise ActivityFailed(f"invalid client settings {client!r}: {err}") from None
+    return plan
 
 
 def _report(plan: LoadPlan, tally: LoadTally) -> dict[str, Any]:
@@ -75,16 +119,19 @@ def verified_load(
     rate: float = 150.0,
     mode: str = "basic",
     seed: int = 0,
+    client: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Send `requests` GET /work through the balancer at `rate`, verify every answer, and
-    return `twlb load`'s report (sent, correct, wrong, failed, latency_ms, ...)."""
-    plan = _plan(_target(url, state_dir), requests, rate, mode, seed)
+    return `twlb load`'s report (sent, correct, wrong, failed, latency_ms, ...). `client`
+    overrides the resilient client's settings (see CLIENT_SETTINGS)."""
+    plan = _plan(_target(url, state_dir), requests, rate, mode, seed, client)
     report = _report(plan, asyncio.run(run_load(plan)))
     failed = {k: v for k, v in report["failed_by_reason"].items() if v}
     log.info(
-        "verified load through %s (%s): %d sent, %d correct, %d wrong, %d failed %s, p95 %s ms",
+        "verified load through %s (%s): %d sent, %d correct, %d wrong, %d failed %s, "
+        "%d retries, p95 %s ms",
         plan.url, mode, report["sent"], report["correct"], report["wrong"], report["failed"],
-        failed or "", report["latency_ms"]["p95"],
+        failed or "", report["retries"], report["latency_ms"]["p95"],
     )  # fmt: skip
     return report
 
@@ -101,12 +148,13 @@ def answer_ratio(
     rate: float = 150.0,
     mode: str = "basic",
     seed: int = 0,
+    client: Mapping[str, Any] | None = None,
 ) -> float:
     """Share of requests answered `correct` (the right digest), `wrong` (200 with a wrong
     digest) or `failed` (no good answer), over one verified load."""
     if answer not in ANSWERS:
         raise ActivityFailed(f"answer must be one of {list(ANSWERS)}, got {answer!r}")
-    report = verified_load(url, state_dir, requests, rate, mode, seed)
+    report = verified_load(url, state_dir, requests, rate, mode, seed, client)
     return report[answer] / report["sent"]
 
 
@@ -219,6 +267,32 @@ def one_process_per_node(state_dir: str | None = None) -> bool:
     return True
 
 
+async def _watch_under_load(
+    trust_url: str,
+    plan: LoadPlan,
+    within_s: float,
+    seen: Callable[[list[dict[str, Any]], float], bool],
+) -> bool:
+    """Drive `plan`'s load while reading the balancer's trust rows every TRUST_POLL_S until
+    `seen(rows, seconds so far)` is true (True) or `within_s` has passed (False). Trust
+    moves only on evidence, and without traffic there is none."""
+    control = RunControl()
+    load = asyncio.get_running_loop().create_task(run_load(plan, control))
+    t0 = time.monotonic()
+    try:
+        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+            while time.monotonic() - t0 < within_s:
+                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                    rows = (await client.get(trust_url + "/trust")).json()["backends"]
+                    if seen(rows, round(time.monotonic() - t0, 3)):
+                        return True
+                await asyncio.sleep(TRUST_POLL_S)
+        return False
+    finally:
+        control.stop.set()
+        await load
+
+
 async def _eject_watch(
     trust_url: str,
     nodes: Mapping[str, str | None],
@@ -226,31 +300,52 @@ async def _eject_watch(
     within_s: float,
 ) -> dict[str, float]:
     """Drive load while polling trust until every node is ejected; seconds per node."""
-    control = RunControl()
-    loop = asyncio.get_running_loop()
-    load = loop.create_task(run_load(plan, control))
-    t0 = time.monotonic()
     ejected: dict[str, float] = {}
     last: dict[str, Any] = {}
-    try:
-        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
-            while time.monotonic() - t0 < within_s and len(ejected) < len(nodes):
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    rows = (await client.get(trust_url + "/trust")).json()["backends"]
-                    for node, node_url in nodes.items():
-                        for b in rows:
-                            if backend_matches(b["url"], node, node_url):
-                                last[node] = {"weight": b["weight"], "state": b["state"]}
-                                if b["state"] == EJECTED and node not in ejected:
-                                    ejected[node] = round(time.monotonic() - t0, 3)
-                await asyncio.sleep(TRUST_POLL_S)
-    finally:
-        control.stop.set()
-        await load
-    missing = {n: last.get(n, "not listed by the balancer") for n in nodes if n not in ejected}
-    if missing:
+
+    def seen(rows: list[dict[str, Any]], elapsed: float) -> bool:
+        for node, node_url in nodes.items():
+            for b in rows:
+                if backend_matches(b["url"], node, node_url):
+                    last[node] = {"weight": b["weight"], "state": b["state"]}
+                    if b["state"] == EJECTED and node not in ejected:
+                        ejected[node] = elapsed
+        return len(ejected) == len(nodes)
+
+    if not await _watch_under_load(trust_url, plan, within_s, seen):
+        missing = {n: last.get(n, "not listed by the balancer") for n in nodes if n not in ejected}
         raise ActivityFailed(f"not ejected within {within_s}s: {missing}")
     return ejected
+
+
+def fleet_in_rotation(
+    state_dir: str | None = None,
+    within_s: float = 45.0,
+    rate: float = 20.0,
+    url: str | None = None,
+) -> float:
+    """Seconds until the balancer has no backend ejected, while a light verified load gives
+    it the evidence to readmit one (an ejected backend that is well again comes back only
+    through audits riding on traffic). An experiment's rollback waits on this so that the
+    next experiment starts from the whole fleet, not from a node still ejected for a fault
+    that is over. ActivityFailed names the backends still ejected after `within_s`."""
+    target = _target(url, state_dir)
+    plan = LoadPlan(url=target, rate=rate, duration_s=within_s + 1.0, mode=Mode.BASIC)
+    took: list[float] = []
+    last: dict[str, Any] = {}
+
+    def seen(rows: list[dict[str, Any]], elapsed: float) -> bool:
+        last.clear()
+        last.update({b["url"]: round(b["weight"], 3) for b in rows if b["state"] == EJECTED})
+        if rows and not last:
+            took.append(elapsed)
+            return True
+        return False
+
+    if not asyncio.run(_watch_under_load(target, plan, within_s, seen)):
+        raise ActivityFailed(f"still ejected after {within_s}s (url: weight): {last}")
+    log.info("every backend of %s in rotation after %.1fs", target, took[0])
+    return took[0]
 
 
 def faulty_nodes_ejected(

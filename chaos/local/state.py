@@ -46,6 +46,10 @@ class ClusterState:
     balancer_url: str
     nodes: tuple[NodeState, ...]
     control_token: str
+    #: The balancer's process as the runtime last wrote it (None while it is down).
+    balancer_pid: int | None = None
+    #: How often the runtime has restarted the balancer.
+    balancer_restarts: int = 0
 
     def node(self, which: str | int) -> NodeState:
         """A node by name, index (also as a string) or URL."""
@@ -113,6 +117,8 @@ def load_cluster(state_dir: str | os.PathLike[str] | None) -> ClusterState:
             balancer_url=str(doc["balancer"]["url"]),
             nodes=nodes,
             control_token=str(doc["tokens"]["control"]),
+            balancer_pid=int(doc["balancer"]["pid"]) if doc["balancer"].get("pid") else None,
+            balancer_restarts=int(doc["balancer"].get("restarts") or 0),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ActivityFailed(f"cluster state {path} lacks or mangles {err}") from None

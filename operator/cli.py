@@ -40,6 +40,11 @@ from twlb.operator.crd import render_crd_yaml
     default=16,
     help="Threads running handlers (API calls fan out on a pool of half as many).",
 )
+@click.option(
+    "--scan/--no-scan",
+    default=True,
+    help="Discover namespaces and CRDs at run time (kopf scanning); off needs no RBAC for them.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def command(
     namespaces: tuple[str, ...],
@@ -47,6 +52,7 @@ def command(
     status_interval: float,
     trust_threshold: float,
     workers: int,
+    scan: bool,
     verbose: bool,
 ) -> None:
     """Run the TrustCluster operator against the cluster of the current credentials."""
@@ -64,10 +70,12 @@ def command(
         api_workers=max(2, workers // 2),
     )
     registry = register(config)
+    settings = make_settings(config)
+    settings.scanning.disabled = not scan
     asyncio.run(
         kopf.operator(
             registry=registry,
-            settings=make_settings(config),
+            settings=settings,
             # One replica (Recreate); peering would need its own CRDs for nothing.
             standalone=True,
             clusterwide=not namespaces,

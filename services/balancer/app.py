@@ -1,10 +1,13 @@
 """The balancer service: the proxy hot path, health and trust loops, audits, quorum, API.
 
-`create_app(settings)` returns an ASGI callable. Requests to the balancer's own paths
-(`/healthz`, `/metrics`, `/trust`, `/admin/...`, see `settings.RESERVED_PATHS`) and the
-lifespan go to a FastAPI app; every other path and method is proxied by `BalancerApp`
-directly on ASGI receive/send, with no Request objects and no routing, to a backend the
-policy picks, through the lean keep-alive pool of `upstream.py` (chosen by measurement).
+`create_app(settings)` returns a `BalancerApp`; `serve(app, host, port)` runs it. The
+server is a small asyncio protocol on httptools' request parser (the parser the upstream
+pool uses too), chosen by measurement over uvicorn: every path and method is proxied by
+`BalancerApp.forward` with no ASGI scope, no Request objects and no routing, to a backend
+the policy picks, through the lean keep-alive pool of `upstream.py`, and each answer goes
+out in one write. The balancer's own paths (`/healthz`, `/metrics`, `/trust`,
+`/admin/...`, see `settings.RESERVED_PATHS`) go to a FastAPI app through a minimal ASGI
+bridge, and the FastAPI lifespan opens and closes everything around the listening time.
 
 Everything stateful lives in one `Balancer`, created per app and opened and closed in the
 lifespan, so two apps in one process share nothing. The sans-IO cores (policy, health
@@ -21,13 +24,18 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+import signal
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Iterable, MutableMapping
 from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
 from pathlib import Path
 from time import monotonic
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
+import httptools
 import httpx
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, status
@@ -72,8 +80,6 @@ log = logging.getLogger("twlb.balancer")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -692,8 +698,45 @@ def build_api(settings: BalancerSettings) -> FastAPI:
     return api
 
 
+@dataclass(slots=True)
+class Reply:
+    """A complete answer to a client: status, every header to send, and the body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+def json_reply(status_code: int, message: str, **extra: Any) -> Reply:
+    """An error answer in the balancer's JSON shape `{"error": message, ...}`."""
+    body = _error_body(message, **extra)
+    return Reply(
+        status_code,
+        [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii"))],
+        body,
+    )
+
+
+def upstream_reply(backend: str, response: UpstreamResponse, method: str) -> Reply:
+    """A backend's answer as the client gets it: hop-by-hop headers dropped, length set."""
+    status_code = response.status
+    if method == "HEAD" or status_code == 304:
+        # No body follows; the length the backend declared (that of the full answer) stays.
+        headers = [(n, v) for n, v in response.headers if n not in BODYLESS_DROPPED]
+    else:
+        headers = [(n, v) for n, v in response.headers if n not in RESPONSE_DROPPED]
+        if status_code != 204:
+            headers.append((b"content-length", str(len(response.body)).encode("ascii")))
+    headers.append((b"x-twlb-backend", backend.encode("latin-1")))
+    return Reply(status_code, headers, response.body)
+
+
 class BalancerApp:
-    """The ASGI entry point: own endpoints through FastAPI, everything else proxied raw."""
+    """The balancer's request handling: own endpoints through FastAPI, the rest proxied.
+
+    `forward` is the proxy hot path and `call_api` the bridge to the FastAPI app; the
+    HTTP server below (`serve`) calls one or the other for each request.
+    """
 
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
@@ -705,160 +748,505 @@ class BalancerApp:
         """The live balancer (exists between lifespan startup and shutdown)."""
         return self.api.state.balancer
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            if path not in RESERVED_PATHS and not path.startswith(ADMIN_PREFIX):
-                await self.proxy(scope, receive, send)
-                return
-        await self.api(scope, receive, send)
+    @staticmethod
+    def is_own_path(path: str) -> bool:
+        """True for the balancer's reserved paths, which are never proxied."""
+        return path in RESERVED_PATHS or path.startswith(ADMIN_PREFIX)
 
-    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The hot path: read the body, route with retries, answer, maybe audit."""
+    def too_large(self) -> Reply:
+        """The 413 answer to a body over --max-body-bytes (counted)."""
+        self.balancer.metrics.requests["too_large"] += 1
+        return json_reply(413, f"request body over the limit of {self._max_body} bytes")
+
+    async def forward(
+        self,
+        method: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        client_host: str | None,
+        body: bytes,
+    ) -> Reply:
+        """The hot path: filter headers, route with retries, answer, maybe audit.
+
+        `headers` have lower-case names; the body is complete and within the limit.
+        """
         balancer: Balancer = self.api.state.balancer
-        method: str = scope["method"]
         forwarded: list[tuple[bytes, bytes]] = []
         key: str | None = None
         quorum_header: bytes | None = None
-        declared_length: bytes | None = None
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name in REQUEST_DROPPED:
-                if name == b"content-length":
-                    declared_length = value
                 continue
             if name == b"x-twlb-key":
                 key = value.decode("latin-1")
             elif name == b"x-twlb-quorum":
                 quorum_header = value
             forwarded.append((name, value))
-        client = scope.get("client")
-        if client:
-            forwarded.append((b"x-forwarded-for", client[0].encode("latin-1")))
+        if client_host:
+            forwarded.append((b"x-forwarded-for", client_host.encode("latin-1")))
 
-        limit = self._max_body
-        if declared_length is not None:
-            try:
-                too_big = int(declared_length) > limit
-            except ValueError:
-                balancer.metrics.requests["bad_request"] += 1
-                await _send_json(send, 400, "Content-Length is not a number")
-                return
-            if too_big:
-                balancer.metrics.requests["too_large"] += 1
-                await _send_json(send, 413, f"request body over the limit of {limit} bytes")
-                return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            if chunk:
-                body = body + chunk if body else chunk
-                if len(body) > limit:
-                    balancer.metrics.requests["too_large"] += 1
-                    await _send_json(send, 413, f"request body over the limit of {limit} bytes")
-                    return
-            if not message.get("more_body", False):
-                break
-
-        query: bytes = scope["query_string"]
-        target: bytes = scope.get("raw_path") or scope["path"].encode()
+        target = raw_path
         if query:
             target = target + b"?" + query
             if key is None and balancer.wants_key and b"key=" in query:
                 key = next((v for k, v in parse_qsl(query.decode("latin-1")) if k == "key"), None)
 
         if quorum_header is not None:
-            await self._quorum(balancer, send, method, target, forwarded, body, quorum_header)
-            return
+            return await self._quorum(balancer, method, target, forwarded, body, quorum_header)
 
         result, why = await balancer.route(method, target, forwarded, body, key)
         outcomes = balancer.metrics.requests
         if result is None:
             outcomes["no_backend"] += 1
-            await _send_json(send, 503, why)
-            return
+            return json_reply(503, why)
         response = result.response
         if response is None:
             outcomes["failed"] += 1
             if result.outcome is Outcome.TIMEOUT:
-                await _send_json(
-                    send,
-                    504,
-                    f"backend {result.backend} did not answer in time",
-                    backend=result.backend,
+                return json_reply(
+                    504, f"backend {result.backend} did not answer in time", backend=result.backend
                 )
-            else:
-                await _send_json(
-                    send,
-                    502,
-                    f"backend {result.backend} could not be reached",
-                    backend=result.backend,
-                )
-            return
+            return json_reply(
+                502, f"backend {result.backend} could not be reached", backend=result.backend
+            )
         outcomes["error" if response.status >= 500 else "success"] += 1
-        await _send_upstream(send, result.backend, response, method)
         if 200 <= response.status < 300:
+            # Only spawns the audit task: it runs after this answer is on its way.
             balancer.maybe_audit(method, target, forwarded, result)
+        return upstream_reply(result.backend, response, method)
 
     async def _quorum(
         self,
         balancer: Balancer,
-        send: Send,
         method: str,
         target: bytes,
         headers: list,
         body: bytes,
         raw: bytes,
-    ) -> None:
+    ) -> Reply:
         try:
             quorum = int(raw)
         except ValueError:
             quorum = 0
         if not 1 <= quorum <= MAX_QUORUM:
             balancer.metrics.requests["bad_request"] += 1
-            await _send_json(send, 400, f"X-TWLB-Quorum must be an integer 1..{MAX_QUORUM}")
-            return
+            return json_reply(400, f"X-TWLB-Quorum must be an integer 1..{MAX_QUORUM}")
         if method not in IDEMPOTENT_METHODS:
             balancer.metrics.requests["bad_request"] += 1
-            await _send_json(send, 400, f"quorum reads need an idempotent method, not {method}")
-            return
+            return json_reply(400, f"quorum reads need an idempotent method, not {method}")
         result, why = await balancer.quorum_read(method, target, headers, body, quorum)
         if result is None or result.response is None:
             balancer.metrics.requests["quorum_failed"] += 1
-            await _send_json(send, 502, why or "no answer")
-            return
+            return json_reply(502, why or "no answer")
         balancer.metrics.requests["success"] += 1
-        await _send_upstream(send, result.backend, result.response, method)
+        return upstream_reply(result.backend, result.response, method)
 
-
-async def _send_upstream(
-    send: Send, backend: str, response: UpstreamResponse, method: str = "GET"
-) -> None:
-    status_code = response.status
-    if method == "HEAD" or status_code == 304:
-        # No body follows; the length the backend declared (that of the full answer) stays.
-        headers = [(n, v) for n, v in response.headers if n not in BODYLESS_DROPPED]
-    else:
-        headers = [(n, v) for n, v in response.headers if n not in RESPONSE_DROPPED]
-        if status_code != 204:
-            headers.append((b"content-length", str(len(response.body)).encode("ascii")))
-    headers.append((b"x-twlb-backend", backend.encode("latin-1")))
-    await send({"type": "http.response.start", "status": status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
-
-
-async def _send_json(send: Send, status_code: int, message: str, **extra: Any) -> None:
-    body = _error_body(message, **extra)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status_code,
-            "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii"))],
+    async def call_api(
+        self,
+        method: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        body: bytes,
+    ) -> Reply:
+        """One request to the FastAPI app of the own endpoints, answered as a whole."""
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": server,
+            "client": client,
+            "scheme": "http",
+            "method": method,
+            "root_path": "",
+            "path": unquote(raw_path.decode("latin-1")),
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": headers,
+            "state": {},
         }
-    )
-    await send({"type": "http.response.body", "body": body})
+        answered = asyncio.Event()
+        request_sent = False
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def receive() -> Message:
+            nonlocal request_sent
+            if not request_sent:
+                request_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await answered.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    answered.set()
+
+        try:
+            await self.api(scope, receive, send)
+        finally:
+            answered.set()
+        if not start:
+            return json_reply(500, "the balancer's own endpoint gave no answer")
+        payload = b"".join(chunks)
+        out = [
+            (n.lower(), v)
+            for n, v in start.get("headers", ())
+            if n.lower() not in (b"content-length", b"transfer-encoding", b"connection")
+        ]
+        if method != "HEAD":
+            out.append((b"content-length", str(len(payload)).encode("ascii")))
+        return Reply(start["status"], out, payload)
+
+
+# -------------------------------------------------------------------- native HTTP server
+#: Status lines by code (HTTP/1.1 and the standard reason phrase).
+_STATUS_LINES: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus
+}
+
+#: Requests parsed ahead of the one being answered before the connection stops reading.
+MAX_PIPELINED = 16
+
+#: Largest request line plus headers; a larger head gets 431 and the connection closes.
+MAX_HEAD_BYTES = 64 * 1024
+
+#: Seconds an idle keep-alive client connection stays open.
+KEEPALIVE_TIMEOUT_S = 30.0
+
+#: Seconds in-flight requests get to finish after SIGTERM before connections are dropped.
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _status_line(status_code: int) -> bytes:
+    line = _STATUS_LINES.get(status_code)
+    return line if line is not None else f"HTTP/1.1 {status_code} \r\n".encode("ascii")
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """One request read off a client connection (or an answer decided while reading it)."""
+
+    method: str
+    url: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
+    early: Reply | None = None
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One client connection: httptools parses, requests are answered one at a time in order.
+
+    The proxy path goes straight to `BalancerApp.forward`; the balancer's own paths go to
+    the FastAPI app through `BalancerApp.call_api`. Each answer is one transport write.
+    """
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.limit = server.app.settings.max_body_bytes
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client: tuple[str, int] | None = None
+        self.client_host: str | None = None
+        self.pending: deque[_Parsed] = deque()
+        self.task: asyncio.Task | None = None
+        self.paused = False
+        self.closed = False
+        self.broken = False
+        # The request being parsed.
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.head = 0
+        self.discard = False
+        self.last_active = server.clock
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+            self.client_host = self.client[0]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pending.clear()
+        self.server.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        self.last_active = self.server.clock
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._break(json_reply(501, "protocol upgrades are not supported"))
+        except httptools.HttpParserError as err:
+            if self.head > MAX_HEAD_BYTES:
+                self._break(json_reply(431, f"request head over {MAX_HEAD_BYTES} bytes"))
+            else:
+                self._break(json_reply(400, f"malformed HTTP request: {err}"))
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body = []
+        self.size = 0
+        self.head = 0
+        self.discard = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head += len(url)
+        if self.head > MAX_HEAD_BYTES:
+            raise ValueError("request head too large")  # the parser raises HttpParserError
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head += len(name) + len(value)
+        if self.head > MAX_HEAD_BYTES:
+            raise ValueError("request head too large")
+        name = name.lower()
+        self.headers.append((name, value))
+        if name == b"content-length":
+            # The parser has checked the value is a number (or raised).
+            self.size = -int(value)
+
+    def on_headers_complete(self) -> None:
+        if -self.size > self.limit:
+            self._answer_early(self.app.too_large())
+        self.size = 0
+        if (
+            not self.discard
+            and self.transport is not None
+            and not self.pending
+            and self.task is None
+            and any(n == b"expect" and v.lower() == b"100-continue" for n, v in self.headers)
+        ):
+            # Nothing is being answered on this connection, so the interim answer is in order.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self.discard:
+            return
+        self.size += len(body)
+        if self.size > self.limit:
+            self.body = []
+            self._answer_early(self.app.too_large())
+            return
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.discard:
+            self.discard = False  # the early answer is queued; the body was read and dropped
+            return
+        body = self.body
+        self._queue(
+            _Parsed(
+                self.parser.get_method().decode("ascii"),
+                self.url,
+                self.headers,
+                body[0] if len(body) == 1 else b"".join(body),
+                self.parser.should_keep_alive(),
+            )
+        )
+
+    # internals
+    def _answer_early(self, reply: Reply) -> None:
+        """Queue the answer now and read the rest of this request's body into the void."""
+        if self.discard:
+            return
+        self.discard = True
+        self._queue(
+            _Parsed(
+                self.parser.get_method().decode("ascii"),
+                self.url,
+                self.headers,
+                b"",
+                self.parser.should_keep_alive(),
+                early=reply,
+            )
+        )
+
+    def _break(self, reply: Reply) -> None:
+        """An unreadable stream: answer after what is queued, then close."""
+        self.broken = True
+        self._queue(_Parsed("GET", b"", [], b"", False, early=reply))
+
+    def _queue(self, parsed: _Parsed) -> None:
+        self.pending.append(parsed)
+        if len(self.pending) > MAX_PIPELINED and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        if self.task is None:
+            self.task = self.server.loop.create_task(self._serve())
+            self.server.tasks.add(self.task)
+            self.task.add_done_callback(self.server.tasks.discard)
+
+    async def _serve(self) -> None:
+        try:
+            while self.pending and not self.closed:
+                parsed = self.pending.popleft()
+                try:
+                    reply = parsed.early or await self._handle(parsed)
+                except Exception:
+                    log.exception("request %s %r failed", parsed.method, parsed.url)
+                    reply = json_reply(500, "internal error in the balancer")
+                    parsed.keep_alive = False
+                self._write(reply, parsed)
+                if self.paused and len(self.pending) <= MAX_PIPELINED // 2 and not self.closed:
+                    self.paused = False
+                    self.transport.resume_reading()  # type: ignore[union-attr]
+        finally:
+            self.task = None
+            if self.server.stopping and not self.closed:
+                self._close()
+
+    async def _handle(self, parsed: _Parsed) -> Reply:
+        url = parsed.url
+        query = b""
+        if url[:1] != b"/":
+            parts = httptools.parse_url(url)  # absolute form: proxy-style request target
+            path, query = parts.path or b"/", parts.query or b""
+        else:
+            mark = url.find(b"?")
+            path = url if mark < 0 else url[:mark]
+            if mark >= 0:
+                query = url[mark + 1 :]
+            frag = path.find(b"#")
+            if frag >= 0:
+                path = path[:frag]
+        name = path.decode("latin-1")
+        if b"%" in path:
+            name = unquote(name)
+        if self.app.is_own_path(name):
+            return await self.app.call_api(
+                parsed.method,
+                path,
+                query,
+                parsed.headers,
+                self.client,
+                self.server.sockname,
+                parsed.body,
+            )
+        return await self.app.forward(
+            parsed.method, path, query, parsed.headers, self.client_host, parsed.body
+        )
+
+    def _write(self, reply: Reply, parsed: _Parsed) -> None:
+        if self.closed or self.transport is None:
+            return
+        parts = [_status_line(reply.status)]
+        for name, value in reply.headers:
+            parts += (name, b": ", value, b"\r\n")
+        keep_alive = parsed.keep_alive and not self.server.stopping
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (self.server.date_line, b"\r\n")
+        if parsed.method != "HEAD":
+            parts.append(reply.body)
+        self.transport.write(b"".join(parts))
+        if not keep_alive:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Stop taking requests: close now if idle, else after the answer in progress."""
+        if self.task is None:
+            self._close()
+
+
+class HttpServer:
+    """The balancer's HTTP/1.1 server: keep-alive, in-order answers, one listening port."""
+
+    def __init__(self, app: BalancerApp) -> None:
+        self.app = app
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[_ClientConnection] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.stopping = False
+        self.sockname: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        self.date_line = b""
+        self.clock = self.loop.time()
+        self._clock: asyncio.TimerHandle | None = None
+        self._tick()
+
+    def _tick(self) -> None:
+        """Once a second: the Date header, the coarse clock, idle keep-alive connections."""
+        # Backends' Date headers are dropped (as hop-specific as Server), so the balancer
+        # dates its answers itself (RFC 9110 section 6.6.1), at a second's resolution.
+        self.date_line = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
+        self.clock = now = self.loop.time()
+        for conn in [c for c in self.connections if c.task is None and not c.pending]:
+            if now - conn.last_active > KEEPALIVE_TIMEOUT_S:
+                conn._close()
+        self._clock = self.loop.call_later(1.0, self._tick)
+
+    async def start(self, host: str, port: int, backlog: int = 2048) -> None:
+        self._server = await self.loop.create_server(
+            lambda: _ClientConnection(self), host, port, backlog=backlog, reuse_address=True
+        )
+        sock = self._server.sockets[0].getsockname()
+        self.sockname = (str(sock[0]), int(sock[1]))
+
+    async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop listening, let answers in progress finish (bounded), close every connection."""
+        self.stopping = True
+        if self._clock is not None:
+            self._clock.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.tasks:
+            _, late = await asyncio.wait(set(self.tasks), timeout=grace_s)
+            for task in late:
+                task.cancel()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+async def serve(app: BalancerApp, host: str, port: int) -> int | None:
+    """Run the balancer on host:port until SIGTERM or SIGINT; returns that signal's number.
+
+    The FastAPI lifespan (which opens and closes the `Balancer`) wraps the listening time.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    async with app.api.router.lifespan_context(app.api):
+        server = HttpServer(app)
+        await server.start(host, port)
+        log.info("balancer listening on http://%s:%d", *(server.sockname or (host, port)))
+        await stop.wait()
+        log.info("balancer shutting down")
+        await server.stop()
+    return received[0] if received else None
 
 
 def create_app(settings: BalancerSettings) -> BalancerApp:

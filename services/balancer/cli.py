@@ -6,8 +6,10 @@ path and method is proxied to a backend.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -129,7 +131,6 @@ def command(ctx: click.Context, **options: object) -> None:
     """
     if options["policy"] == PolicyName.ORACLE.value and options["oracle_truth"] is None:
         raise click.UsageError("--policy oracle needs --oracle-truth FILE", ctx=ctx)
-    import uvicorn
     from twlb.balancer.app import OracleTruthError, create_app
     from twlb.balancer.settings import BalancerSettings
 
@@ -154,23 +155,19 @@ def command(ctx: click.Context, **options: object) -> None:
     )
     # One line per health check would drown the log; state changes are logged instead.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level=settings.log_level,
-        server_header=False,
-        # X-Forwarded-* from clients are forwarded as they are, not trusted for scope.
-        proxy_headers=False,
-        # Many keep-alive clients: the proxy itself decides what to do with slow backends.
-        timeout_keep_alive=30,
-        backlog=2048,
-    )
     # Everything imported and built so far lives as long as the process: keep it out of the
     # cyclic collector's generations so full collections stay short on the proxy path.
     gc.freeze()
-    uvicorn.Server(config).run()
+    import uvloop
+    from twlb.balancer.app import serve
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            received = runner.run(serve(app, settings.host, settings.port))
+    except OSError as err:  # e.g. the port is taken
+        raise click.ClickException(
+            f"cannot listen on {settings.host}:{settings.port}: {err.strerror or err}"
+        ) from None
+    if received is not None:
+        signal.signal(received, signal.SIG_DFL)
+        signal.raise_signal(received)

@@ -116,6 +116,7 @@ class Operator:
         self._pool = ThreadPoolExecutor(config.api_workers, thread_name_prefix="twlb-api")
         self._http: httpx.AsyncClient | None = None
         self._locks: dict[str, threading.Lock] = {}
+        self.closed = False
 
     @property
     def api(self) -> KubeApi:
@@ -126,6 +127,7 @@ class Operator:
             return self._api
 
     async def close(self) -> None:
+        self.closed = True
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -377,12 +379,18 @@ def register(
                 kopf.event(body, type="Normal", reason="Reconciled", message=todo.summary())
             return [o for o in live if o["kind"] == "Deployment"]
 
+        if op.closed:
+            return  # a tick that outlived the operator's cleanup
         try:
             deployments, trust = await asyncio.gather(
                 asyncio.to_thread(children), op.read_trust(url)
             )
         except KubeError as err:
             raise kopf.TemporaryError(str(err), delay=2) from None
+        except RuntimeError:
+            if op.closed:  # the pool shut down under this tick
+                return
+            raise
         deployments = [d for d in deployments if _owned_by(d, owner)]
         new = summarize(
             owner,

@@ -25,7 +25,8 @@ WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 
 def manifest_docs() -> list[tuple[str, dict[str, Any]]]:
     out = []
-    for path in sorted(K8S.glob("*.yaml")):
+    # Top-level manifests (what `kubectl apply -f k8s/` applies) and the on-demand jobs.
+    for path in sorted([*K8S.glob("*.yaml"), *(K8S / "jobs").glob("*.yaml")]):
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
                 out.append((f"{path.name}#{i}:{doc['kind']}/{doc['metadata']['name']}", doc))

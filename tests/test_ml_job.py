@@ -13,7 +13,7 @@ from twlb.operator import render
 from twlb.spec import TrustClusterSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "k8s" / "ml-train-job.yaml"
+JOB = ROOT / "k8s" / "jobs" / "ml-train-job.yaml"
 SHIPPED = ROOT / "ml" / "models"
 LAB = render.Owner(name="lab", namespace="twlb", uid="0f4c2b64-3c2e-4d4e-9a55-1f1b5d0c2a77")
 

@@ -959,6 +959,9 @@ class _ClientConnection(asyncio.Protocol):
         self.client_host: str | None = None
         self.pending: deque[_Parsed] = deque()
         self.task: asyncio.Task | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.busy = False
+        self.expect = False
         self.paused = False
         self.closed = False
         self.broken = False
@@ -979,11 +982,15 @@ class _ClientConnection(asyncio.Protocol):
             self.client = (str(peer[0]), int(peer[1]))
             self.client_host = self.client[0]
         self.server.connections.add(self)
+        self.task = self.server.loop.create_task(self._serve())
+        self.server.tasks.add(self.task)
+        self.task.add_done_callback(self.server.tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pending.clear()
         self.server.connections.discard(self)
+        self._wake()
 
     def data_received(self, data: bytes) -> None:
         if self.broken:
@@ -1007,6 +1014,7 @@ class _ClientConnection(asyncio.Protocol):
         self.size = 0
         self.head = 0
         self.discard = False
+        self.expect = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -1023,6 +1031,8 @@ class _ClientConnection(asyncio.Protocol):
         if name == b"content-length":
             # The parser has checked the value is a number (or raised).
             self.size = -int(value)
+        elif name == b"expect":
+            self.expect = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         if -self.size > self.limit:
@@ -1031,9 +1041,9 @@ class _ClientConnection(asyncio.Protocol):
         if (
             not self.discard
             and self.transport is not None
+            and self.expect
             and not self.pending
-            and self.task is None
-            and any(n == b"expect" and v.lower() == b"100-continue" for n, v in self.headers)
+            and not self.busy
         ):
             # Nothing is being answered on this connection, so the interim answer is in order.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1090,29 +1100,41 @@ class _ClientConnection(asyncio.Protocol):
         if len(self.pending) > MAX_PIPELINED and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        if self.task is None:
-            self.task = self.server.loop.create_task(self._serve())
-            self.server.tasks.add(self.task)
-            self.task.add_done_callback(self.server.tasks.discard)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            waiter.set_result(None)
 
     async def _serve(self) -> None:
-        try:
-            while self.pending and not self.closed:
-                parsed = self.pending.popleft()
-                try:
-                    reply = parsed.early or await self._handle(parsed)
-                except Exception:
-                    log.exception("request %s %r failed", parsed.method, parsed.url)
-                    reply = json_reply(500, "internal error in the balancer")
-                    parsed.keep_alive = False
-                self._write(reply, parsed)
-                if self.paused and len(self.pending) <= MAX_PIPELINED // 2 and not self.closed:
-                    self.paused = False
-                    self.transport.resume_reading()  # type: ignore[union-attr]
-        finally:
-            self.task = None
-            if self.server.stopping and not self.closed:
-                self._close()
+        """The connection's one task: answer queued requests in order, sleep when idle."""
+        # One long-lived task per connection, not one per request: task creation and
+        # registration cost measurably more than a future per idle period.
+        loop = self.server.loop
+        pending = self.pending
+        while not self.closed:
+            if not pending:
+                if self.server.stopping:
+                    self._close()
+                    break
+                self.waiter = loop.create_future()
+                await self.waiter
+                continue
+            parsed = pending.popleft()
+            self.busy = True
+            try:
+                reply = parsed.early or await self._handle(parsed)
+            except Exception:
+                log.exception("request %s %r failed", parsed.method, parsed.url)
+                reply = json_reply(500, "internal error in the balancer")
+                parsed.keep_alive = False
+            self.busy = False
+            self._write(reply, parsed)
+            if self.paused and len(pending) <= MAX_PIPELINED // 2 and not self.closed:
+                self.paused = False
+                self.transport.resume_reading()  # type: ignore[union-attr]
 
     async def _handle(self, parsed: _Parsed) -> Reply:
         url = parsed.url
@@ -1168,8 +1190,9 @@ class _ClientConnection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Stop taking requests: close now if idle, else after the answer in progress."""
-        if self.task is None:
+        if not self.busy and not self.pending:
             self._close()
+        self._wake()
 
 
 class HttpServer:
@@ -1194,7 +1217,7 @@ class HttpServer:
         # dates its answers itself (RFC 9110 section 6.6.1), at a second's resolution.
         self.date_line = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
         self.clock = now = self.loop.time()
-        for conn in [c for c in self.connections if c.task is None and not c.pending]:
+        for conn in [c for c in self.connections if not c.busy and not c.pending]:
             if now - conn.last_active > KEEPALIVE_TIMEOUT_S:
                 conn._close()
         self._clock = self.loop.call_later(1.0, self._tick)

@@ -72,9 +72,11 @@ for seed in $SEEDS; do
     recordings+=(--recording "$run/recording.jsonl")
     for experiment in $EXPERIMENTS; do
         journal="$run/$experiment.journal.json"
+        # Rollbacks always: Chaos Toolkit's default skips them when the steady state
+        # deviates, which would leave the fault in place for every later experiment.
         TWLB_CHAOS_STATE_DIR="$run/state" "$BIN/chaos" --no-version-check \
-            --log-file "$run/$experiment.log" run --journal-path "$journal" \
-            "chaos/local/$experiment.json" || true
+            --log-file "$run/$experiment.log" run --rollback-strategy always \
+            --journal-path "$journal" "chaos/local/$experiment.json" || true
         # The journal, not chaos's exit status, says whether the steady state held.
         "$BIN/python" -m twlb.chaos check "$journal" || status=1
         journals+=(--journal "$journal")

@@ -43,7 +43,13 @@ def _run_experiment(
 ) -> dict[str, Any]:
     out = subprocess.run(
         _chaos_argv(
-            journal.with_suffix(".log"), "run", "--journal-path", str(journal), str(experiment)
+            journal.with_suffix(".log"),
+            "run",
+            "--rollback-strategy",
+            "always",
+            "--journal-path",
+            str(journal),
+            str(experiment),
         ),
         env={**os.environ, **env},
         capture_output=True,

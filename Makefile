@@ -5,11 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 UV_VERSION := 0.13.8
 
+# The repository has a top-level operator/ folder (mapped to twlb.operator); never let
+# `python -m ...` run from here put it ahead of the standard library's `operator`.
+export PYTHONSAFEPATH := 1
+
 .PHONY: venv test lint demo bench lock clean chaos-local kind-up kind-down crd train
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	$(BIN)/pip install -q uv==$(UV_VERSION)
 	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)

@@ -49,7 +49,9 @@ def free_port_range(n: int, host: str = "127.0.0.1", tries: int = 100) -> int:
 
 def twlb_argv(*args: str) -> list[str]:
     """argv that runs the `twlb` command with this interpreter."""
-    return [sys.executable, "-m", "twlb", *args]
+    # -P: never put the working directory on sys.path (a checkout's top-level operator/
+    # folder would shadow the standard library's `operator`).
+    return [sys.executable, "-P", "-m", "twlb", *args]
 
 
 @dataclass

@@ -107,6 +107,7 @@ class EmbeddedCluster:
     balancer_restarts: int = field(default=0, init=False)
     _balancer_next_start: float = field(default=0.0, init=False)
     _balancer_backoff_s: float = field(default=RESTART_BASE_S, init=False)
+    _balancer_started_at: float = field(default=0.0, init=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -216,6 +217,7 @@ class EmbeddedCluster:
             argv += ["--model", str(self.model)]
         argv += list(self.balancer_args)
         self.balancer = ManagedProcess(argv, log_path=self._log("balancer")).start()
+        self._balancer_started_at = time.monotonic()
 
     def restart_balancer(self, policy: str | None = None, ready_timeout: float = 30.0) -> None:
         """Stop the balancer and start it again, fresh, optionally with another policy."""
@@ -296,6 +298,8 @@ class EmbeddedCluster:
                     events.append(f"{node.name} restarted (restart #{node.restarts})")
             if self.balancer is not None and not self.balancer.alive():
                 events += self._supervise_balancer(now)
+            elif now - self._balancer_started_at > RESTART_RESET_S:
+                self._balancer_backoff_s = RESTART_BASE_S  # it ran cleanly long enough
             self._write_truth()
             self._write_state()
         for e in events:

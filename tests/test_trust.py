@@ -161,6 +161,20 @@ def test_absence_of_traffic_does_not_readmit_an_ejected_backend() -> None:
     assert engine.weight("b0") < weight
 
 
+def test_a_fleet_that_has_seen_no_traffic_yet_is_not_ejected_at_start_up() -> None:
+    engine = _engine(min_samples=5)
+    quiet = compute_features({b: SILENT for b in FLEET})
+    for t in range(1, 30):
+        engine.update(quiet, float(t))
+    assert all(engine.state(b) is TrustState.PROBATION for b in FLEET)
+    assert all(engine.weight(b) == 0.5 for b in FLEET)
+    # A quiet backend whose health checks fail is still taken out.
+    down = compute_features({b: SILENT for b in FLEET} | {"b0": CRASHED})
+    for t in range(30, 40):
+        engine.update(down, float(t))
+    assert engine.state("b0") is TrustState.EJECTED
+
+
 def test_ejected_backend_gets_another_chance_with_growing_back_off() -> None:
     engine = _engine(ejection_base_s=30.0)
     engine.update(_features(b0=ERRORING), 1.0)

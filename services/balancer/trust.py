@@ -10,9 +10,11 @@ tick). The weight then drives an explicit state machine (`TRANSITIONS`):
 - the floor: never more than `max_ejected_fraction` of the fleet is ejected at once, so a
   bad model cannot black-hole traffic; when more want out, the worst go first and the
   rest stay in (LOW_HELD);
-- absence of traffic is not evidence of health: with fewer than `min_samples` requests
-  plus audits in the window a backend's weight may only fall (failed health checks still
-  count), so an ejected backend is not readmitted merely because nobody talks to it;
+- absence of traffic is evidence of neither health nor sickness: with fewer than
+  `min_samples` requests plus audits in the window a backend's weight holds, and may only
+  fall on evidence that needs no traffic (failed health checks, connection errors,
+  timeouts); so an ejected backend is not readmitted merely because nobody talks to it,
+  and a fleet that has not seen traffic yet is not ejected at start-up;
 - like Envoy's outlier ejection, an ejected backend gets another chance in PROBATION after
   `ejection_base_s` times the number of consecutive ejections (capped at
   `max_ejection_s`), with its weight reset to `probation_weight`; reaching TRUSTED clears
@@ -32,6 +34,10 @@ from twlb.balancer.features import FEATURE_NAMES
 from twlb.balancer.scoring import Scorer
 
 from twlb.spec import NodeClass
+
+#: Features that show a backend failing even without traffic; without enough samples
+#: only these may lower its weight (a quiet backend is not a sick one).
+FAILURE_EVIDENCE = ("health_fail_ratio", "connect_error_ratio", "timeout_ratio")
 
 
 class TrustState(StrEnum):
@@ -256,7 +262,12 @@ class TrustEngine:
             samples = math.expm1(f.get("request_count_log1p", 0.0)) + math.expm1(
                 f.get("audit_count_log1p", 0.0)
             )
-            target = p_healthy if samples + 1e-9 >= self.min_samples else min(p_healthy, b.weight)
+            if samples + 1e-9 >= self.min_samples:
+                target = p_healthy
+            elif any(f.get(k, 0.0) > 0.0 for k in FAILURE_EVIDENCE):
+                target = min(p_healthy, b.weight)  # failing health checks: may only fall
+            else:
+                target = b.weight  # no traffic and no failure is no evidence either way
             b.weight = (1.0 - alpha) * b.weight + alpha * target
             b.probabilities = {c: float(p) for c, p in zip(classes, row, strict=True)}
             b.features = {k: float(v) for k, v in f.items()}

@@ -26,8 +26,10 @@ from twlb.procs import twlb_argv
 from twlb.runtime import EmbeddedCluster
 from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster
 
-#: A backend counts as detected (flagged) once the balancer takes it out of rotation:
-#: its trust state is ejected, its health is unhealthy, or an outlier policy ejected it.
+#: A backend counts as detected (flagged) once the balancer takes it out of rotation: its
+#: trust state is ejected or its health is unhealthy. The trust engine and the health
+#: checks run under every policy, so detection is the balancer's; only some policies
+#: (trust, outlier-ejection, and health for all) act on it.
 FLAGGED_STATES = frozenset({"ejected", "unhealthy", "down"})
 
 #: Policies in the order the demo runs them; the oracle (told the truth) is the ceiling.
@@ -106,8 +108,12 @@ class Phase:
 
 
 def _flagged(entry: dict[str, Any]) -> bool:
-    return str(entry.get("state", "")).lower() in FLAGGED_STATES or (
-        str(entry.get("health", "")).lower() in FLAGGED_STATES
+    health = entry.get("health")
+    if isinstance(health, dict):  # /trust gives the health tracker's whole state
+        health = health.get("state")
+    return (
+        str(entry.get("state", "")).lower() in FLAGGED_STATES
+        or str(health or "").lower() in FLAGGED_STATES
     )
 
 

@@ -24,7 +24,7 @@ import httpx
 
 from twlb.procs import twlb_argv
 from twlb.runtime import EmbeddedCluster
-from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster
+from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster, assign_faults
 
 #: A backend counts as detected (flagged) once the balancer takes it out of rotation: its
 #: trust state is ejected or its health is unhealthy. The trust engine and the health
@@ -119,8 +119,6 @@ def _flagged(entry: dict[str, Any]) -> bool:
 
 def reset_nodes(cluster: EmbeddedCluster, scenario: Scenario, timeout: float = 30.0) -> None:
     """Bring every node back to the scenario's initial fault, alive and ready."""
-    from twlb.spec import assign_faults
-
     deadline = time.monotonic() + timeout
     for a in assign_faults(scenario.cluster.spec, cluster.name):
         node = cluster.node(a.index)
@@ -268,8 +266,6 @@ def standard_cluster(name: str = "demo", seed: int = 7, backends: int = 6) -> Tr
 
 def onset_events(cluster: TrustCluster, duration_s: float) -> tuple[ChaosEvent, ...]:
     """Mid-run chaos on two nodes that start healthy: one turns byzantine, one is killed."""
-    from twlb.spec import assign_faults
-
     healthy = [a.index for a in assign_faults(cluster.spec) if a.fault.type is FaultType.BENIGN]
     if len(healthy) < 2:
         raise ValueError("onset events need at least two benign nodes")

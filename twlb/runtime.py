@@ -25,7 +25,7 @@ from typing import Any
 import click
 import httpx
 
-from twlb.procs import ManagedProcess, port_in_use, twlb_argv
+from twlb.procs import ManagedProcess, pid_alive, port_in_use, twlb_argv
 from twlb.spec import (
     FaultSpec,
     NodeAssignment,
@@ -437,20 +437,26 @@ def _atomic_write(path: Path, data: Any, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
-    """The state file enriched with live checks: processes, live faults and trust."""
+def read_state_file(state_dir: Path) -> dict[str, Any]:
+    """The state file `twlb up` keeps, as written; ClusterError says why there is none."""
     path = state_dir / STATE_FILE
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
         raise ClusterError(
-            f"no running cluster: {path} does not exist (start one with `twlb up`)"
+            f"no cluster: {path} does not exist (start one with `twlb up --state-dir {state_dir}`)"
         ) from None
-    except json.JSONDecodeError as err:
-        raise ClusterError(f"{path} is not valid JSON: {err}") from None
-    tokens = state.pop("tokens", {})
-    from twlb.procs import pid_alive
+    except (OSError, json.JSONDecodeError) as err:
+        raise ClusterError(f"cannot read cluster state {path}: {err}") from None
+    if not isinstance(state, dict):
+        raise ClusterError(f"cluster state {path} is not a JSON object")
+    return state
 
+
+def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
+    """The state file enriched with live checks: processes, live faults and trust."""
+    state = read_state_file(state_dir)
+    tokens = state.pop("tokens", {})
     state["running"] = not state.get("stopped") and pid_alive(int(state.get("runtime_pid", 0)))
     if not state["running"]:
         return state

@@ -9,7 +9,6 @@ experiment pointed at nothing stops in its first probe instead of hanging.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 from chaoslib.exceptions import ActivityFailed
 
 from twlb.procs import pid_alive
-from twlb.runtime import STATE_FILE
+from twlb.runtime import STATE_FILE, ClusterError, read_state_file
 from twlb.spec import FaultSpec
 
 #: Environment variable experiments read their state directory from (configuration).
@@ -75,18 +74,10 @@ def resolve_state_dir(state_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _raw(state_dir: Path) -> dict[str, Any]:
-    path = state_dir / STATE_FILE
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ActivityFailed(
-            f"no cluster: {path} does not exist (start one with `twlb up --state-dir {state_dir}`)"
-        ) from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ActivityFailed(f"cannot read cluster state {path}: {err}") from None
-    if not isinstance(doc, dict):
-        raise ActivityFailed(f"cluster state {path} is not a JSON object")
-    return doc
+        return read_state_file(state_dir)
+    except ClusterError as err:
+        raise ActivityFailed(err.message) from None
 
 
 def load_cluster(state_dir: str | os.PathLike[str] | None) -> ClusterState:

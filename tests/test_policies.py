@@ -325,6 +325,40 @@ def test_trust_policy_follows_weights_and_skips_ejected_backends() -> None:
     assert policy.pick(["unknown"], 1.0) is None  # only backends the engine knows are routed
 
 
+def test_trust_policy_takes_share_from_a_backend_whose_requests_pile_up() -> None:
+    """A backend that stops answering keeps its trust for a window, but its in-flight
+    requests pile up, and with them its load: its share falls within a few requests."""
+    engine = TrustEngine(HeuristicScorer())
+    six = [f"n{i}" for i in range(6)]
+    engine.set_backends(six, 0.0)
+    policy = _built("trust", six, trust_engine=engine)
+    picks: Counter[str] = Counter()
+    now = 0.0
+    for _ in range(600):  # 3 s at 200 req/s; n5 never answers, the others in 3 ms
+        now += 0.005
+        b = policy.pick(six, now)
+        picks[b] += 1
+        policy.on_start(b, now)
+        if b != "n5":
+            policy.on_end(b, now + 0.003, Outcome.SUCCESS, 0.003)
+    assert engine.weight("n5") == engine.weight("n0")  # trust has not moved yet
+    assert picks["n5"] <= 25, picks  # round robin would have sent it 100
+    plain = _built("trust", six, trust_engine=engine, latency_weighting=False)
+    assert Counter(plain.pick(six, now) for _ in range(600)) == {b: 100 for b in six}
+
+
+def test_trust_policy_turns_from_a_backend_answering_errors_at_once() -> None:
+    engine = TrustEngine(HeuristicScorer())
+    engine.set_backends(["a", "b", "c"], 0.0)
+    policy = _built("trust", ["a", "b", "c"], trust_engine=engine)
+    for b in "ab":
+        _observe(policy, b, 0.1, 0.003)
+    _observe(policy, "c", 0.1, 0.003, Outcome.ERROR)  # counts as failure_penalty_s
+    picks = Counter(policy.pick(["a", "b", "c"], 0.1) for _ in range(300))
+    assert picks["c"] <= 6 and picks["a"] == picks["b"], picks  # <= 2%, round robin 33%
+    assert policy.describe("c")["ewma_s"] == pytest.approx(1.0)
+
+
 def test_smooth_weighted_pick_shares_traffic_by_float_weights_with_a_floor() -> None:
     weights = {"a": 0.9, "b": 0.3, "c": 0.001}
     current: dict[str, float] = {}

@@ -170,6 +170,11 @@ class Balancer:
             vnodes=settings.vnodes,
             trust_engine=self.engine,
             truth=self.truth_of,
+            **(
+                {"latency_weighting": settings.latency_weighting}
+                if settings.policy is PolicyName.TRUST
+                else {}
+            ),
         )
         self.policy.set_backends(list(self.backends), now)
         self.wants_key = settings.policy is PolicyName.CONSISTENT_HASH

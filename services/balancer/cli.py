@@ -56,6 +56,12 @@ def _backend_urls(
     help="Share of GET requests cross-checked on two more backends.",
 )
 @click.option(
+    "--latency-weighting/--no-latency-weighting",
+    default=True,
+    help="trust policy: scale each trust weight by the backend's current peak-EWMA load "
+    "against the best candidate's (off: route on trust alone).",
+)
+@click.option(
     "--audit-ignore-field",
     "audit_ignore_fields",
     multiple=True,

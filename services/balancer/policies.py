@@ -10,7 +10,8 @@ weighted-round-robin (nginx's smooth WRR, including its effective-weight recover
 failures), consistent-hash (ring of virtual nodes, sha256 or md5), p2c-ewma (power of two
 choices on peak-EWMA latency times in-flight + 1, as Linkerd and Finagle), outlier-ejection
 (Envoy's consecutive-5xx and success-rate ejection), trust (smooth WRR over a TrustEngine's
-weights, ejected backends excluded) and oracle (ground truth; experiments only).
+weights scaled by current peak-EWMA load, ejected backends excluded) and oracle (ground
+truth; experiments only).
 """
 
 from __future__ import annotations
@@ -548,8 +549,17 @@ class OutlierEjection(BasePolicy):
         }
 
 
-class TrustWeighted(BasePolicy):
-    """Smooth WRR over the trust engine's weights, skipping backends it has ejected.
+class TrustWeighted(PeakEwma):
+    """Smooth WRR over the trust engine's weights, each scaled by how fast the backend is
+    answering now; backends the engine has ejected are skipped.
+
+    Trust decides who may serve and how much: it is the only signal that sees wrong
+    answers, but it moves once per scored window. Latency decides the moment-to-moment
+    share: a backend's weight is multiplied by `best_load / its_load` over the candidates,
+    where load is peak-EWMA latency times (in-flight + 1) as in p2c-ewma, so a backend that
+    starts answering slowly (or not at all) loses its share within a few requests, when its
+    in-flight count piles up, long before a window scores it. With equal loads the shares
+    are the trust weights exactly. `latency_weighting=False` routes on trust alone.
 
     A backend that is not ejected always keeps at least `min_weight`, so a low but
     un-ejected weight still gets a trickle of traffic (and so, fresh evidence). Only
@@ -559,19 +569,42 @@ class TrustWeighted(BasePolicy):
 
     name = PolicyName.TRUST
 
-    def __init__(self, trust_engine: TrustEngine, min_weight: float = 0.01) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        trust_engine: TrustEngine,
+        min_weight: float = 0.01,
+        latency_weighting: bool = True,
+        seed: int = 0,
+        decay_s: float = 1.0,
+        default_rtt_s: float = 0.03,
+        failure_penalty_s: float = 1.0,
+    ) -> None:
+        super().__init__(seed, decay_s, default_rtt_s, failure_penalty_s)
+        if not 0.0 <= min_weight <= 1.0:
+            raise ValueError(f"min_weight must be in [0, 1], got {min_weight}")
         self.engine = trust_engine
         self.min_weight = min_weight
+        self.latency_weighting = latency_weighting
         self.current: dict[str, float] = {}
 
     def set_backends(self, backends: Sequence[str], now: float) -> None:
         super().set_backends(backends, now)
         self.current = {b: self.current.get(b, 0.0) for b in self.backends}
 
+    def effective_weights(self, candidates: Sequence[str], now: float) -> dict[str, float]:
+        """Trust weight times best load / own load, for the admitted candidates."""
+        admitted = self.engine.admitted
+        if not self.latency_weighting:
+            return admitted
+        loads = {b: self.load(b, now) for b in candidates if b in admitted}
+        if not loads:
+            return {}
+        best = min(loads.values())
+        return {b: admitted[b] * (best / load if load > best else 1.0) for b, load in loads.items()}
+
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
         return smooth_weighted_pick(
-            candidates, self.engine.admitted, self.current, floor=self.min_weight
+            candidates, self.effective_weights(candidates, now), self.current, self.min_weight
         )
 
     def describe(self, backend: str) -> dict:

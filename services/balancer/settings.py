@@ -30,6 +30,9 @@ class BalancerSettings(BaseModel):
     policy: PolicyName = PolicyName.ROUND_ROBIN
     admin_token: str | None = Field(None, description="Bearer token of the admin API.")
     audit_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    latency_weighting: bool = Field(
+        True, description="trust policy: scale trust weights by current load."
+    )
     audit_ignore_fields: tuple[str, ...] = Field(
         ("node",), description="Top-level JSON fields left out when comparing answers."
     )

@@ -147,6 +147,10 @@ def test_floor_never_ejects_more_than_the_fraction_and_worst_go_first() -> None:
     states = [engine.state(b) for b in FLEET]
     assert states.count(TrustState.EJECTED) == 3 == engine.ejection_limit()
     assert engine.state("b5") is not TrustState.EJECTED
+    rows = {r["url"]: r for r in engine.snapshot()}
+    held = [b for b in FLEET if rows[b]["held"]]  # low, in rotation only by the floor
+    assert held and all(rows[b]["state"] != "ejected" for b in held)
+    assert not any(rows[b]["held"] for b in FLEET if rows[b]["state"] == "ejected")
 
 
 def test_absence_of_traffic_does_not_readmit_an_ejected_backend() -> None:

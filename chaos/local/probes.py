@@ -307,7 +307,7 @@ async def _eject_watch(
         for node, node_url in nodes.items():
             for b in rows:
                 if backend_matches(b["url"], node, node_url):
-                    last[node] = {"weight": b["weight"], "state": b["state"]}
+                    last[node] = {k: b.get(k) for k in ("weight", "state", "held")}
                     if b["state"] == EJECTED and node not in ejected:
                         ejected[node] = elapsed
         return len(ejected) == len(nodes)

@@ -39,6 +39,29 @@ from twlb.spec import NodeClass
 #: only these may lower its weight (a quiet backend is not a sick one).
 FAILURE_EVIDENCE = ("health_fail_ratio", "connect_error_ratio", "timeout_ratio")
 
+#: Requests plus audits a window needs before its score may move a weight either way.
+MIN_SAMPLES = 5
+
+
+def window_samples(features: Mapping[str, float]) -> float:
+    """Requests plus audits behind one backend's feature window."""
+    return math.expm1(features.get("request_count_log1p", 0.0)) + math.expm1(
+        features.get("audit_count_log1p", 0.0)
+    )
+
+
+def shows_failure(features: Mapping[str, float]) -> bool:
+    """Whether a window shows failure that needs no traffic to be seen."""
+    return any(features.get(k, 0.0) > 0.0 for k in FAILURE_EVIDENCE)
+
+
+def is_evidence(features: Mapping[str, float], min_samples: int = MIN_SAMPLES) -> bool:
+    """Whether the engine acts on a window's score at all: enough samples, or failure that
+    needs none. Training keeps only such windows: a window the engine ignores (an ejected
+    node nobody talks to) carries no sign of its class, and learning from it teaches the
+    model that a quiet healthy node looks faulty."""
+    return window_samples(features) + 1e-9 >= min_samples or shows_failure(features)
+
 
 class TrustState(StrEnum):
     PROBATION = "probation"
@@ -100,7 +123,7 @@ class TrustEngine:
         eject_below: float = 0.3,
         readmit_above: float = 0.7,
         max_ejected_fraction: float = 0.5,
-        min_samples: int = 5,
+        min_samples: int = MIN_SAMPLES,
         probation_weight: float = 0.5,
         ejection_base_s: float = 30.0,
         max_ejection_s: float = 300.0,
@@ -192,6 +215,8 @@ class TrustEngine:
                 "url": url,
                 "weight": round(b.weight, 6),
                 "state": b.state.value,
+                # below the ejection threshold but kept in rotation by the floor
+                "held": b.state is not TrustState.EJECTED and b.weight < self.eject_below,
                 "probabilities": {k: round(v, 6) for k, v in b.probabilities.items()},
                 "features": dict(b.features),
                 "ejections": b.ejections,
@@ -259,12 +284,9 @@ class TrustEngine:
             b = self._backends[url]
             f = features[url]
             p_healthy = float(row[self._healthy_col])
-            samples = math.expm1(f.get("request_count_log1p", 0.0)) + math.expm1(
-                f.get("audit_count_log1p", 0.0)
-            )
-            if samples + 1e-9 >= self.min_samples:
+            if window_samples(f) + 1e-9 >= self.min_samples:
                 target = p_healthy
-            elif any(f.get(k, 0.0) > 0.0 for k in FAILURE_EVIDENCE):
+            elif shows_failure(f):
                 target = min(p_healthy, b.weight)  # failing health checks: may only fall
             else:
                 target = b.weight  # no traffic and no failure is no evidence either way

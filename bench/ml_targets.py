@@ -25,6 +25,7 @@ import secrets
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,8 @@ from twlb.balancer.onnx_scorer import OnnxScorer
 from twlb.balancer.trust import TrustEngine
 from twlb.ml.card import write_targets
 from twlb.ml.collect import driven_load
-from twlb.ml.dataset import read_dataset
-from twlb.ml.train import heuristic_predictions, scores_for, split_by_seed
+from twlb.ml.dataset import SHIPPED_DATA, read_datasets
+from twlb.ml.train import evidence_windows, heuristic_predictions, scores_for, split_by_seed
 
 from twlb.procs import ManagedProcess, free_port, twlb_argv
 from twlb.spec import FaultSpec, FaultType
@@ -52,11 +53,12 @@ TARGET_WINDOWS = 2.0
 EJECT_BELOW = inspect.signature(TrustEngine).parameters["eject_below"].default
 
 
-def quality(model_dir: Path, data: Path) -> dict[str, Any]:
+def quality(model_dir: Path, data: Sequence[Path]) -> dict[str, Any]:
     report = json.loads((model_dir / "training_report.json").read_text())
-    ds = read_dataset(data, FEATURE_NAMES)
-    if ds.digest != report["data"]["digest"]:
+    loaded = read_datasets(data, FEATURE_NAMES)
+    if loaded.digest != report["data"]["digest"]:
         raise click.ClickException(f"{data} is not the data {model_dir} was trained on")
+    ds, _ = evidence_windows(loaded)
     split = split_by_seed(ds.seed, report["split"]["holdout_fraction"], report["seed"], ds.y)
     X, y = ds.X[split.holdout], ds.y[split.holdout].astype(str)
     scorer = OnnxScorer.load(model_dir / "trust-svm.onnx")
@@ -73,9 +75,9 @@ def quality(model_dir: Path, data: Path) -> dict[str, Any]:
     }
 
 
-def scoring_speed(model_dir: Path, data: Path, calls: int = 3000) -> dict[str, Any]:
+def scoring_speed(model_dir: Path, data: Sequence[Path], calls: int = 3000) -> dict[str, Any]:
     scorer = OnnxScorer.load(model_dir / "trust-svm.onnx")
-    X = read_dataset(data, FEATURE_NAMES).X
+    X = read_datasets(data, FEATURE_NAMES).X
     rows = X[np.random.default_rng(0).integers(0, len(X), size=100)]
     for _ in range(200):
         scorer.predict_proba(rows)
@@ -223,8 +225,8 @@ def card_section(res: dict[str, Any], command: str) -> str:
 @click.command()
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
               default=ROOT / "ml" / "models")  # fmt: skip
-@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
-              default=ROOT / "ml" / "data" / "train.parquet")  # fmt: skip
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              default=SHIPPED_DATA, help="The model's training data (repeatable).")  # fmt: skip
 @click.option("--rate", type=click.FloatRange(1, 2000), default=200.0)
 @click.option("--window", type=click.FloatRange(0.5, 60), default=5.0)
 @click.option("--skip-live", is_flag=True, help="Quality and scoring speed only.")
@@ -232,7 +234,7 @@ def card_section(res: dict[str, Any], command: str) -> str:
               default=ROOT / "reports" / "bench" / "ml_targets.json")  # fmt: skip
 @click.option("--no-card", is_flag=True, help="Do not write the model card's targets section.")
 def main(
-    model_dir: Path, data: Path, rate: float, window: float, skip_live: bool, out: Path,
+    model_dir: Path, data: tuple[Path, ...], rate: float, window: float, skip_live: bool, out: Path,
     no_card: bool,
 ) -> None:  # fmt: skip
     """Measure the trust model's targets."""

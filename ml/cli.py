@@ -8,6 +8,34 @@ from collections import Counter
 from pathlib import Path
 
 import click
+from twlb.ml import collect
+
+
+class CountOrRange(click.ParamType):
+    """A number N, or LO-HI (integers) for a value drawn per run; bounds checked."""
+
+    name = "N|LO-HI"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if not isinstance(value, str):
+            return value
+        lo_text, sep, hi_text = value.partition("-")
+        try:
+            numbers = [float(lo_text)] + ([float(hi_text)] if sep else [])
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor a range LO-HI", param, ctx)
+        if any(not self.low <= n <= self.high for n in numbers):
+            self.fail(f"{value!r} is outside {self.low}-{self.high}", param, ctx)
+        if not sep:
+            n = numbers[0]
+            return int(n) if n.is_integer() else n
+        lo, hi = numbers
+        if not (lo.is_integer() and hi.is_integer() and lo <= hi):
+            self.fail(f"range {value!r} needs integers LO <= HI", param, ctx)
+        return (int(lo), int(hi))
 
 
 def _echo(message: str) -> None:
@@ -44,7 +72,13 @@ def _echo(message: str) -> None:
     default=0,
     help="Seed of the first run; run i uses seed+i (fault assignment, chaos, load).",
 )
-@click.option("--backends", type=click.IntRange(3, 30), default=6, help="Backends per run.")
+@click.option(
+    "--backends",
+    type=CountOrRange(3, 30),
+    default=str(collect.BACKENDS),
+    show_default=True,
+    help="Backends per run, or LO-HI to draw per run (e.g. 3-6).",
+)
 @click.option(
     "--duration",
     type=click.FloatRange(min=1.0, max=3600.0),
@@ -59,9 +93,10 @@ def _echo(message: str) -> None:
 )
 @click.option(
     "--rate",
-    type=click.FloatRange(min=1.0, max=5000.0),
+    type=CountOrRange(1, 5000),
     default=None,
-    help="Requests per second; default drawn per run (120-260).",
+    help="Requests per second, or LO-HI to draw per run; default drawn per run from "
+    f"{collect.RATE_DRAWN[0]}-{collect.RATE_DRAWN[1]}.",
 )
 @click.option(
     "--scrape-interval",
@@ -98,10 +133,10 @@ def collect_command(
     cross_check: bool,
     runs: int,
     seed: int,
-    backends: int,
+    backends: int | tuple[int, int],
     duration: float,
     window: float,
-    rate: float | None,
+    rate: float | tuple[int, int] | None,
     scrape_interval: float,
     prometheus_url: str | None,
     selector: str,
@@ -111,7 +146,6 @@ def collect_command(
 ) -> None:
     """Record labelled feature windows (live chaos runs, or a running balancer's Prometheus)."""
     from twlb.balancer.features import FEATURE_NAMES
-    from twlb.ml import collect
     from twlb.ml.dataset import write_rows
     from twlb.ml.prometheus import PrometheusUnavailable, find_prometheus
 

@@ -147,18 +147,26 @@ def draw_fault(rng: random.Random, fault_type: FaultType) -> FaultSpec:
     )
 
 
+#: Defaults: six backends at a rate drawn per run (the shipped data's first part).
+BACKENDS = 6
+RATE_DRAWN = (120, 260)
+
+
 def plan_run(
     seed: int,
-    backends: int = 6,
+    backends: int | tuple[int, int] = BACKENDS,
     duration_s: float = 45.0,
     window_s: float = 5.0,
-    rate: float | None = None,
+    rate: float | tuple[int, int] | None = None,
     run_id: str | None = None,
 ) -> RunPlan:
-    """Draw one run from its seed: faults on up to half the nodes, then chaos mid-run."""
+    """Draw one run from its seed: faults on up to half the nodes, then chaos mid-run.
+    `backends` and `rate` are fixed values or (low, high) ranges drawn from per run."""
+    rng = random.Random(f"twlb-collect:{seed}")
+    if isinstance(backends, tuple):
+        backends = rng.randint(*backends)
     if backends < 3:
         raise ValueError(f"a run needs at least 3 backends (audits compare three), got {backends}")
-    rng = random.Random(f"twlb-collect:{seed}")
     n_faulty = rng.randint(1, max(1, backends // 2))
     faulty = rng.sample(range(backends), n_faulty)
     faults = [FaultSpec() for _ in range(backends)]
@@ -185,7 +193,9 @@ def plan_run(
         backends=backends,
         duration_s=duration_s,
         window_s=window_s,
-        rate=rate if rate is not None else float(rng.randint(120, 260)),
+        rate=float(rate)
+        if isinstance(rate, int | float)
+        else float(rng.randint(*(rate or RATE_DRAWN))),
         audit_fraction=round(rng.uniform(0.05, 0.15), 3),
         faults=tuple(faults),
         events=tuple(sorted(events, key=lambda e: e.at_s)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twlb.spec import NodeClass
+
+#: The data the shipped model is trained on (`make train` collects both): six-node
+#: clusters at 120-260 req/s, and clusters of 3 to 6 nodes at 30-260 req/s.
+SHIPPED_DATA = (
+    Path(__file__).resolve().parent / "data" / "train.parquet",
+    Path(__file__).resolve().parent / "data" / "train-small.parquet",
+)
 
 ID_COLUMNS = ("run_id", "seed", "node", "time")
 LABEL_COLUMN = "label"
@@ -117,6 +124,16 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def subset(self, keep: np.ndarray) -> Dataset:
+        """The rows where boolean `keep` is true; file, digest and metadata unchanged."""
+        return replace(
+            self,
+            **{
+                f: getattr(self, f)[keep]
+                for f in ("run_id", "seed", "node", "time", "X", "y", "fault")
+            },
+        )
 
     def rows(self) -> list[WindowRow]:
         return [

@@ -38,7 +38,8 @@ from twlb.balancer.onnx_scorer import (
     META_VERSION,
     OnnxScorer,
 )
-from twlb.ml.dataset import read_datasets
+from twlb.balancer.trust import is_evidence
+from twlb.ml.dataset import Dataset, read_datasets
 
 MODEL_NAME = "trust-svm"
 MODEL_FILE = "trust-svm.onnx"
@@ -88,6 +89,20 @@ def split_by_seed(
         if labels is None or (set(labels[mask]) == every and set(labels[~mask]) == every):
             break
     return Split(np.flatnonzero(~mask), np.flatnonzero(mask), tuple(held))
+
+
+def evidence_windows(loaded: Dataset) -> tuple[Dataset, dict[str, int]]:
+    """The windows the trust engine acts on (`trust.is_evidence`), and per class how many
+    others were left out. A window the engine ignores (an ejected node nobody talks to)
+    shows no sign of its class; learning from it teaches the model that a quiet healthy
+    node looks faulty."""
+    names = loaded.feature_names
+    keep = np.array([is_evidence(dict(zip(names, row, strict=True))) for row in loaded.X])
+    ds = loaded.subset(keep.astype(bool))
+    if not len(ds):
+        raise TrainingError("no window carries evidence (enough samples or a failure signal)")
+    classes, counts = np.unique(loaded.y[~keep.astype(bool)].astype(str), return_counts=True)
+    return ds, {str(c): int(n) for c, n in zip(classes, counts, strict=True)}
 
 
 def svm_pipeline(seed: int, memory: str | None = None) -> Pipeline:
@@ -255,7 +270,9 @@ def train(
 
         feature_names = FEATURE_NAMES
     paths = [data] if isinstance(data, str | Path) else list(data)
-    ds = read_datasets(paths, feature_names)
+    loaded = read_datasets(paths, feature_names)
+    ds, dropped = evidence_windows(loaded)
+    log(f"left out {sum(dropped.values())} windows without evidence {dropped}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = split_by_seed(ds.seed, holdout_fraction, seed, ds.y)
@@ -324,7 +341,9 @@ def train(
         "data": {
             "file": str(ds.path),
             "digest": ds.digest,
-            "windows": len(ds),
+            "windows": len(loaded),
+            "evidence_windows": len(ds),
+            "left_out_without_evidence": dropped,
             "runs": len(set(ds.run_id)),
             "metadata": dict(ds.metadata),
             "class_counts": {c: int(np.sum(ds.y == c)) for c in classes},

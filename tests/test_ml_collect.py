@@ -41,6 +41,15 @@ def test_same_seed_gives_the_same_run_and_other_seeds_vary_faults_load_and_chaos
         assert [n.fault for n in nodes] == list(p.faults)
 
 
+def test_plan_draws_fleet_size_and_rate_from_ranges_per_seed() -> None:
+    plans = [plan_run(s, backends=(3, 6), rate=(30, 260)) for s in range(40)]
+    assert {p.backends for p in plans} == {3, 4, 5, 6}
+    assert all(30 <= p.rate <= 260 and len(p.faults) == p.backends for p in plans)
+    assert plan_run(5, backends=(3, 6), rate=(30, 260)) == plans[5]  # replayable by seed
+    fixed = plan_run(5, backends=4, rate=75.0)
+    assert (fixed.backends, fixed.rate) == (4, 75.0)
+
+
 def test_plan_refuses_fewer_than_three_backends() -> None:
     with pytest.raises(ValueError, match="at least 3 backends"):
         plan_run(1, backends=2)
@@ -99,6 +108,8 @@ def test_live_run_gives_the_same_labelled_rows_from_the_balancer_and_prometheus(
         (["--prometheus", "http://127.0.0.1:9"], "--prometheus needs --control-token"),
         (["--control-token", "t"], "need --prometheus URL"),
         (["--backends", "2"], "Invalid value for '--backends'"),
+        (["--backends", "6-3"], "needs integers LO <= HI"),
+        (["--rate", "fast"], "'fast' is neither a number nor a range LO-HI"),
         (["--prometheus", "http://127.0.0.1:9", "--control-token", "t", "--source", "balancer"],
          "drop --source balancer"),
     ],

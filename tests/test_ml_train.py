@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 from twlb.balancer.onnx_scorer import OnnxScorer
 from twlb.ml.card import TARGETS_BEGIN, TARGETS_END, write_targets
+from twlb.ml.dataset import SHIPPED_DATA
 from twlb.ml.train import TrainingError, split_by_seed
 
 from twlb.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "ml" / "data" / "train.parquet"
 SHIPPED = ROOT / "ml" / "models"
 
 
@@ -49,8 +49,7 @@ def test_twlb_train_reproduces_the_shipped_model_with_report_png_and_card(tmp_pa
         main,
         [
             "train",
-            "--data",
-            str(DATA),
+            *(arg for path in SHIPPED_DATA for arg in ("--data", str(path))),
             "--out",
             str(tmp_path),
             "--seed",

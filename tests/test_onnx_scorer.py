@@ -18,13 +18,19 @@ from twlb.balancer.onnx_scorer import (
     OnnxScorer,
 )
 from twlb.balancer.scoring import Scorer
-from twlb.ml.dataset import file_digest, read_dataset
-from twlb.ml.train import PARITY_TOLERANCE, export_onnx, parity, split_by_seed, svm_pipeline
+from twlb.ml.dataset import SHIPPED_DATA, read_datasets
+from twlb.ml.train import (
+    PARITY_TOLERANCE,
+    evidence_windows,
+    export_onnx,
+    parity,
+    split_by_seed,
+    svm_pipeline,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "ml" / "models" / "trust-svm.onnx"
 REPORT = ROOT / "ml" / "models" / "training_report.json"
-DATA = ROOT / "ml" / "data" / "train.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +58,15 @@ def test_shipped_model_carries_features_classes_version_and_its_data_digest(
     assert scorer.feature_names == FEATURE_NAMES
     assert "healthy" in scorer.classes and "byzantine" in scorer.classes
     assert scorer.version == report["model"]["version"]
-    assert scorer.info.training_data_digest == file_digest(DATA) == report["data"]["digest"]
+    shipped = read_datasets(SHIPPED_DATA, FEATURE_NAMES)
+    assert scorer.info.training_data_digest == shipped.digest == report["data"]["digest"]
     described = scorer.describe()
     assert {"name", "version", "digest"} <= described.keys()
     assert described["scores"]["macro_f1"] == pytest.approx(report["summary"]["macro_f1"])
 
 
 def test_onnxruntime_and_scikit_learn_agree_on_the_held_out_runs(report: dict) -> None:
-    ds = read_dataset(DATA, FEATURE_NAMES)
+    ds, _ = evidence_windows(read_datasets(SHIPPED_DATA, FEATURE_NAMES))
     split = split_by_seed(ds.seed, report["split"]["holdout_fraction"], report["seed"], ds.y)
     assert list(split.holdout_seeds) == report["split"]["holdout_seeds"]
     assert not set(split.holdout_seeds) & set(report["split"]["train_seeds"])
@@ -83,7 +90,7 @@ def test_onnxruntime_and_scikit_learn_agree_on_the_held_out_runs(report: dict) -
 
 def test_one_batched_call_scores_a_hundred_backends() -> None:
     scorer = OnnxScorer.load(MODEL)
-    X = read_dataset(DATA, FEATURE_NAMES).X[:100]
+    X = read_datasets(SHIPPED_DATA, FEATURE_NAMES).X[:100]
     P = scorer.predict_proba(X)
     assert P.shape == (len(X), len(scorer.classes))
     np.testing.assert_allclose(P.sum(axis=1), 1.0, atol=1e-5)

@@ -50,3 +50,34 @@ def test_quorum_is_configurable() -> None:
 def test_odd_keeps_the_order_of_the_answers() -> None:
     result = compare_answers({"x": D2, "a": D1, "y": D3, "b": D1, "c": D1})
     assert result.odd == ["x", "y"] and result.group_sizes == [3, 1, 1]
+
+
+def _audits_started(policy: str, trusted: bool, n: int = 2000) -> int:
+    """How many of n answers from backend a the balancer sends to be cross-checked."""
+    from twlb.balancer.app import Balancer, TryResult
+    from twlb.balancer.settings import BalancerSettings
+    from twlb.balancer.trust import TrustEvent
+
+    from twlb.outcome import Outcome
+
+    fleet = tuple(f"http://127.0.0.1:{9000 + i}" for i in range(4))
+    balancer = Balancer(BalancerSettings(backends=fleet, policy=policy, audit_fraction=0.05))
+    started: list[str] = []
+
+    def spawn(coro, name: str) -> None:
+        coro.close()
+        started.append(name)
+
+    balancer._spawn = spawn  # type: ignore[method-assign]
+    if trusted:
+        balancer.engine.apply(fleet[0], TrustEvent.HIGH, 1.0)
+    answered = TryResult(fleet[0], Outcome.SUCCESS, None, 0.003)
+    for _ in range(n):
+        balancer.maybe_audit("GET", b"/work", [], answered)
+    return len(started)
+
+
+def test_the_trust_policy_audits_backends_in_probation_more_often() -> None:
+    assert 850 <= _audits_started("trust", trusted=False) <= 1150  # --probation-audit-fraction
+    assert 50 <= _audits_started("trust", trusted=True) <= 150  # --audit-fraction 0.05
+    assert 50 <= _audits_started("round-robin", trusted=False) <= 150  # baselines: unchanged

@@ -359,6 +359,23 @@ def test_trust_policy_turns_from_a_backend_answering_errors_at_once() -> None:
     assert policy.describe("c")["ewma_s"] == pytest.approx(1.0)
 
 
+def test_trust_policy_ramps_a_backend_back_from_ejection_with_slow_start() -> None:
+    engine = TrustEngine(HeuristicScorer())
+    engine.set_backends(["a", "b", "c"], 0.0)
+    for b in "ab":
+        engine.apply(b, TrustEvent.HIGH, 0.0)
+    engine.apply("c", TrustEvent.LOW, 0.0)
+    engine.apply("c", TrustEvent.RETRY_DUE, 10.0)  # back in PROBATION at t=10
+    policy = _built("trust", ["a", "b", "c"], trust_engine=engine, latency_weighting=False)
+    early = Counter(policy.pick(["a", "b", "c"], 10.5) for _ in range(210))
+    assert early["c"] == 10  # weight 0.5 ramped to 10%: 0.05 against 0.5 + 0.5
+    later = Counter(policy.pick(["a", "b", "c"], 15.0) for _ in range(300))
+    assert later == {"a": 100, "b": 100, "c": 100}  # ramp over after --slow-start 5 s
+    off = _built("trust", ["a", "b", "c"], trust_engine=engine, latency_weighting=False,
+                 slow_start_s=0.0)  # fmt: skip
+    assert Counter(off.pick(["a", "b", "c"], 10.5) for _ in range(300))["c"] == 100
+
+
 def test_smooth_weighted_pick_shares_traffic_by_float_weights_with_a_floor() -> None:
     weights = {"a": 0.9, "b": 0.3, "c": 0.001}
     current: dict[str, float] = {}

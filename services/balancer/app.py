@@ -56,7 +56,7 @@ from twlb.balancer.settings import (
     RESERVED_PATHS,
     BalancerSettings,
 )
-from twlb.balancer.trust import TrustEngine
+from twlb.balancer.trust import TrustEngine, TrustState
 from twlb.balancer.upstream import (
     REQUEST_DROPPED,
     RESPONSE_DROPPED,
@@ -171,13 +171,17 @@ class Balancer:
             trust_engine=self.engine,
             truth=self.truth_of,
             **(
-                {"latency_weighting": settings.latency_weighting}
+                {
+                    "latency_weighting": settings.latency_weighting,
+                    "slow_start_s": settings.slow_start_s,
+                }
                 if settings.policy is PolicyName.TRUST
                 else {}
             ),
         )
         self.policy.set_backends(list(self.backends), now)
         self.wants_key = settings.policy is PolicyName.CONSISTENT_HASH
+        self._audit_probation = settings.policy is PolicyName.TRUST
         self.budget = RetryBudget(ratio=settings.retry_budget)
         self.rng = random.Random(settings.seed)
         self._ignore = frozenset(settings.audit_ignore_fields)
@@ -431,8 +435,16 @@ class Balancer:
         return last, ""
 
     def maybe_audit(self, method: str, target: bytes, headers: list, answered: TryResult) -> None:
-        """With probability audit_fraction, cross-check a 2xx answer on two more backends."""
+        """With probability audit_fraction, cross-check a 2xx answer on two more backends;
+        under the trust policy, answers of a backend in probation more often (while audits
+        are on), so that one still lying when it (re)joins is seen within a tick."""
         fraction = self.settings.audit_fraction
+        if (
+            fraction
+            and self._audit_probation
+            and self.engine.state(answered.backend) is TrustState.PROBATION
+        ):
+            fraction = max(fraction, self.settings.probation_audit_fraction)
         if not fraction or method not in AUDITED_METHODS or self.rng.random() >= fraction:
             return
         others = [b for b in self.up if b != answered.backend]

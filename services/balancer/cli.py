@@ -56,6 +56,20 @@ def _backend_urls(
     help="Share of GET requests cross-checked on two more backends.",
 )
 @click.option(
+    "--probation-audit-fraction",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    help="trust policy: share of answers from backends in probation (new, or back after an "
+    "ejection) cross-checked, while audits are on (--audit-fraction > 0).",
+)
+@click.option(
+    "--slow-start",
+    "slow_start_s",
+    type=click.FloatRange(0.0, 600.0),
+    default=5.0,
+    help="trust policy: seconds over which a backend in probation ramps up to its weight (0: off).",
+)
+@click.option(
     "--latency-weighting/--no-latency-weighting",
     default=True,
     help="trust policy: scale each trust weight by the backend's current peak-EWMA load "

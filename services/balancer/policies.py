@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from twlb.balancer.trust import TrustEngine
+from twlb.balancer.trust import TrustEngine, TrustState
 
 from twlb.outcome import Outcome
 from twlb.spec import NodeClass, PolicyName
@@ -561,6 +561,11 @@ class TrustWeighted(PeakEwma):
     in-flight count piles up, long before a window scores it. With equal loads the shares
     are the trust weights exactly. `latency_weighting=False` routes on trust alone.
 
+    Slow start, as Envoy's: a backend in PROBATION (new, or back after an ejection) gets
+    its weight ramped from `slow_start_floor` of it up to all of it over `slow_start_s`
+    after entering probation, so a backend that is still bad when it comes back meets
+    little traffic before the audits see it again (0 turns this off).
+
     A backend that is not ejected always keeps at least `min_weight`, so a low but
     un-ejected weight still gets a trickle of traffic (and so, fresh evidence). Only
     backends the engine knows are routed: the server gives the engine the same backend
@@ -574,6 +579,8 @@ class TrustWeighted(PeakEwma):
         trust_engine: TrustEngine,
         min_weight: float = 0.01,
         latency_weighting: bool = True,
+        slow_start_s: float = 5.0,
+        slow_start_floor: float = 0.1,
         seed: int = 0,
         decay_s: float = 1.0,
         default_rtt_s: float = 0.03,
@@ -582,7 +589,14 @@ class TrustWeighted(PeakEwma):
         super().__init__(seed, decay_s, default_rtt_s, failure_penalty_s)
         if not 0.0 <= min_weight <= 1.0:
             raise ValueError(f"min_weight must be in [0, 1], got {min_weight}")
+        if slow_start_s < 0 or not 0.0 < slow_start_floor <= 1.0:
+            raise ValueError(
+                f"need slow_start_s >= 0 and 0 < slow_start_floor <= 1, got {slow_start_s}, "
+                f"{slow_start_floor}"
+            )
         self.engine = trust_engine
+        self.slow_start_s = slow_start_s
+        self.slow_start_floor = slow_start_floor
         self.min_weight = min_weight
         self.latency_weighting = latency_weighting
         self.current: dict[str, float] = {}
@@ -591,16 +605,29 @@ class TrustWeighted(PeakEwma):
         super().set_backends(backends, now)
         self.current = {b: self.current.get(b, 0.0) for b in self.backends}
 
+    def ramp(self, backend: str, now: float) -> float:
+        """The slow-start factor: 1 unless `backend` entered PROBATION under
+        `slow_start_s` ago."""
+        if not self.slow_start_s or self.engine.state(backend) is not TrustState.PROBATION:
+            return 1.0
+        since = self.engine.since(backend)
+        age = self.slow_start_s if since is None else now - since
+        return max(self.slow_start_floor, min(1.0, age / self.slow_start_s))
+
     def effective_weights(self, candidates: Sequence[str], now: float) -> dict[str, float]:
-        """Trust weight times best load / own load, for the admitted candidates."""
+        """Trust weight times slow-start ramp (relative to the most advanced candidate's)
+        times best load / own load, for the admitted candidates."""
         admitted = self.engine.admitted
-        if not self.latency_weighting:
-            return admitted
-        loads = {b: self.load(b, now) for b in candidates if b in admitted}
-        if not loads:
+        ramps = {b: self.ramp(b, now) for b in candidates if b in admitted}
+        if not ramps:
             return {}
+        top = max(ramps.values())  # a fleet starting up together ramps together
+        weights = {b: admitted[b] * r / top for b, r in ramps.items()}
+        if not self.latency_weighting:
+            return weights
+        loads = {b: self.load(b, now) for b in weights}
         best = min(loads.values())
-        return {b: admitted[b] * (best / load if load > best else 1.0) for b, load in loads.items()}
+        return {b: w * (best / loads[b] if loads[b] > best else 1.0) for b, w in weights.items()}
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
         return smooth_weighted_pick(

@@ -30,6 +30,19 @@ class BalancerSettings(BaseModel):
     policy: PolicyName = PolicyName.ROUND_ROBIN
     admin_token: str | None = Field(None, description="Bearer token of the admin API.")
     audit_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    probation_audit_fraction: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="trust policy: share of answers from backends in probation cross-checked "
+        "(at least audit_fraction; only while audits are on).",
+    )
+    slow_start_s: float = Field(
+        5.0,
+        ge=0.0,
+        le=600.0,
+        description="trust policy: slow-start ramp of a backend in probation.",
+    )
     latency_weighting: bool = Field(
         True, description="trust policy: scale trust weights by current load."
     )

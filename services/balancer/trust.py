@@ -193,6 +193,11 @@ class TrustEngine:
         b = self._backends.get(backend)
         return TrustState.PROBATION if b is None else b.state
 
+    def since(self, backend: str) -> float | None:
+        """When `backend` entered its current state (None if unknown)."""
+        b = self._backends.get(backend)
+        return None if b is None else b.since
+
     def is_ejected(self, backend: str) -> bool:
         b = self._backends.get(backend)
         return b is not None and b.state is TrustState.EJECTED

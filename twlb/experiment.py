@@ -108,11 +108,15 @@ class Phase:
 
 
 def _flagged(entry: dict[str, Any]) -> bool:
+    """Whether a /trust row shows the balancer has judged the backend bad: ejected,
+    failing health checks, or below the ejection threshold but held in rotation by the
+    floor (at most half the fleet out)."""
     health = entry.get("health")
     if isinstance(health, dict):  # /trust gives the health tracker's whole state
         health = health.get("state")
     return (
-        str(entry.get("state", "")).lower() in FLAGGED_STATES
+        entry.get("held") is True
+        or str(entry.get("state", "")).lower() in FLAGGED_STATES
         or str(health or "").lower() in FLAGGED_STATES
     )
 

@@ -261,7 +261,7 @@ def test_trust_reports_every_backend_with_its_window_features(site: Site) -> Non
     assert report["policy"] == "trust"
     assert report["window_s"] == 2.0
     assert report["model"]["version"]
-    assert {"weight", "state", "health", "features", "probabilities"} <= set(row)
+    assert {"weight", "state", "held", "health", "features", "probabilities"} <= set(row)
     assert 0.0 <= row["weight"] <= 1.0
     assert row["features"]["success_ratio"] == 1.0
     assert abs(sum(row["probabilities"].values()) - 1.0) < 1e-6

@@ -532,6 +532,7 @@ class Balancer:
                     "url": b,
                     "weight": float(self.engine.weight(b)),
                     "state": _jsonable(self.engine.state(b)),
+                    "held": self.engine.is_held(b),
                     "health": self.health.describe(b),
                     "up": self.health.is_up(b),
                     "features": self.features.get(b, {}),

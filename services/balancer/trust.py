@@ -198,6 +198,11 @@ class TrustEngine:
         b = self._backends.get(backend)
         return None if b is None else b.since
 
+    def is_held(self, backend: str) -> bool:
+        """Below the ejection threshold, but kept in rotation by the floor."""
+        b = self._backends.get(backend)
+        return b is not None and b.state is not TrustState.EJECTED and b.weight < self.eject_below
+
     def is_ejected(self, backend: str) -> bool:
         b = self._backends.get(backend)
         return b is not None and b.state is TrustState.EJECTED
@@ -221,7 +226,7 @@ class TrustEngine:
                 "weight": round(b.weight, 6),
                 "state": b.state.value,
                 # below the ejection threshold but kept in rotation by the floor
-                "held": b.state is not TrustState.EJECTED and b.weight < self.eject_below,
+                "held": self.is_held(url),
                 "probabilities": {k: round(v, 6) for k, v in b.probabilities.items()},
                 "features": dict(b.features),
                 "ejections": b.ejections,

@@ -59,12 +59,12 @@ def render_card(report: dict[str, Any]) -> str:
         "## Data",
         f"- Training data digest (SHA-256 of the Parquet file): `{data['digest']}`.",
         f"- {data['windows']} windows from {data['runs']} runs; "
-        f"{data.get('evidence_windows', data['windows'])} carry evidence and are used, per "
+        f"{data['evidence_windows']} carry evidence and are used, per "
         "class: "
         + ", ".join(f"{c} {n}" for c, n in data["class_counts"].items())
         + ". Left out, as the trust engine ignores them (fewer than "
         f"{MIN_SAMPLES} requests plus audits and no failure signal, e.g. a node ejected and "
-        f"idle): {data.get('left_out_without_evidence') or 'none'}.",
+        f"idle): {data['left_out_without_evidence'] or 'none'}.",
         f"- Collected by `twlb collect` ({meta.get('source', 'unknown')} source, window "
         f"{meta.get('window_s', '?')} s): {meta.get('description', '')}",
         f"- Held-out runs (seeds never used in training): {split['holdout_seeds']}, "

@@ -97,11 +97,13 @@ def evidence_windows(loaded: Dataset) -> tuple[Dataset, dict[str, int]]:
     shows no sign of its class; learning from it teaches the model that a quiet healthy
     node looks faulty."""
     names = loaded.feature_names
-    keep = np.array([is_evidence(dict(zip(names, row, strict=True))) for row in loaded.X])
-    ds = loaded.subset(keep.astype(bool))
+    keep = np.array(
+        [is_evidence(dict(zip(names, row, strict=True))) for row in loaded.X], dtype=bool
+    )
+    ds = loaded.subset(keep)
     if not len(ds):
         raise TrainingError("no window carries evidence (enough samples or a failure signal)")
-    classes, counts = np.unique(loaded.y[~keep.astype(bool)].astype(str), return_counts=True)
+    classes, counts = np.unique(loaded.y[~keep].astype(str), return_counts=True)
     return ds, {str(c): int(n) for c, n in zip(classes, counts, strict=True)}
 
 

@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from twlb.balancer.trust import TrustEngine, TrustState
+from twlb.balancer.trust import TrustEngine
 
 from twlb.outcome import Outcome
 from twlb.spec import NodeClass, PolicyName
@@ -608,11 +608,10 @@ class TrustWeighted(PeakEwma):
     def ramp(self, backend: str, now: float) -> float:
         """The slow-start factor: 1 unless `backend` entered PROBATION under
         `slow_start_s` ago."""
-        if not self.slow_start_s or self.engine.state(backend) is not TrustState.PROBATION:
+        since = self.engine.probation_since(backend) if self.slow_start_s else None
+        if since is None:
             return 1.0
-        since = self.engine.since(backend)
-        age = self.slow_start_s if since is None else now - since
-        return max(self.slow_start_floor, min(1.0, age / self.slow_start_s))
+        return max(self.slow_start_floor, min(1.0, (now - since) / self.slow_start_s))
 
     def effective_weights(self, candidates: Sequence[str], now: float) -> dict[str, float]:
         """Trust weight times slow-start ramp (relative to the most advanced candidate's)

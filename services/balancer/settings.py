@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from twlb.balancer.upstream import BackendURLError, normalize_backend_url
 
-from twlb.spec import PolicyName
+from twlb.spec import PolicyName, Probability
 
 #: Paths the balancer answers itself; every other path is proxied to a backend.
 RESERVED_PATHS: frozenset[str] = frozenset({"/healthz", "/metrics", "/trust"})
@@ -29,11 +29,9 @@ class BalancerSettings(BaseModel):
     backends: tuple[str, ...] = Field(default=(), description="Backend origins http://host:port.")
     policy: PolicyName = PolicyName.ROUND_ROBIN
     admin_token: str | None = Field(None, description="Bearer token of the admin API.")
-    audit_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    probation_audit_fraction: float = Field(
+    audit_fraction: Probability = 0.05
+    probation_audit_fraction: Probability = Field(
         0.5,
-        ge=0.0,
-        le=1.0,
         description="trust policy: share of answers from backends in probation cross-checked "
         "(at least audit_fraction; only while audits are on).",
     )

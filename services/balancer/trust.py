@@ -55,12 +55,18 @@ def shows_failure(features: Mapping[str, float]) -> bool:
     return any(features.get(k, 0.0) > 0.0 for k in FAILURE_EVIDENCE)
 
 
+def has_samples(features: Mapping[str, float], min_samples: int = MIN_SAMPLES) -> bool:
+    """Whether a window rests on enough requests plus audits for its score to move a weight
+    either way."""
+    return window_samples(features) + 1e-9 >= min_samples
+
+
 def is_evidence(features: Mapping[str, float], min_samples: int = MIN_SAMPLES) -> bool:
     """Whether the engine acts on a window's score at all: enough samples, or failure that
     needs none. Training keeps only such windows: a window the engine ignores (an ejected
     node nobody talks to) carries no sign of its class, and learning from it teaches the
     model that a quiet healthy node looks faulty."""
-    return window_samples(features) + 1e-9 >= min_samples or shows_failure(features)
+    return has_samples(features, min_samples) or shows_failure(features)
 
 
 class TrustState(StrEnum):
@@ -193,10 +199,10 @@ class TrustEngine:
         b = self._backends.get(backend)
         return TrustState.PROBATION if b is None else b.state
 
-    def since(self, backend: str) -> float | None:
-        """When `backend` entered its current state (None if unknown)."""
+    def probation_since(self, backend: str) -> float | None:
+        """When `backend` entered PROBATION; None when it is not in probation (or unknown)."""
         b = self._backends.get(backend)
-        return None if b is None else b.since
+        return b.since if b is not None and b.state is TrustState.PROBATION else None
 
     def is_held(self, backend: str) -> bool:
         """Below the ejection threshold, but kept in rotation by the floor."""
@@ -294,7 +300,7 @@ class TrustEngine:
             b = self._backends[url]
             f = features[url]
             p_healthy = float(row[self._healthy_col])
-            if window_samples(f) + 1e-9 >= self.min_samples:
+            if has_samples(f, self.min_samples):
                 target = p_healthy
             elif shows_failure(f):
                 target = min(p_healthy, b.weight)  # failing health checks: may only fall

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from twlb.procs import ManagedProcess, free_port_range, pid_alive, twlb_argv
+from twlb.runtime import RESTART_BASE_S, RESTART_CAP_S, RESTART_RESET_S, RestartBackoff
 
 CLUSTER = """\
 apiVersion: twlb.dev/v1alpha1
@@ -152,3 +153,20 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
     for p in all_pids:
         assert not pid_alive(p), f"pid {p} outlived the runtime"
     assert json.loads((state_dir / "state.json").read_text())["stopped"] is True
+
+
+def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_clean_run() -> None:
+    r = RestartBackoff()
+    r.started(0.0)
+    now, waits = 1.0, []
+    for _ in range(6):  # dies at once after every start
+        assert r.observe(False, now) == "exited"
+        waits.append(round(r.next_start - now, 3))
+        assert r.observe(False, r.next_start - 0.01) is None  # not yet
+        now = r.next_start
+        assert r.observe(False, now) == "due"
+        r.started(now)
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0] and RESTART_CAP_S == 8.0
+    assert r.restarts == 6
+    assert r.observe(True, now + RESTART_RESET_S + 0.1) is None
+    assert r.backoff_s == RESTART_BASE_S  # ran cleanly long enough

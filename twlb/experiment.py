@@ -126,8 +126,9 @@ def reset_nodes(cluster: EmbeddedCluster, scenario: Scenario, timeout: float = 3
     deadline = time.monotonic() + timeout
     for a in assign_faults(scenario.cluster.spec, cluster.name):
         node = cluster.node(a.index)
-        if not node.alive and node.next_start:
-            node.next_start = time.monotonic()  # end a hold-down from the previous phase
+        if not node.alive and node.restart.next_start:
+            # end a hold-down from the previous phase
+            node.restart.next_start = time.monotonic()
         while not node.alive:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{node.name} did not come back within {timeout}s")

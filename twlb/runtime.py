@@ -10,6 +10,7 @@ keeps a state file that `twlb status` reads. Everything started is stopped by it
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,39 @@ RESTART_CAP_S = 8.0
 RESTART_RESET_S = 10.0
 
 
+@dataclass
+class RestartBackoff:
+    """Kubelet-like restarts of one process (sans-IO): a death schedules a start after the
+    current back-off, which doubles up to RESTART_CAP_S and resets once the process has run
+    cleanly for RESTART_RESET_S."""
+
+    restarts: int = 0
+    next_start: float = 0.0  # 0.0: no start scheduled
+    started_at: float = 0.0
+    backoff_s: float = RESTART_BASE_S
+
+    def started(self, now: float) -> None:
+        self.started_at = now
+        self.next_start = 0.0
+
+    def observe(self, alive: bool, now: float) -> str | None:
+        """'exited' when a death is first seen (a start is now scheduled at `next_start`),
+        'due' when that start's time has come (the caller starts the process), else None."""
+        if alive:
+            if now - self.started_at > RESTART_RESET_S:
+                self.backoff_s = RESTART_BASE_S  # it ran cleanly long enough
+            return None
+        if not self.next_start:
+            self.next_start = now + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, RESTART_CAP_S)
+            return "exited"
+        if now < self.next_start:
+            return None
+        self.next_start = 0.0
+        self.restarts += 1
+        return "due"
+
+
 class ClusterError(click.ClickException):
     """A problem with the cluster file, its ports or its state, reported with exit status 2."""
 
@@ -63,10 +98,7 @@ class NodeProcess:
     port: int
     fault: FaultSpec
     proc: ManagedProcess | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = 0.0
-    backoff_s: float = RESTART_BASE_S
+    restart: RestartBackoff = field(default_factory=RestartBackoff)
 
     @property
     def name(self) -> str:
@@ -104,10 +136,7 @@ class EmbeddedCluster:
     nodes: list[NodeProcess] = field(default_factory=list, init=False)
     balancer: ManagedProcess | None = field(default=None, init=False)
     prometheus_proc: ManagedProcess | None = field(default=None, init=False)
-    balancer_restarts: int = field(default=0, init=False)
-    _balancer_next_start: float = field(default=0.0, init=False)
-    _balancer_backoff_s: float = field(default=RESTART_BASE_S, init=False)
-    _balancer_started_at: float = field(default=0.0, init=False)
+    balancer_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -192,7 +221,7 @@ class EmbeddedCluster:
             *node.fault.to_args(),
         )  # fmt: skip
         node.proc = ManagedProcess(argv, log_path=self._log(node.name)).start()
-        node.started_at = time.monotonic()
+        node.restart.started(time.monotonic())
 
     def _start_balancer(self) -> None:
         spec = self.cluster.spec
@@ -217,7 +246,7 @@ class EmbeddedCluster:
             argv += ["--model", str(self.model)]
         argv += list(self.balancer_args)
         self.balancer = ManagedProcess(argv, log_path=self._log("balancer")).start()
-        self._balancer_started_at = time.monotonic()
+        self.balancer_restart.started(time.monotonic())
 
     def restart_balancer(self, policy: str | None = None, ready_timeout: float = 30.0) -> None:
         """Stop the balancer and start it again, fresh, optionally with another policy."""
@@ -226,7 +255,6 @@ class EmbeddedCluster:
                 self.balancer.stop()
             if policy is not None:
                 self.policy = policy
-            self._balancer_next_start = 0.0
             self._write_truth()
             self._start_balancer()
             assert self.balancer is not None
@@ -280,49 +308,36 @@ class EmbeddedCluster:
             if self._stop.is_set():
                 return events
             for node in self.nodes:
-                if node.alive:
-                    if now - node.started_at > RESTART_RESET_S:
-                        node.backoff_s = RESTART_BASE_S
-                    continue
-                if node.next_start == 0.0:
-                    code = node.proc.returncode() if node.proc else None
-                    node.next_start = now + node.backoff_s
-                    events.append(
-                        f"{node.name} exited (status {code}); restart in {node.backoff_s:.1f}s"
-                    )
-                    node.backoff_s = min(node.backoff_s * 2, RESTART_CAP_S)
-                elif now >= node.next_start:
-                    node.next_start = 0.0
-                    node.restarts += 1
-                    self._start_node(node)
-                    events.append(f"{node.name} restarted (restart #{node.restarts})")
-            if self.balancer is not None and not self.balancer.alive():
-                events += self._supervise_balancer(now)
-            elif now - self._balancer_started_at > RESTART_RESET_S:
-                self._balancer_backoff_s = RESTART_BASE_S  # it ran cleanly long enough
+                start = functools.partial(self._start_node, node)
+                events += self._supervise(node.name, node.proc, node.restart, now, start)
+            if self.balancer is not None:
+                events += self._supervise(
+                    "balancer", self.balancer, self.balancer_restart, now, self._start_balancer
+                )
             self._write_truth()
             self._write_state()
         for e in events:
             log.info(e)
         return events
 
-    def _supervise_balancer(self, now: float) -> list[str]:
-        """A dead balancer is restarted like a node (same port, same back-off rule)."""
-        assert self.balancer is not None
-        if self._balancer_next_start == 0.0:
-            self._balancer_next_start = now + self._balancer_backoff_s
-            msg = (
-                f"balancer exited (status {self.balancer.returncode()}); "
-                f"restart in {self._balancer_backoff_s:.1f}s"
-            )
-            self._balancer_backoff_s = min(self._balancer_backoff_s * 2, RESTART_CAP_S)
-            return [msg]
-        if now < self._balancer_next_start:
-            return []
-        self._balancer_next_start = 0.0
-        self.balancer_restarts += 1
-        self._start_balancer()
-        return [f"balancer restarted (restart #{self.balancer_restarts})"]
+    @staticmethod
+    def _supervise(
+        name: str,
+        proc: ManagedProcess | None,
+        restart: RestartBackoff,
+        now: float,
+        start: Callable[[], None],
+    ) -> list[str]:
+        """One process's restart step (a node, or the balancer on its same port)."""
+        step = restart.observe(proc is not None and proc.alive(), now)
+        if step == "exited":
+            code = proc.returncode() if proc else None
+            wait = restart.next_start - now
+            return [f"{name} exited (status {code}); restart in {wait:.1f}s"]
+        if step == "due":
+            start()
+            return [f"{name} restarted (restart #{restart.restarts})"]
+        return []
 
     def kill_balancer(self) -> int:
         """SIGKILL the balancer (the supervisor restarts it). Returns the killed pid."""
@@ -364,7 +379,9 @@ class EmbeddedCluster:
             pid = node.proc.pid
             node.proc.kill()
             if hold_down_s > 0:
-                node.next_start = time.monotonic() + max(hold_down_s, node.backoff_s)
+                node.restart.next_start = time.monotonic() + max(
+                    hold_down_s, node.restart.backoff_s
+                )
             self._write_truth()
             return pid
 
@@ -400,7 +417,7 @@ class EmbeddedCluster:
                 "pid": self.balancer.pid if self.balancer and self.balancer.popen else None,
                 "policy": self.policy or self.cluster.spec.policy.value,
                 "alive": self.balancer is not None and self.balancer.alive(),
-                "restarts": self.balancer_restarts,
+                "restarts": self.balancer_restart.restarts,
             },
             "prometheus": {
                 "url": self.prometheus_url,
@@ -416,7 +433,7 @@ class EmbeddedCluster:
                     "seed": n.assignment.seed,
                     "fault": n.fault.model_dump(mode="json", by_alias=True),
                     "truth": n.truth.value,
-                    "restarts": n.restarts,
+                    "restarts": n.restart.restarts,
                 }
                 for n in self.nodes
             ],

@@ -170,14 +170,8 @@ class Balancer:
             vnodes=settings.vnodes,
             trust_engine=self.engine,
             truth=self.truth_of,
-            **(
-                {
-                    "latency_weighting": settings.latency_weighting,
-                    "slow_start_s": settings.slow_start_s,
-                }
-                if settings.policy is PolicyName.TRUST
-                else {}
-            ),
+            latency_weighting=settings.latency_weighting,
+            slow_start_s=settings.slow_start_s,
         )
         self.policy.set_backends(list(self.backends), now)
         self.wants_key = settings.policy is PolicyName.CONSISTENT_HASH

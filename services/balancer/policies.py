@@ -688,9 +688,13 @@ def make_policy(
     vnodes: int = 160,
     trust_engine: TrustEngine | None = None,
     truth: Callable[[str], NodeClass] | None = None,
+    latency_weighting: bool | None = None,
+    slow_start_s: float | None = None,
     **options: Any,
 ) -> Policy:
-    """Build the policy called `name`; `options` are its own tunables (ValueError if unknown)."""
+    """Build the policy called `name`. The named settings go to the policies that take them
+    (None: the policy's default); `options` are the policy's own tunables (ValueError if
+    unknown)."""
     policy = parse_policy_name(name)
     if policy is PolicyName.TRUST and trust_engine is None:
         raise ValueError("policy 'trust' needs a trust_engine")
@@ -704,11 +708,13 @@ def make_policy(
         "vnodes": vnodes,
         "trust_engine": trust_engine,
         "truth": truth,
+        "latency_weighting": latency_weighting,
+        "slow_start_s": slow_start_s,
     }
     params = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(options) - set(params) - {"self"})
     if unknown:
         own = sorted(set(params) - {"self"} - set(common))
         raise ValueError(f"policy {policy.value!r} has no option {unknown}; its options: {own}")
-    kwargs = {k: v for k, v in common.items() if k in params} | options
+    kwargs = {k: v for k, v in common.items() if k in params and v is not None} | options
     return cls(**kwargs)

@@ -1,0 +1,536 @@
+"""`twlb sim`: run a checked simulation, check a recorded history, sweep seeds, compare
+load-balancing policies on simulated servers."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+from twlb.balancer.policies import parse_policy_name
+from twlb.sim.checker import MODELS, SearchBudgetExceeded, check_history
+from twlb.sim.history import HistoryError, Workload, read_history
+from twlb.sim.lb import LbScenario, ServerFault, compare
+from twlb.sim.runner import ALGORITHMS, Fault, SimConfig, Simulation, load_algorithm
+from twlb.sim.sweep import (
+    NEMESES,
+    SweepSettings,
+    failed_checks,
+    flatten,
+    replay_command,
+    run_config,
+    shrink,
+    summarise,
+    sweep,
+)
+
+from twlb.options import FiniteFloat
+
+
+def parse_faults(text: str | None) -> list[Fault]:
+    """`--faults` is a JSON list of [at, action, args] (or @FILE holding one), the form
+    `twlb sim sweep` prints in its replay commands."""
+    if not text:
+        return []
+    try:
+        raw = Path(text[1:]).read_text() if text.startswith("@") else text
+        rows = json.loads(raw)
+        faults = [Fault.from_json(row) for row in rows]
+    except (OSError, ValueError, TypeError) as err:
+        raise click.BadParameter(
+            f"not a fault schedule ([[at, action, args], ...]): {err}"
+        ) from None
+    return faults
+
+
+def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for value in values:
+        node, _, mode = value.partition("=")
+        if not node or not mode:
+            raise click.BadParameter(f"expected NODE=BEHAVIOUR, got {value!r}")
+        out[node] = mode
+    return out
+
+
+@click.group(invoke_without_command=True)
+@click.option("--nodes", type=click.IntRange(1, 1000), default=5, help="Cluster size.")
+@click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="raft")
+@click.option("--duration", type=FiniteFloat(min=0.1), default=60.0, help="Simulated seconds.")
+@click.option(
+    "--packet-loss", type=FiniteFloat(0, 1), default=0.0, help="Probability a message is lost."
+)
+@click.option(
+    "--latency", type=(float, float), default=(10.0, 100.0), help="LOW HIGH one-way latency in ms."
+)
+@click.option(
+    "--duplicate",
+    type=FiniteFloat(0, 1),
+    default=0.0,
+    help="Probability a message is delivered twice.",
+)
+@click.option(
+    "--reorder",
+    type=FiniteFloat(0, 1),
+    default=0.0,
+    help="Probability a message may overtake others.",
+)
+@click.option("--clients", type=click.IntRange(0, 1000), default=3)
+@click.option("--keys", type=click.IntRange(1, 10_000), default=3, help="Keys the clients share.")
+@click.option("--seed", type=int, default=0)
+@click.option(
+    "--faults",
+    "faults_text",
+    default=None,
+    help="Fault schedule: JSON [[at, action, args], ...] or @FILE.",
+)
+@click.option(
+    "--byzantine",
+    multiple=True,
+    metavar="NODE=BEHAVIOUR",
+    help="PBFT: a Byzantine replica (repeatable).",
+)
+@click.option(
+    "--bug",
+    default=None,
+    help="Run a deliberately broken variant of the protocol (to see the checkers catch it).",
+)
+@click.option(
+    "--progress-within",
+    type=FiniteFloat(min=0.1),
+    default=10.0,
+    help="Seconds after faults heal by which an operation must complete.",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the run's results as JSON.",
+)
+@click.option(
+    "--history",
+    "history_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the client history (Jepsen EDN).",
+)
+@click.option(
+    "--visualize", is_flag=True, help="Draw topology, timeline and message-sequence chart (PNG)."
+)
+@click.option(
+    "--figures",
+    type=click.Path(path_type=Path),
+    default=Path("sim-figures"),
+    help="Where --visualize writes.",
+)
+@click.pass_context
+def command(ctx: click.Context, **options) -> None:
+    """Simulate consensus protocols under faults, and check every run.
+
+    `twlb sim --nodes 5 --algorithm raft --duration 60` runs one checked simulation;
+    `twlb sim check FILE`, `twlb sim sweep` and `twlb sim lb` are the other tools.
+    Exit status of a run: 0 every check passed, 1 a check found a violation, 2 bad input.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    run_once(**options)
+
+
+def run_once(**o) -> None:
+    try:
+        config = SimConfig(
+            algorithm=o["algorithm"],
+            nodes=o["nodes"],
+            seed=o["seed"],
+            duration=o["duration"],
+            latency_ms=tuple(o["latency"]),
+            packet_loss=o["packet_loss"],
+            duplicate=o["duplicate"],
+            reorder=o["reorder"],
+            clients=o["clients"],
+            workload=Workload(keys=tuple(f"k{i}" for i in range(o["keys"]))),
+            faults=parse_faults(o["faults_text"]),
+            byzantine=parse_byzantine(o["byzantine"]),
+            protocol={"bug": o["bug"]} if o["bug"] else {},
+            progress_within=o["progress_within"],
+            trace=o["visualize"],
+        )
+        sim = Simulation(config)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    report = sim.finish()
+    print_report(report)
+    if o["output"]:
+        o["output"].parent.mkdir(parents=True, exist_ok=True)
+        o["output"].write_text(json.dumps(report, indent=2))
+        click.echo(f"results: {o['output']}")
+    if o["history_path"]:
+        sim.history.write_edn(o["history_path"])
+        click.echo(f"history: {o['history_path']}")
+    if o["visualize"]:
+        from twlb.sim.visualize import draw_all
+
+        for path in draw_all(sim, o["figures"]):
+            click.echo(f"figure: {path}")
+    sys.exit(0 if report["passed"] else 1)
+
+
+def print_report(report: dict) -> None:
+    c = report["config"]
+    m = report["messages"]
+    lat = report["commit_latency_ms"]
+    ops = report["operations"]
+    click.echo(
+        f"{c['algorithm']}: {c['nodes']} nodes, {c['duration']:g} s simulated in "
+        f"{report['wall_seconds']:.2f} s (seed {report['seed']})"
+    )
+    click.echo(
+        f"messages: {m['sent']} sent, {m['delivered']} delivered, {m['dropped']} dropped, "
+        f"{m['duplicated']} duplicated"
+    )
+    click.echo(
+        f"operations: {ops.get('ok', 0)} ok, {ops.get('fail', 0)} failed, {ops.get('info', 0)} unknown; "
+        f"{report['throughput_ops_per_s']:.1f} ops/s; leader/view changes: {report['leader_changes']}"
+    )
+    if lat["count"]:
+        click.echo(
+            f"commit latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}"
+        )
+    for name, check in report["checks"].items():
+        extra = check.get("reason") or ""
+        if name == "invariants" and check.get("violations"):
+            extra = "; ".join(f"{v['invariant']}: {v['detail']}" for v in check["violations"][:5])
+        click.echo(f"check {name}: {check['verdict']}{(' (' + extra + ')') if extra else ''}")
+    for error in report["fault_errors"]:
+        click.echo(f"fault not applied: {error}")
+
+
+@command.command("check")
+@click.argument("history_file", type=click.Path(path_type=Path))
+@click.option(
+    "--model", type=click.Choice(sorted(MODELS)), default="kv", help="Sequential specification."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@click.option(
+    "--max-states",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Give up (exit 3) after exploring this many configurations of one key.",
+)
+def check_command(history_file: Path, model: str, as_json: bool, max_states: int | None) -> None:
+    """Check a recorded history for linearizability (Jepsen EDN or jepsen-etcd log).
+
+    Exit status: 0 linearizable, 1 not linearizable, 2 the file cannot be read,
+    3 undecided within --max-states configurations.
+    """
+    try:
+        history = read_history(history_file)
+        verdict = check_history(history, model, max_states=max_states)
+    except HistoryError as err:
+        click.echo(f"error: {history_file}: {err}", err=True)
+        sys.exit(2)
+    except SearchBudgetExceeded as err:
+        click.echo(f"undecided: {history_file}: the search explored {err}", err=True)
+        sys.exit(3)
+    if as_json:
+        click.echo(json.dumps(verdict.as_dict(), indent=2))
+    else:
+        ops = sum(k.operations for k in verdict.keys)
+        states = sum(k.states for k in verdict.keys)
+        word = "linearizable" if verdict.linearizable else "NOT linearizable"
+        click.echo(
+            f"{history_file}: {word} ({model} model, {ops} operations on {len(verdict.keys)} "
+            f"key(s), {states} configurations explored, {verdict.seconds:.3f} s)"
+        )
+        if not verdict.linearizable:
+            key = "" if verdict.failing_key is None else f" of key {verdict.failing_key!r}"
+            last = verdict.prefix[-1].line if verdict.prefix else None
+            where = f" (ends at line {last})" if last else ""
+            click.echo(
+                f"shortest prefix{key} that cannot be linearized: {len(verdict.prefix)} events{where}"
+            )
+            for event in verdict.prefix:
+                click.echo(f"  {event.to_edn()}")
+    sys.exit(0 if verdict.linearizable else 1)
+
+
+@command.command("sweep")
+@click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="raft")
+@click.option("--runs", type=click.IntRange(1, 1_000_000), default=100, help="How many seeds.")
+@click.option("--first-seed", type=int, default=0)
+@click.option(
+    "--nemesis", default="partition,loss,crash", help=f"Comma-separated: {','.join(NEMESES)}."
+)
+@click.option("--nodes", type=click.IntRange(1, 100), default=5)
+@click.option(
+    "--duration", type=FiniteFloat(min=2.0), default=30.0, help="Simulated seconds per run."
+)
+@click.option("--episodes", type=click.IntRange(0, 100), default=4, help="Fault episodes per run.")
+@click.option("--latency", type=(float, float), default=(10.0, 100.0), help="LOW HIGH ms.")
+@click.option("--packet-loss", type=FiniteFloat(0, 1), default=0.0)
+@click.option("--clients", type=click.IntRange(0, 100), default=3)
+@click.option("--progress-within", type=FiniteFloat(min=0.1), default=10.0)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, help="Processes.")
+@click.option(
+    "--time-limit",
+    type=FiniteFloat(min=1),
+    default=None,
+    help="Stop starting runs after this many wall seconds.",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write every run and the summary as JSON.",
+)
+@click.option(
+    "--no-shrink", is_flag=True, help="Report violations without shrinking their schedules."
+)
+@click.option("--bug", default=None, help="Sweep a deliberately broken variant of the protocol.")
+def sweep_command(**o) -> None:
+    """Run many seeds with random fault schedules; shrink and print any violation.
+
+    Exit status: 0 no violation, 1 a violation was found, 2 bad input.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Table
+
+    nemeses = tuple(n.strip() for n in o["nemesis"].split(",") if n.strip())
+    unknown = sorted(set(nemeses) - set(NEMESES))
+    if unknown:
+        raise click.BadParameter(
+            f"unknown nemesis {', '.join(unknown)}; choose from {', '.join(NEMESES)}",
+            param_hint="--nemesis",
+        )
+    if o["duration"] <= o["progress_within"] + 2:
+        raise click.BadParameter(
+            "must exceed --progress-within + 2 s so faults can heal in time",
+            param_hint="--duration",
+        )
+    try:
+        behaviours = byzantine_behaviours(o["algorithm"]) if "byzantine" in nemeses else ()
+        settings = SweepSettings(
+            algorithm=o["algorithm"],
+            nodes=o["nodes"],
+            duration=o["duration"],
+            progress_within=o["progress_within"],
+            packet_loss=o["packet_loss"],
+            latency_ms=tuple(o["latency"]),
+            clients=o["clients"],
+            nemeses=nemeses,
+            episodes=o["episodes"],
+            protocol={"bug": o["bug"]} if o["bug"] else {},
+            byzantine_behaviours=behaviours,
+        )
+        settings.config(o["first_seed"])
+        load_algorithm(o["algorithm"])
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    console = Console(stderr=True)
+    seeds = range(o["first_seed"], o["first_seed"] + o["runs"])
+    started = time.perf_counter()
+    with Progress(
+        TextColumn(f"[bold]{o['algorithm']}[/] sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("violations: {task.fields[bad]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("runs", total=len(seeds), bad=0)
+        bad = [0]
+
+        def tick(result: dict) -> None:
+            bad[0] += not result["passed"]
+            progress.update(task, advance=1, bad=bad[0])
+
+        results = sweep(
+            settings, seeds, workers=o["workers"], on_result=tick, time_limit=o["time_limit"]
+        )
+    wall = time.perf_counter() - started
+    summary = summarise(results, wall)
+    table = Table(
+        title=f"twlb sim sweep: {o['algorithm']}, {o['nodes']} nodes, nemesis {','.join(nemeses)}"
+    )
+    for column in (
+        "runs",
+        "passed",
+        "violations",
+        "ops ok",
+        "leader changes",
+        "faults",
+        "wall s",
+        "s/run",
+    ):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(summary["runs"]),
+        str(summary["passed"]),
+        str(summary["violations"]),
+        str(summary["operations_ok"]),
+        str(summary["leader_changes"]),
+        str(summary["faults_injected"]),
+        f"{summary['wall_seconds']:.1f}",
+        f"{summary['mean_wall_per_run'] or 0:.3f}",
+    )
+    Console().print(table)
+    if summary["runs"] < o["runs"]:
+        click.echo(f"time limit reached: {summary['runs']} of {o['runs']} runs done")
+    violations = []
+    for seed in summary["failing_seeds"][:5]:
+        config, schedule = settings.config(seed)
+        if o["no_shrink"]:
+            minimal, report = schedule, run_config(config)
+        else:
+            minimal, report = shrink(config, schedule)
+        replay = replace(config, faults=flatten(minimal))
+        checks = failed_checks(report)
+        click.echo(f"VIOLATION seed {seed}: {', '.join(checks)}")
+        click.echo(f"  minimal fault schedule ({len(minimal)} of {len(schedule)} episodes):")
+        for fault in replay.faults:
+            click.echo(f"    {fault.describe()}")
+        click.echo(f"  replay: {replay_command(replay)}")
+        violations.append(
+            {
+                "seed": seed,
+                "checks": checks,
+                "minimal_faults": [f.as_json() for f in replay.faults],
+                "replay": replay_command(replay),
+            }
+        )
+    if o["output"]:
+        o["output"].parent.mkdir(parents=True, exist_ok=True)
+        o["output"].write_text(
+            json.dumps(
+                {
+                    "settings": {**o, "output": str(o["output"])},
+                    "summary": summary,
+                    "violations": violations,
+                    "runs": results,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        click.echo(f"results: {o['output']}")
+    sys.exit(1 if summary["violations"] else 0)
+
+
+def byzantine_behaviours(algorithm: str) -> tuple[str, ...]:
+    """The Byzantine behaviours the algorithm's module offers (`BYZANTINE_BEHAVIOURS`)."""
+    module = importlib.import_module(load_algorithm(algorithm).__module__)
+    behaviours = tuple(sorted(getattr(module, "BYZANTINE_BEHAVIOURS", ())))
+    if not behaviours:
+        raise ValueError(f"algorithm {algorithm!r} has no Byzantine behaviours")
+    return behaviours
+
+
+def parse_server_fault(value: str) -> tuple[int, ServerFault]:
+    """SERVER=KIND@START-END[:ERROR_RATE], e.g. 5=error@10-50:0.5 or 3=crash@20-35."""
+    try:
+        server, rest = value.split("=", 1)
+        kind, window = rest.split("@", 1)
+        window, _, rate = window.partition(":")
+        start, end = window.split("-", 1)
+        fault = ServerFault(kind, float(start), float(end), float(rate) if rate else 0.5)
+        return int(server), fault
+    except ValueError as err:
+        raise click.BadParameter(
+            f"{value!r}: expected SERVER=KIND@START-END[:RATE] ({err})", param_hint="--fault"
+        ) from None
+
+
+@command.command("lb")
+@click.option(
+    "--policy",
+    "policies",
+    default="round-robin,least-connections,p2c-ewma,outlier-ejection,trust,oracle",
+    help="Comma-separated balancer policies to compare.",
+)
+@click.option("--speeds", default="1,1,1,1,0.4,1", help="Relative speed of each simulated server.")
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="SERVER=KIND@START-END[:RATE]",
+    help="A server fault (crash, error, delay); repeatable. Default: 5=error@10-50:0.5 and 3=crash@20-35.",
+)
+@click.option(
+    "--rate",
+    type=FiniteFloat(min=0.1, max=100_000),
+    default=300.0,
+    help="Requests per second.",
+)
+@click.option(
+    "--duration", type=FiniteFloat(min=1, max=3600), default=60.0, help="Simulated seconds."
+)
+@click.option("--seed", type=int, default=0)
+@click.option(
+    "--output", type=click.Path(path_type=Path), default=None, help="Write the comparison as JSON."
+)
+def lb_command(
+    policies: str,
+    speeds: str,
+    faults: tuple[str, ...],
+    rate: float,
+    duration: float,
+    seed: int,
+    output: Path | None,
+) -> None:
+    """Compare the balancer's own routing policies on simulated servers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    try:
+        speed_values = tuple(float(s) for s in speeds.split(","))
+        for name in names:
+            parse_policy_name(name)
+        scenario = LbScenario(speeds=speed_values, rate=rate, duration=duration, seed=seed)
+        if faults:
+            scenario = replace(scenario, faults=dict(parse_server_fault(f) for f in faults))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    results = compare(names, scenario)
+    table = Table(
+        title=f"twlb sim lb: {len(speed_values)} servers, {rate:g} req/s for {duration:g} s (seed {seed})"
+    )
+    for column in ("policy", "success", "p50 ms", "p99 ms", "mean ms", "tries to unhealthy"):
+        table.add_column(column, justify="right")
+    for r in results:
+        lat = r["latency_ms"]
+        table.add_row(
+            r["policy"],
+            f"{r['success_ratio']:.4f}",
+            f"{lat['p50']}",
+            f"{lat['p99']}",
+            f"{r['mean_latency_ms']}",
+            f"{r['tries_to_unhealthy_ratio']:.3f}",
+        )
+    Console().print(table)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        scenario_json = {
+            "speeds": list(scenario.speeds),
+            "rate": rate,
+            "duration": duration,
+            "seed": seed,
+            "faults": {
+                str(i): [f.kind, f.start, f.end, f.error_rate] for i, f in scenario.faults.items()
+            },
+        }
+        output.write_text(json.dumps({"scenario": scenario_json, "results": results}, indent=2))
+        click.echo(f"results: {output}")

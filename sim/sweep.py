@@ -1,0 +1,282 @@
+"""`twlb sim sweep`: many seeds, each with a random fault schedule, every run checked.
+
+A schedule is a list of fault episodes (a partition and its heal, a crash and its
+recovery, a burst of loss and its end, a pause, a clock running fast or slow and its
+reset), all over before `duration - progress_within` so that the progress check applies.
+On a violation the schedule is shrunk: episodes are removed one at a time (repeatedly,
+until none can go) as long as the same seed still fails, and the minimal schedule is
+printed with a command that replays it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twlb.sim.runner import Fault, SimConfig, Simulation, node_ids
+
+NEMESES = ("partition", "loss", "crash", "pause", "duplicate", "reorder", "skew", "byzantine")
+
+Episode = list[Fault]
+
+
+def tolerated(algorithm: str, n: int) -> int:
+    return (n - 1) // 3 if algorithm == "pbft" else (n - 1) // 2
+
+
+def random_schedule(
+    rng: random.Random,
+    nodes: Sequence[str],
+    algorithm: str,
+    nemeses: Sequence[str],
+    start: float,
+    stop: float,
+    episodes: int,
+    base_loss: float = 0.0,
+) -> list[Episode]:
+    """Random fault episodes in [start, stop]; crashes never exceed what the protocol
+    tolerates at once, so a correct protocol must stay safe and live."""
+    out: list[Episode] = []
+    kinds = [k for k in nemeses if k != "byzantine"]
+    if not kinds:
+        return out
+    crashes: list[tuple[str, float, float]] = []
+    for _ in range(episodes):
+        kind = rng.choice(kinds)
+        at = round(rng.uniform(start, stop - 1.0), 3)
+        until = round(min(stop, at + rng.uniform(0.5, 6.0)), 3)
+        if kind == "partition":
+            members = list(nodes)
+            rng.shuffle(members)
+            cut = rng.randint(1, len(members) - 1)
+            side_a, side_b = tuple(sorted(members[:cut])), tuple(sorted(members[cut:]))
+            out.append([Fault(at, "partition", (side_a, side_b)), Fault(until, "heal")])
+        elif kind == "crash":
+            busy = {n for n, s, e in crashes if not (until < s or at > e)}
+            if len(busy) >= tolerated(algorithm, len(nodes)):
+                continue
+            node = rng.choice([n for n in nodes if n not in busy])
+            crashes.append((node, at, until + 0.001))
+            out.append([Fault(at, "crash", (node,)), Fault(until, "recover", (node,))])
+        elif kind == "loss":
+            out.append(
+                [
+                    Fault(at, "loss", (round(rng.uniform(0.05, 0.4), 3),)),
+                    Fault(until, "loss", (base_loss,)),
+                ]
+            )
+        elif kind == "duplicate":
+            out.append(
+                [
+                    Fault(at, "duplicate", (round(rng.uniform(0.05, 0.3), 3),)),
+                    Fault(until, "duplicate", (0.0,)),
+                ]
+            )
+        elif kind == "reorder":
+            out.append(
+                [
+                    Fault(at, "reorder", (round(rng.uniform(0.1, 0.5), 3),)),
+                    Fault(until, "reorder", (0.0,)),
+                ]
+            )
+        elif kind == "pause":
+            out.append([Fault(at, "pause", (rng.choice(list(nodes)), round(until - at, 3)))])
+        elif kind == "skew":
+            node = rng.choice(list(nodes))
+            rate = round(rng.choice([rng.uniform(0.5, 0.9), rng.uniform(1.1, 2.0)]), 3)
+            out.append(
+                [Fault(at, "skew", (node, 0.0, rate)), Fault(until, "skew", (node, 0.0, 1.0))]
+            )
+        else:
+            raise ValueError(f"unknown nemesis {kind!r}; choose from {', '.join(NEMESES)}")
+    return out
+
+
+def flatten(episodes: Sequence[Episode]) -> list[Fault]:
+    return sorted((f for ep in episodes for f in ep), key=lambda f: f.at)
+
+
+@dataclass(slots=True)
+class SweepSettings:
+    algorithm: str = "raft"
+    nodes: int = 5
+    duration: float = 30.0
+    progress_within: float = 10.0
+    packet_loss: float = 0.0
+    latency_ms: tuple[float, float] = (10.0, 100.0)
+    clients: int = 3
+    nemeses: tuple[str, ...] = ("partition", "loss", "crash")
+    episodes: int = 4
+    byzantine_behaviours: tuple[str, ...] = ()
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, seed: int) -> SimConfig:
+        rng = random.Random(f"schedule/{seed}")
+        ids = node_ids(self.nodes)
+        last = self.duration - self.progress_within - 1.0
+        schedule = random_schedule(
+            rng,
+            ids,
+            self.algorithm,
+            self.nemeses,
+            1.0,
+            max(2.0, last),
+            self.episodes,
+            self.packet_loss,
+        )
+        byzantine = {}
+        if "byzantine" in self.nemeses and self.byzantine_behaviours:
+            for node in rng.sample(ids, tolerated(self.algorithm, self.nodes)):
+                byzantine[node] = rng.choice(self.byzantine_behaviours)
+        return SimConfig(
+            algorithm=self.algorithm,
+            nodes=self.nodes,
+            seed=seed,
+            duration=self.duration,
+            latency_ms=self.latency_ms,
+            packet_loss=self.packet_loss,
+            clients=self.clients,
+            faults=flatten(schedule),
+            byzantine=byzantine,
+            progress_within=self.progress_within,
+            protocol=dict(self.protocol),
+        ), schedule
+
+
+def run_config(config: SimConfig, algorithm: Any = None) -> dict[str, Any]:
+    return Simulation(config, algorithm=algorithm).finish()
+
+
+def failed_checks(report: dict[str, Any]) -> list[str]:
+    return [name for name, c in report["checks"].items() if c["verdict"] == "violation"]
+
+
+def shrink(
+    config: SimConfig, schedule: list[Episode], algorithm: Any = None, budget: int = 60
+) -> tuple[list[Episode], dict[str, Any]]:
+    """Remove fault episodes while the run still fails (any check); at most `budget` runs."""
+    current = list(schedule)
+    report = run_config(replace(config, faults=flatten(current)), algorithm)
+    runs = 1
+    changed = True
+    while changed and runs < budget:
+        changed = False
+        for i in range(len(current)):
+            trial = current[:i] + current[i + 1 :]
+            candidate = run_config(replace(config, faults=flatten(trial)), algorithm)
+            runs += 1
+            if failed_checks(candidate):
+                current, report, changed = trial, candidate, True
+                break
+            if runs >= budget:
+                break
+    return current, report
+
+
+def replay_command(config: SimConfig) -> str:
+    faults = json.dumps([f.as_json() for f in config.faults], separators=(",", ":"))
+    parts = [
+        "twlb sim",
+        f"--algorithm {config.algorithm}",
+        f"--nodes {config.nodes}",
+        f"--seed {config.seed}",
+        f"--duration {config.duration:g}",
+        f"--latency {config.latency_ms[0]:g} {config.latency_ms[1]:g}",
+        f"--clients {config.clients}",
+        f"--progress-within {config.progress_within:g}",
+    ]
+    if config.packet_loss:
+        parts.append(f"--packet-loss {config.packet_loss:g}")
+    for node, mode in sorted(config.byzantine.items()):
+        parts.append(f"--byzantine {node}={mode}")
+    if config.protocol.get("bug"):
+        parts.append(f"--bug {config.protocol['bug']}")
+    parts.append(f"--faults '{faults}'")
+    return " ".join(parts)
+
+
+def _one(args: tuple[SweepSettings, int, Any]) -> dict[str, Any]:
+    settings, seed, algorithm = args
+    config, _schedule = settings.config(seed)
+    started = time.perf_counter()
+    report = run_config(config, algorithm)
+    return {
+        "seed": seed,
+        "passed": report["passed"],
+        "failed_checks": failed_checks(report),
+        "verdicts": {k: v["verdict"] for k, v in report["checks"].items()},
+        "operations_ok": report["operations"].get("ok", 0),
+        "leader_changes": report["leader_changes"],
+        "delivered": report["messages"]["delivered"],
+        "faults": len(config.faults),
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def sweep(
+    settings: SweepSettings,
+    seeds: Sequence[int],
+    workers: int = 1,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    time_limit: float | None = None,
+    algorithm: Any = None,
+) -> list[dict[str, Any]]:
+    """Run every seed (in `workers` processes); stop starting new ones after `time_limit`
+    seconds of wall time. Results come back in seed order."""
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    jobs = [(settings, seed, algorithm) for seed in seeds]
+    if workers <= 1:
+        for job in jobs:
+            if time_limit is not None and time.perf_counter() - started > time_limit:
+                break
+            result = _one(job)
+            results.append(result)
+            if on_result:
+                on_result(result)
+        return results
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        chunk = workers * 4
+        for i in range(0, len(jobs), chunk):
+            if time_limit is not None and time.perf_counter() - started > time_limit:
+                break
+            for result in pool.map(_one, jobs[i : i + chunk]):
+                results.append(result)
+                if on_result:
+                    on_result(result)
+    return results
+
+
+def summarise(results: Sequence[dict[str, Any]], wall: float) -> dict[str, Any]:
+    failures = Counter(c for r in results for c in r["failed_checks"])
+    return {
+        "runs": len(results),
+        "passed": sum(r["passed"] for r in results),
+        "violations": sum(not r["passed"] for r in results),
+        "violations_by_check": dict(failures),
+        "failing_seeds": [r["seed"] for r in results if not r["passed"]],
+        "operations_ok": sum(r["operations_ok"] for r in results),
+        "leader_changes": sum(r["leader_changes"] for r in results),
+        "faults_injected": sum(r["faults"] for r in results),
+        "messages_delivered": sum(r["delivered"] for r in results),
+        "wall_seconds": round(wall, 2),
+        "mean_wall_per_run": round(wall / len(results), 4) if results else None,
+    }
+
+
+__all__ = [
+    "NEMESES",
+    "SweepSettings",
+    "random_schedule",
+    "shrink",
+    "sweep",
+    "summarise",
+    "replay_command",
+    "run_config",
+]

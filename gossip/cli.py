@@ -1,0 +1,245 @@
+"""`twlb gossip sim`: the gossip protocols at scale on the simulator's kernel, in
+virtual time, deterministic by seed; prints a table and writes JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from twlb.gossip.heartbeat import HEARTBEAT_PROTOCOLS
+from twlb.gossip.nodes import PROTOCOLS
+from twlb.gossip.simulation import Scenario, run_scenario, summarize
+
+from twlb.options import FiniteFloat
+
+#: The heartbeat protocols send their whole table (O(N) per message); SWIM does not.
+MAX_NODES = {**{p: 1024 for p in HEARTBEAT_PROTOCOLS}, "swim": 10_000}
+METRICS = (
+    ("agreement_median_s", "agreement, median (s)"),
+    ("agreement_p99_s", "agreement, p99 (s)"),
+    ("first_detection_median_s", "first detection, median (s)"),
+    ("false_positives_per_node_hour", "false positives / node-hour"),
+    ("messages_per_node_s", "messages / node / s"),
+    ("bytes_per_node_s", "bytes / node / s"),
+)
+
+
+@click.group()
+def command() -> None:
+    """Gossip failure detection: simulate the protocols at scale."""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], x: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (metric, label) in zip(axes.flat, METRICS, strict=True):
+        for protocol in sorted({r["protocol"] for r in rows}):
+            pts = sorted(
+                (r[x], r[metric])
+                for r in rows
+                if r["protocol"] == protocol and r[metric] is not None
+            )
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=protocol)
+        ax.set_title(label)
+        ax.set_xlabel(x)
+        if x == "nodes":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+SUMMARY_COLUMNS = (
+    "protocol",
+    "nodes",
+    "loss",
+    "slow_fraction",
+    "failures",
+    "agreed",
+    "first_detection_median_s",
+    "first_detection_p99_s",
+    "agreement_median_s",
+    "agreement_p99_s",
+    "false_positives_per_node_hour",
+    "messages_per_node_s",
+    "bytes_per_node_s",
+    "cpu_s",
+)
+ROUNDS_COLUMNS = (
+    "protocol",
+    "nodes",
+    "loss",
+    "dissemination_rounds",
+    "analytic_rounds_to_agreement",
+    "rounds_to_agreement_median",
+)
+
+
+@command.command("sim")
+@click.option(
+    "--protocol",
+    "protocols",
+    type=click.Choice(PROTOCOLS),
+    multiple=True,
+    default=("swim",),
+    help="Repeat for several.",
+)
+@click.option(
+    "--nodes",
+    "node_counts",
+    type=click.IntRange(2, 10_000),
+    multiple=True,
+    default=(10,),
+    help="Cluster sizes; repeat for several.",
+)
+@click.option(
+    "--loss",
+    "losses",
+    type=FiniteFloat(0.0, 0.5),
+    multiple=True,
+    default=(0.01,),
+    help="Packet loss probabilities; repeat for several.",
+)
+@click.option(
+    "--latency",
+    type=(FiniteFloat(0.0, 10_000), FiniteFloat(0.0, 10_000)),
+    default=(1.0, 5.0),
+    help="One-way latency LOW HIGH in ms.",
+)
+@click.option("--fail", type=click.IntRange(0, 1000), default=1, help="Nodes killed at --fail-at.")
+@click.option("--rejoin", is_flag=True, help="Restart the killed nodes once the verdict is due.")
+@click.option(
+    "--slow-nodes",
+    type=FiniteFloat(0.0, 0.5),
+    default=0.0,
+    help="Fraction of nodes that read every message 0.2-0.8 s late.",
+)
+@click.option("--seed", type=int, default=1)
+@click.option(
+    "--runs",
+    type=click.IntRange(1, 1000),
+    default=5,
+    help="Runs per point, seeds seed..seed+runs-1.",
+)
+@click.option(
+    "--fail-at",
+    type=FiniteFloat(0.0, 86_400),
+    default=20.0,
+    help="Virtual time of the kill (s).",
+)
+@click.option(
+    "--duration",
+    type=FiniteFloat(1.0, 86_400),
+    default=None,
+    help="Virtual seconds per run (default: until the slowest verdict is due).",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/gossip-sim")
+)
+def sim_command(
+    protocols: tuple[str, ...],
+    node_counts: tuple[int, ...],
+    losses: tuple[float, ...],
+    latency: tuple[float, float],
+    fail: int,
+    rejoin: bool,
+    slow_nodes: float,
+    seed: int,
+    runs: int,
+    fail_at: float,
+    duration: float | None,
+    out: Path,
+) -> None:
+    """Simulate each protocol at each N and loss; report time to first detection and to
+    full agreement (median, p99), false positives per node-hour, messages and bytes
+    per node per second, and rounds to agreement beside the analytic expectation."""
+    if latency[0] > latency[1]:
+        raise click.BadParameter(
+            f"LOW {latency[0]} is above HIGH {latency[1]}", param_hint="--latency"
+        )
+    for protocol in protocols:
+        for n in node_counts:
+            if n > MAX_NODES[protocol]:
+                raise click.BadParameter(
+                    f"{protocol} carries the whole table in every message: at most {MAX_NODES[protocol]} nodes, got {n}",
+                    param_hint="--nodes",
+                )
+            if fail >= n:
+                raise click.BadParameter(f"cannot kill {fail} of {n} nodes", param_hint="--fail")
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    for protocol in protocols:
+        for n in node_counts:
+            for loss in losses:
+                results = []
+                for run in range(runs):
+                    scn = Scenario(
+                        protocol,
+                        n,
+                        loss=loss,
+                        latency_ms=latency,
+                        fail=fail,
+                        rejoin=rejoin,
+                        slow_fraction=slow_nodes,
+                        seed=seed + run,
+                        fail_at=fail_at,
+                        duration=duration,
+                    )
+                    results.append(run_scenario(scn))
+                summary = summarize(results)
+                summaries.append(summary)
+                raw.extend(r.as_dict() for r in results)
+                click.echo(
+                    f"{protocol} N={n} loss={loss}: agreement p99 {_fmt(summary['agreement_p99_s'])} s, "
+                    f"fp/node-h {_fmt(summary['false_positives_per_node_hour'])}, "
+                    f"{_fmt(summary['messages_per_node_s'])} msg/node/s, CPU {summary['cpu_s']:.1f} s",
+                    err=True,
+                )
+    click.echo(table(summaries, SUMMARY_COLUMNS))
+    rounds = [s for s in summaries if s["protocol"] in ("round-robin", "binary-round-robin")]
+    if rounds:
+        click.echo("\nrounds to agreement (analytic: dissemination rounds + T_fail / interval)")
+        click.echo(table(rounds, ROUNDS_COLUMNS))
+        (out / "rounds.md").write_text(table(rounds, ROUNDS_COLUMNS) + "\n")
+    (out / "gossip-sim.json").write_text(
+        json.dumps({"summaries": summaries, "runs": raw}, indent=1)
+    )
+    (out / "summary.md").write_text(table(summaries, SUMMARY_COLUMNS) + "\n")
+    if len(node_counts) > 1:
+        plot(summaries, "nodes", out / "gossip-vs-nodes.png", "gossip failure detection against N")
+    if len(losses) > 1:
+        plot(
+            summaries,
+            "loss",
+            out / "gossip-vs-loss.png",
+            "gossip failure detection against packet loss",
+        )
+    click.echo(f"wrote {out}/gossip-sim.json", err=True)
+    sys.exit(0)

@@ -1,0 +1,532 @@
+"""Backend replicas at run time on the embedded runtime: add, remove, replace on failure.
+
+- `ReplicaSet` does the cluster's replica operations: a new replica is a `twlb backend`
+  process with a fresh id (the next unused node index, so its own port and seed),
+  registered with the balancer through its admin API once it answers; a removed one is
+  deregistered first, then stopped by its pid. In the `replace` failure mode it also
+  sends the heartbeats: a `/healthz` probe of every node each interval, counted by the
+  balancer's own sans-IO `HealthTracker`; a node failing `failure_threshold` in a row is
+  removed and a fresh replica with a new id takes its place (logged, counted, and shown in
+  `twlb status`). The `restart` mode is the runtime's kubelet-like restart in place.
+- `serve_control` runs the token-protected HTTP endpoints behind them inside `twlb up`
+  (`GET|POST|DELETE /replicas`), on a port recorded in `.twlb/state.json`.
+- `twlb replicas add N | rm N | ls` call those endpoints and print JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import click
+import httpx
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from twlb.balancer.health import HealthTracker
+from twlb.options import FiniteFloat
+from twlb.procs import port_in_use
+from twlb.spec import FaultSpec, NodeAssignment, describe_validation_error
+
+if TYPE_CHECKING:
+    from twlb.runtime import EmbeddedCluster, NodeProcess
+
+log = logging.getLogger("twlb.scaling")
+
+#: The most replicas one call may add or remove, and the most a cluster may hold.
+MAX_STEP = 50
+MAX_REPLICAS = 100
+MAX_BODY_BYTES = 4096
+
+
+class FailureMode(StrEnum):
+    RESTART = "restart"  # a dead node is restarted in place, with back-off (as a kubelet)
+    REPLACE = "replace"  # a node failing its heartbeats is removed and replaced by a new one
+
+
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    """Heartbeats of the replace mode: a probe every `interval_s`, each given `timeout_s`;
+    `failure_threshold` failures in a row and the node is replaced. The course projects
+    checked every 10 s with a 5 s timeout (10-15 s to notice a dead replica)."""
+
+    interval_s: float = 1.0
+    timeout_s: float = 0.5
+    failure_threshold: int = 3
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s > 0 and self.timeout_s > 0 and self.failure_threshold >= 1):
+            raise ValueError("heartbeats need interval > 0, timeout > 0 and threshold >= 1")
+
+
+def failure_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--on-failure`, `--heartbeat-interval`, `--heartbeat-timeout`, `--failure-threshold`,
+    handed to the command as `failure_mode` and `heartbeat`."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any,
+        on_failure: str,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        failure_threshold: int,
+        **kwargs: Any,
+    ) -> Any:
+        beat = HeartbeatSettings(heartbeat_interval, heartbeat_timeout, failure_threshold)
+        return fn(*args, failure_mode=FailureMode(on_failure), heartbeat=beat, **kwargs)
+
+    options = [
+        click.option(
+            "--on-failure",
+            type=click.Choice([m.value for m in FailureMode]),
+            default=FailureMode.RESTART.value,
+            help="restart: restart a dead node in place; replace: replace a node that "
+            "fails its heartbeats by a fresh replica with a new id.",
+        ),
+        click.option(
+            "--heartbeat-interval",
+            type=FiniteFloat(min=0.05, max=600),
+            default=HeartbeatSettings.interval_s,
+            help="replace mode: seconds between heartbeats.",
+        ),
+        click.option(
+            "--heartbeat-timeout",
+            type=FiniteFloat(min=0.01, max=600),
+            default=HeartbeatSettings.timeout_s,
+            help="replace mode: seconds a heartbeat waits for an answer.",
+        ),
+        click.option(
+            "--failure-threshold",
+            type=click.IntRange(1, 100),
+            default=HeartbeatSettings.failure_threshold,
+            help="replace mode: failed heartbeats in a row before a node is replaced.",
+        ),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+class ScaleError(Exception):
+    """A scaling request that cannot be done; `status` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def node_row(node: NodeProcess) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "index": node.assignment.index,
+        "url": node.url,
+        "pid": node.proc.pid if node.proc and node.proc.popen else None,
+        "alive": node.alive,
+    }
+
+
+class ReplicaSet:
+    """The replica operations of one `EmbeddedCluster` (callers hold no lock; each takes
+    the cluster's)."""
+
+    def __init__(self, cluster: EmbeddedCluster) -> None:
+        self.cluster = cluster
+        beat = cluster.heartbeat
+        # The balancer's health core counts the heartbeats (one definition of a run of
+        # failed checks); a node is replaced on `failure_threshold` failures in a row.
+        self.health = HealthTracker(healthy_threshold=1, unhealthy_threshold=beat.failure_threshold)
+        self._next_probe = 0.0
+        self._first_failure: dict[str, float] = {}
+        self._used = {n.assignment.index for n in cluster.nodes}
+
+    # ---- listing, adding, removing ------------------------------------------------------
+    def rows(self) -> list[dict[str, Any]]:
+        return [node_row(n) for n in self.cluster.nodes]
+
+    def _new_node(self) -> NodeProcess:
+        from twlb.runtime import NodeProcess
+
+        c = self.cluster
+        index = max(self._used | {n.assignment.index for n in c.nodes}, default=-1) + 1
+        port = c.port_base + 2 + index
+        if port > 65535 or port_in_use(port):
+            raise ScaleError(f"port {port} for a new replica (index {index}) is in use")
+        self._used.add(index)
+        assignment = NodeAssignment(
+            index=index,
+            name=f"{c.name}-node-{index}",
+            seed=c.cluster.spec.seed * 1000 + index,
+            fault=FaultSpec(),
+        )
+        return NodeProcess(assignment, port, assignment.fault)
+
+    def _spawn(self, count: int, ready_timeout: float) -> list[NodeProcess]:
+        """Start `count` fresh replicas, wait until each answers, register them."""
+        c = self.cluster
+        fresh: list[NodeProcess] = []
+        try:
+            for _ in range(count):
+                node = self._new_node()
+                c._start_node(node)
+                fresh.append(node)
+            for node in fresh:
+                assert node.proc is not None
+                node.proc.wait_ready(node.url + "/healthz", timeout=ready_timeout)
+        except BaseException:
+            for node in fresh:  # nothing half-started is left behind
+                if node.proc is not None:
+                    node.proc.stop()
+            raise
+        c.nodes.extend(fresh)
+        for node in fresh:
+            self._register(node.url)
+        return fresh
+
+    def add(self, count: int, ready_timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Spawn `count` replicas with fresh ids and register them with the balancer."""
+        if not 1 <= count <= MAX_STEP:
+            raise ScaleError(f"count must be in 1..{MAX_STEP}, got {count}", 422)
+        with self.cluster._lock:
+            if len(self.cluster.nodes) + count > MAX_REPLICAS:
+                raise ScaleError(
+                    f"{len(self.cluster.nodes)} + {count} replicas is more than {MAX_REPLICAS}"
+                )
+            fresh = self._spawn(count, ready_timeout)
+            self._cluster_changed()
+            for node in fresh:
+                log.info("replica %s added at %s (pid %s)", node.name, node.url, node.proc.pid)
+            return [node_row(n) for n in fresh]
+
+    def remove(self, count: int | None = None, names: list[str] | None = None) -> list[dict]:
+        """Deregister and stop `count` replicas (the newest first) or the ones named."""
+        c = self.cluster
+        with c._lock:
+            if names:
+                unknown = sorted(set(names) - {n.name for n in c.nodes})
+                if unknown:
+                    raise ScaleError(f"no replica named {', '.join(unknown)}", 404)
+                chosen = [n for n in c.nodes if n.name in names]
+            else:
+                if count is None or not 1 <= count <= MAX_STEP:
+                    raise ScaleError(f"count must be in 1..{MAX_STEP}, got {count}", 422)
+                chosen = sorted(c.nodes, key=lambda n: n.assignment.index)[-count:]
+            if len(chosen) >= len(c.nodes):
+                raise ScaleError(
+                    f"cannot remove {len(chosen)} of {len(c.nodes)} replicas: at least one "
+                    "must remain"
+                )
+            rows = []
+            for node in chosen:
+                self._retire(node)
+                rows.append(node_row(node))
+                log.info("replica %s removed (pid %s stopped)", node.name, rows[-1]["pid"])
+            self._cluster_changed()
+            return rows
+
+    def _retire(self, node: NodeProcess) -> None:
+        """Out of the balancer first, then out of the cluster, then stopped by its pid."""
+        self._deregister(node.url)
+        self.cluster.nodes.remove(node)
+        if node.proc is not None:
+            node.proc.stop()
+        self._first_failure.pop(node.name, None)
+
+    # ---- heartbeats and replacement -----------------------------------------------------
+    def heartbeat_round(self, now: float) -> list[str]:
+        """Probe every node once per interval; replace those past the failure threshold.
+        Called by the supervisor with the cluster's lock held."""
+        beat = self.cluster.heartbeat
+        if now < self._next_probe:
+            return []
+        self._next_probe = now + beat.interval_s
+        nodes = list(self.cluster.nodes)
+        self.health.set_backends([n.name for n in nodes], now)
+        events = []
+        with httpx.Client(timeout=beat.timeout_s) as client:
+            for node in nodes:
+                ok = node.alive and _answers(client, node.url + "/healthz")
+                self.health.on_check(node.name, ok, now)
+                if ok:
+                    self._first_failure.pop(node.name, None)
+                    continue
+                self._first_failure.setdefault(node.name, time.time())
+                failures = self.health.describe(node.name)["consecutive_failures"]
+                if failures >= beat.failure_threshold:  # type: ignore[operator]
+                    events.append(self.replace(node, failures))  # type: ignore[arg-type]
+        return events
+
+    def replace(self, node: NodeProcess, failures: int, ready_timeout: float = 30.0) -> str:
+        """Remove a node that failed its heartbeats and put a fresh replica in its place."""
+        c = self.cluster
+        detected = time.time()
+        first_failure = self._first_failure.get(node.name, detected)
+        with c._lock:
+            self._retire(node)
+            (fresh,) = self._spawn(1, ready_timeout)
+            serving = time.time()
+            entry = {
+                "failed": node.name,
+                "failed_url": node.url,
+                "replacement": fresh.name,
+                "replacement_url": fresh.url,
+                "replacement_pid": fresh.proc.pid if fresh.proc else None,
+                "failed_heartbeats": failures,
+                "first_failed_heartbeat_at": first_failure,
+                "detected_at": detected,
+                "serving_at": serving,
+                "detection_s": round(detected - first_failure, 3),
+                "replacement_s": round(serving - detected, 3),
+            }
+            c.replacements.append(entry)
+            self._cluster_changed()
+        message = (
+            f"{node.name} failed {failures} heartbeats: replaced by {fresh.name} at "
+            f"{fresh.url} ({entry['replacement_s']:.2f}s after detection; replacement "
+            f"#{len(c.replacements)})"
+        )
+        log.warning(message)
+        return message
+
+    # ---- the balancer's admin API, Prometheus and the state files ----------------------
+    def _admin(self, method: str, **kwargs: Any) -> httpx.Response | None:
+        c = self.cluster
+        if c.balancer is None or not c.balancer.alive():
+            return None  # restarting: it starts with the cluster's current node list
+        return httpx.request(
+            method,
+            c.balancer_url + "/admin/backends",
+            headers={"Authorization": f"Bearer {c.admin_token}"},
+            timeout=5.0,
+            **kwargs,
+        )
+
+    def _register(self, url: str) -> None:
+        r = self._admin("POST", json={"url": url})
+        if r is not None and r.status_code not in (201, 409):
+            raise ScaleError(f"the balancer refused {url}: {r.status_code} {r.text}", 502)
+
+    def _deregister(self, url: str) -> None:
+        r = self._admin("DELETE", params={"url": url})
+        if r is not None and r.status_code not in (200, 404):
+            raise ScaleError(f"the balancer kept {url}: {r.status_code} {r.text}", 502)
+
+    def _cluster_changed(self) -> None:
+        c = self.cluster
+        c._write_truth()
+        c._write_state()
+        if c.prometheus_server is not None:
+            c.prometheus_server.set_nodes([n.url for n in c.nodes])
+
+
+def _answers(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# ---- the control endpoints inside `twlb up` ----------------------------------------------
+
+
+class ScaleRequest(BaseModel):
+    """Body of POST and DELETE /replicas (`n` is the course projects' name for count)."""
+
+    model_config = ConfigDict(extra="forbid")
+    count: int | None = Field(None, ge=1, le=MAX_STEP, validation_alias=AliasChoices("count", "n"))
+    names: list[str] | None = Field(None, max_length=MAX_STEP)
+
+
+class _ControlHandler(BaseHTTPRequestHandler):
+    server: ControlServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        log.debug("control: " + format, *args)
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        auth = self.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            self._send(401, {"error": "the replicas API needs Authorization: Bearer <token>"})
+            return False
+        if not secrets.compare_digest(token.encode(), self.server.token.encode()):
+            self._send(401, {"error": "wrong token"})
+            return False
+        return True
+
+    def _request(self) -> ScaleRequest | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self._send(413, {"error": f"body over {MAX_BODY_BYTES} bytes"})
+            return None
+        raw = self.rfile.read(length) if length else b""
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        try:
+            doc = json.loads(raw) if raw.strip() else {}
+            if not isinstance(doc, dict):
+                raise ValueError("the body must be a JSON object")
+            if "count" in query:
+                doc.setdefault("count", query["count"])
+            return ScaleRequest.model_validate(doc)
+        except ValidationError as err:
+            self._send(422, {"error": describe_validation_error(err)})
+        except ValueError as err:
+            self._send(400, {"error": f"not a JSON object: {err}"})
+        return None
+
+    def _route(self) -> bool:
+        if urlsplit(self.path).path != "/replicas":
+            self._send(404, {"error": f"no endpoint {urlsplit(self.path).path}; try /replicas"})
+            return False
+        return self._authorized()
+
+    def _answer(self, status: int, key: str, action: Callable[[], list[dict]]) -> None:
+        replicas = self.server.cluster.replicas
+        try:
+            done = action()
+        except ScaleError as err:
+            self._send(err.status, {"error": str(err)})
+            return
+        except Exception as err:  # a replica that did not start: say so, keep serving
+            log.exception("replicas: %s failed", key)
+            self._send(500, {"error": f"{key} failed: {err}"})
+            return
+        self._send(status, {key: done, "replicas": replicas.rows()})
+
+    def do_GET(self) -> None:
+        if self._route():
+            self._send(200, {"replicas": self.server.cluster.replicas.rows()})
+
+    def do_POST(self) -> None:
+        if self._route() and (req := self._request()) is not None:
+            if req.count is None:
+                self._send(422, {"error": "count: say how many replicas to add"})
+                return
+            count = req.count
+            self._answer(201, "added", lambda: self.server.cluster.replicas.add(count))
+
+    def do_DELETE(self) -> None:
+        if self._route() and (req := self._request()) is not None:
+            if req.count is None and not req.names:
+                self._send(422, {"error": "count or names: say which replicas to remove"})
+                return
+            replicas = self.server.cluster.replicas
+            self._answer(200, "removed", lambda: replicas.remove(req.count, req.names))
+
+
+class ControlServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, cluster: EmbeddedCluster, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _ControlHandler)
+        self.cluster = cluster
+        self.token = cluster.runtime_token
+        self.thread = threading.Thread(target=self.serve_forever, name="twlb-control", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.server_close()
+
+
+def serve_control(cluster: EmbeddedCluster, port: int = 0) -> ControlServer:
+    """Start the replicas endpoints for `cluster` (port 0: any free one) and record their
+    URL in the state file."""
+    server = ControlServer(cluster, port)
+    server.thread.start()
+    cluster.control_url = server.url
+    with cluster._lock:
+        cluster._write_state()
+    return server
+
+
+# ---- `twlb replicas` --------------------------------------------------------------------
+
+
+class ReplicasError(click.ClickException):
+    exit_code = 2
+
+
+def _call(state_dir: str, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    from twlb.runtime import read_state_file
+
+    state = read_state_file(Path(state_dir))
+    url = (state.get("control") or {}).get("url")
+    if state.get("stopped") or not url:
+        raise ReplicasError(f"the cluster in {state_dir} is not running (start it with twlb up)")
+    token = (state.get("tokens") or {}).get("runtime", "")
+    try:
+        r = httpx.request(
+            method,
+            url + "/replicas",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120.0,  # new replicas are processes that take seconds to answer
+        )
+    except httpx.HTTPError as err:
+        raise ReplicasError(f"no answer from {url}: {err}; is `twlb up` running?") from None
+    with contextlib.suppress(ValueError):
+        answer = r.json()
+        if r.status_code < 400:
+            return answer
+        message = answer.get("error", r.text) if isinstance(answer, dict) else r.text
+        if r.status_code >= 500:
+            raise click.ClickException(message)
+        raise ReplicasError(message)
+    raise click.ClickException(f"{url} answered {r.status_code}: {r.text[:200]}")
+
+
+_state_dir = click.option(
+    "--state-dir", default=".twlb", type=click.Path(file_okay=False), help="`twlb up`'s state."
+)
+
+
+@click.group("replicas")
+def command() -> None:
+    """Add, remove and list the running cluster's backend replicas (JSON)."""
+
+
+@command.command("ls")
+@_state_dir
+def ls_command(state_dir: str) -> None:
+    """List the replicas: name, index, url, pid, alive."""
+    click.echo(json.dumps(_call(state_dir, "GET"), indent=2))
+
+
+@command.command("add")
+@click.argument("count", type=click.IntRange(1, MAX_STEP))
+@_state_dir
+def add_command(count: int, state_dir: str) -> None:
+    """Spawn COUNT replicas with fresh ids and register them with the balancer."""
+    click.echo(json.dumps(_call(state_dir, "POST", {"count": count}), indent=2))
+
+
+@command.command("rm")
+@click.argument("count", type=click.IntRange(1, MAX_STEP))
+@_state_dir
+def rm_command(count: int, state_dir: str) -> None:
+    """Deregister COUNT replicas (the newest first), then stop them by pid."""
+    click.echo(json.dumps(_call(state_dir, "DELETE", {"count": count}), indent=2))

@@ -1,0 +1,197 @@
+"""The dashboard server against a real two-node cluster: the page, its JSON, its pushed
+stream, its bounds, and the control token never leaving the server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from twlb.dashboard import server as dashboard_server
+from twlb.dashboard.server import DashboardServer, StateDirSource
+
+from twlb.procs import free_port_range, twlb_argv
+from twlb.runtime import EmbeddedCluster
+from twlb.spec import TrustCluster
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    tc = TrustCluster.model_validate(
+        {
+            "apiVersion": "twlb.dev/v1alpha1",
+            "kind": "TrustCluster",
+            "metadata": {"name": "page"},
+            "spec": {"backends": 2, "seed": 1, "policy": "trust"},
+        }
+    )
+    state = tmp_path_factory.mktemp("page")
+    cluster = EmbeddedCluster(tc, port_base=free_port_range(4), state_dir=state, prometheus=False)
+    with cluster:
+        page = DashboardServer(StateDirSource(state), interval_s=0.3)
+        page.start()
+        try:
+            yield cluster, page
+        finally:
+            page.stop()
+
+
+def _sse_events(url: str, count: int) -> list[tuple[str, dict]]:
+    """The first `count` events of the stream at `url`, as (event, data)."""
+    out: list[tuple[str, dict]] = []
+    with httpx.stream("GET", url, timeout=10.0) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                out.append((event, json.loads(line[6:])))
+                if len(out) == count:
+                    break
+    return out
+
+
+def test_the_stream_sends_a_snapshot_then_a_frame_per_round(running):
+    cluster, page = running
+    events = _sse_events(page.url + "api/events", 3)
+    assert [e for e, _ in events] == ["snapshot", "frame", "frame"]
+    frame = events[-1][1]
+    assert {c["name"] for c in frame["backends"]} == {n.name for n in cluster.nodes}
+    assert all(c["truth"] == "healthy" for c in frame["backends"])
+    for n in cluster.nodes:  # each node's gossip view as it answers it (404: "off")
+        answer = httpx.get(n.url + "/gossip", timeout=5)
+        if answer.status_code == 404:
+            assert frame["gossip"][n.url] == "off"
+        else:
+            doc = answer.json()
+            view = frame["gossip"][n.url]
+            assert (view["protocol"], view["self"]) == (doc["protocol"], doc["self"])
+            assert {m["node"] for m in view["members"]} == {m["node"] for m in doc["members"]}
+    assert events[2][1]["t"] > events[1][1]["t"]
+
+
+def test_the_page_and_its_files_are_served_with_a_strict_policy(running):
+    _, page = running
+    html = httpx.get(page.url)
+    assert html.status_code == 200
+    assert "script-src 'self'" in html.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        assert httpx.get(page.url + "static/" + name).status_code == 200
+    assert httpx.get(page.url + "static/../server.py").status_code == 404
+    assert httpx.get(page.url + "static/nope.js").status_code == 404
+
+
+def test_no_response_carries_a_token(running):
+    cluster, page = running
+    bodies = [
+        httpx.get(page.url).text,
+        httpx.get(page.url + "static/app.js").text,
+        httpx.get(page.url + "api/state").text,
+        json.dumps(_sse_events(page.url + "api/events", 2)),
+    ]
+    for body in bodies:
+        assert cluster.control_token not in body
+        assert cluster.admin_token not in body
+
+
+def test_streams_beyond_the_bound_get_503(running, monkeypatch):
+    _, page = running
+    monkeypatch.setattr(dashboard_server, "MAX_STREAMS", 0)
+    r = httpx.get(page.url + "api/events", timeout=5.0)
+    assert r.status_code == 503
+
+
+def test_the_page_follows_a_fault_switched_through_the_runtime(running):
+    cluster, page = running
+    from twlb.spec import FaultSpec
+
+    cluster.set_fault(1, FaultSpec(type="delay", delay_ms=50))
+    try:
+        for _, data in _sse_events(page.url + "api/events", 8):
+            if any(e["kind"] == "fault" for e in data["events"]):
+                break
+        else:
+            raise AssertionError("no fault event in eight pushes")
+        card = next(c for c in data["backends"] if c["name"] == cluster.nodes[1].name)
+        assert (card["fault"], card["truth"]) == ("delay", "delay")
+    finally:
+        cluster.set_fault(1, FaultSpec(type="benign"))
+
+
+def test_a_chaos_action_is_in_the_event_log(running):
+    """twlb.chaos actions record what they did in the state directory; the page logs it."""
+    from twlb.chaos import actions
+
+    cluster, page = running
+    victim = cluster.nodes[0].name
+    actions.set_fault(victim, {"type": "error", "probability": 0.5}, str(cluster.state_dir))
+    try:
+        for _, data in _sse_events(page.url + "api/events", 8):
+            chaos = [e for e in data["events"] if e["kind"] == "chaos"]
+            if chaos:
+                break
+        else:
+            raise AssertionError("no chaos event in eight pushes")
+        assert chaos[0]["node"] == victim
+        assert chaos[0]["text"] == f"chaos set_fault: {victim} -> error"
+    finally:
+        actions.restore_fault(victim, str(cluster.state_dir))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--state-dir", "/nonexistent/twlb"], "no cluster"),
+        (["--balancer", "ftp://127.0.0.1:1"], "not an http(s) URL"),
+        (["--balancer", "http://127.0.0.1:1", "--state-dir", "x"], "not both"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_problem(args: list[str], needle: str, tmp_path: Path):
+    out = subprocess.run(
+        twlb_argv("dashboard", "--port", "0", *args), capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert needle in out.stderr
+
+
+def test_the_kubernetes_sidecar_command_shows_the_cluster_behind_a_balancer(running, tmp_path):
+    """The operator's sidecar runs `twlb dashboard --balancer ...` with the control token in
+    its environment; that very command line, pointed at a real balancer, shows every node
+    with its true fault."""
+    from twlb.operator import render
+
+    from twlb.procs import ManagedProcess, free_port
+    from twlb.spec import TrustClusterSpec
+
+    cluster, _ = running
+    owner = render.Owner(name="lab", namespace="twlb", uid="0f4c2b64-3c2e-4d4e-9a55-1f1b5d0c2a77")
+    sidecar = render.render_dashboard_sidecar(owner, TrustClusterSpec(backends=2))
+    args = sidecar["args"]
+    assert args[:3] == ["dashboard", "--balancer", f"http://127.0.0.1:{render.HTTP_PORT}"]
+    assert "readinessProbe" not in sidecar  # the page never takes the balancer out of service
+    (token_env,) = sidecar["env"]
+    assert token_env["valueFrom"]["secretKeyRef"]["key"] == render.TOKENS_CONTROL_KEY
+    port = free_port()
+    local = ["dashboard", "--balancer", cluster.balancer_url, "--host", "127.0.0.1"]
+    proc = ManagedProcess(
+        twlb_argv(*local, "--port", str(port), "--interval", "0.3"),
+        env={token_env["name"]: cluster.control_token},
+        log_path=tmp_path / "sidecar.log",
+    ).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        proc.wait_ready(url + "/healthz", timeout=20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cards = httpx.get(url + "/api/state").json()["backends"]
+            if len(cards) == 2 and all(c["truth"] for c in cards):
+                break
+            time.sleep(0.2)
+        assert {c["url"] for c in cards} == {n.url for n in cluster.nodes}
+        assert {c["fault"] for c in cards} == {n.fault.type.value for n in cluster.nodes}
+    finally:
+        proc.stop()

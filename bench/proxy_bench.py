@@ -2,8 +2,9 @@
 
 Three benign `twlb backend` nodes (simulation on, as deployed), nginx (Debian's
 nginx-light, generated config in a temp dir, run in the foreground, upstream keepalive),
-a round-robin balancer without audits and a trust balancer with 5 % audits. wrk (32
-connections) drives one proxy at a time, in alternating order for several rounds, and
+a round-robin balancer without audits and trust balancers at each `--audit-fraction`
+(default 5 %, 10 % and 20 %: what audits cost; each audit asks two more backends, and a
+split one all of them). wrk (32 connections) drives one proxy at a time, in alternating order for several rounds, and
 the medians are compared. Then `twlb load` (a separate process, open loop at a constant
 rate, bounded count) measures p50 latency at 500 req/s through the balancer and straight
 to a backend. `--memory` instead proxies one million requests through the trust balancer
@@ -36,12 +37,20 @@ from backend_throughput import WrkRun, run_wrk
 from rich.console import Console
 from rich.table import Table
 
+from twlb.options import FiniteFloat
 from twlb.procs import ManagedProcess, free_port, twlb_argv
 
 WORK_PATH = "/work?key=bench&rounds=1"
 NGINX = "nginx"
 ROUND_ROBIN = "balancer round-robin"
-TRUST = "balancer trust, 5% audits"
+DEFAULT_AUDIT_FRACTIONS = (0.05, 0.1, 0.2)
+
+
+def trust_name(fraction: float) -> str:
+    return f"balancer trust, {100 * fraction:g}% audits"
+
+
+TRUST = trust_name(0.05)
 BACKEND_DIRECT = "backend direct"
 LATENCY_RATE = 500.0
 
@@ -165,7 +174,7 @@ def machine(load_before: tuple[float, float, float]) -> dict:
               help="wrk threads.")  # fmt: skip
 @click.option("--nginx-workers", default=1, type=click.IntRange(1, 8), show_default=True,
               help="nginx worker processes (the balancer is one process).")  # fmt: skip
-@click.option("--latency-duration", default=6.0, type=click.FloatRange(1, 60), show_default=True,
+@click.option("--latency-duration", default=6.0, type=FiniteFloat(1, 60), show_default=True,
               help="Seconds of each 500 req/s latency run.")  # fmt: skip
 @click.option(
     "--memory",
@@ -175,6 +184,15 @@ def machine(load_before: tuple[float, float, float]) -> dict:
 @click.option("--memory-requests", default=1_000_000, type=click.IntRange(1000), show_default=True)
 @click.option("--memory-max-s", default=900, type=click.IntRange(10), show_default=True,
               help="Give up the memory run after this many seconds.")  # fmt: skip
+@click.option(
+    "--audit-fraction",
+    "audit_fractions",
+    multiple=True,
+    default=DEFAULT_AUDIT_FRACTIONS,
+    type=FiniteFloat(0.0, 1.0),
+    show_default=True,
+    help="Audit fractions of the trust balancers compared (repeatable; 0.05 always runs).",
+)
 @click.option(
     "--out",
     default=None,
@@ -191,6 +209,7 @@ def main(
     memory: bool,
     memory_requests: int,
     memory_max_s: int,
+    audit_fractions: tuple[float, ...],
     out: Path | None,
 ) -> None:
     """Balancer vs nginx throughput, added latency at 500 req/s, or memory (--memory)."""
@@ -227,14 +246,18 @@ def main(
             for i, b in enumerate(backends)
         }
         urls = {f"backend {i}": b for i, b in enumerate(backends)}
-        proxies = [TRUST] if memory else [NGINX, ROUND_ROBIN, TRUST]
+        fractions = sorted({0.05, *audit_fractions})
+        trusts = {trust_name(f): f for f in fractions}
+        proxies = [TRUST] if memory else [NGINX, ROUND_ROBIN, *trusts]
         for name in proxies:
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}"
             if name == NGINX:
                 procs[name] = nginx_process(root, port, backends, nginx_workers)
             else:
-                policy, audits = ("round-robin", 0.0) if name == ROUND_ROBIN else ("trust", 0.05)
+                policy, audits = (
+                    ("round-robin", 0.0) if name == ROUND_ROBIN else ("trust", trusts[name])
+                )
                 procs[name] = balancer_process(root, port, backends, policy, audits)
         try:
             for proc in procs.values():
@@ -302,6 +325,11 @@ def speed_run(
         )
 
     rr_ratio, trust_ratio = paired(ROUND_ROBIN), paired(TRUST)
+    by_fraction = {
+        name.split(", ")[1]: round(paired(name), 4)
+        for name in proxies
+        if name.startswith("balancer trust")
+    }
 
     latency: dict[str, list[float]] = {ROUND_ROBIN: [], BACKEND_DIRECT: []}
     for i, name in enumerate(latency):  # warm-up (connections, the nodes' caches)
@@ -335,10 +363,15 @@ def speed_run(
     rows = [
         ("round-robin / nginx throughput", f"{rr_ratio:.3f}", ">= 0.5", rr_ratio >= 0.5),
         ("trust 5% audits / nginx throughput", f"{trust_ratio:.3f}", ">= 0.4", trust_ratio >= 0.4),
+        *(
+            (f"trust {k} / nginx throughput", f"{v:.3f}", "", True)
+            for k, v in by_fraction.items()
+            if k != "5% audits"
+        ),
         ("added p50 latency at 500 req/s", f"{added_p50:.3f} ms", "< 1 ms", added_p50 < 1.0),
     ]
     for fig, value, target, met in rows:
-        figures.add_row(fig, value, target, "yes" if met else "NO")
+        figures.add_row(fig, value, target or "-", ("yes" if met else "NO") if target else "-")
     console.print(figures)
     console.print(
         "median 2xx req/s: "
@@ -359,6 +392,7 @@ def speed_run(
         "server_cpu_us_per_request": cpu,
         "round_robin_over_nginx": rr_ratio,
         "trust_over_nginx": trust_ratio,
+        "trust_over_nginx_by_audits": by_fraction,
         "latency_rate_per_s": LATENCY_RATE,
         "p50_ms": p50,
         "p50_ms_runs": latency,

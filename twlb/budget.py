@@ -3,11 +3,48 @@
 Finagle's and Linkerd's model: every request deposits `ratio` of a token, every retry
 withdraws one, deposits expire after `ttl_s`, and `min_per_s` retries per second are
 always allowed so a quiet service can still retry. Used by the balancer and the client.
+
+Deposits and withdrawals are counted in `SLOTS` time slots per `ttl_s` (as Finagle's
+windowed adder), so memory stays bounded whatever the request rate, and recording one
+costs O(1); a deposit expires within ttl_s / SLOTS of its exact time.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+
+#: Time slots per window; a slot holds a count, not one entry per request.
+SLOTS = 20
+
+
+class _SlotCounts:
+    """Events per time slot over the last `ttl_s`."""
+
+    __slots__ = ("_slots", "_width", "_ttl", "total")
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl = ttl_s
+        self._width = ttl_s / SLOTS
+        self._slots: deque[list[int]] = deque()  # [slot index, count], oldest first
+        self.total = 0
+
+    def add(self, now: float) -> None:
+        index = math.floor(now / self._width)
+        slots = self._slots
+        if slots and slots[-1][0] >= index:
+            slots[-1][1] += 1  # the newest slot (a late event lands there too)
+        else:
+            slots.append([index, 1])
+            self.expire(now)
+        self.total += 1
+
+    def expire(self, now: float) -> None:
+        # A slot expires once all of it is older than ttl_s.
+        oldest = math.floor((now - self._ttl) / self._width)
+        slots = self._slots
+        while slots and slots[0][0] < oldest:
+            self.total -= slots.popleft()[1]
 
 
 class RetryBudget:
@@ -21,31 +58,26 @@ class RetryBudget:
         self.ratio = ratio
         self.min_per_s = min_per_s
         self.ttl_s = ttl_s
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
+        self._requests = _SlotCounts(ttl_s)
+        self._retries = _SlotCounts(ttl_s)
         self.withdrawn_total = 0
         self.refused_total = 0
 
-    def _expire(self, now: float) -> None:
-        horizon = now - self.ttl_s
-        for q in (self._requests, self._retries):
-            while q and q[0] <= horizon:
-                q.popleft()
-
     def record_request(self, now: float) -> None:
         """A first try (not a retry) was sent at `now`."""
-        self._requests.append(now)
+        self._requests.add(now)
 
     def balance(self, now: float) -> float:
         """Retries still allowed now (may be fractional)."""
-        self._expire(now)
-        allowance = self.min_per_s * self.ttl_s + self.ratio * len(self._requests)
-        return allowance - len(self._retries)
+        self._requests.expire(now)
+        self._retries.expire(now)
+        allowance = self.min_per_s * self.ttl_s + self.ratio * self._requests.total
+        return allowance - self._retries.total
 
     def try_withdraw(self, now: float) -> bool:
         """Take one retry from the budget if any is left; False means do not retry."""
         if self.balance(now) >= 1.0 - 1e-9:
-            self._retries.append(now)
+            self._retries.add(now)
             self.withdrawn_total += 1
             return True
         self.refused_total += 1
@@ -54,5 +86,5 @@ class RetryBudget:
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return (
             f"RetryBudget(ratio={self.ratio}, min_per_s={self.min_per_s}, ttl_s={self.ttl_s}, "
-            f"requests={len(self._requests)}, retries={len(self._retries)})"
+            f"requests={self._requests.total}, retries={self._retries.total})"
         )

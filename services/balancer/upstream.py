@@ -2,15 +2,19 @@
 
 Built on asyncio protocols and httptools' response parser (the C parser uvicorn also uses),
 because the proxy hot path measured clearly faster this way than through aiohttp's
-ClientSession, and httpx's pool is slow under concurrency (DESIGN.md). Each try sends a
-fully buffered request and reads a fully buffered response (the balancer compares whole
-bodies in audits and quorum reads), under one deadline covering connect, send and receive.
+ClientSession, and httpx's pool is slow under concurrency (docs/DESIGN.md, "The hot
+path"). Each try sends a fully buffered request and reads a fully buffered response (the
+balancer compares whole bodies in audits and quorum reads), under one deadline covering
+connect, send and receive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -31,6 +35,10 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     }
 )
 
+#: Methods that may be sent again, on another backend or after a kept-alive connection
+#: failed (RFC 9110 idempotent methods): a POST may already have been applied.
+IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
 #: Response headers the balancer sets itself (as nginx hides Date and Server by default).
 RESPONSE_DROPPED: frozenset[bytes] = HOP_BY_HOP | {b"content-length", b"date", b"server"}
 
@@ -50,8 +58,41 @@ class UpstreamConnectError(UpstreamError):
     """Refused, reset, dropped or garbled connection."""
 
 
+class UpstreamTooLarge(UpstreamConnectError):
+    """An answer over the configured caps (head bytes, header count, body bytes): a bad
+    upstream, never streamed to the client; the connection is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLimits:
+    """What one backend's answer may weigh before the try fails as a bad upstream.
+
+    Every byte a backend sends is counted as it arrives, so memory stays bounded by these
+    caps whatever the backend sends (an endless chunked body, a header line without end).
+    """
+
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = 16 << 20
+
+
 class BackendURLError(ValueError):
     """A backend URL the balancer cannot use; the message says why."""
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _valid_host(host: str) -> bool:
+    """An IP literal or a DNS name, as the upstream client will connect to it: no control
+    characters, spaces, or anything a resolver would read differently from the text."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def normalize_backend_url(url: str) -> str:
@@ -62,6 +103,8 @@ def normalize_backend_url(url: str) -> str:
     """
     if not isinstance(url, str) or not url.strip():
         raise BackendURLError("backend URL is empty")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url.strip()):
+        raise BackendURLError(f"backend URL {url!r} contains a space or control character")
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -71,6 +114,13 @@ def normalize_backend_url(url: str) -> str:
         raise BackendURLError(f"backend URL {url!r} must start with http://")
     if not parts.hostname:
         raise BackendURLError(f"backend URL {url!r} has no host")
+    if port is not None and not 1 <= port <= 65535:
+        raise BackendURLError(f"backend URL {url!r}: port must be 1..65535")
+    if not _valid_host(parts.hostname):
+        raise BackendURLError(
+            f"backend URL {url!r}: host {parts.hostname!r} is neither an IP address nor a "
+            "DNS name (letters, digits, '-' and '.', labels of 1..63)"
+        )
     if parts.username or parts.password:
         raise BackendURLError(f"backend URL {url!r} must not carry credentials")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -78,7 +128,7 @@ def normalize_backend_url(url: str) -> str:
     host = parts.hostname
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port or 80}"
+    return f"http://{host}:{80 if port is None else port}"
 
 
 @dataclass(slots=True)
@@ -105,12 +155,28 @@ class _Connection(asyncio.Protocol):
         "_head_only",
         "_complete",
         "_framed",
+        "_limits",
+        "_head_bytes",
+        "_body_bytes",
+        "_in_head",
         "reusable",
         "closed",
+        "_release",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        limits: UpstreamLimits,
+        release: Callable[[_Connection], None] | None = None,
+    ) -> None:
         self._loop = loop
+        self._limits = limits
+        # Called with the connection when an answer ends it in step (its pool keeps it).
+        self._release = release
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._in_head = True
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
@@ -133,12 +199,25 @@ class _Connection(asyncio.Protocol):
             # Bytes nobody asked for: the connection is out of step, never reuse it.
             self._abort()
             return
+        if self._in_head:
+            # Counted as bytes arrive: the parser would buffer a header line without end.
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamConnectError("backend tried to upgrade the connection"))
         except httptools.HttpParserError as err:
-            self._fail(UpstreamConnectError(f"malformed answer from backend: {err}"))
+            if len(self._headers) >= self._limits.max_headers and self._in_head:
+                self._fail(UpstreamTooLarge(f"answer over {self._limits.max_headers} headers"))
+            elif self._body_bytes > self._limits.max_body_bytes:
+                self._fail(
+                    UpstreamTooLarge(f"answer body over {self._limits.max_body_bytes} bytes")
+                )
+            else:
+                self._fail(UpstreamConnectError(f"malformed answer from backend: {err}"))
+            return
+        if self._in_head and self._head_bytes > self._limits.max_head_bytes:
+            self._fail(UpstreamTooLarge(f"answer head over {self._limits.max_head_bytes} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -152,12 +231,15 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self._headers) >= self._limits.max_headers:
+            raise ValueError("too many headers")  # the parser raises HttpParserError
         lname = name.lower()
         if lname == b"content-length" or lname == b"transfer-encoding":
             self._framed = True
         self._headers.append((lname, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._status = self._parser.get_status_code()
         if self._head_only:
             # A HEAD answer has no body whatever its Content-Length says; the parser does not
@@ -165,6 +247,9 @@ class _Connection(asyncio.Protocol):
             self._finish(reuse=False)
 
     def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise ValueError("body too large")  # the parser raises HttpParserError
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -172,27 +257,31 @@ class _Connection(asyncio.Protocol):
             self._finish(reuse=self._parser.should_keep_alive())
 
     # internals
-    def _finish(self, reuse: bool = False) -> None:
-        self._complete = True
-        self.reusable = reuse and not self.closed
+    def _settle(self) -> asyncio.Future[UpstreamResponse] | None:
+        """End the exchange in flight: stop its deadline and hand over its waiter, if the
+        caller still waits."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         waiter = self._waiter
         self._waiter = None
-        if waiter is not None and not waiter.done():
+        return waiter if waiter is not None and not waiter.done() else None
+
+    def _finish(self, reuse: bool = False) -> None:
+        self._complete = True
+        waiter = self._settle()
+        self.reusable = reuse and not self.closed and waiter is not None
+        if waiter is not None:
             waiter.set_result(UpstreamResponse(self._status, self._headers, b"".join(self._body)))
         if not self.reusable:
             self._abort()
+        elif self._release is not None:
+            self._release(self)
 
     def _fail(self, exc: Exception) -> None:
         self.reusable = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        waiter = self._waiter
-        self._waiter = None
-        if waiter is not None and not waiter.done():
+        waiter = self._settle()
+        if waiter is not None:
             waiter.set_exception(exc)
         self._abort()
 
@@ -213,6 +302,9 @@ class _Connection(asyncio.Protocol):
         self._body = []
         self._complete = False
         self._framed = False
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._in_head = True
         self._head_only = head_only
         self.reusable = False
         waiter = self._loop.create_future()
@@ -229,8 +321,9 @@ class _Connection(asyncio.Protocol):
 class BackendPool:
     """Idle keep-alive connections to one backend, reused last-in first-out."""
 
-    def __init__(self, url: str, max_idle: int = 128) -> None:
+    def __init__(self, url: str, max_idle: int = 128, limits: UpstreamLimits | None = None) -> None:
         self.url = url
+        self.limits = limits or UpstreamLimits()
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
@@ -243,7 +336,7 @@ class BackendPool:
         try:
             async with asyncio.timeout_at(deadline):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port
+                    lambda: _Connection(loop, self.limits, self._release), self.host, self.port
                 )
         except TimeoutError:
             raise UpstreamTimeout("connect did not finish within the try timeout") from None
@@ -292,28 +385,25 @@ class BackendPool:
         raw = b"".join(parts)
         head_only = method == "HEAD"
         conn = self._acquire_idle()
-        if conn is not None:
+        fresh = conn is None
+        while True:
+            if conn is None:
+                conn = await self._connect(loop, deadline)
             try:
-                return await self._exchange(conn, raw, head_only, deadline)
+                # The connection goes back to the pool itself when the answer ends in step.
+                return await conn.send(raw, head_only, deadline)
+            except asyncio.CancelledError:
+                conn.cancel()
+                raise
+            except UpstreamTooLarge:
+                raise
             except UpstreamConnectError:
                 # A kept-alive connection the backend had already closed (a race every
-                # keep-alive client meets): one fresh connection within the same deadline.
-                if loop.time() >= deadline:
+                # keep-alive client meets): one fresh connection within the same deadline,
+                # for idempotent methods only (a POST may have been applied; as aiohttp).
+                if fresh or loop.time() >= deadline or method not in IDEMPOTENT_METHODS:
                     raise
-        conn = await self._connect(loop, deadline)
-        return await self._exchange(conn, raw, head_only, deadline)
-
-    async def _exchange(
-        self, conn: _Connection, raw: bytes, head_only: bool, deadline: float
-    ) -> UpstreamResponse:
-        waiter = conn.send(raw, head_only, deadline)
-        try:
-            response = await waiter
-        except asyncio.CancelledError:
-            conn.cancel()
-            raise
-        self._release(conn)
-        return response
+            conn, fresh = None, True
 
     def close(self) -> None:
         """Close every idle connection; requests in flight finish on their own."""

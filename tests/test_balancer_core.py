@@ -1,0 +1,277 @@
+"""The balancer's core in memory: routing, retries, audits and quorum reads, no sockets.
+
+A `Balancer` is given a fake clock and a fake upstream transport whose backends answer
+honestly, lie (a wrong body, so a wrong digest), stall (no answer until the try timeout,
+which the fake clock jumps over), drop (the connection fails) or answer over the caps;
+every try is recorded, so what each backend was sent is known exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+from twlb.balancer.app import BalancerApp
+from twlb.balancer.core import Balancer
+from twlb.balancer.settings import BalancerSettings
+from twlb.balancer.upstream import (
+    UpstreamConnectError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+)
+
+from twlb.outcome import Outcome
+from twlb.spec import PolicyName
+
+HONEST, LIAR, STALL, DROP, HUGE = "honest", "liar", "stall", "drop", "huge"
+
+
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeFleet:
+    """Backends by behaviour, keyed by URL; `sent` records (backend, method, target)."""
+
+    clock: FakeClock
+    behaviour: dict[str, str]
+    sent: list[tuple[str, str, bytes]] = field(default_factory=list)
+    headers: list[list[tuple[bytes, bytes]]] = field(default_factory=list)  # per try
+
+    def transport(self, url: str) -> FakeUpstream:
+        return FakeUpstream(self, url)
+
+    def tries_of(self, backend: str, method: str | None = None) -> int:
+        return sum(1 for b, m, _ in self.sent if b == backend and method in (None, m))
+
+
+@dataclass
+class FakeUpstream:
+    fleet: FakeFleet
+    url: str
+
+    async def request(
+        self, method: str, target: bytes, headers: list, body: bytes, timeout: float
+    ) -> UpstreamResponse:
+        self.fleet.sent.append((self.url, method, target))
+        self.fleet.headers.append(list(headers))
+        await asyncio.sleep(0)  # a real exchange yields to the loop: tries may interleave
+        kind = self.fleet.behaviour[self.url]
+        if kind == STALL:
+            self.fleet.clock.now += timeout  # nothing arrives until the deadline
+            raise UpstreamTimeout("no answer within the try timeout")
+        if kind == DROP:
+            raise UpstreamConnectError("backend closed the connection")
+        if kind == HUGE:
+            raise UpstreamTooLarge("answer body over 16777216 bytes")
+        self.fleet.clock.now += 0.002
+        # Honest backends name themselves in `node` (ignored by audits) and agree on the
+        # result; a liar's result differs (its own, so two liars never agree).
+        result = target.decode() if kind == HONEST else f"lie from {self.url}"
+        doc = {"node": self.url, "result": result}
+        return UpstreamResponse(200, [(b"content-type", b"application/json")], orjson.dumps(doc))
+
+    def close(self) -> None:
+        pass
+
+
+def fake_fleet(kinds: list[str], **settings: object) -> tuple[dict, FakeFleet, list[str]]:
+    """The Balancer's settings and injected parts for a fake fleet of `kinds`."""
+    urls = [f"http://10.0.0.{i + 1}:8000" for i in range(len(kinds))]
+    clock = FakeClock()
+    fleet = FakeFleet(clock, dict(zip(urls, kinds, strict=True)))
+    defaults: dict[str, object] = {
+        "backends": tuple(urls),
+        "policy": PolicyName.ROUND_ROBIN,
+        "audit_fraction": 0.0,
+        "unhealthy_threshold": 100,  # keep failing backends in rotation: they are the test
+    }
+    parts = {
+        "settings": BalancerSettings(**{**defaults, **settings}),
+        "clock": clock,
+        "transport": fleet.transport,
+        "health_transport": fleet.transport,
+    }
+    return parts, fleet, urls
+
+
+def make_balancer(kinds: list[str], **settings: object) -> tuple[Balancer, FakeFleet, list[str]]:
+    parts, fleet, urls = fake_fleet(kinds, **settings)
+    return Balancer(parts.pop("settings"), **parts), fleet, urls
+
+
+def result_of(try_result: object) -> str:
+    return orjson.loads(try_result.response.body)["result"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("fault", "outcome"),
+    [(STALL, Outcome.TIMEOUT), (DROP, Outcome.CONNECT_ERROR), (HUGE, Outcome.ERROR)],
+)
+async def test_a_failed_get_is_retried_on_another_backend(fault: str, outcome: Outcome) -> None:
+    b, fleet, (bad, good) = make_balancer([fault, HONEST])
+    for i in range(10):
+        last, why = await b.route("GET", f"/work?key={i}".encode(), [], b"", None)
+        assert why == "" and last is not None
+        assert (last.backend, last.outcome) == (good, Outcome.SUCCESS)
+        assert result_of(last) == f"/work?key={i}"
+    # Round robin sent at least every other first try to the bad backend (the retry moves
+    # its turn on, so it may get them all); each came back as exactly one retry.
+    failed = fleet.tries_of(bad)
+    assert 5 <= failed <= 10 and fleet.tries_of(good) == 10
+    assert b.metrics.retries == failed
+    # Each failed try counted against the bad backend as what it was.
+    assert b.metrics.backend(bad).outcomes[outcome] == failed
+    assert b.metrics.backend(good).outcomes[Outcome.SUCCESS] == 10
+
+
+@pytest.mark.parametrize("fault", [STALL, DROP, HUGE])
+async def test_a_failed_post_is_not_sent_again(fault: str) -> None:
+    b, fleet, (bad, good) = make_balancer([fault, HONEST])
+    outcomes = []
+    for i in range(10):
+        last, _ = await b.route("POST", f"/work?key={i}".encode(), [], b"x", None)
+        assert last is not None
+        outcomes.append((last.backend, last.outcome))
+    # Every POST was sent exactly once: the ones that reached the bad backend fail.
+    assert len(fleet.sent) == 10 and b.metrics.retries == 0
+    assert fleet.tries_of(bad, "POST") == 5 and fleet.tries_of(good, "POST") == 5
+    assert {o for be, o in outcomes if be == bad} == {
+        {STALL: Outcome.TIMEOUT, DROP: Outcome.CONNECT_ERROR, HUGE: Outcome.ERROR}[fault]
+    }
+
+
+async def test_retries_stop_at_max_tries_when_every_backend_fails() -> None:
+    b, fleet, _ = make_balancer([DROP, STALL, HUGE, DROP], max_tries=3)
+    last, why = await b.route("GET", b"/work", [], b"", None)
+    assert why == "" and last is not None and last.outcome is not Outcome.SUCCESS
+    assert len(fleet.sent) == 3  # three different backends, none twice
+    assert len({be for be, _, _ in fleet.sent}) == 3
+
+
+async def test_no_backend_up_is_reported_without_a_try() -> None:
+    b, fleet, _ = make_balancer([])
+    assert await b.route("GET", b"/work", [], b"", None) == (None, "no backends configured")
+    assert fleet.sent == []
+
+
+async def test_audits_charge_the_liar_a_mismatch_and_never_an_honest_backend() -> None:
+    b, fleet, (h1, h2, liar) = make_balancer([HONEST, HONEST, LIAR], audit_fraction=1.0)
+    n = 12
+    for i in range(n):
+        answered, _ = await b.route("GET", f"/work?key={i}".encode(), [], b"", None)
+        assert answered is not None
+        b.maybe_audit("GET", f"/work?key={i}".encode(), [], answered)
+        await asyncio.gather(*b._background)
+    # Until the liar is proven every audit includes it (three backends); once proven its
+    # vote counts for nothing, so it is audited when it answers and no longer asked as a
+    # peer. Every mismatch is the liar's, never an honest backend's.
+    mismatches = b.metrics.backend(liar).mismatches
+    assert mismatches >= b.engine.evidence.rule.mismatches_to_prove
+    assert b.metrics.audits["mismatch"] == mismatches == b.metrics.backend(liar).audits
+    assert b.metrics.backend(h1).mismatches == b.metrics.backend(h2).mismatches == 0
+    assert b.engine.evidence.is_proven(liar)
+
+
+async def test_the_trust_policy_learns_to_avoid_the_liar_from_audits() -> None:
+    b, fleet, (_, _, _, liar) = make_balancer(
+        [HONEST, HONEST, HONEST, LIAR], policy=PolicyName.TRUST, audit_fraction=1.0
+    )
+    for i in range(200):
+        answered, _ = await b.route("GET", f"/work?key={i}".encode(), [], b"", None)
+        assert answered is not None
+        b.maybe_audit("GET", f"/work?key={i}".encode(), [], answered)
+        await asyncio.gather(*b._background)
+        if i % 10 == 9:
+            b.clock.now += b.settings.trust_tick_s  # type: ignore[attr-defined]
+            b.update_trust(b.clock())
+    assert sum(b.metrics.trust_tick.counts) == 20  # every tick's compute time is measured
+    weights = {u: b.engine.weight(u) for u in b.backends}
+    assert weights[liar] < min(w for u, w in weights.items() if u != liar)
+    before = fleet.tries_of(liar)
+    for i in range(50):
+        await b.route("GET", f"/more?key={i}".encode(), [], b"", None)
+    # Audits still send it GETs; first tries it now gets at most a small share of.
+    assert fleet.tries_of(liar) - before <= 10
+
+
+async def test_a_quorum_read_returns_the_majority_answer_never_the_liars() -> None:
+    b, fleet, urls = make_balancer([HONEST, HONEST, LIAR])
+    for i in range(20):
+        chosen, why = await b.quorum_read("GET", f"/work?key={i}".encode(), [], b"", quorum=2)
+        assert why == "" and chosen is not None
+        assert chosen.backend != urls[2]
+        assert result_of(chosen) == f"/work?key={i}"
+    assert b.metrics.backend(urls[2]).mismatches > 0
+
+
+async def test_a_quorum_read_without_agreement_answers_nothing() -> None:
+    # One honest answer, two different lies, a stall and a drop: no two answers agree.
+    b, fleet, urls = make_balancer([HONEST, LIAR, LIAR, STALL, DROP])
+    chosen, why = await b.quorum_read("GET", b"/work?key=1", [], b"", quorum=2)
+    assert chosen is None
+    assert why.startswith("no 2 backends agreed")
+    assert len(fleet.sent) == 5  # every backend was asked before giving up
+    assert b.metrics.audits["no_quorum"] == 1
+    assert all(b.metrics.backend(u).mismatches == 0 for u in urls)  # nobody can be blamed
+
+
+async def test_a_quorum_read_asks_no_more_backends_than_agreement_needs() -> None:
+    b, fleet, _ = make_balancer([HONEST] * 5)
+    chosen, why = await b.quorum_read("GET", b"/work?key=7", [], b"", quorum=3)
+    assert why == "" and chosen is not None
+    assert len(fleet.sent) == 3
+
+
+async def test_a_quorum_larger_than_the_fleet_up_is_refused_without_a_try() -> None:
+    b, fleet, _ = make_balancer([HONEST, HONEST])
+    chosen, why = await b.quorum_read("GET", b"/work", [], b"", quorum=3)
+    assert chosen is None and why == "quorum 3 needs 3 backends up, 2 are"
+    assert fleet.sent == []
+
+
+async def test_hop_and_balancer_headers_stay_here_and_the_client_joins_x_forwarded_for() -> None:
+    parts, fleet, _ = fake_fleet([HONEST])
+    app = BalancerApp(parts.pop("settings"), **parts)
+    headers = [
+        (b"connection", b"keep-alive, x-secret-hop"),
+        (b"x-secret-hop", b"for this hop only"),
+        (b"keep-alive", b"timeout=5"),
+        (b"x-twlb-key", b"k1"),
+        (b"x-twlb-anything", b"internal"),
+        (b"x-forwarded-for", b"203.0.113.7"),
+        (b"accept", b"application/json"),
+    ]
+    reply = await app.forward("GET", b"/work", b"key=1", headers, "127.0.0.9", b"")
+    assert reply.status == 200
+    (sent,) = fleet.headers
+    assert sent == [
+        (b"accept", b"application/json"),
+        (b"x-forwarded-for", b"203.0.113.7, 127.0.0.9"),
+    ]
+
+
+async def test_failing_health_checks_take_a_backend_out_and_passing_ones_keep_the_rest() -> None:
+    b, fleet, (good, dropping) = make_balancer(
+        [HONEST, DROP], health_interval_s=0.02, unhealthy_threshold=2, health_timeout_s=0.5
+    )
+    await b.start()
+    try:
+        # Bounded wait (real sleeps of the health loop): 2 failed checks at 20 ms each.
+        for _ in range(500):
+            if dropping not in b.up:
+                break
+            await asyncio.sleep(0.01)
+        assert b.up == [good]
+        checks = [u for u, _, target in fleet.sent if target == b"/healthz"]
+        assert good in checks and dropping in checks
+    finally:
+        await b.stop()

@@ -1,17 +1,25 @@
 """Byzantine audits: compare the body digests several backends gave for one request.
 
 The balancer never recomputes an answer (a real balancer cannot verify real work); it
-finds wrong answers only by comparing backends with each other. The largest group of
-identical digests is the majority when it has at least `quorum` members and is strictly
-larger than every other group; the other backends that answered are the odd ones out and
-are charged a mismatch. A tie, or a largest group under quorum, is no agreement: nobody
-is charged, since nobody can tell which side is wrong.
+finds wrong answers only by comparing backends with each other. Each answer counts with
+its voter's weight (its standing: a proven liar's vote weighs nothing, so liars that
+agree cannot out-vote the honest). The heaviest group of identical digests is the
+majority when it has at least `quorum` voters of positive weight and outweighs every
+other group (and, for an `absolute` verdict, weighs more than all the others together);
+the other backends that answered are the odd ones out and are charged a mismatch. A tie,
+or a heaviest group under quorum, is no agreement: nobody is charged, since nobody can
+tell which side is wrong. An audit whose answers split (`split`) is worth widening to
+more voters before anyone is charged: colluders can be two of three.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+
+#: Most voters a widened audit asks, the audited answer's backend included (bounds the
+#: extra load one split audit can cause).
+MAX_AUDIT_VOTERS = 9
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,11 @@ class AuditResult:
     quorum: int = 2
 
     @property
+    def split(self) -> bool:
+        """Whether the answers given were not all identical."""
+        return len(self.group_sizes) > 1
+
+    @property
     def reason(self) -> str:
         """Why there is no agreement, in words fit for a 502 body ('' when agreed)."""
         if self.quorum_met:
@@ -40,8 +53,17 @@ class AuditResult:
         )
 
 
-def compare_answers(answers: Mapping[str, str | None], quorum: int = 2) -> AuditResult:
-    """Group backends by the digest they answered (None: the try failed) and find a majority."""
+def compare_answers(
+    answers: Mapping[str, str | None],
+    quorum: int = 2,
+    weights: Mapping[str, float] | None = None,
+    absolute: bool = False,
+) -> AuditResult:
+    """Group backends by the digest they answered (None: the try failed) and find a majority.
+
+    `weights` gives each voter's weight (default 1; missing voters weigh 1); `absolute`
+    asks the majority to outweigh all other answers together, not only each other group.
+    """
     if quorum < 1:
         raise ValueError(f"quorum must be at least 1, got {quorum}")
     groups: dict[str, list[str]] = {}
@@ -52,12 +74,32 @@ def compare_answers(answers: Mapping[str, str | None], quorum: int = 2) -> Audit
         else:
             groups.setdefault(digest, []).append(backend)
     sizes = sorted((len(g) for g in groups.values()), reverse=True)
-    top = sizes[0] if sizes else 0
-    unique = len(sizes) == 1 or (len(sizes) > 1 and sizes[1] < top)
-    if top < quorum or not unique:
+
+    def weight(backend: str) -> float:
+        return 1.0 if weights is None else max(0.0, float(weights.get(backend, 1.0)))
+
+    mass = {d: sum(weight(b) for b in g) for d, g in groups.items()}
+    voters = {d: sum(weight(b) > 0.0 for b in g) for d, g in groups.items()}
+    ranked = sorted(mass, key=mass.__getitem__, reverse=True)
+    if not ranked:
         return AuditResult(None, failed=failed, group_sizes=sizes, quorum=quorum)
-    digest = next(d for d, g in groups.items() if len(g) == top)
+    digest = ranked[0]
+    top = mass[digest]
+    rest = sum(mass.values()) - top
+    unique = len(ranked) == 1 or mass[ranked[1]] < top
+    outweighs = top > rest if absolute else True
+    if voters[digest] < quorum or top <= 0.0 or not unique or not outweighs:
+        return AuditResult(None, failed=failed, group_sizes=sizes, quorum=quorum)
     odd = [b for d, g in groups.items() if d != digest for b in g]
     order = {b: i for i, b in enumerate(answers)}
     odd.sort(key=order.__getitem__)
     return AuditResult(digest, groups[digest], odd, failed, True, sizes, quorum)
+
+
+def widen(
+    asked: Collection[str], candidates: Sequence[str], limit: int = MAX_AUDIT_VOTERS
+) -> list[str]:
+    """The further backends a split audit asks: candidates not asked yet, in their order,
+    up to `limit` voters in all."""
+    room = max(0, limit - len(asked))
+    return [b for b in candidates if b not in asked][:room]

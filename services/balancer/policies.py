@@ -7,7 +7,8 @@ I/O, and cost a few microseconds per call. `make_policy` builds one by name.
 
 Policies: round-robin, random (seeded), least-connections (ties in round-robin order),
 weighted-round-robin (nginx's smooth WRR, including its effective-weight recovery after
-failures), consistent-hash (ring of virtual nodes, sha256 or md5), p2c-ewma (power of two
+failures), consistent-hash (ring of virtual nodes, sha256 or md5), rendezvous, maglev and
+bounded-load (consistent hashing with bounded loads; the cores are in `hashing.py`), p2c-ewma (power of two
 choices on peak-EWMA latency times in-flight + 1, as Linkerd and Finagle), outlier-ejection
 (Envoy's consecutive-5xx and success-rate ejection), trust (smooth WRR over a TrustEngine's
 weights scaled by current peak-EWMA load, ejected backends excluded) and oracle (ground
@@ -17,24 +18,38 @@ truth; experiments only).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import inspect
+import itertools
 import math
 import random
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from twlb.balancer.hashing import (
+    HashRing,
+    MaglevTable,
+    bounded_load_owner,
+    check_algorithm,
+    rendezvous_owner,
+)
 from twlb.balancer.trust import TrustEngine
 
 from twlb.outcome import Outcome
 from twlb.spec import NodeClass, PolicyName
+
+#: The trust policy's smooth pick weighs every candidate (O(N) a pick); above this many
+#: candidates it draws two by weight and takes the less loaded (O(log N); bench/fleet_scale.py).
+P2C_ABOVE = 32
+#: While a slow-start ramp runs, the trust policy's static weights are this fresh (seconds).
+RAMP_REFRESH_S = 0.05
 
 
 class Policy(Protocol):
     """What the balancer needs from a routing policy."""
 
     name: PolicyName
+    keyed: bool  # routes by the request's key (the balancer then reads ?key= too)
 
     def set_backends(self, backends: Sequence[str], now: float) -> None: ...
 
@@ -53,6 +68,7 @@ class BasePolicy:
     """Backend list and in-flight counts, shared by every policy."""
 
     name: PolicyName
+    keyed = False
 
     def __init__(self) -> None:
         self.backends: list[str] = []
@@ -230,59 +246,18 @@ class WeightedRoundRobin(BasePolicy):
         }
 
 
-HASH_ALGORITHMS = ("sha256", "md5")
+class KeyedPolicy(BasePolicy):
+    """A policy that routes by the request's key (`X-TWLB-Key` or `?key=`); requests without
+    a key, or whose key maps to no candidate, are spread round-robin."""
 
+    keyed = True
 
-class ConsistentHash(BasePolicy):
-    """A hash ring with `vnodes` virtual nodes per backend, keyed by the request key.
-
-    A key maps to the first virtual node clockwise from its hash whose backend is among the
-    candidates, so a backend leaving moves only its own keys and one joining takes about
-    1/N of them. Requests without a key are spread round-robin.
-    """
-
-    name = PolicyName.CONSISTENT_HASH
-
-    def __init__(self, hash_algorithm: str = "sha256", vnodes: int = 160) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        if hash_algorithm not in HASH_ALGORITHMS:
-            raise ValueError(
-                f"unknown hash algorithm {hash_algorithm!r}; choose one of {HASH_ALGORITHMS}"
-            )
-        if vnodes < 1:
-            raise ValueError(f"vnodes must be at least 1, got {vnodes}")
-        self.hash_algorithm = hash_algorithm
-        self._digest = getattr(hashlib, hash_algorithm)
-        self.vnodes = vnodes
-        self._points: list[int] = []
-        self._owners: list[str] = []
         self._fallback = Rotation()
 
-    def hash(self, text: str) -> int:
-        """Position of `text` on the ring (the first 8 bytes of its digest)."""
-        return int.from_bytes(self._digest(text.encode()).digest()[:8], "big")
-
-    def set_backends(self, backends: Sequence[str], now: float) -> None:
-        super().set_backends(backends, now)
-        ring = sorted((self.hash(f"{b}#{i}"), b) for b in self.backends for i in range(self.vnodes))
-        self._points = [p for p, _ in ring]
-        self._owners = [b for _, b in ring]
-
-    def owner(self, key: str, candidates: Sequence[str] | None = None) -> str | None:
-        """The backend owning `key` among `candidates` (default: all backends)."""
-        owners = self._owners
-        if not owners:
-            return None
-        allowed = set(self.backends if candidates is None else candidates)
-        if allowed.isdisjoint(self.backends):
-            return None
-        n = len(owners)
-        start = bisect.bisect(self._points, self.hash(key))
-        for step in range(n):
-            b = owners[(start + step) % n]
-            if b in allowed:
-                return b
-        return None  # unreachable: some allowed backend is on the ring
+    def owner(self, key: str, candidates: Sequence[str]) -> str | None:
+        raise NotImplementedError
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
         if not candidates:
@@ -293,19 +268,97 @@ class ConsistentHash(BasePolicy):
                 return chosen
         return self._fallback.take(candidates)
 
+
+class ConsistentHash(KeyedPolicy):
+    """A hash ring with `vnodes` virtual nodes per backend, keyed by the request key.
+
+    A key maps to the first virtual node clockwise from its hash whose backend is among the
+    candidates, so a backend leaving moves only its own keys and one joining takes about
+    1/N of them. The ring is `hashing.HashRing`, the one the replicated hash table uses.
+    """
+
+    name = PolicyName.CONSISTENT_HASH
+
+    def __init__(self, hash_algorithm: str = "sha256", vnodes: int = 160) -> None:
+        super().__init__()
+        self.ring = HashRing(vnodes, hash_algorithm)
+        self.hash_algorithm = hash_algorithm
+        self.vnodes = vnodes
+
+    def hash(self, text: str) -> int:
+        """Position of `text` on the ring (the first 8 bytes of its digest)."""
+        return self.ring.hash(text)
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        self.ring.set_nodes(self.backends)
+
+    def owner(self, key: str, candidates: Sequence[str] | None = None) -> str | None:
+        """The backend owning `key` among `candidates` (default: all backends)."""
+        return self.ring.owner(key, candidates)
+
     def describe(self, backend: str) -> dict:
-        share = 0.0
-        if self._points:
-            # The fraction of the ring (hence of keys) this backend owns.
-            span = 2**64
-            owned = 0
-            prev = self._points[-1] - span
-            for p, b in zip(self._points, self._owners, strict=True):
-                if b == backend:
-                    owned += p - prev
-                prev = p
-            share = owned / span
+        share = self.ring.shares().get(backend, 0.0)
         return super().describe(backend) | {"ring_share": round(share, 6), "vnodes": self.vnodes}
+
+
+class Rendezvous(KeyedPolicy):
+    """Rendezvous (highest random weight) hashing over the candidates: no ring, and a
+    backend leaving moves only its own keys."""
+
+    name = PolicyName.RENDEZVOUS
+
+    def __init__(self, hash_algorithm: str = "sha256") -> None:
+        super().__init__()
+        check_algorithm(hash_algorithm)
+        self.hash_algorithm = hash_algorithm
+
+    def owner(self, key: str, candidates: Sequence[str]) -> str | None:
+        return rendezvous_owner(key, candidates, self.hash_algorithm)
+
+
+class Maglev(KeyedPolicy):
+    """Maglev hashing: a lookup table of a prime size above 100 x N filled from each
+    backend's permutation. The table is built over the candidates (a few cached tables,
+    one per candidate set), so a backend that is down is left out as if removed."""
+
+    name = PolicyName.MAGLEV
+
+    def __init__(self, hash_algorithm: str = "sha256", table_size: int | None = None) -> None:
+        super().__init__()
+        self.table = MaglevTable(hash_algorithm, table_size)
+
+    def owner(self, key: str, candidates: Sequence[str]) -> str | None:
+        self.table.set_nodes(candidates)  # a no-op while the candidate set stays the same
+        return self.table.owner(key)
+
+    def describe(self, backend: str) -> dict:
+        t = self.table.table
+        share = t.count(backend) / len(t) if t else 0.0
+        return super().describe(backend) | {"table_share": round(share, 6), "table_size": len(t)}
+
+
+class BoundedLoad(ConsistentHash):
+    """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam; HAProxy's
+    `hash-balance-factor`): a key goes to the first backend clockwise on the ring whose
+    requests in flight are under ceil(c x (total + 1) / N), so no backend carries more
+    than `balance_factor` times the mean, plus one."""
+
+    name = PolicyName.BOUNDED_LOAD
+
+    def __init__(
+        self, hash_algorithm: str = "sha256", vnodes: int = 160, balance_factor: float = 1.25
+    ) -> None:
+        super().__init__(hash_algorithm, vnodes)
+        if not balance_factor >= 1.0:
+            raise ValueError(f"balance_factor must be at least 1, got {balance_factor}")
+        self.balance_factor = balance_factor
+
+    def owner(self, key: str, candidates: Sequence[str] | None = None) -> str | None:
+        return bounded_load_owner(self.ring, key, self.inflight, self.balance_factor, candidates)
+
+    def describe(self, backend: str) -> dict:
+        return super().describe(backend) | {"balance_factor": self.balance_factor}
 
 
 class PeakEwma(BasePolicy):
@@ -600,6 +653,11 @@ class TrustWeighted(PeakEwma):
         self.min_weight = min_weight
         self.latency_weighting = latency_weighting
         self.current: dict[str, float] = {}
+        self._static: dict[str, float] = {}
+        self._static_of: dict[str, float] | None = None
+        self._static_at = -math.inf
+        self._ramping = False
+        self._sampler: tuple[Sequence[str], list[str], list[float]] | None = None
 
     def set_backends(self, backends: Sequence[str], now: float) -> None:
         super().set_backends(backends, now)
@@ -608,30 +666,81 @@ class TrustWeighted(PeakEwma):
     def ramp(self, backend: str, now: float) -> float:
         """The slow-start factor: 1 unless `backend` entered PROBATION under
         `slow_start_s` ago."""
-        since = self.engine.probation_since(backend) if self.slow_start_s else None
+        since = self.engine.probation.get(backend) if self.slow_start_s else None
         if since is None:
             return 1.0
         return max(self.slow_start_floor, min(1.0, (now - since) / self.slow_start_s))
 
-    def effective_weights(self, candidates: Sequence[str], now: float) -> dict[str, float]:
-        """Trust weight times slow-start ramp (relative to the most advanced candidate's)
-        times best load / own load, for the admitted candidates."""
+    def static_weights(self, now: float) -> dict[str, float]:
+        """Trust weight times slow-start ramp (relative to the most advanced admitted
+        backend's: a fleet starting up together ramps together), for every admitted
+        backend. Rebuilt when the engine publishes new weights or states (each change is a
+        new `admitted` mapping) and, while a ramp runs, every `RAMP_REFRESH_S`; so a pick
+        reads one mapping instead of asking the engine about every candidate."""
         admitted = self.engine.admitted
-        ramps = {b: self.ramp(b, now) for b in candidates if b in admitted}
-        if not ramps:
-            return {}
-        top = max(ramps.values())  # a fleet starting up together ramps together
-        weights = {b: admitted[b] * r / top for b, r in ramps.items()}
-        if not self.latency_weighting:
+        if admitted is self._static_of and not (
+            self._ramping and now - self._static_at >= RAMP_REFRESH_S
+        ):
+            return self._static
+        probation = self.engine.probation if self.slow_start_s else {}
+        ramps = {b: self.ramp(b, now) for b in probation if b in admitted}
+        top = max(ramps.values(), default=1.0) if len(ramps) == len(admitted) else 1.0
+        self._static = {b: w * ramps.get(b, 1.0) / top for b, w in admitted.items()}
+        self._static_of, self._static_at = admitted, now
+        self._ramping = any(r < 1.0 for r in ramps.values())
+        self._sampler = None
+        return self._static
+
+    def effective_weights(self, candidates: Sequence[str], now: float) -> dict[str, float]:
+        """The static weight of each admitted candidate times best load / own load."""
+        static = self.static_weights(now)
+        weights = {b: static[b] for b in candidates if b in static}
+        if not self.latency_weighting or len(weights) < 2:
             return weights
-        loads = {b: self.load(b, now) for b in weights}
-        best = min(loads.values())
-        return {b: w * (best / loads[b] if loads[b] > best else 1.0) for b, w in weights.items()}
+        load = self.load
+        loads = [load(b, now) for b in weights]
+        best = min(loads)
+        for (b, w), ld in zip(weights.items(), loads, strict=True):
+            if ld > best:
+                weights[b] = w * best / ld
+        return weights
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
+        if len(candidates) > P2C_ABOVE:
+            return self._pick_two(candidates, now)
         return smooth_weighted_pick(
             candidates, self.effective_weights(candidates, now), self.current, self.min_weight
         )
+
+    def _pick_two(self, candidates: Sequence[str], now: float) -> str | None:
+        """A large fleet: two candidates drawn with probability proportional to their static
+        weight (at least `min_weight`), the less loaded one taken (power of two choices, as
+        Finagle and Envoy balance large fleets). With equal loads each draw wins half the
+        time, so the shares are the static weights; a backend whose requests pile up loses
+        its share as in the smooth pick. O(log N) per pick: the draw table is built once per
+        candidate list and weight change, not per pick."""
+        static = self.static_weights(now)
+        sampler = self._sampler
+        if sampler is None or sampler[0] is not candidates:
+            chosen = [b for b in candidates if b in static]
+            floor = self.min_weight
+            sampler = (candidates, chosen, list(itertools.accumulate(
+                max(floor, static[b]) for b in chosen
+            )))  # fmt: skip
+            self._sampler = sampler
+        _, chosen, cumulative = sampler
+        if not chosen:
+            return None
+        total = cumulative[-1]
+        if total <= 0.0:
+            return chosen[self._rng.randrange(len(chosen))]
+        rand = self._rng.random
+        last = len(chosen) - 1
+        a = chosen[min(last, bisect.bisect_right(cumulative, rand() * total))]
+        if not self.latency_weighting or len(chosen) == 1:
+            return a
+        b = chosen[min(last, bisect.bisect_right(cumulative, rand() * total))]
+        return a if self.load(a, now) <= self.load(b, now) else b
 
     def describe(self, backend: str) -> dict:
         return super().describe(backend) | {
@@ -663,6 +772,9 @@ POLICIES: dict[PolicyName, type[BasePolicy]] = {
     PolicyName.LEAST_CONNECTIONS: LeastConnections,
     PolicyName.WEIGHTED_ROUND_ROBIN: WeightedRoundRobin,
     PolicyName.CONSISTENT_HASH: ConsistentHash,
+    PolicyName.RENDEZVOUS: Rendezvous,
+    PolicyName.MAGLEV: Maglev,
+    PolicyName.BOUNDED_LOAD: BoundedLoad,
     PolicyName.P2C_EWMA: PeakEwma,
     PolicyName.OUTLIER_EJECTION: OutlierEjection,
     PolicyName.TRUST: TrustWeighted,
@@ -686,6 +798,7 @@ def make_policy(
     weights: Mapping[str, float] | None = None,
     hash_algorithm: str = "sha256",
     vnodes: int = 160,
+    balance_factor: float | None = None,
     trust_engine: TrustEngine | None = None,
     truth: Callable[[str], NodeClass] | None = None,
     latency_weighting: bool | None = None,
@@ -706,6 +819,7 @@ def make_policy(
         "weights": weights,
         "hash_algorithm": hash_algorithm,
         "vnodes": vnodes,
+        "balance_factor": balance_factor,
         "trust_engine": trust_engine,
         "truth": truth,
         "latency_weighting": latency_weighting,

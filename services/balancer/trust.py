@@ -18,7 +18,17 @@ tick). The weight then drives an explicit state machine (`TRANSITIONS`):
 - like Envoy's outlier ejection, an ejected backend gets another chance in PROBATION after
   `ejection_base_s` times the number of consecutive ejections (capped at
   `max_ejection_s`), with its weight reset to `probation_weight`; reaching TRUSTED clears
-  the count.
+  the count;
+- proof overrides the model: audit verdicts go to the evidence book (evidence.py), and a
+  backend it proves a liar is ejected at once, whatever its weight, stays out until the
+  book's back-off ends (not the model's timer, not a HIGH score), and comes back in
+  PROBATION. Proven liars are exempt from the floor and count against it first: the
+  model may eject only the room they leave, so the floor never keeps a liar in rotation
+  while it ejects a node whose failures a client can see and retry;
+- a backend held by the floor is routed at weight 0, the least its state allows (the
+  policy's minimum trickle, which keeps fresh evidence coming);
+- every ejection (with its reason), readmission and hold is queued as a `TrustChange`
+  for the server to log and count (`drain_changes`).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+from twlb.balancer.evidence import EvidenceBook, EvidenceRule, Standing, Verdict
 from twlb.balancer.features import FEATURE_NAMES
 from twlb.balancer.scoring import Scorer
 
@@ -83,6 +94,39 @@ class TrustEvent(StrEnum):
     RETRY_DUE = "retry_due"  # an ejection's time is over
 
 
+class EjectionReason(StrEnum):
+    """Why a backend left rotation (the `reason` label of twlb_balancer_ejections_total)."""
+
+    MODEL = "model"  # its trust weight fell below eject_below
+    PROVEN_LIAR = "proven_liar"  # audits proved it a liar
+    HEALTH = "health"  # failed health checks or passive failures
+    GOSSIP = "gossip"  # a peer balancer's view
+
+
+class ChangeKind(StrEnum):
+    EJECTION = "ejection"
+    READMISSION = "readmission"
+    HOLD = "hold"  # below the ejection threshold, kept in rotation by the floor
+
+
+@dataclass(frozen=True)
+class TrustChange:
+    """One event of a backend's rotation, as data (logged and counted by the server)."""
+
+    kind: ChangeKind
+    backend: str
+    at: float
+    reason: EjectionReason | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_record(self) -> dict[str, Any]:
+        """The change as one structured log record."""
+        record: dict[str, Any] = {"event": self.kind.value, "backend": self.backend}
+        if self.reason is not None:
+            record["reason"] = self.reason.value
+        return record | {"at": round(self.at, 3)} | self.detail
+
+
 _P, _T, _E = TrustState.PROBATION, TrustState.TRUSTED, TrustState.EJECTED
 
 #: (state, event) -> next state, for every pair.
@@ -116,6 +160,7 @@ class BackendTrust:
     ejections: int = 0  # consecutive ejections (the back-off multiplier)
     ejected_at: float | None = None
     since: float = 0.0
+    proven: bool = False  # ejected on proof of lies: out until the evidence back-off ends
 
 
 class TrustEngine:
@@ -133,6 +178,7 @@ class TrustEngine:
         probation_weight: float = 0.5,
         ejection_base_s: float = 30.0,
         max_ejection_s: float = 300.0,
+        evidence_rule: EvidenceRule | None = None,
     ) -> None:
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
@@ -158,8 +204,14 @@ class TrustEngine:
         self.ejection_base_s = ejection_base_s
         self.max_ejection_s = max_ejection_s
         self._backends: dict[str, BackendTrust] = {}
-        #: weight of every backend that is not ejected (what routing reads on each pick)
+        #: weight of every backend that is not ejected (what routing reads on each pick);
+        #: a new mapping after every change of weight or state, never one changed in place
         self.admitted: dict[str, float] = {}
+        #: when each backend in PROBATION entered it (rebuilt with `admitted`)
+        self.probation: dict[str, float] = {}
+        self.evidence = EvidenceBook(evidence_rule or EvidenceRule())
+        self._held: set[str] = set()
+        self._changes: list[TrustChange] = []
         self.set_scorer(scorer)
 
     # -- configuration -------------------------------------------------------------------
@@ -182,12 +234,28 @@ class TrustEngine:
             b: old[b] if b in old else BackendTrust(weight=self.probation_weight, since=now)
             for b in backends
         }
-        self._refresh()
+        self.evidence.set_backends(self._backends)
+        self._refresh(now)
 
-    def _refresh(self) -> None:
+    def _refresh(self, now: float) -> None:
+        held = {url for url in self._backends if self.is_held(url)}
+        for url in held - self._held:
+            self._changes.append(TrustChange(ChangeKind.HOLD, url, now))
+        self._held = held
+        # A held backend gets the least its state allows: the policy's minimum trickle.
         self.admitted = {
-            url: b.weight for url, b in self._backends.items() if b.state is not TrustState.EJECTED
+            url: 0.0 if url in held else b.weight
+            for url, b in self._backends.items()
+            if b.state is not TrustState.EJECTED
         }
+        self.probation = {
+            url: b.since for url, b in self._backends.items() if b.state is TrustState.PROBATION
+        }
+
+    def drain_changes(self) -> list[TrustChange]:
+        """The rotation events since the last call, oldest first."""
+        changes, self._changes = self._changes, []
+        return changes
 
     # -- reading -------------------------------------------------------------------------
 
@@ -199,15 +267,19 @@ class TrustEngine:
         b = self._backends.get(backend)
         return TrustState.PROBATION if b is None else b.state
 
-    def probation_since(self, backend: str) -> float | None:
-        """When `backend` entered PROBATION; None when it is not in probation (or unknown)."""
-        b = self._backends.get(backend)
-        return b.since if b is not None and b.state is TrustState.PROBATION else None
-
     def is_held(self, backend: str) -> bool:
         """Below the ejection threshold, but kept in rotation by the floor."""
         b = self._backends.get(backend)
         return b is not None and b.state is not TrustState.EJECTED and b.weight < self.eject_below
+
+    @property
+    def held(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+    def is_proven(self, backend: str) -> bool:
+        """Ejected on proof of lies (out of rotation until its back-off ends)."""
+        b = self._backends.get(backend)
+        return b is not None and b.proven
 
     def is_ejected(self, backend: str) -> bool:
         b = self._backends.get(backend)
@@ -225,21 +297,22 @@ class TrustEngine:
         """How many backends may be ejected at once (the floor)."""
         return math.floor(self.max_ejected_fraction * len(self._backends) + 1e-9)
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "url": url,
-                "weight": round(b.weight, 6),
-                "state": b.state.value,
-                # below the ejection threshold but kept in rotation by the floor
-                "held": self.is_held(url),
-                "probabilities": {k: round(v, 6) for k, v in b.probabilities.items()},
-                "features": dict(b.features),
-                "ejections": b.ejections,
-                "since": b.since,
-            }
-            for url, b in self._backends.items()
-        ]
+    def row(self, backend: str) -> dict[str, Any]:
+        """The engine's part of `backend`'s row in the balancer's /trust (JSON-ready); a
+        backend not scored yet is in probation at the probation weight."""
+        b = self._backends.get(backend)
+        return {
+            "weight": round(self.weight(backend), 6),
+            "state": self.state(backend).value,
+            # below the ejection threshold but kept in rotation by the floor
+            "held": self.is_held(backend),
+            "probabilities": {}
+            if b is None
+            else {k: round(v, 6) for k, v in b.probabilities.items()},
+            "ejections": 0 if b is None else b.ejections,
+            "proven": self.evidence.is_proven(backend),
+            "evidence": self.evidence.describe(backend),
+        }
 
     def describe(self) -> dict[str, Any]:
         """The scorer in use (for /trust's `model`)."""
@@ -257,28 +330,77 @@ class TrustEngine:
         public so a caller (or a test) can inject an event directly.
         """
         b = self._backends[backend]
-        self._move(b, event, now)
-        self._refresh()
+        self._move(backend, b, event, now)
+        self._refresh(now)
         return b.state
 
-    def _move(self, b: BackendTrust, event: TrustEvent, now: float) -> None:
+    def _move(
+        self,
+        url: str,
+        b: BackendTrust,
+        event: TrustEvent,
+        now: float,
+        reason: EjectionReason = EjectionReason.MODEL,
+    ) -> None:
+        if b.proven and event is not TrustEvent.RETRY_DUE:
+            return  # proof, not the model, decides when a proven liar comes back
         new = TRANSITIONS[(b.state, event)]
         if new is b.state:
             return
         if new is TrustState.EJECTED:
             b.ejections += 1
             b.ejected_at = now
-        elif new is TrustState.TRUSTED:
-            b.ejections = 0
-            b.ejected_at = None
-        elif event is TrustEvent.RETRY_DUE:
-            b.weight = self.probation_weight
-            b.ejected_at = None
+            b.proven = reason is EjectionReason.PROVEN_LIAR
+            detail = {"weight": round(b.weight, 6)}
+            if b.proven:
+                detail |= self.evidence.describe(url)
+            self._changes.append(TrustChange(ChangeKind.EJECTION, url, now, reason, detail))
+        else:
+            if b.state is TrustState.EJECTED:
+                self._changes.append(TrustChange(ChangeKind.READMISSION, url, now))
+            if new is TrustState.TRUSTED:
+                b.ejections = 0
+                b.ejected_at = None
+            elif event is TrustEvent.RETRY_DUE:
+                b.weight = self.probation_weight
+                b.ejected_at = None
+                b.proven = False
         b.state = new
         b.since = now
 
+    def record_audit(self, backend: str, mismatch: bool, now: float) -> Verdict:
+        """One audit verdict on `backend`; a backend it proves a liar is ejected now,
+        whatever its weight and whatever the floor."""
+        b = self._backends.get(backend)
+        if b is None:
+            return Verdict.NONE
+        verdict = self.evidence.record(backend, mismatch, now)
+        if verdict is Verdict.PROVEN:
+            if b.state is TrustState.EJECTED:
+                b.proven = True  # ejected by the model already: now held out by proof
+            else:
+                self._move(backend, b, TrustEvent.LOW, now, EjectionReason.PROVEN_LIAR)
+            self._refresh(now)
+        return verdict
+
+    def audit_fraction(self, backend: str, base: float, probation: float, suspect: float) -> float:
+        """The share of `backend`'s answers to audit (with audits on, `base` > 0): `suspect`
+        while an audit has found it the odd one out and the evidence has not cleared or
+        proven it, `probation` while in PROBATION, else `base`."""
+        if not base:
+            return 0.0
+        if self.evidence.standing(backend) is Standing.SUSPECT:
+            return max(base, suspect)
+        if self.state(backend) is TrustState.PROBATION:
+            return max(base, probation)
+        return base
+
+    def vote_weights(self, backends: Iterable[str]) -> dict[str, float]:
+        """How much each backend's answer counts in an audit (its evidence standing)."""
+        return {b: self.evidence.vote_weight(b) for b in backends}
+
     def ejection_time(self, backend: str) -> float:
-        """How long the current (or next) ejection of `backend` lasts, seconds."""
+        """How long the current (or next) model ejection of `backend` lasts, seconds."""
         n = max(1, self._backends[backend].ejections)
         return min(self.max_ejection_s, self.ejection_base_s * n)
 
@@ -311,11 +433,17 @@ class TrustEngine:
             b.features = {k: float(v) for k, v in f.items()}
 
     def tick(self, now: float) -> None:
-        """Give ejected backends whose time is over another chance (PROBATION)."""
+        """Give ejected backends whose time is over another chance (PROBATION): a model
+        ejection after its timer, a proven liar only when its evidence back-off ends."""
+        released = set(self.evidence.tick(now))
         for url, b in self._backends.items():
-            if b.ejected_at is not None and now - b.ejected_at >= self.ejection_time(url):
-                self._move(b, TrustEvent.RETRY_DUE, now)
-        self._refresh()
+            if b.proven:
+                due = url in released
+            else:
+                due = b.ejected_at is not None and now - b.ejected_at >= self.ejection_time(url)
+            if due:
+                self._move(url, b, TrustEvent.RETRY_DUE, now)
+        self._refresh(now)
 
     def update(self, features: Mapping[str, Mapping[str, float]], now: float) -> None:
         """Score every backend in `features` at once, then apply hysteresis and the floor."""
@@ -323,18 +451,21 @@ class TrustEngine:
         self.tick(now)
         low: list[tuple[float, str]] = []
         for url, b in self._backends.items():
+            if b.proven:
+                continue  # out on proof; the model has no say until its back-off ends
             if b.weight >= self.readmit_above:
-                self._move(b, TrustEvent.HIGH, now)
+                self._move(url, b, TrustEvent.HIGH, now)
             elif b.weight >= self.eject_below:
-                self._move(b, TrustEvent.MID, now)
+                self._move(url, b, TrustEvent.MID, now)
             elif b.state is TrustState.EJECTED:
-                self._move(b, TrustEvent.LOW, now)
+                self._move(url, b, TrustEvent.LOW, now)
             else:
                 low.append((b.weight, url))
+        # Proven liars count against the floor first; the model ejects only what is left.
         room = self.ejection_limit() - sum(
             b.state is TrustState.EJECTED for b in self._backends.values()
         )
         for i, (_, url) in enumerate(sorted(low)):
             event = TrustEvent.LOW if i < room else TrustEvent.LOW_HELD
-            self._move(self._backends[url], event, now)
-        self._refresh()
+            self._move(url, self._backends[url], event, now)
+        self._refresh(now)

@@ -1,0 +1,284 @@
+"""Proof of lies, sans-IO: the SPRT's rule, its bound on wrong answers, proven liars in the
+trust engine (ejected first, held out by back-off, not forgiven for quiet), weighted votes
+and the colluding fault."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+from twlb.backend.faults import FaultAction, FaultInjector
+from twlb.balancer.audit import compare_answers, widen
+from twlb.balancer.evidence import EvidenceBook, EvidenceRule, Standing, Verdict
+from twlb.balancer.scoring import HeuristicScorer
+from twlb.balancer.trust import ChangeKind, EjectionReason, TrustEngine, TrustEvent, TrustState
+
+from twlb.spec import FaultSpec, FaultType, NodeClass
+
+RULE = EvidenceRule()
+FLEET = [f"b{i}" for i in range(8)]
+
+
+def book(*backends: str) -> EvidenceBook:
+    b = EvidenceBook(RULE)
+    b.set_backends(backends or FLEET)
+    return b
+
+
+# -- the rule ------------------------------------------------------------------------------
+
+
+def test_rule_derives_its_thresholds_from_the_hypotheses() -> None:
+    assert RULE.mismatch_step == pytest.approx(math.log(0.01 / 1e-5))
+    assert RULE.agree_step == pytest.approx(math.log(0.99 / (1 - 1e-5)))
+    assert RULE.prove_at == pytest.approx(math.log(0.99 / 1e-4))
+    assert RULE.clear_at == pytest.approx(math.log(0.01 / (1 - 1e-4)))
+    assert RULE.mismatches_to_prove == 2
+    assert RULE.readmit_llr + RULE.mismatch_step >= RULE.prove_at
+
+
+def test_rule_refuses_hypotheses_that_cannot_be_told_apart() -> None:
+    with pytest.raises(ValueError, match="honest_mismatch_rate < liar_rate"):
+        EvidenceRule(honest_mismatch_rate=0.1, liar_rate=0.05)
+    with pytest.raises(ValueError, match="error rates"):
+        EvidenceRule(false_proof=0.7)
+    with pytest.raises(ValueError, match="backoff"):
+        EvidenceRule(backoff_s=0.0)
+
+
+def test_back_off_doubles_with_each_offence_up_to_its_cap() -> None:
+    rule = EvidenceRule(backoff_s=10.0, max_backoff_s=50.0)
+    assert [rule.backoff(n) for n in (1, 2, 3, 4)] == [10.0, 20.0, 40.0, 50.0]
+
+
+def test_bound_is_about_one_over_the_audit_fraction() -> None:
+    assert RULE.wrong_answers_expected(0.1, 1.0) == pytest.approx(11.0)
+    assert RULE.wrong_answers_expected(0.05, 1.0) == pytest.approx(21.0)
+    # 99.9%: ln(1000)/-ln(0.9) = 65.6 lies until one is audited, then one more lie
+    assert RULE.wrong_answers_bound(0.1, 1.0) == 66 + 1
+    with pytest.raises(ValueError, match="audit fractions"):
+        RULE.wrong_answers_bound(0.0, 1.0)
+
+
+# -- the test ------------------------------------------------------------------------------
+
+
+def test_two_mismatches_prove_a_liar_and_one_makes_it_suspect() -> None:
+    b = book()
+    assert b.record("b0", True, 1.0) is Verdict.SUSPECTED
+    assert b.standing("b0") is Standing.SUSPECT
+    assert b.record("b0", False, 2.0) is Verdict.NONE
+    assert b.record("b0", True, 3.0) is Verdict.PROVEN
+    e = b["b0"]
+    assert (e.standing, e.offences, e.proven_at, e.out_until) == (
+        Standing.PROVEN,
+        1,
+        3.0,
+        3.0 + RULE.backoff_s,
+    )
+    assert b.vote_weight("b0") == 0.0 and b.record("b0", True, 4.0) is Verdict.NONE
+
+
+def test_agreement_banks_no_credit_a_liar_could_spend() -> None:
+    b = book()
+    for t in range(10_000):
+        b.record("b0", False, float(t))
+    assert b["b0"].llr == 0.0
+    b.record("b0", True, 1e4)
+    assert b.record("b0", True, 1e4 + 1) is Verdict.PROVEN
+
+
+def test_a_suspect_that_keeps_agreeing_is_cleared() -> None:
+    b = book()
+    b.record("b0", True, 0.0)
+    needed = math.ceil((RULE.mismatch_step - RULE.clear_at) / -RULE.agree_step)
+    verdicts = [b.record("b0", False, 1.0 + i) for i in range(needed)]
+    assert verdicts[-1] is Verdict.CLEARED and Verdict.CLEARED not in verdicts[:-1]
+    assert (b.standing("b0"), b["b0"].llr) == (Standing.CLEAR, 0.0)
+
+
+def test_a_proven_liar_is_not_forgiven_for_being_quiet() -> None:
+    b = book()
+    b.record("b0", True, 0.0)
+    b.record("b0", True, 1.0)
+    # Nobody audits it; time passes, but not its back-off.
+    for t in range(1, 60):
+        assert b.tick(1.0 + t * 0.999) == []
+        assert b.is_proven("b0")
+    assert b.tick(1.0 + RULE.backoff_s) == ["b0"]
+    assert b.standing("b0") is Standing.SUSPECT
+    # back on probation: one more lie proves it again, and the back-off doubles
+    assert b.record("b0", True, 100.0) is Verdict.PROVEN
+    assert b["b0"].out_until == 100.0 + 2 * RULE.backoff_s
+
+
+def _wrong_before_proof(lie_rate: float, audit: float, suspect: float, seed: int) -> int:
+    """Answers of one liar until the book proves it: audits drawn independently of lies,
+    an audited answer already delivered (as in the balancer)."""
+    rng = random.Random(seed)
+    b = book("liar")
+    wrong = 0
+    for n in range(1_000_000):
+        lie = rng.random() < lie_rate
+        wrong += lie
+        fraction = suspect if b.standing("liar") is Standing.SUSPECT else audit
+        if rng.random() < fraction and b.record("liar", lie, float(n)) is Verdict.PROVEN:
+            return wrong
+    raise AssertionError("never proven")
+
+
+@pytest.mark.parametrize("lie_rate", [1.0, 0.3, 0.1, 0.02])
+def test_wrong_answers_before_proof_stay_within_the_bound_at_any_lie_rate(
+    lie_rate: float,
+) -> None:
+    audit, suspect = 0.1, 1.0
+    runs = [_wrong_before_proof(lie_rate, audit, suspect, seed) for seed in range(300)]
+    # The bound at confidence c is exceeded with probability at most 1 - c: at 99.9%, by
+    # a handful of 300 runs at most; at 1 - 1e-6, by none (fixed seeds: no flakes).
+    over = sum(n > RULE.wrong_answers_bound(audit, suspect) for n in runs)
+    assert over <= 3
+    assert max(runs) <= RULE.wrong_answers_bound(audit, suspect, confidence=1 - 1e-6)
+    # the mean is about 1/a + (k - 1)/s; 300 geometric draws put it within ~15% of it
+    assert statistics.fmean(runs) == pytest.approx(
+        RULE.wrong_answers_expected(audit, suspect), rel=0.2
+    )
+
+
+# -- the trust engine ----------------------------------------------------------------------
+
+
+def engine(**kwargs) -> TrustEngine:
+    e = TrustEngine(HeuristicScorer(), **kwargs)
+    e.set_backends(FLEET, 0.0)
+    return e
+
+
+def prove(e: TrustEngine, backend: str, now: float) -> None:
+    e.record_audit(backend, True, now)
+    assert e.record_audit(backend, True, now) is Verdict.PROVEN
+
+
+def test_a_proven_liar_is_ejected_at_once_whatever_its_weight() -> None:
+    e = engine()
+    e.drain_changes()
+    prove(e, "b3", 1.0)
+    assert e.is_ejected("b3") and e.is_proven("b3") and "b3" not in e.admitted
+    [change] = e.drain_changes()
+    assert (change.kind, change.backend, change.reason) == (
+        ChangeKind.EJECTION,
+        "b3",
+        EjectionReason.PROVEN_LIAR,
+    )
+    assert change.as_record()["event"] == "ejection" and change.as_record()["proven"]
+    # a perfect score does not bring it back; only the end of its back-off does
+    e.apply("b3", TrustEvent.HIGH, 2.0)
+    assert e.is_ejected("b3")
+    e.tick(1.0 + RULE.backoff_s - 0.001)
+    assert e.is_ejected("b3")
+    e.tick(1.0 + RULE.backoff_s)
+    assert e.state("b3") is TrustState.PROBATION and not e.is_proven("b3")
+    assert [c.kind for c in e.drain_changes()] == [ChangeKind.READMISSION]
+
+
+def test_proven_liars_count_against_the_floor_first_and_the_floor_never_holds_them() -> None:
+    e = engine(max_ejected_fraction=0.5)  # four of eight may be out
+    for b in ("b0", "b1", "b2"):
+        prove(e, b, 1.0)
+    prove(e, "b3", 1.0)  # exempt: a fourth liar goes out whatever the floor says
+    prove(e, "b4", 1.0)  # and a fifth
+    assert sum(e.is_ejected(b) for b in FLEET) == 5
+    # the model may eject nothing more: a node it scores low is held, at weight 0
+    for b in ("b5",):
+        e._backends[b].weight = 0.05
+    e.update({}, 2.0)
+    assert e.is_held("b5") and not e.is_ejected("b5")
+    assert e.admitted["b5"] == 0.0
+    kinds = [(c.kind, c.backend) for c in e.drain_changes()]
+    assert (ChangeKind.HOLD, "b5") in kinds
+
+
+def test_the_floor_ejects_the_liar_and_holds_the_node_whose_failures_clients_see() -> None:
+    e = engine(max_ejected_fraction=0.25)  # two of eight
+    e._backends["b0"].weight = 0.1  # an erroring node the model scores low
+    e._backends["b1"].weight = 0.1
+    e.update({}, 1.0)
+    assert e.is_ejected("b0") and e.is_ejected("b1")
+    e._backends["b2"].weight = 0.2  # a liar the model scores low but not lowest
+    e.update({}, 2.0)
+    assert e.is_held("b2")
+    prove(e, "b2", 3.0)
+    assert e.is_ejected("b2") and not e.is_held("b2")
+
+
+# -- weighted votes ------------------------------------------------------------------------
+
+
+def test_liars_that_agree_cannot_outvote_once_their_votes_weigh_nothing() -> None:
+    answers = {"c1": "lie", "c2": "lie", "h": "truth"}
+    assert compare_answers(answers).odd == ["h"]  # unweighted, two colluders win
+    weighed = compare_answers(answers, weights={"c1": 0.0, "c2": 0.0, "h": 1.0}, quorum=1)
+    assert weighed.majority == ["h"] and weighed.odd == ["c1", "c2"]
+    assert compare_answers(answers).split
+
+
+def test_a_widened_audit_needs_an_absolute_majority() -> None:
+    answers = {"a": "x", "b": "x", "c": "y", "d": "z"}
+    assert compare_answers(answers).quorum_met
+    assert not compare_answers(answers, absolute=True).quorum_met
+    assert compare_answers({**answers, "e": "x"}, absolute=True).majority == ["a", "b", "e"]
+
+
+# -- the colluding fault -------------------------------------------------------------------
+
+
+def colluder(seed: int, group: str = "g", probability: float = 1.0) -> FaultInjector:
+    spec = FaultSpec(type=FaultType.COLLUDING, probability=probability, collusion_group=group)
+    return FaultInjector(spec, random.Random(seed), 0.0)
+
+
+def test_colluders_of_one_group_give_the_same_wrong_answer_for_the_same_key() -> None:
+    a, b, other = colluder(1), colluder(2), colluder(1, group="h")
+    assert a.decide(1.0, "k").action is FaultAction.COLLUDING
+    truth = "0" * 64
+    assert a.colluded_digest("k", 3, truth) == b.colluded_digest("k", 3, truth) != truth
+    assert a.colluded_digest("k", 3, truth) != a.colluded_digest("k2", 3, truth)
+    assert a.colluded_digest("k", 3, truth) != other.colluded_digest("k", 3, truth)
+    assert FaultSpec(type=FaultType.COLLUDING).node_class is NodeClass.BYZANTINE
+
+
+def test_colluders_lie_on_the_same_keys_at_their_rate() -> None:
+    a, b = colluder(1, probability=0.3), colluder(99, probability=0.3)
+    keys = [f"key-{i}" for i in range(4000)]
+    lies_a = [a.decide(1.0, k).action is FaultAction.COLLUDING for k in keys]
+    assert lies_a == [b.decide(1.0, k).action is FaultAction.COLLUDING for k in keys]
+    assert sum(lies_a) / len(keys) == pytest.approx(0.3, abs=0.03)
+
+
+def test_collusion_group_is_a_backend_flag() -> None:
+    spec = FaultSpec(type=FaultType.COLLUDING, collusion_group="ring-1")
+    assert "--collusion-group" in spec.to_args() and "ring-1" in spec.to_args()
+    with pytest.raises(ValueError, match="collusion_group|collusionGroup"):
+        FaultSpec.model_validate({"type": "colluding", "collusionGroup": "bad group!"})
+
+
+# -- audit where it pays -------------------------------------------------------------------
+
+
+def test_a_suspect_is_audited_at_the_suspect_fraction_until_cleared_or_proven() -> None:
+    e = engine()
+    e.update({}, 0.0)
+    rates = dict(base=0.1, probation=0.5, suspect=1.0)
+    assert e.audit_fraction("b1", **rates) == 0.5  # new backends start in probation
+    e.apply("b1", TrustEvent.HIGH, 0.5)
+    assert e.audit_fraction("b1", **rates) == 0.1
+    e.record_audit("b1", True, 1.0)
+    assert e.audit_fraction("b1", **rates) == 1.0
+    assert e.audit_fraction("b1", base=0.0, probation=0.5, suspect=1.0) == 0.0  # audits off
+
+
+def test_a_split_audit_widens_to_the_backends_not_asked_yet_up_to_the_limit() -> None:
+    assert widen(["a", "b", "c"], ["a", "d", "b", "e", "f"]) == ["d", "e", "f"]
+    assert widen(["a", "b", "c"], [f"n{i}" for i in range(20)]) == [f"n{i}" for i in range(6)]
+    assert widen(["a", "b"], ["c", "d"], limit=3) == ["c"]

@@ -9,7 +9,7 @@ UV_VERSION := 0.13.8
 # `python -m ...` run from here put it ahead of the standard library's `operator`.
 export PYTHONSAFEPATH := 1
 
-.PHONY: venv test lint demo bench lock clean chaos-local kind-up kind-down crd train
+.PHONY: venv system-deps test lint demo bench lock clean chaos-local kind-up kind-down crd train
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
+## make system-deps: the Debian packages the tests and the demo use, installed when
+## missing (as root or with passwordless sudo; otherwise it names the command to run)
+system-deps:
+	scripts/system-deps
+
 ## make test: the whole test suite (real servers on loopback)
-test: $(STAMP)
+test: system-deps
+	@$(MAKE) --no-print-directory venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## make lint: ruff, clean
@@ -30,7 +36,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 ## make demo: the main job on the embedded runtime
-demo: $(STAMP)
+demo: system-deps
+	@$(MAKE) --no-print-directory venv
 	$(BIN)/twlb demo --out reports/demo
 
 ## make lock: re-resolve pinned dependencies after editing pyproject.toml

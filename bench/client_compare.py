@@ -34,6 +34,7 @@ from twlb.client.breaker import BreakerConfig
 from twlb.client.load import LoadPlan, Mode, RunControl, load_breaker, run_load
 from twlb.client.report import build_report
 
+from twlb.options import FiniteFloat
 from twlb.procs import ManagedProcess
 
 FLAKY = ("--fault-type", "error", "--fault-probability", "0.3", "--seed", "1")
@@ -156,8 +157,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
 
 @click.command()
 @click.option("--setup", "kind", type=click.Choice(["balancer", "single"]), default="balancer")
-@click.option("--rate", type=click.FloatRange(min=1.0), default=200.0, show_default=True)
-@click.option("--duration", type=click.FloatRange(min=5.0), default=20.0, show_default=True)
+@click.option("--rate", type=FiniteFloat(min=1.0), default=200.0, show_default=True)
+@click.option("--duration", type=FiniteFloat(min=5.0), default=20.0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON path.")
 def main(kind: str, rate: float, duration: float, out: Path | None) -> None:
     console = Console(width=150)

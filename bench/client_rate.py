@@ -23,6 +23,8 @@ from client_support import REPORT_DIR, LoadProcess, machine, start_service, writ
 from rich.console import Console
 from rich.table import Table
 
+from twlb.options import FiniteFloat
+
 
 def _cpu_s(p: psutil.Process) -> float:
     t = p.cpu_times()
@@ -30,8 +32,8 @@ def _cpu_s(p: psutil.Process) -> float:
 
 
 @click.command()
-@click.option("--rate", type=click.FloatRange(min=1.0), default=2000.0, show_default=True)
-@click.option("--duration", type=click.FloatRange(min=1.0), default=20.0, show_default=True)
+@click.option("--rate", type=FiniteFloat(min=1.0), default=2000.0, show_default=True)
+@click.option("--duration", type=FiniteFloat(min=1.0), default=20.0, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option(
     "--mode", type=click.Choice(["basic", "resilient"]), default="resilient", show_default=True

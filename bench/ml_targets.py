@@ -37,11 +37,12 @@ from rich.table import Table
 from twlb.balancer.features import FEATURE_NAMES
 from twlb.balancer.onnx_scorer import OnnxScorer
 from twlb.balancer.trust import TrustEngine
+from twlb.chaos.run import driven_load
 from twlb.ml.card import write_targets
-from twlb.ml.collect import driven_load
 from twlb.ml.dataset import SHIPPED_DATA, read_datasets
 from twlb.ml.train import evidence_windows, heuristic_predictions, scores_for, split_by_seed
 
+from twlb.options import FiniteFloat
 from twlb.procs import ManagedProcess, free_port, twlb_argv
 from twlb.spec import FaultSpec, FaultType
 
@@ -174,7 +175,7 @@ def live_detection(model: Path, window_s: float, rate: float, workdir: Path) -> 
         stack.close()  # the load first, so its report is written
         for p in procs:
             p.stop()
-    loaded = json.loads(load.read_text()) if load.exists() else None
+    loaded = json.loads(load.report_path.read_text()) if load.report_path.exists() else None
     worst = [r["windows"] for r in results]
     return {
         "rate": rate,
@@ -227,8 +228,8 @@ def card_section(res: dict[str, Any], command: str) -> str:
               default=ROOT / "ml" / "models")  # fmt: skip
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
               default=SHIPPED_DATA, help="The model's training data (repeatable).")  # fmt: skip
-@click.option("--rate", type=click.FloatRange(1, 2000), default=200.0)
-@click.option("--window", type=click.FloatRange(0.5, 60), default=5.0)
+@click.option("--rate", type=FiniteFloat(1, 2000), default=200.0)
+@click.option("--window", type=FiniteFloat(0.5, 60), default=5.0)
 @click.option("--skip-live", is_flag=True, help="Quality and scoring speed only.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=ROOT / "reports" / "bench" / "ml_targets.json")  # fmt: skip

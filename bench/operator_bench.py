@@ -25,9 +25,13 @@ from typing import Any
 
 import httpx
 from twlb.operator.handlers import OperatorConfig
-from twlb.operator.testing import kubeconfig_for, running_operator, trustcluster
 
 from twlb.procs import ManagedProcess, free_port
+
+#: The kmock harness is a test helper (tests/kube_harness.py), not part of the package.
+HARNESS = Path(__file__).resolve().parent.parent / "tests" / "kube_harness.py"
+sys.path.insert(0, str(HARNESS.parent))
+from kube_harness import kubeconfig_for, running_operator, trustcluster  # noqa: E402
 
 NS = "bench"
 BIG_NODES = 50
@@ -158,9 +162,7 @@ async def run() -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # The API server runs in its own process, as it would; the operator runs here.
-    emulator = ManagedProcess(
-        [sys.executable, "-m", "twlb.operator.testing", "--port", str(port)]
-    ).start()
+    emulator = ManagedProcess([sys.executable, str(HARNESS), "--port", str(port)]).start()
     try:
         emulator.wait_ready(url + "/version", timeout=60)
         limits = httpx.Limits(max_connections=10)

@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 from twlb.ml import collect
 
+from twlb.options import FiniteFloat
+
 
 class CountOrRange(click.ParamType):
     """A number N, or LO-HI (integers) for a value drawn per run; bounds checked."""
@@ -81,13 +83,13 @@ def _echo(message: str) -> None:
 )
 @click.option(
     "--duration",
-    type=click.FloatRange(min=1.0, max=3600.0),
+    type=FiniteFloat(min=1.0, max=3600.0),
     default=45.0,
     help="Seconds per run (live) or seconds to watch (attached).",
 )
 @click.option(
     "--window",
-    type=click.FloatRange(min=0.5, max=300.0),
+    type=FiniteFloat(min=0.5, max=300.0),
     default=5.0,
     help="Feature window, seconds (the balancer's --window); rows are one window apart.",
 )
@@ -100,7 +102,7 @@ def _echo(message: str) -> None:
 )
 @click.option(
     "--scrape-interval",
-    type=click.FloatRange(min=0.05, max=0.3),
+    type=FiniteFloat(min=0.05, max=0.3),
     default=0.15,
     help="Live mode: scrape interval of the local Prometheus (below the 0.5 s trust tick).",
 )
@@ -147,7 +149,8 @@ def collect_command(
     """Record labelled feature windows (live chaos runs, or a running balancer's Prometheus)."""
     from twlb.balancer.features import FEATURE_NAMES
     from twlb.ml.dataset import write_rows
-    from twlb.ml.prometheus import PrometheusUnavailable, find_prometheus
+
+    from twlb.prometheus import PrometheusUnavailable, find_prometheus
 
     if prometheus_url is not None:
         if not control_token:
@@ -216,7 +219,7 @@ def collect_command(
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Split and model seed.")
 @click.option(
     "--holdout-fraction",
-    type=click.FloatRange(0.05, 0.5),
+    type=FiniteFloat(0.05, 0.5),
     default=0.25,
     help="Share of run seeds held out of training for the final figures.",
 )

@@ -24,21 +24,30 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from twlb.balancer.features import FEATURE_NAMES
+from twlb.chaos.run import (
+    ChaosEvent,
+    ChaosSchedule,
+    Log,
+    TrustPoller,
+    TruthTimeline,
+    control_truth,
+    driven_load,
+    observe_truth,
+)
 from twlb.ml.dataset import WindowRow
-from twlb.ml.prometheus import LocalPrometheus, PrometheusAPI
 
-from twlb.procs import ManagedProcess, port_in_use, twlb_argv
-from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster
+from twlb.procs import free_port_range
+from twlb.prometheus import LocalPrometheus, PrometheusAPI
+from twlb.spec import FaultSpec, FaultType, TrustCluster
 
 FEATURE_METRIC = "twlb_balancer_feature"
 SOURCES = ("balancer", "prometheus")
@@ -56,21 +65,9 @@ DRAWN_FAULTS: dict[FaultType, float] = {
 #: The instant is placed this long after a trust tick is seen, plus two scrape intervals.
 TICK_SETTLE_S = 0.1
 POLL_S = 0.05
-Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class ChaosEvent:
-    """At `at_s` into the run: switch node `node`'s fault, or kill it for `hold_s`."""
-
-    at_s: float
-    node: int
-    action: str  # "fault" or "kill"
-    fault: FaultSpec | None = None
-    hold_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,16 +112,7 @@ class RunPlan:
             "rate": self.rate,
             "audit_fraction": self.audit_fraction,
             "faults": [f.model_dump(mode="json", by_alias=True) for f in self.faults],
-            "events": [
-                {
-                    "at_s": e.at_s,
-                    "node": e.node,
-                    "action": e.action,
-                    "fault": e.fault.model_dump(mode="json", by_alias=True) if e.fault else None,
-                    "hold_s": e.hold_s,
-                }
-                for e in self.events
-            ],
+            "events": [e.describe() for e in self.events],
         }
 
 
@@ -178,14 +166,14 @@ def plan_run(
         # A healthy node turns faulty, a faulty one recovers, a healthy one is killed.
         switch_at = round(rng.uniform(0.3, 0.45) * duration_s, 1)
         victim = healthy.pop(rng.randrange(len(healthy)))
-        events.append(ChaosEvent(switch_at, victim, "fault", draw_fault(rng, _draw_type(rng))))
+        events.append(ChaosEvent(switch_at, victim, draw_fault(rng, _draw_type(rng))))
         recovering = [i for i in faulty if faults[i].type is not FaultType.CRASH]
         if recovering:
-            events.append(ChaosEvent(switch_at, rng.choice(recovering), "fault", FaultSpec()))
+            events.append(ChaosEvent(switch_at, rng.choice(recovering), FaultSpec()))
         if healthy:
             kill_at = round(rng.uniform(0.5, 0.65) * duration_s, 1)
             events.append(
-                ChaosEvent(kill_at, rng.choice(healthy), "kill", hold_s=round(2.5 * window_s, 1))
+                ChaosEvent(kill_at, rng.choice(healthy), hold_down_s=round(2.5 * window_s, 1))
             )
     return RunPlan(
         run_id=run_id or f"run-{seed}",
@@ -202,43 +190,7 @@ def plan_run(
     )
 
 
-# --------------------------------------------------------------------------- ground truth
-
-
-@dataclass
-class TruthTimeline:
-    """Each node's true class over time, as (time, class, fault) changes."""
-
-    changes: dict[str, list[tuple[float, str, str]]] = field(default_factory=dict)
-
-    def observe(self, node: str, now: float, label: str, fault: str) -> None:
-        seq = self.changes.setdefault(node, [])
-        if not seq or seq[-1][1:] != (label, fault):
-            seq.append((now, label, fault))
-
-    def stable(self, node: str, start: float, end: float) -> tuple[str, str] | None:
-        """(class, fault) if it held over the whole of [start, end], else None."""
-        seq = self.changes.get(node, [])
-        current: tuple[str, str] | None = None
-        for t, label, fault in seq:
-            if t <= start:
-                current = (label, fault)
-            elif t <= end:
-                return None
-        return current
-
-
 # --------------------------------------------------------------------------- sampling
-
-
-def fleet_features(trust: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """backend URL -> features from a /trust answer (backends without a full row left out)."""
-    out = {}
-    for b in trust.get("backends", []):
-        feats = b.get("features") or {}
-        if all(n in feats for n in FEATURE_NAMES):
-            out[b["url"]] = {n: float(feats[n]) for n in FEATURE_NAMES}
-    return out
 
 
 def prometheus_reading(
@@ -268,31 +220,6 @@ def prometheus_features(
 ) -> dict[str, dict[str, float]]:
     """backend URL -> features of the last successful scrape at or before `at`."""
     return prometheus_reading(api, at, selector, lookback_s)[0]
-
-
-class TrustPoller:
-    """Polls a balancer's /trust; knows when its last trust tick was seen."""
-
-    def __init__(self, balancer_url: str) -> None:
-        self.url = balancer_url.rstrip("/") + "/trust"
-        self.client = httpx.Client(timeout=2.0)
-        self.last: dict[str, dict[str, float]] = {}
-        self.changed_at = 0.0
-
-    def poll(self) -> dict[str, dict[str, float]]:
-        try:
-            r = self.client.get(self.url)
-            r.raise_for_status()
-            current = fleet_features(r.json())
-        except httpx.HTTPError:
-            return self.last
-        if current != self.last:
-            self.last = current
-            self.changed_at = time.time()
-        return current
-
-    def close(self) -> None:
-        self.client.close()
 
 
 @dataclass
@@ -337,34 +264,7 @@ def label_rows(
     return rows
 
 
-# --------------------------------------------------------------------------- load
-
-
-@contextlib.contextmanager
-def driven_load(url: str, rate: float, duration_s: float, workdir: Path) -> Iterator[Path]:
-    """Open-loop GET /work on `url` with `twlb load` while the block runs (at most
-    `duration_s`); yields where its JSON report lands once the block is left."""
-    report = workdir / "load.json"
-    argv = twlb_argv(
-        "load", "--url", url, "--rate", repr(rate), "--duration", repr(duration_s),
-        "--mode", "basic", "--quiet", "--out", str(report),
-    )  # fmt: skip
-    proc = ManagedProcess(argv, log_path=workdir / "load.log").start()
-    try:
-        yield report
-    finally:
-        proc.stop()
-
-
 # --------------------------------------------------------------------------- live runs
-
-
-def _free_port_base(span: int, rng: random.Random, tries: int = 50) -> int:
-    for _ in range(tries):
-        base = rng.randrange(20000, 60000 - span)
-        if not any(port_in_use(p) for p in range(base, base + span)):
-            return base
-    raise RuntimeError(f"no free range of {span} loopback ports found")
 
 
 @dataclass
@@ -388,10 +288,9 @@ def run_live(
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twlb-run-")))
         workdir.mkdir(parents=True, exist_ok=True)
-        rng = random.Random(f"twlb-ports:{plan.seed}:{secrets.randbits(32)}")
         cluster = EmbeddedCluster(
             plan.cluster(),
-            port_base=_free_port_base(plan.backends + 2, rng),
+            port_base=free_port_range(plan.backends + 2),
             state_dir=workdir / plan.run_id,
             prometheus=False,
             policy="round-robin",
@@ -399,7 +298,7 @@ def run_live(
         stack.enter_context(cluster)
         cluster.start_supervisor(0.1)
         truth = TruthTimeline()
-        _observe(cluster, truth)
+        observe_truth(cluster, truth)
         prom = None
         if "prometheus" in sources:
             prom = stack.enter_context(
@@ -419,15 +318,14 @@ def run_live(
         t0 = time.time()
         # Two scrapes after the tick (one may fail under load), still before the next one.
         settle_s = min(2 * scrape_interval_s + TICK_SETTLE_S, 0.4)
-        pending = list(plan.events)
+        schedule = ChaosSchedule(cluster, plan.events, log)
         samples: list[Sample] = []
         next_sample = t0 + warmup_windows * plan.window_s
         end = t0 + plan.duration_s
         while time.time() < end:
             now = time.time()
-            while pending and now - t0 >= pending[0].at_s:
-                _apply(cluster, pending.pop(0), log)
-            _observe(cluster, truth, now)
+            schedule.apply_due(now - t0)
+            observe_truth(cluster, truth, now)
             seen_before = poller.changed_at
             reading = poller.poll()
             if now >= next_sample and poller.changed_at > seen_before:
@@ -465,13 +363,6 @@ def run_live(
         return RunResult(plan, rows)
 
 
-def _observe(cluster: Any, truth: TruthTimeline, now: float | None = None) -> None:
-    """Record every node's true class now (the runtime's view, under its lock)."""
-    now = time.time() if now is None else now
-    for n in cluster.nodes:
-        truth.observe(n.name, now, n.truth.value, n.fault.type.value)
-
-
 def _wait_scraping(api: PrometheusAPI, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not api.targets_up():
@@ -480,38 +371,7 @@ def _wait_scraping(api: PrometheusAPI, timeout_s: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def _apply(cluster: Any, event: ChaosEvent, log: Log) -> None:
-    node = cluster.node(event.node)
-    if event.action == "kill":
-        if node.alive:
-            cluster.kill_node(event.node, hold_down_s=event.hold_s)
-            log(f"  t+{event.at_s:.1f}s killed {node.name} for {event.hold_s:.1f}s")
-        return
-    assert event.fault is not None
-    try:
-        cluster.set_fault(event.node, event.fault)
-        log(f"  t+{event.at_s:.1f}s {node.name} fault -> {event.fault.type.value}")
-    except httpx.HTTPError as err:
-        log(f"  t+{event.at_s:.1f}s could not switch {node.name}: {err}")
-
-
 # --------------------------------------------------------------------------- attach mode
-
-
-def control_truth(url: str, token: str, client: httpx.Client) -> tuple[str, str]:
-    """(class, fault type) of a running backend from GET /control/fault; down is crash."""
-    try:
-        r = client.get(
-            url.rstrip("/") + "/control/fault", headers={"Authorization": f"Bearer {token}"}
-        )
-    except httpx.HTTPError:
-        return NodeClass.CRASH.value, "down"
-    if r.status_code in (401, 403):
-        raise PermissionError(f"{url}/control/fault refused the control token ({r.status_code})")
-    if r.status_code != 200:
-        return NodeClass.CRASH.value, "down"
-    fault = FaultSpec.model_validate(r.json()["fault"])
-    return fault.node_class.value, fault.type.value
 
 
 def collect_attached(

@@ -47,6 +47,12 @@ REPORT_FILE = "training_report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CARD_FILE = "MODEL_CARD.md"
 PARITY_TOLERANCE = 1e-4
+# A refit from the same data and seed on another CPU is the same model up to the floating
+# point of libsvm's solver and Platt scaling, which differ with the machine's SIMD paths:
+# the labels are equal and the probabilities agree to within 5.1e-4 (measured between
+# the machine that trained the shipped model and a CI machine). Reproduction is checked
+# at ten times that; ONNX-against-scikit-learn parity on one machine stays at 1e-4.
+REPRODUCTION_TOLERANCE = 5e-3
 SVM_GRID: dict[str, list[Any]] = {
     "svm__C": [1.0, 10.0, 100.0],
     "svm__gamma": ["scale", 0.03, 0.3],

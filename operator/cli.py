@@ -8,6 +8,8 @@ import logging
 import click
 from twlb.operator.crd import render_crd_yaml
 
+from twlb.options import FiniteFloat
+
 
 @click.command()
 @click.option(
@@ -24,13 +26,13 @@ from twlb.operator.crd import render_crd_yaml
 )
 @click.option(
     "--status-interval",
-    type=click.FloatRange(min=0.5, max=3600),
+    type=FiniteFloat(min=0.5, max=3600),
     default=10.0,
     help="Seconds between status refreshes (readiness and /trust).",
 )
 @click.option(
     "--trust-threshold",
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloat(0.0, 1.0),
     default=0.5,
     help="A backend with trust below this counts as suspected.",
 )

@@ -3,7 +3,8 @@
 `render_crd()` turns the pydantic JSON schema of `TrustClusterSpec` into the structural
 openAPIV3Schema Kubernetes wants ($refs inlined, `nullable` instead of `anyOf null`, no
 `additionalProperties` next to `properties`), adds the CEL rules that the model checks in
-Python, a declared status schema and printer columns. k8s/crd.yaml is its output.
+Python, a declared status schema, the scale subresource (over `spec.backends`) and printer
+columns. k8s/crd.yaml is its output.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ STATUS_SCHEMA: dict[str, Any] = {
         "backends": {"type": "integer", "description": "Backend nodes in the spec."},
         "readyBackends": {"type": "integer", "description": "Node Deployments ready."},
         "balancerReady": {"type": "boolean"},
+        "selector": {
+            "type": "string",
+            "description": "Label selector of the backend pods (the scale subresource's).",
+        },
         "faulty": {"type": "integer", "description": "Nodes carrying a fault (ground truth)."},
         "suspected": {
             "type": "integer",
@@ -130,6 +135,14 @@ STATUS_SCHEMA: dict[str, Any] = {
             },
         },
     },
+}
+
+#: `kubectl scale trustcluster NAME --replicas N` sets spec.backends; the scale's status
+#: reports the ready backends and the selector of their pods (for autoscalers).
+SCALE_SUBRESOURCE: dict[str, str] = {
+    "specReplicasPath": ".spec.backends",
+    "statusReplicasPath": ".status.readyBackends",
+    "labelSelectorPath": ".status.selector",
 }
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
@@ -250,7 +263,7 @@ def render_crd() -> dict[str, Any]:
                     "name": API_VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, "scale": dict(SCALE_SUBRESOURCE)},
                     "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {
                         "openAPIV3Schema": {

@@ -21,6 +21,7 @@ from twlb.spec import (
     PolicyName,
     TrustClusterSpec,
     assign_faults,
+    balancer_args,
 )
 
 #: Port every backend and balancer container listens on.
@@ -62,6 +63,12 @@ BACKEND_RESOURCES = {
 BALANCER_RESOURCES = {
     "requests": {"cpu": "200m", "memory": "256Mi"},
     "limits": {"cpu": "1", "memory": "768Mi"},
+}
+#: The live dashboard page, a read-only sidecar of the balancer (`twlb dashboard`).
+DASHBOARD_PORT = 8090
+DASHBOARD_RESOURCES = {
+    "requests": {"cpu": "20m", "memory": "96Mi"},
+    "limits": {"cpu": "250m", "memory": "192Mi"},
 }
 
 
@@ -130,6 +137,11 @@ def labels(owner: Owner, component: str, node: str | None = None) -> dict[str, s
     if node is not None:
         out[LABEL_NODE] = node
     return out
+
+
+def selector_string(owner: Owner, component: str) -> str:
+    """The label selector of a component's pods as the API writes one (`k=v,k=v`)."""
+    return ",".join(f"{k}={v}" for k, v in selector(owner, component).items())
 
 
 def selector(owner: Owner, component: str, node: str | None = None) -> dict[str, str]:
@@ -307,7 +319,66 @@ def render_node_deployment(
         [],
     )
     template = _pod_template(owner, COMPONENT_BACKEND, node.name, container, [], annotations)
+    if spec.gossip.enabled:
+        add_gossip(owner, spec, node, template)
+    else:
+        container["env"].append({"name": "TWLB_BACKEND_GOSSIP", "value": "0"})
     return _deployment(owner, node.name, COMPONENT_BACKEND, node.name, template, annotations)
+
+
+# ---- gossip ----------------------------------------------------------------------------
+#: memberlist's default port; a TrustCluster's `gossip.port` overrides it.
+GOSSIP_PORT = 7946
+COMPONENT_GOSSIP = "gossip"
+
+
+def gossip_service_name(owner: Owner) -> str:
+    return f"{owner.name}-gossip"
+
+
+def gossip_address(owner: Owner, spec: TrustClusterSpec, node: str) -> str:
+    """A node's stable gossip identity: its pod's DNS name under the headless Service
+    (pod `hostname` + `subdomain`), so a restarted pod keeps its member id."""
+    port = spec.gossip.port or GOSSIP_PORT
+    return f"{node}.{gossip_service_name(owner)}.{owner.namespace}.svc.cluster.local:{port}"
+
+
+def add_gossip(
+    owner: Owner, spec: TrustClusterSpec, node: NodeAssignment, template: dict[str, Any]
+) -> None:
+    """A backend pod's gossip: its UDP port declared, its DNS identity under the headless
+    Service, every node's address as a seed, and the spec's section as environment."""
+    port = spec.gossip.port or GOSSIP_PORT
+    pod = template["spec"]
+    pod["hostname"] = node.name
+    pod["subdomain"] = gossip_service_name(owner)
+    container = pod["containers"][0]
+    container["ports"].append({"name": "gossip", "containerPort": port, "protocol": "UDP"})
+    seeds = " ".join(gossip_address(owner, spec, n.name) for n in assign_faults(spec, owner.name))
+    env = spec.gossip.to_env("TWLB_BACKEND_", exclude={"port"})
+    env |= {
+        "TWLB_BACKEND_GOSSIP_PORT": str(port),
+        "TWLB_BACKEND_GOSSIP_ADVERTISE": gossip_address(owner, spec, node.name),
+        "TWLB_BACKEND_GOSSIP_SEEDS": seeds,
+    }
+    container["env"].extend({"name": k, "value": v} for k, v in sorted(env.items()))
+
+
+def render_gossip_service(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
+    """The headless Service for peer discovery: one DNS record per backend pod, published
+    before readiness so that a starting node is found by its peers."""
+    port = spec.gossip.port or GOSSIP_PORT
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, gossip_service_name(owner), COMPONENT_GOSSIP),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(owner, COMPONENT_BACKEND),
+            "ports": [{"name": "gossip", "port": port, "targetPort": "gossip", "protocol": "UDP"}],
+        },
+    }
 
 
 def _service(
@@ -327,6 +398,9 @@ def _service(
         spec["type"] = "NodePort"
         if node_port is not None:
             port["nodePort"] = node_port
+        spec["ports"].append(
+            {"name": "dashboard", "port": DASHBOARD_PORT, "targetPort": "dashboard"}
+        )
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -350,9 +424,8 @@ def render_balancer_deployment(
     """The balancer: every node Service as a backend, policy and settings from the spec.
 
     With `model_ready` (the model ConfigMap holds MODEL_FILE) it loads and hot-reloads that
-    model; until then it runs its heuristic scorer (`--model` needs an existing file).
+    model; until then it runs the model its image ships (the balancer's default `--model`).
     """
-    b = spec.balancer
     args = [
         "balancer",
         "--host",
@@ -361,14 +434,7 @@ def render_balancer_deployment(
         str(HTTP_PORT),
         "--policy",
         spec.policy.value,
-        "--audit-fraction",
-        repr(b.audit_fraction),
-        "--window",
-        repr(b.window_s),
-        "--health-interval",
-        repr(b.health_interval_s),
-        "--retry-budget",
-        repr(b.retry_budget),
+        *balancer_args(spec.balancer),
         "--seed",
         str(spec.seed),
     ]
@@ -392,7 +458,24 @@ def render_balancer_deployment(
     env = [_secret_env("TWLB_BALANCER_ADMIN_TOKEN", owner, TOKENS_ADMIN_KEY)]
     container = _container(COMPONENT_BALANCER, spec.image, args, env, BALANCER_RESOURCES, mounts)
     template = _pod_template(owner, COMPONENT_BALANCER, None, container, volumes, {})
+    template["spec"]["containers"].append(render_dashboard_sidecar(owner, spec))
     return _deployment(owner, balancer_name(owner), COMPONENT_BALANCER, None, template)
+
+
+def render_dashboard_sidecar(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
+    """The live dashboard beside the balancer: it reads the balancer on loopback, and the
+    nodes' live faults with the control token, which stays in the pod (the page is
+    read-only). The balancer's Service carries its port as `dashboard`."""
+    args = ["dashboard", "--balancer", f"http://127.0.0.1:{HTTP_PORT}"]
+    args += ["--host", "0.0.0.0", "--port", str(DASHBOARD_PORT)]
+    env = [_secret_env("TWLB_DASHBOARD_CONTROL_TOKEN", owner, TOKENS_CONTROL_KEY)]
+    c = _container("dashboard", spec.image, args, env, DASHBOARD_RESOURCES, [])
+    c["ports"] = [{"name": "dashboard", "containerPort": DASHBOARD_PORT, "protocol": "TCP"}]
+    # Liveness only: a readiness probe would let the page take the balancer's pod out of
+    # its Service; a dashboard that stops serving is restarted instead.
+    del c["readinessProbe"], c["startupProbe"]
+    c["livenessProbe"]["httpGet"]["port"] = "dashboard"
+    return c
 
 
 def render_model_config_map(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any] | None:
@@ -448,6 +531,8 @@ def render_children(
     for node in nodes:
         out.append(render_node_deployment(owner, spec, node))
         out.append(render_node_service(owner, node))
+    if spec.gossip.enabled:
+        out.append(render_gossip_service(owner, spec))
     out.append(render_balancer_deployment(owner, spec, nodes, model_ready))
     out.append(render_balancer_service(owner, node_port))
     return out

@@ -14,10 +14,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twlb.operator.render import (
+    COMPONENT_BACKEND,
     COMPONENT_BALANCER,
     LABEL_COMPONENT,
     Owner,
     balancer_name,
+    selector_string,
     service_url,
 )
 
@@ -191,6 +193,7 @@ def summarize(
         "backends": spec.backends,
         "readyBackends": ready,
         "balancerReady": balancer_ready,
+        "selector": selector_string(owner, COMPONENT_BACKEND),
         "faulty": faulty,
         "suspected": suspected,
         "trustThreshold": threshold,

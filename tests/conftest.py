@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
 
 Spawn = Callable[..., tuple[ManagedProcess, str]]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
+    """Poll `predicate` until it returns something truthy (returned), failing the test
+    with `what` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def twlb_status(state_dir: Path) -> dict:
+    """`twlb status --state-dir DIR` as the user runs it, parsed."""
+    out = subprocess.run(
+        twlb_argv("status", "--state-dir", str(state_dir)), capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 @pytest.fixture

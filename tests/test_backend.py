@@ -162,6 +162,10 @@ def test_malformed_work_queries_are_422s_naming_the_field(fleet: Fleet) -> None:
         "/work?key=a&rounds=10001": "rounds",
         "/work?key=a&rounds=2.5": "rounds",
         "/work?key=a&extra=1": "extra",
+        # int() of 5,000 digits raises; it is out of range, not an internal error.
+        "/work?key=a&rounds=" + "9" * 5000: "rounds",
+        # Percent-escapes that are not UTF-8 are refused, not replaced by U+FFFD.
+        "/work?key=%ff%fe": "key",
     }
     with httpx.Client(base_url=url, timeout=5) as c:
         for path, field in cases.items():
@@ -170,6 +174,9 @@ def test_malformed_work_queries_are_422s_naming_the_field(fleet: Fleet) -> None:
             body = r.json()
             assert [p["field"] for p in body["problems"]] == [field], path
             assert field in body["error"]
+        # A key that is UTF-8 once percent-decoded is a key like any other.
+        r = c.get("/work?key=%C3%A9t%C3%A9")
+        assert r.status_code == 200 and r.json()["digest"] == digest("été")
         assert c.post("/work?key=a").status_code == 405
         text = c.get("/metrics").text
     assert metric(text, "twlb_node_requests_total", node="v", code="422") == len(cases)
@@ -343,6 +350,10 @@ def test_control_endpoint_authenticates_and_switches_faults_at_run_time(fleet: F
             ({"type": "error", "probability": 2}, "probability"),
             ({"type": "delay", "delayMs": -1}, "delayMs"),
             ({"type": "error", "colour": "red"}, "colour"),
+            # A period nobody could observe, whose period count overflows (was applied,
+            # then every /work answered 500).
+            ({"type": "flapping", "periodS": 5e-324}, "periodS"),
+            ({"type": "flapping", "periodS": 0.001}, "periodS"),
         ]:
             r = c.put("/control/fault", json=body, headers=AUTH)
             assert r.status_code == 422, body

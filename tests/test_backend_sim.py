@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from twlb.backend.app import (
     LATENCY_BUCKETS_S,
     FieldProblem,
+    UndecodableQuery,
     parse_work_query,
     query_pairs,
     timer_pause,
@@ -225,6 +226,10 @@ def test_every_valid_query_parses_back(key: str, rounds: int) -> None:
         (b"key=a&key=b", {"key"}),
         (b"key=a&colour=red", {"colour"}),
         (b"rounds=x", {"key", "rounds"}),
+        (b"key=a&rounds=" + b"7" * 5000, {"rounds"}),
+        (b"key=%ff%fe", {"key"}),
+        (b"key=\xff", {"key"}),
+        (b"k%ffy=a", {"k%ffy"}),
     ],
 )
 def test_malformed_queries_name_their_fields(query: bytes, fields: set[str]) -> None:
@@ -241,7 +246,21 @@ def test_rounds_defaults_to_one() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60))
 def test_query_fast_path_splits_exactly_like_parse_qsl(text: str) -> None:
-    assert query_pairs(text.encode()) == parse_qsl(text, keep_blank_values=True)
+    try:
+        expected = parse_qsl(text, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        with pytest.raises(UndecodableQuery):
+            query_pairs(text.encode())
+    else:
+        assert query_pairs(text.encode()) == expected
+
+
+def test_rounds_with_leading_zeros_is_the_number() -> None:
+    assert parse_work_query(b"key=a&rounds=" + b"0" * 5000 + b"7") == ("a", 7)
+
+
+def test_a_raw_utf8_key_is_decoded_as_utf8() -> None:
+    assert parse_work_query("key=été".encode()) == ("été", 1)
 
 
 def test_timer_pauses_are_whole_milliseconds_keeping_the_mean() -> None:

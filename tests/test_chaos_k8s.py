@@ -10,10 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from chaoslib.exceptions import ActivityFailed
-from twlb.chaos import k8s
-from twlb.operator.handlers import OperatorConfig
-from twlb.operator.render import ANNOTATION_FAULT_TYPE
-from twlb.operator.testing import (
+from kube_harness import (
     DEPLOYMENTS,
     TRUSTCLUSTERS,
     EmulatedCluster,
@@ -22,6 +19,9 @@ from twlb.operator.testing import (
     trustcluster,
     wait_for,
 )
+from twlb.chaos_k8s import activities
+from twlb.operator.handlers import OperatorConfig
+from twlb.operator.render import ANNOTATION_FAULT_TYPE
 
 NS = "chaos"
 NAME = "lab"
@@ -45,27 +45,27 @@ async def test_a_patched_fault_is_reconciled_and_rolled_back_exactly(cluster: Em
     await cluster.create(TRUSTCLUSTERS, trustcluster(NAME, NS, SPEC))
     async with running_operator([NS], OperatorConfig(status_interval_s=0.5, trust_timeout_s=1.0)):
         await wait_for(lambda: len(cluster.names(DEPLOYMENTS, NS)) >= 4, timeout=30)
-        assert await asyncio.to_thread(k8s.one_deployment_per_node, NAME, NS) is True
-        assert await asyncio.to_thread(k8s.deployments_match_spec, NAME, NS) is True
+        assert await asyncio.to_thread(activities.one_deployment_per_node, NAME, NS) is True
+        assert await asyncio.to_thread(activities.deployments_match_spec, NAME, NS) is True
 
         out = await asyncio.to_thread(
-            k8s.patch_node_fault, NAME, 2, {"type": "byzantine", "probability": 1.0}, NS
+            activities.patch_node_fault, NAME, 2, {"type": "byzantine", "probability": 1.0}, NS
         )
         assert (out["node"], out["chaos_class"]) == (f"{NAME}-node-2", "byzantine")
         await wait_for(lambda: _fault_of(cluster, f"{NAME}-node-2") == "byzantine", timeout=30)
-        assert await asyncio.to_thread(k8s.deployments_match_spec, NAME, NS) is True
+        assert await asyncio.to_thread(activities.deployments_match_spec, NAME, NS) is True
         # A second patch keeps the original for the rollback.
-        await asyncio.to_thread(k8s.patch_node_fault, NAME, 2, {"type": "delay"}, NS)
+        await asyncio.to_thread(activities.patch_node_fault, NAME, 2, {"type": "delay"}, NS)
 
-        back = await asyncio.to_thread(k8s.restore_node_fault, NAME, 2, NS)
+        back = await asyncio.to_thread(activities.restore_node_fault, NAME, 2, NS)
         assert back == {"node": f"{NAME}-node-2", "restored": True, "at": back["at"]}
         tc = cluster.get(TRUSTCLUSTERS, NS, NAME) or {}
         assert tc["spec"]["nodes"] == [{"index": 2, "fault": {"type": "error"}}]
-        saved = k8s.SAVED_ANNOTATION.format(index=2)
+        saved = activities.SAVED_ANNOTATION.format(index=2)
         assert saved not in (tc["metadata"].get("annotations") or {})
         await wait_for(lambda: _fault_of(cluster, f"{NAME}-node-2") == "error", timeout=30)
         with pytest.raises(ActivityFailed, match="no saved fault"):
-            await asyncio.to_thread(k8s.restore_node_fault, NAME, 2, NS)
+            await asyncio.to_thread(activities.restore_node_fault, NAME, 2, NS)
 
 
 async def test_a_duplicate_or_stale_deployment_is_named(cluster: EmulatedCluster):
@@ -81,8 +81,8 @@ async def test_a_duplicate_or_stale_deployment_is_named(cluster: EmulatedCluster
     }
     await cluster.create(DEPLOYMENTS, twin)
     with pytest.raises(ActivityFailed, match=f"{NAME}-node-0': 2"):
-        await asyncio.to_thread(k8s.one_deployment_per_node, NAME, NS)
+        await asyncio.to_thread(activities.one_deployment_per_node, NAME, NS)
     # With the operator stopped, a spec change stays unreconciled and the probe says so.
     await cluster.patch(TRUSTCLUSTERS, NS, NAME, {"spec": {"nodes": []}})
     with pytest.raises(ActivityFailed, match="not reconciled"):
-        await asyncio.to_thread(k8s.deployments_match_spec, NAME, NS)
+        await asyncio.to_thread(activities.deployments_match_spec, NAME, NS)

@@ -14,10 +14,17 @@ import yaml
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twlb.operator.crd import CRD_NAME, PRINTER_COLUMNS, render_crd, render_crd_yaml
+from twlb.operator.crd import (
+    CRD_NAME,
+    PRINTER_COLUMNS,
+    SCALE_SUBRESOURCE,
+    render_crd,
+    render_crd_yaml,
+)
 
 from twlb.cli import main
 from twlb.spec import (
+    FLAP_PERIOD_MIN_S,
     FaultType,
     PolicyName,
     SpecError,
@@ -89,7 +96,7 @@ def test_crd_is_a_valid_kubernetes_object():
     )
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1"
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {"status": {}, "scale": SCALE_SUBRESOURCE}
     assert [c["name"] for c in PRINTER_COLUMNS] == [
         "Policy",
         "Backends",
@@ -130,7 +137,10 @@ def test_schema_carries_the_models_enums_bounds_and_defaults():
     fault = props["faultMix"]["items"]["properties"]
     assert fault["type"]["enum"] == [f.value for f in FaultType]
     assert (fault["probability"]["minimum"], fault["probability"]["maximum"]) == (0.0, 1.0)
-    assert fault["periodS"]["exclusiveMinimum"] is True
+    assert (
+        fault["periodS"]["minimum"] == FLAP_PERIOD_MIN_S
+        and "exclusiveMinimum" not in fault["periodS"]
+    )
     assert props["nodes"]["x-kubernetes-list-map-keys"] == ["index"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert "self.faultMix.map(e, e.count).sum() <= self.backends" in rules

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socketserver
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +101,9 @@ def test_wrong_answers_from_a_byzantine_backend_are_counted(
     assert run.returncode == 0, run.stderr
     r = _report(out)
     assert (r["sent"], r["wrong"], r["correct"], r["failed"]) == (40, 40, 0, 0)
+    # the liar is named: the node field of every wrong body
+    [(liar, lies)] = r["wrong_by_node"].items()
+    assert lies == 40 and liar != "?"
     assert r["latency_ms"]["count"] == 0 and r["latency_all_ms"]["count"] == 40
     assert r["retries"] == 0 and "breaker" not in r
 
@@ -212,6 +219,48 @@ def test_unreachable_target_in_basic_mode_counts_connect_errors(tmp_path: Path) 
     assert r["unreachable"] is True
     assert r["sent"] == 50
     assert r["failed_by_reason"]["connect_error"] == 50
+
+
+class NotHTTPServer(socketserver.ThreadingTCPServer):
+    """A loopback server that answers every connection in another protocol and closes."""
+
+    daemon_threads = True
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with contextlib.suppress(OSError):
+                self.request.recv(4096)
+                self.request.sendall(b"SSH-2.0-OpenSSH_9.6 this is not HTTP\r\n")
+
+
+@pytest.fixture
+def not_http() -> Iterator[str]:
+    server = NotHTTPServer(("127.0.0.1", 0), NotHTTPServer.Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["basic", "resilient"])
+def test_a_target_that_is_not_http_is_unreachable_with_exit_2_and_no_tracebacks(
+    not_http: str, mode: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "report.json"
+    run = _load(
+        "--url", not_http, "--mode", mode, "--rate", "50", "--duration", "1",
+        "--quiet", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "target unreachable" in run.stderr and not_http in run.stderr
+    for noise in ("Task exception was never retrieved", "Traceback"):
+        assert noise not in run.stderr and noise not in run.stdout
+    r = _report(out)
+    assert r["unreachable"] is True and r["correct"] == 0
+    # Every call failed; a resilient run's calls may also end on the open breaker.
+    assert r["failed"] == r["sent"] > 0 and r["failed_by_reason"]["connect_error"] > 0
 
 
 @pytest.mark.parametrize(

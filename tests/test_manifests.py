@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,17 @@ def test_dockerfile_builds_one_non_root_image_running_twlb():
     assert 'ENTRYPOINT ["twlb"]' in lines
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "reports" in ignored
+
+
+def test_the_image_build_copies_every_folder_the_distribution_is_made_of():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = {d.split("/")[0] for d in pyproject["tool"]["setuptools"]["package-dir"].values()}
+    copied = {
+        line.split()[1].rstrip("/")
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    }
+    assert folders <= copied, sorted(folders - copied)
 
 
 def test_node_deployment_carries_its_fault_as_annotations_and_environment():

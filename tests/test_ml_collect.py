@@ -7,19 +7,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from twlb.balancer.features import FEATURE_NAMES
+from twlb.chaos.run import TruthTimeline, driven_load
 from twlb.ml.collect import (
     SOURCES,
-    TruthTimeline,
     collect_attached,
     collection_metadata,
-    driven_load,
     plan_run,
     run_live,
 )
 from twlb.ml.dataset import read_dataset, write_rows
-from twlb.ml.prometheus import LocalPrometheus, find_prometheus, render_config
 
 from twlb.cli import main
+from twlb.prometheus import LocalPrometheus, find_prometheus, render_config
 from twlb.spec import FaultType, NodeClass, assign_faults
 
 
@@ -78,7 +77,7 @@ def test_prometheus_config_scrapes_each_balancer_at_the_given_interval() -> None
 def test_live_run_gives_the_same_labelled_rows_from_the_balancer_and_prometheus(
     tmp_path: Path,
 ) -> None:
-    # CI installs Debian's prometheus; without it this must fail, not skip.
+    # make test installs Debian's prometheus (scripts/system-deps); without it this fails.
     find_prometheus()
     plan = plan_run(7, backends=3, duration_s=12.0, window_s=2.0, rate=120.0)
     result = run_live(plan, SOURCES, workdir=tmp_path, log=lambda _: None)

@@ -7,15 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from twlb.operator.handlers import OperatorConfig
-from twlb.operator.render import (
-    ANNOTATION_BALANCER_URL,
-    ANNOTATION_FAULT_TYPE,
-    LABEL_CLUSTER,
-    Owner,
-    service_url,
-)
-from twlb.operator.testing import (
+from kube_harness import (
     CONFIGMAPS,
     DEPLOYMENTS,
     EVENTS,
@@ -27,6 +19,14 @@ from twlb.operator.testing import (
     running_operator,
     trustcluster,
     wait_for,
+)
+from twlb.operator.handlers import OperatorConfig
+from twlb.operator.render import (
+    ANNOTATION_BALANCER_URL,
+    ANNOTATION_FAULT_TYPE,
+    LABEL_CLUSTER,
+    Owner,
+    service_url,
 )
 
 from twlb.spec import FaultType, TrustClusterSpec, assign_faults
@@ -94,7 +94,7 @@ async def test_create_renders_every_node_with_its_fault_and_owner_reference(clus
         children = _children(cluster, "mix")
         node_names = {n.name for n in nodes}
         assert children[DEPLOYMENTS] == node_names | {"mix-balancer"}
-        assert children[SERVICES] == node_names | {"mix-balancer"}
+        assert children[SERVICES] == node_names | {"mix-balancer", "mix-gossip"}
         assert children[CONFIGMAPS] == {"mix-model", "mix-truth"}
         assert children[SECRETS] == {"mix-tokens"}
         for res, names in children.items():
@@ -171,7 +171,12 @@ async def test_scaling_down_deletes_the_extra_nodes(cluster):
         await wait_for(lambda: _observed(cluster, "shrink", 2), timeout=10)
         children = _children(cluster, "shrink")
         assert children[DEPLOYMENTS] == {"shrink-node-0", "shrink-node-1", "shrink-balancer"}
-        assert children[SERVICES] == {"shrink-node-0", "shrink-node-1", "shrink-balancer"}
+        assert children[SERVICES] == {
+            "shrink-node-0",
+            "shrink-node-1",
+            "shrink-balancer",
+            "shrink-gossip",
+        }
         args = cluster.get(DEPLOYMENTS, NS, "shrink-balancer")["spec"]["template"]["spec"][
             "containers"
         ][0]["args"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from twlb.operator.testing import kubeconfig_for, trustcluster
+from kube_harness import kubeconfig_for, trustcluster
 
 from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
 
@@ -19,7 +20,7 @@ def test_twlb_operator_serves_liveness_and_reconciles(tmp_path):
     api_port, health_port = free_port(), free_port()
     api = f"http://127.0.0.1:{api_port}"
     emulator = ManagedProcess(
-        [sys.executable, "-m", "twlb.operator.testing", "--port", str(api_port)],
+        [sys.executable, str(Path(__file__).with_name("kube_harness.py")), "--port", str(api_port)],
         log_path=tmp_path / "emulator.log",
     ).start()
     operator = None
@@ -35,7 +36,8 @@ def test_twlb_operator_serves_liveness_and_reconciles(tmp_path):
                     f"http://127.0.0.1:{health_port}/healthz",
                     "--status-interval",
                     "1",
-                    # The emulator cannot list namespaces cluster-wide (DESIGN.md).
+                    # The emulator cannot list namespaces cluster-wide (docs/DESIGN.md,
+                    # "Real parts in tests").
                     "--no-scan",
                 ),
                 log_path=tmp_path / "operator.log",

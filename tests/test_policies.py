@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 from twlb.balancer.policies import (
+    P2C_ABOVE,
     POLICIES,
     ConsistentHash,
     OutlierEjection,
@@ -374,6 +375,37 @@ def test_trust_policy_ramps_a_backend_back_from_ejection_with_slow_start() -> No
     off = _built("trust", ["a", "b", "c"], trust_engine=engine, latency_weighting=False,
                  slow_start_s=0.0)  # fmt: skip
     assert Counter(off.pick(["a", "b", "c"], 10.5) for _ in range(300))["c"] == 100
+
+
+def test_trust_policy_on_a_large_fleet_draws_two_by_weight_and_keeps_the_shares() -> None:
+    """Above P2C_ABOVE candidates a pick costs O(log N): two drawn by static weight, the
+    less loaded taken. Equal loads: shares follow the weights; a backend that stops
+    answering loses its share; an ejected one is never drawn."""
+    fleet = [f"n{i}" for i in range(P2C_ABOVE * 4)]
+    engine = TrustEngine(HeuristicScorer())
+    engine.set_backends(fleet, 0.0)
+    for b in fleet[:-2]:
+        engine.apply(b, TrustEvent.HIGH, 0.0)  # trusted: weight 0.5 each, "n126" stays 0.5
+    engine.apply(fleet[-1], TrustEvent.LOW, 0.0)  # ejected
+    policy = _built("trust", fleet, trust_engine=engine, slow_start_s=0.0, seed=5)
+    picks = Counter(policy.pick(fleet, 1.0) for _ in range(25_400))
+    assert fleet[-1] not in picks
+    assert set(picks) == set(fleet[:-1])
+    # 127 admitted backends of equal weight: 200 picks each expected, binomial spread
+    assert all(140 <= picks[b] <= 260 for b in fleet[:-1]), picks.most_common(3)
+    # 3 s at 700 req/s over 42 backends, one never answers (as in the smooth pick's test)
+    small = fleet[: P2C_ABOVE + 10]
+    engine.set_backends(small, 2.0)
+    policy = _built("trust", small, trust_engine=engine, slow_start_s=0.0, seed=5)
+    stuck, now, picks = small[0], 2.0, Counter()
+    for _ in range(2_100):
+        now += 1 / 700
+        b = policy.pick(small, now)
+        picks[b] += 1
+        policy.on_start(b, now)
+        if b != stuck:
+            policy.on_end(b, now + 0.003, Outcome.SUCCESS, 0.003)
+    assert picks[stuck] <= 20, picks[stuck]  # an even share would be 50 (15 with seed 5)
 
 
 def test_smooth_weighted_pick_shares_traffic_by_float_weights_with_a_floor() -> None:

@@ -7,11 +7,11 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import twlb_status, wait_until
 
 from twlb.procs import ManagedProcess, free_port_range, pid_alive, twlb_argv
 from twlb.runtime import RESTART_BASE_S, RESTART_CAP_S, RESTART_RESET_S, RestartBackoff
@@ -31,27 +31,6 @@ spec:
 """
 
 
-def _status(state_dir: Path) -> dict:
-    out = subprocess.run(
-        twlb_argv("status", "--state-dir", str(state_dir)),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_invalid_file_stops_with_the_field_named_and_status_2(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(CLUSTER.replace("backends: 3", "backends: 0"))
@@ -68,6 +47,18 @@ def test_invalid_file_stops_with_the_field_named_and_status_2(tmp_path: Path):
     )
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr
+    # Latin-1 bytes where UTF-8 text belongs: status 2 naming the byte, no traceback.
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(CLUSTER.replace("backends: 3", "backends: 3 # caf\xe9").encode("latin-1"))
+    out = subprocess.run(
+        twlb_argv("up", "-f", str(latin), "--state-dir", str(tmp_path / "s")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "latin.yaml: not UTF-8 text (byte " in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path):
@@ -98,7 +89,7 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
     ).start()  # fmt: skip
     try:
         runtime.wait_ready(f"http://127.0.0.1:{base}/healthz", timeout=60)
-        st = _wait(lambda: _status(state_dir), 10, "status")
+        st = wait_until(lambda: twlb_status(state_dir), 10, "status")
         assert st["running"] is True
         assert [n["truth"] for n in st["nodes"]] == ["healthy", "healthy", "crash"]
         crash = st["nodes"][2]
@@ -112,16 +103,16 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
         # The crash node exits on its first request; the runtime restarts it with back-off.
         with pytest.raises(httpx.HTTPError):
             httpx.get(crash["url"] + "/work", params={"key": "x"}, timeout=5)
-        _wait(lambda: not pid_alive(pids[crash["name"]]), 5, "crash node to exit")
+        wait_until(lambda: not pid_alive(pids[crash["name"]]), 5, "crash node to exit")
 
         def restarted():
-            s = _status(state_dir)
+            s = twlb_status(state_dir)
             n = s["nodes"][2]
             return (
                 n if n["restarts"] >= 1 and n["alive"] and n["pid"] != pids[crash["name"]] else None
             )
 
-        node = _wait(restarted, 20, "crash node restart")
+        node = wait_until(restarted, 20, "crash node restart")
 
         def ready():
             try:
@@ -129,20 +120,20 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
             except httpx.HTTPError:
                 return False
 
-        _wait(ready, 10, "restarted node to answer")
+        wait_until(ready, 10, "restarted node to answer")
 
         # A killed balancer is restarted on its port, as a kubelet would restart its pod.
         os.kill(st["balancer"]["pid"], signal.SIGKILL)
 
         def balancer_back():
-            s = _status(state_dir)
+            s = twlb_status(state_dir)
             b = s["balancer"]
             return b if b["restarts"] >= 1 and b["alive"] else None
 
-        _wait(balancer_back, 20, "balancer restart")
+        wait_until(balancer_back, 20, "balancer restart")
         runtime.wait_ready(f"http://127.0.0.1:{base}/healthz", timeout=30)
 
-        final = _status(state_dir)
+        final = twlb_status(state_dir)
         all_pids = [n["pid"] for n in final["nodes"]] + [final["balancer"]["pid"]]
         assert all(pid_alive(p) for p in all_pids)
     finally:

@@ -122,6 +122,9 @@ def test_load_reports_file_and_problem(tmp_path):
         load_trustcluster(p)
     with pytest.raises(SpecError, match="cannot read"):
         load_trustcluster(tmp_path / "missing.yaml")
+    p.write_bytes(b"kind: TrustCluster\nmetadata: {name: \xff\xfe}\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: not UTF-8 text \(byte 36: invalid start byte"):
+        load_trustcluster(p)
 
 
 def test_fault_env_round_trips_to_backend_flag_names():
@@ -149,3 +152,16 @@ def test_retry_budget_allows_ratio_of_traffic_plus_floor_and_expires():
     assert b.balance(20.0) == 0.0
     floor = RetryBudget(ratio=0.0, min_per_s=1.0, ttl_s=5.0)
     assert sum(floor.try_withdraw(0.0) for _ in range(10)) == 5
+
+
+def test_retry_budget_memory_is_bounded_by_its_slots_whatever_the_rate():
+    from twlb.budget import SLOTS, RetryBudget
+
+    b = RetryBudget(ratio=0.2, min_per_s=0.0, ttl_s=10.0)
+    for i in range(200_000):  # 20,000 requests a second for 10 s, never a retry asked
+        b.record_request(i * 0.00005)
+    assert len(b._requests._slots) <= SLOTS + 1
+    assert b._requests.total == 200_000
+    b.record_request(15.0)  # the first half of the window has expired
+    assert 100_000 <= b._requests.total <= 100_000 + 200_000 // SLOTS + 1
+    assert b.balance(30.0) == 0.0

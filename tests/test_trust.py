@@ -118,9 +118,19 @@ def test_healthy_backends_are_trusted_and_bad_ones_ejected_by_class() -> None:
     ]
     assert engine.weight("b0") == pytest.approx(0.75)  # EWMA from 0.5 with alpha 0.5
     assert max(engine.probabilities("b2"), key=engine.probabilities("b2").get) == "byzantine"
-    snap = engine.snapshot()
-    assert [s["url"] for s in snap] == FLEET
-    assert set(snap[0]) >= {"url", "weight", "state", "probabilities", "features"}
+    row = engine.row("b2")
+    assert row["state"] == "ejected" and row["held"] is False and row["ejections"] == 1
+    assert row["probabilities"] == pytest.approx(engine.probabilities("b2"), abs=1e-6)
+    assert engine.row("never-scored") == {
+        "weight": engine.probation_weight,
+        "state": "probation",
+        "held": False,
+        "probabilities": {},
+        "ejections": 0,
+        "proven": False,
+        "evidence": engine.evidence.describe("never-scored"),
+    }
+    assert engine.row("never-scored")["evidence"]["audits"] == 0
 
 
 def test_hysteresis_keeps_state_between_the_thresholds() -> None:
@@ -147,7 +157,7 @@ def test_floor_never_ejects_more_than_the_fraction_and_worst_go_first() -> None:
     states = [engine.state(b) for b in FLEET]
     assert states.count(TrustState.EJECTED) == 3 == engine.ejection_limit()
     assert engine.state("b5") is not TrustState.EJECTED
-    rows = {r["url"]: r for r in engine.snapshot()}
+    rows = {b: engine.row(b) for b in FLEET}
     held = [b for b in FLEET if rows[b]["held"]]  # low, in rotation only by the floor
     assert held and all(rows[b]["state"] != "ejected" for b in held)
     assert not any(rows[b]["held"] for b in FLEET if rows[b]["state"] == "ejected")

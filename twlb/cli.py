@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, str] = {
     "load": "twlb.client.cli:command",
     "up": "twlb.runtime:up_command",
     "status": "twlb.runtime:status_command",
+    "replicas": "twlb.scaling:command",
+    "hashing": "twlb.hashing_analysis:command",
     "demo": "twlb.demo:command",
     "bench": "twlb.bench:command",
     "collect": "twlb.ml.cli:collect_command",
@@ -27,6 +29,9 @@ SUBCOMMANDS: dict[str, str] = {
     "operator": "twlb.operator.cli:command",
     "crd": "twlb.operator.cli:crd_command",
     "chaos": "twlb.chaos.cli:command",
+    "dashboard": "twlb.dashboard.cli:command",
+    "sim": "twlb.sim.cli:command",
+    "gossip": "twlb.gossip.cli:command",
 }
 
 
@@ -34,29 +39,15 @@ class LazyGroup(click.Group):
     """A group that imports a subcommand's module only when that subcommand runs."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(n for n in SUBCOMMANDS if self._load(n, quiet=True) is not None)
+        return sorted(SUBCOMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in SUBCOMMANDS:
             return None
-        return self._load(cmd_name, quiet=False)
-
-    @staticmethod
-    def _load(name: str, quiet: bool) -> click.Command | None:
-        module_name, attr = SUBCOMMANDS[name].split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            # A subcommand whose module is not part of this build yet is simply absent;
-            # a missing dependency inside an existing module is a real error.
-            if err.name and module_name.startswith(err.name):
-                if quiet:
-                    return None
-                raise click.UsageError(f"'{name}' is not available in this build") from None
-            raise
-        cmd = getattr(module, attr)
+        module_name, attr = SUBCOMMANDS[cmd_name].split(":")
+        cmd = getattr(importlib.import_module(module_name), attr)
         if isinstance(cmd, click.Command):
-            cmd.name = name
+            cmd.name = cmd_name
         return cmd
 
 

@@ -1,10 +1,14 @@
 """`twlb demo` (what `make demo` runs): six nodes, every policy in turn, chaos mid-run.
 
 A six-node cluster with a seeded fault mix (one delay, one error, one byzantine) runs on
-the embedded runtime. The resilient client drives it through each policy in turn; in
-every phase one healthy node turns byzantine and another is killed part-way. The
-result is a comparison table (correct, wrong and failed shares, latency quantiles, time
-to detect each fault) and `reports/demo/` with JSON, markdown and PNG plots.
+the embedded runtime. The basic client (it cannot verify an answer and never retries, as
+real clients are) drives it through each policy in turn, so the figures are what the
+balancer delivers; then the resilient client (verifies, retries) drives the trust policy
+once more, for end-to-end success, reported apart. In every phase one healthy node turns
+byzantine and another is killed part-way. The result is a comparison table (correct,
+wrong and failed shares, latency quantiles, time to take each fault out of rotation),
+the wrong answers each liar delivered, and `reports/demo/` with JSON, markdown and PNG
+plots.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from pathlib import Path
 
 import click
 
+from twlb.dashboard.screenshot import DelayedScreenshot
 from twlb.experiment import (
+    BASIC,
     DEMO_POLICIES,
+    RESILIENT,
     Scenario,
     onset_events,
     rich_table,
@@ -23,8 +30,13 @@ from twlb.experiment import (
     standard_cluster,
     write_reports,
 )
+from twlb.options import FiniteFloat
 from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster, resolve_model
+from twlb.runtime import EmbeddedCluster, model_option, resolve_model, start_dashboard
+
+#: The demo balancers' audit fraction (a liar delivers about 1/a + 1 wrong answers before
+#: it is proven; services/balancer/evidence.py).
+DEMO_AUDIT_FRACTION = 0.2
 
 
 @click.command("demo")
@@ -40,13 +52,13 @@ from twlb.runtime import EmbeddedCluster, resolve_model
 @click.option(
     "--rate",
     default=100.0,
-    type=click.FloatRange(min=1.0, max=2000.0),
+    type=FiniteFloat(min=1.0, max=2000.0),
     help="Requests per second in each phase.",
 )
 @click.option(
     "--phase-seconds",
     default=25.0,
-    type=click.FloatRange(min=5.0, max=600.0),
+    type=FiniteFloat(min=5.0, max=600.0),
     help="Length of each policy's phase.",
 )
 @click.option(
@@ -63,12 +75,7 @@ from twlb.runtime import EmbeddedCluster, resolve_model
     type=click.IntRange(0, 65000),
     help="Balancer port (0: pick free ports).",
 )
-@click.option(
-    "--model",
-    "model_choice",
-    default="shipped",
-    help="Trust model: 'shipped', 'heuristic', or an ONNX file.",
-)
+@model_option
 def command(
     out: str, seed: int, rate: float, phase_seconds: float, policies: tuple[str, ...],
     port_base: int, model_choice: str,
@@ -79,7 +86,7 @@ def command(
 
     console = Console()
     out_dir = Path(out)
-    tc = standard_cluster("demo", seed=seed)
+    tc = standard_cluster("demo", seed=seed, audit_fraction=DEMO_AUDIT_FRACTION)
     scenario = Scenario(
         "standard-mix+onset", tc, onset_events(tc, phase_seconds), rate, phase_seconds
     )
@@ -93,6 +100,9 @@ def command(
         f"{phase_seconds:g}s per policy, policies: {', '.join(policies)}"
     )
     with cluster:
+        page = start_dashboard(cluster)
+        console.print(f"  live dashboard while the demo runs: [bold]{cluster.dashboard_url}[/]")
+        shot = DelayedScreenshot(page.url, out_dir / "dashboard.png", len(cluster.nodes))
         for n in cluster.nodes:
             console.print(f"  {n.name} {n.url}: {n.fault.type.value} (truth {n.truth.value})")
         for ev in scenario.events:
@@ -101,19 +111,28 @@ def command(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
             TimeElapsedColumn(), console=console, transient=False,
         ) as progress:  # fmt: skip
-            for policy in policies:
-                task = progress.add_task(f"{policy:<18}", total=phase_seconds)
+            runs = [(p, BASIC) for p in policies]
+            if "trust" in policies:
+                runs.append(("trust", RESILIENT))
+            for policy, client in runs:
+                task = progress.add_task(f"{policy:<18} {client:<9}", total=phase_seconds)
+                if (policy, client) == runs[-1]:  # the page under load, late in the last run
+                    shot.start_after(0.6 * phase_seconds)
                 phase = run_phase(
-                    cluster, scenario, policy, out_dir / "runs", seed=seed,
+                    cluster, scenario, policy, out_dir / "runs", seed=seed, client=client,
                     on_tick=lambda t, task=task: progress.update(task, completed=min(t, phase_seconds)),
                 )  # fmt: skip
                 progress.update(task, completed=phase_seconds)
                 phases.append(phase)
+        picture = shot.wait()
+        page.stop()
     meta = {
         "seed": seed,
         "model": str(model) if model else "heuristic",
         "rate": rate,
         "phase_seconds": phase_seconds,
+        "audit_fraction": DEMO_AUDIT_FRACTION,
+        "client": "basic (resilient: trust, reported apart)",
         "nodes": [
             {"name": n.name, "url": n.url, "fault": n.assignment.fault.type.value}
             for n in cluster.nodes
@@ -127,3 +146,7 @@ def command(
         f"Reports in {out_dir}/: demo.md, demo.json, demo-policies.png, "
         f"demo-trust-weights-*.png ({meta['wall_seconds']}s in all; every process stopped)"
     )
+    if picture:
+        console.print(f"Dashboard screenshot: {picture}")
+    else:
+        console.print(f"[yellow]No dashboard screenshot: {shot.problem}[/]")

@@ -1,36 +1,46 @@
 """Policy experiments on the embedded runtime: the engine behind `twlb demo` and `twlb bench`.
 
 A scenario is a TrustCluster plus timed chaos events (switch a node's fault, kill a
-node). A phase runs one scenario under one policy: reset the nodes to the scenario's
-faults, start a fresh balancer with the policy, drive the resilient load generator
-(`twlb load`, a separate process, so the measuring client never shares a core's event
-loop with what it measures), apply the events on time, and poll the balancer's `/trust`
-to see when each fault is detected. Results are plain dicts, written as JSON, markdown
-and PNG plots.
+node). A phase runs one scenario under one policy and one client: reset the nodes to the
+scenario's faults, start a fresh balancer with the policy, drive the load generator, apply
+the events on time and poll the balancer's `/trust` to see when each fault is detected
+(the load, the events and the polling are twlb.chaos.run's). Results are plain dicts,
+written as JSON, markdown and PNG plots.
+
+The client is `basic` unless said otherwise: it cannot verify an answer and never
+retries, as real clients are, so its correct/wrong/failed shares are what the balancer
+itself delivers. The `resilient` client recomputes every digest and retries wrong
+answers elsewhere; its figures are end-to-end success, reported apart.
+
+"Detected" means out of rotation (ejected by trust, or failing health); a backend the
+floor keeps in rotation below the ejection threshold is reported as held, not detected.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from twlb.procs import twlb_argv
+from twlb.chaos.run import ChaosEvent, ChaosSchedule, TrustPoller, driven_load
 from twlb.runtime import EmbeddedCluster
 from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster, assign_faults
 
-#: A backend counts as detected (flagged) once the balancer takes it out of rotation: its
-#: trust state is ejected or its health is unhealthy. The trust engine and the health
-#: checks run under every policy, so detection is the balancer's; only some policies
-#: (trust, outlier-ejection, and health for all) act on it.
-FLAGGED_STATES = frozenset({"ejected", "unhealthy", "down"})
+#: A backend counts as detected once the balancer takes it out of rotation: its trust
+#: state is ejected or its health is unhealthy (held by the floor is not detected). The
+#: trust engine and the health checks run under every policy, so detection is the
+#: balancer's; only some policies (trust, outlier-ejection, and health for all) act on it.
+#: (TrustState.EJECTED and HealthState.UNHEALTHY, spelled out: importing the balancer's
+#: trust module here would cost every `twlb` command a second; a test checks the names.)
+FLAGGED_STATES = frozenset({"ejected", "unhealthy"})
+
+#: The load generator's modes: the client that cannot verify and never retries (what the
+#: balancer delivers), and the one that verifies and retries (end-to-end success).
+BASIC, RESILIENT = "basic", "resilient"
 
 #: Policies in the order the demo runs them; the oracle (told the truth) is the ceiling.
 DEMO_POLICIES = (
@@ -41,26 +51,6 @@ DEMO_POLICIES = (
     "round-robin",
     "oracle",
 )
-
-
-@dataclass(frozen=True)
-class ChaosEvent:
-    """At `at_s` seconds into a phase: switch `node` to `fault`, or kill it (`fault` None)."""
-
-    at_s: float
-    node: int
-    fault: FaultSpec | None = None
-    hold_down_s: float = 10.0
-
-    @property
-    def label(self) -> str:
-        if self.fault is None:
-            return f"kill node-{self.node}"
-        return f"node-{self.node} -> {self.fault.type.value}"
-
-    @property
-    def onset_class(self) -> NodeClass:
-        return NodeClass.CRASH if self.fault is None else self.fault.node_class
 
 
 @dataclass
@@ -81,9 +71,11 @@ class Phase:
     scenario: str
     policy: str
     load: dict[str, Any]
+    client: str = BASIC
     timeline: list[dict[str, Any]] = field(default_factory=list)
     detections: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    liars: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         sent = max(int(self.load.get("sent", 0)), 1)
@@ -92,6 +84,7 @@ class Phase:
         return {
             "scenario": self.scenario,
             "policy": self.policy,
+            "client": self.client,
             "sent": self.load.get("sent", 0),
             "correct_pct": 100.0 * self.load.get("correct", 0) / sent,
             "wrong_pct": 100.0 * self.load.get("wrong", 0) / sent,
@@ -102,23 +95,28 @@ class Phase:
             "p99_ms": lat.get("p99"),
             "faults": len(self.detections),
             "detected": len(detect),
+            "held": sum(d["held_s"] is not None and d["detect_s"] is None for d in self.detections),
             "max_detect_s": max(detect) if detect else None,
             "detections": self.detections,
+            "liars": self.liars,
         }
 
 
 def _flagged(entry: dict[str, Any]) -> bool:
-    """Whether a /trust row shows the balancer has judged the backend bad: ejected,
-    failing health checks, or below the ejection threshold but held in rotation by the
-    floor (at most half the fleet out)."""
+    """Whether a /trust row shows the backend out of rotation: ejected, or failing health
+    checks. A backend held in rotation by the floor is not (see `_held`)."""
     health = entry.get("health")
     if isinstance(health, dict):  # /trust gives the health tracker's whole state
         health = health.get("state")
     return (
-        entry.get("held") is True
-        or str(entry.get("state", "")).lower() in FLAGGED_STATES
+        str(entry.get("state", "")).lower() in FLAGGED_STATES
         or str(health or "").lower() in FLAGGED_STATES
     )
+
+
+def _held(entry: dict[str, Any]) -> bool:
+    """Below the ejection threshold but kept in rotation by the floor."""
+    return entry.get("held") is True and not _flagged(entry)
 
 
 def reset_nodes(cluster: EmbeddedCluster, scenario: Scenario, timeout: float = 30.0) -> None:
@@ -148,125 +146,187 @@ def run_phase(
     seed: int = 0,
     on_tick: Callable[[float], None] | None = None,
     poll_s: float = 0.5,
+    client: str = BASIC,
 ) -> Phase:
-    """Run `scenario` under `policy` on a running cluster; returns what was measured."""
+    """Run `scenario` under `policy` on a running cluster, driven by the `client` mode;
+    returns what was measured."""
     reset_nodes(cluster, scenario)
     cluster.restart_balancer(policy)
     out_dir.mkdir(parents=True, exist_ok=True)
-    load_out = out_dir / f"load-{scenario.name}-{policy}.json"
-    load_log = out_dir / f"load-{scenario.name}-{policy}.log"
-    argv = twlb_argv(
-        "load",
-        "--url", cluster.balancer_url,
-        "--rate", repr(scenario.rate),
-        "--duration", repr(scenario.duration_s),
-        "--mode", "resilient",
-        "--seed", str(seed),
-        "--out", str(load_out),
-        "--quiet",
-    )  # fmt: skip
-    with open(load_log, "wb") as log:
-        load = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    t0 = time.monotonic()
-    phase = Phase(scenario.name, policy, load={})
-    truth_at_start = {n.url: n.truth for n in cluster.nodes}
+    phase = Phase(scenario.name, policy, load={}, client=client)
     onsets: dict[str, tuple[float, NodeClass, str]] = {
-        url: (0.0, cls, "from start")
-        for url, cls in truth_at_start.items()
-        if cls != NodeClass.HEALTHY
+        n.url: (0.0, n.truth, "from start") for n in cluster.nodes if n.truth != NodeClass.HEALTHY
     }
-    pending = sorted(scenario.events, key=lambda e: e.at_s)
-    client = httpx.Client(timeout=2.0)
-    try:
-        while load.poll() is None:
-            now = time.monotonic() - t0
-            while pending and pending[0].at_s <= now:
-                ev = pending.pop(0)
-                node = cluster.node(ev.node)
-                if ev.fault is None:
-                    cluster.kill_node(ev.node, hold_down_s=ev.hold_down_s)
-                else:
-                    cluster.set_fault(ev.node, ev.fault)
-                onsets[node.url] = (now, ev.onset_class, ev.label)
-                phase.events.append({"at_s": round(now, 3), "event": ev.label, "url": node.url})
-            cluster.supervise_once()
-            try:
-                trust = client.get(cluster.balancer_url + "/trust").json()
-                phase.timeline.append(
-                    {
-                        "t": round(now, 3),
-                        "backends": [
-                            {
-                                "url": b["url"],
-                                "weight": b.get("weight"),
-                                "state": b.get("state"),
-                                "health": b.get("health"),
-                                "flagged": _flagged(b),
-                                "truth": cluster.node(b["url"]).truth.value,
-                            }
-                            for b in trust.get("backends", [])
-                        ],
-                    }
-                )
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass  # the balancer may be briefly busy; the next poll catches up
-            if on_tick:
-                on_tick(now)
-            if now > scenario.duration_s + 60:
-                load.kill()
-                raise TimeoutError(f"load generator overran its {scenario.duration_s}s duration")
-            time.sleep(poll_s)
-    finally:
-        client.close()
-        if load.poll() is None:
-            load.kill()
-        load.wait(10)
-    if not load_out.exists():
-        raise RuntimeError(
-            f"`twlb load` wrote no report (status {load.returncode}): "
-            + load_log.read_text(errors="replace")[-1500:]
-        )
-    phase.load = json.loads(load_out.read_text())
+    schedule = ChaosSchedule(cluster, scenario.events)
+    poller = TrustPoller(cluster.balancer_url)
+    load_run = driven_load(
+        cluster.balancer_url, scenario.rate, scenario.duration_s, out_dir,
+        mode=client, seed=seed, name=f"load-{scenario.name}-{policy}-{client}",
+    )  # fmt: skip
+    with load_run as load:
+        t0 = time.monotonic()
+        try:
+            while load.running:
+                now = time.monotonic() - t0
+                for ev in schedule.apply_due(now):
+                    url = cluster.node(ev.node).url
+                    onsets[url] = (now, ev.onset_class, ev.label)
+                    phase.events.append({"at_s": round(now, 3), "event": ev.label, "url": url})
+                cluster.supervise_once()
+                trust = poller.fetch()  # None while the balancer is briefly busy
+                if trust is not None:
+                    phase.timeline.append({"t": round(now, 3), "backends": _rows(cluster, trust)})
+                if on_tick:
+                    on_tick(now)
+                if now > scenario.duration_s + 60:
+                    raise TimeoutError(
+                        f"load generator overran its {scenario.duration_s}s duration"
+                    )
+                time.sleep(poll_s)
+        finally:
+            poller.close()
+    phase.load = load.report()
     phase.detections = _detections(phase.timeline, onsets)
+    phase.liars = _liars(cluster, phase, onsets)
     return phase
+
+
+def _liars(
+    cluster: EmbeddedCluster, phase: Phase, onsets: dict[str, tuple[float, NodeClass, str]]
+) -> list[dict[str, Any]]:
+    """Per lying backend: wrong answers the client got from it over the phase, when it first
+    left rotation, and how often it came back. With no readmission every wrong answer came
+    before its ejection."""
+    by_node = phase.load.get("wrong_by_node", {})
+    out = []
+    for url, (_at, cls, label) in onsets.items():
+        if cls is not NodeClass.BYZANTINE:
+            continue
+        node = cluster.node(url)
+        out_times, readmitted, was_out = [], 0, False
+        for snap in phase.timeline:
+            row = next((b for b in snap["backends"] if b["url"] == url), None)
+            if row is None:
+                continue
+            if row["flagged"] and not was_out:
+                out_times.append(snap["t"])
+            elif was_out and not row["flagged"]:
+                readmitted += 1
+            was_out = row["flagged"]
+        out.append(
+            {
+                "url": url,
+                "fault": f"{node.fault.type.value} p={node.fault.probability:g} ({label})",
+                "wrong": int(by_node.get(node.name, 0)),
+                "out_at_s": out_times[0] if out_times else None,
+                "readmitted": readmitted,
+            }
+        )
+    return out
+
+
+def _rows(cluster: EmbeddedCluster, trust: dict[str, Any]) -> list[dict[str, Any]]:
+    """The timeline's view of each /trust row, with the node's ground truth."""
+    return [
+        {
+            "url": b["url"],
+            "weight": b.get("weight"),
+            "state": b.get("state"),
+            "health": b.get("health"),
+            "flagged": _flagged(b),
+            "held": _held(b),
+            "truth": cluster.node(b["url"]).truth.value,
+        }
+        for b in trust.get("backends", [])
+        if isinstance(b, dict) and "url" in b
+    ]
 
 
 def _detections(
     timeline: list[dict[str, Any]], onsets: dict[str, tuple[float, NodeClass, str]]
 ) -> list[dict[str, Any]]:
-    """For each fault onset, seconds until the balancer first flagged that backend."""
+    """For each fault onset, seconds until the balancer first took that backend out of
+    rotation (`detect_s`), and until the floor first held it (`held_s`)."""
     out = []
     for url, (at, cls, label) in onsets.items():
-        detect = None
+        detect = held = None
         for snap in timeline:
             if snap["t"] < at:
                 continue
-            if any(b["url"] == url and b["flagged"] for b in snap["backends"]):
+            row = next((b for b in snap["backends"] if b["url"] == url), None)
+            if row is None:
+                continue
+            if held is None and row.get("held"):
+                held = round(snap["t"] - at, 2)
+            if row["flagged"]:
                 detect = round(snap["t"] - at, 2)
                 break
-        out.append({"url": url, "class": cls.value, "onset": label, "at_s": at, "detect_s": detect})
+        out.append(
+            {"url": url, "class": cls.value, "onset": label, "at_s": at, "detect_s": detect,
+             "held_s": held}
+        )  # fmt: skip
     return out
 
 
-def standard_cluster(name: str = "demo", seed: int = 7, backends: int = 6) -> TrustCluster:
+def standard_cluster(
+    name: str = "demo", seed: int = 7, backends: int = 6, audit_fraction: float | None = None
+) -> TrustCluster:
     """Six nodes: one delay, one error, one byzantine, the rest benign, placed by seed."""
+    spec: dict[str, Any] = {
+        "backends": backends,
+        "seed": seed,
+        "policy": "trust",
+        "faultMix": [
+            {"type": "delay", "count": 1},
+            {"type": "error", "count": 1, "probability": 0.5},
+            {"type": "byzantine", "count": 1},
+        ],
+    }
+    if audit_fraction is not None:
+        spec["balancer"] = {"auditFraction": audit_fraction}
     return TrustCluster.model_validate(
-        {
-            "apiVersion": "twlb.dev/v1alpha1",
-            "kind": "TrustCluster",
-            "metadata": {"name": name},
-            "spec": {
-                "backends": backends,
-                "seed": seed,
-                "policy": "trust",
-                "faultMix": [
-                    {"type": "delay", "count": 1},
-                    {"type": "error", "count": 1, "probability": 0.5},
-                    {"type": "byzantine", "count": 1},
-                ],
-            },
-        }
-    )
+        {"apiVersion": "twlb.dev/v1alpha1", "kind": "TrustCluster", "metadata": {"name": name},
+         "spec": spec}
+    )  # fmt: skip
+
+
+def liar_cluster(
+    name: str,
+    seed: int,
+    nodes: list[dict[str, Any]],
+    backends: int = 8,
+    audit_fraction: float | None = None,
+) -> TrustCluster:
+    """`backends` nodes with the given faults pinned on the first indices, the rest benign."""
+    spec: dict[str, Any] = {
+        "backends": backends,
+        "seed": seed,
+        "policy": "trust",
+        "nodes": [{"index": i, "fault": f} for i, f in enumerate(nodes)],
+    }
+    if audit_fraction is not None:
+        spec["balancer"] = {"auditFraction": audit_fraction}
+    return TrustCluster.model_validate(
+        {"apiVersion": "twlb.dev/v1alpha1", "kind": "TrustCluster", "metadata": {"name": name},
+         "spec": spec}
+    )  # fmt: skip
+
+
+#: The eight backends of issue 12's user trial: a delay node, an error node at 0.5, a
+#: byzantine node at 1.0, one that lies on 30% of its answers, a lie-latency node and three
+#: benign ones (one of which turns byzantine part-way: `trial_events`).
+TRIAL_NODES: list[dict[str, Any]] = [
+    {"type": "delay"},
+    {"type": "error", "probability": 0.5},
+    {"type": "byzantine", "probability": 1.0},
+    {"type": "byzantine", "probability": 0.3},
+    {"type": "lie-latency", "delayMs": 300},
+]
+
+
+def trial_events(at_s: float = 12.0) -> tuple[ChaosEvent, ...]:
+    """The user trial's onset: benign node 5 turns byzantine at `at_s`."""
+    return (ChaosEvent(at_s=at_s, node=5, fault=FaultSpec(type="byzantine")),)
 
 
 def onset_events(cluster: TrustCluster, duration_s: float) -> tuple[ChaosEvent, ...]:
@@ -289,15 +349,33 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
 
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
     head = (
-        "| scenario | policy | correct % | wrong % | failed % | p50 ms | p95 ms | p99 ms "
-        "| detected | slowest detection s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| scenario | policy | client | correct % | wrong % | failed % | p50 ms | p95 ms "
+        "| p99 ms | detected | held | slowest detection s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = [
-        f"| {s['scenario']} | {s['policy']} | {_fmt(s['correct_pct'], '.2f')} "
-        f"| {_fmt(s['wrong_pct'], '.2f')} | {_fmt(s['failed_pct'], '.2f')} | {_fmt(s['p50_ms'])} "
-        f"| {_fmt(s['p95_ms'])} | {_fmt(s['p99_ms'])} | {s['detected']}/{s['faults']} "
+        f"| {s['scenario']} | {s['policy']} | {s.get('client', BASIC)} "
+        f"| {_fmt(s['correct_pct'], '.2f')} | {_fmt(s['wrong_pct'], '.2f')} "
+        f"| {_fmt(s['failed_pct'], '.2f')} | {_fmt(s['p50_ms'])} | {_fmt(s['p95_ms'])} "
+        f"| {_fmt(s['p99_ms'])} | {s['detected']}/{s['faults']} | {s.get('held', 0)} "
         f"| {_fmt(s['max_detect_s'])} |"
         for s in summaries
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+def liars_table(summaries: list[dict[str, Any]]) -> str:
+    """Per lying backend: wrong answers the client got from it, and when it left rotation."""
+    head = (
+        "| scenario | policy | client | liar | wrong answers delivered | out of rotation at s "
+        "| readmitted |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = [
+        f"| {s['scenario']} | {s['policy']} | {s.get('client', BASIC)} "
+        f"| {liar['url'].rsplit(':', 1)[-1]} {liar['fault']} | {liar['wrong']} "
+        f"| {_fmt(liar['out_at_s'])} | {liar['readmitted']} |"
+        for s in summaries
+        for liar in s.get("liars", [])
     ]
     return head + "\n".join(rows) + "\n"
 
@@ -306,14 +384,16 @@ def rich_table(summaries: list[dict[str, Any]], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("scenario", "policy", "correct %", "wrong %", "failed %", "p50", "p95", "p99",
-                "detected", "max detect s"):  # fmt: skip
-        t.add_column(col, justify="right" if col not in ("scenario", "policy") else "left")
+    for col in ("scenario", "policy", "client", "correct %", "wrong %", "failed %", "p50",
+                "p95", "p99", "detected", "held", "max detect s"):  # fmt: skip
+        left = col in ("scenario", "policy", "client")
+        t.add_column(col, justify="left" if left else "right")
     for s in summaries:
         t.add_row(
-            s["scenario"], s["policy"], _fmt(s["correct_pct"], ".2f"), _fmt(s["wrong_pct"], ".2f"),
-            _fmt(s["failed_pct"], ".2f"), _fmt(s["p50_ms"]), _fmt(s["p95_ms"]), _fmt(s["p99_ms"]),
-            f"{s['detected']}/{s['faults']}", _fmt(s["max_detect_s"]),
+            s["scenario"], s["policy"], s.get("client", BASIC), _fmt(s["correct_pct"], ".2f"),
+            _fmt(s["wrong_pct"], ".2f"), _fmt(s["failed_pct"], ".2f"), _fmt(s["p50_ms"]),
+            _fmt(s["p95_ms"]), _fmt(s["p99_ms"]), f"{s['detected']}/{s['faults']}",
+            str(s.get("held", 0)), _fmt(s["max_detect_s"]),
         )  # fmt: skip
     return t
 
@@ -355,6 +435,8 @@ def plot_policies(summaries: list[dict[str, Any]], path: Path, title: str) -> No
 
     names = [f"{s['policy']}\n{s['scenario']}" if len({x['scenario'] for x in summaries}) > 1
              else s["policy"] for s in summaries]  # fmt: skip
+    names = [n if s.get("client", BASIC) == BASIC else f"{n}\n({s['client']})"
+             for n, s in zip(names, summaries, strict=True)]  # fmt: skip
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(9, len(names) * 1.1), 4.5))
     x = range(len(names))
     wrong = [s["wrong_pct"] for s in summaries]
@@ -393,8 +475,10 @@ def write_reports(
     )
     plot_policies(summaries, out / f"{name}-policies.png", title)
     for p in phases:
-        if p.policy == "trust":
+        if p.policy == "trust" and p.client == BASIC:
             plot_weights(p, out / f"{name}-trust-weights-{p.scenario}.png")
+    basic = [s for s in summaries if s.get("client", BASIC) == BASIC]
+    resilient = [s for s in summaries if s.get("client", BASIC) != BASIC]
     md = [
         f"# {title}\n",
         "",
@@ -402,14 +486,27 @@ def write_reports(
         json.dumps(meta, indent=1),
         "```",
         "",
-        markdown_table(summaries),
+        "## What the balancer delivers (basic client: cannot verify, never retries)\n",
+        markdown_table(basic),
+        "\n## Wrong answers each liar delivered (basic client)\n",
+        "With no readmission in the phase, every one of them came before the liar left rotation.\n",
+        liars_table(basic),
     ]
-    md.append("\nDetections (seconds from fault onset to the balancer flagging the node):\n")
+    if resilient:
+        md += [
+            "\n## End to end (resilient client: verifies every digest, retries wrong answers)\n",
+            markdown_table(resilient),
+        ]
+    md.append(
+        "\nDetections (seconds from fault onset to the node leaving rotation; held: kept in "
+        "rotation by the floor, not detected):\n"
+    )
     for s in summaries:
         for d in s["detections"]:
             md.append(
-                f"- {s['scenario']} / {s['policy']}: {d['class']} ({d['onset']}, at "
-                f"{d['at_s']:.1f}s) on {d['url']}: {_fmt(d['detect_s'])}"
+                f"- {s['scenario']} / {s['policy']} / {s.get('client', BASIC)}: {d['class']} "
+                f"({d['onset']}, at {d['at_s']:.1f}s) on {d['url']}: {_fmt(d['detect_s'])}"
+                + (f" (held after {_fmt(d['held_s'])})" if d.get("held_s") is not None else "")
             )
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     return summaries

@@ -16,7 +16,3 @@ class Outcome(StrEnum):
     @property
     def is_failure(self) -> bool:
         return self is not Outcome.SUCCESS
-
-    @classmethod
-    def from_status(cls, status: int) -> Outcome:
-        return cls.ERROR if status >= 500 else cls.SUCCESS

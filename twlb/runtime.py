@@ -27,7 +27,18 @@ from typing import Any
 import click
 import httpx
 
+from twlb.balancer.settings import HEURISTIC_MODEL
+from twlb.balancer.settings import resolve_model as resolve_balancer_model
+from twlb.options import FiniteFloat
 from twlb.procs import ManagedProcess, pid_alive, port_in_use, twlb_argv
+from twlb.prometheus import LocalPrometheus
+from twlb.scaling import (
+    FailureMode,
+    HeartbeatSettings,
+    ReplicaSet,
+    failure_options,
+    serve_control,
+)
 from twlb.spec import (
     FaultSpec,
     NodeAssignment,
@@ -35,6 +46,7 @@ from twlb.spec import (
     SpecError,
     TrustCluster,
     assign_faults,
+    balancer_args,
     load_trustcluster,
 )
 
@@ -43,6 +55,9 @@ log = logging.getLogger("twlb.runtime")
 DEFAULT_STATE_DIR = ".twlb"
 STATE_FILE = "state.json"
 TRUTH_FILE = "truth.json"
+#: What chaos actions did to the cluster, one JSON object a line (twlb.chaos writes it,
+#: the dashboard shows it).
+CHAOS_FILE = "chaos.jsonl"
 
 #: Restart back-off as a kubelet does it, scaled for a laptop: doubling, capped, reset
 #: after a node has run cleanly for RESTART_RESET_S.
@@ -133,9 +148,18 @@ class EmbeddedCluster:
     model: Path | None = None  # ONNX trust model for the balancer; None: heuristic scorer
     control_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    #: "restart": a dead node is restarted in place; "replace": a node failing
+    #: `failure_threshold` heartbeats in a row is removed and a fresh replica takes its place.
+    failure_mode: FailureMode = FailureMode.RESTART
+    heartbeat: HeartbeatSettings = field(default_factory=lambda: HeartbeatSettings())
+    runtime_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    replacements: list[dict[str, Any]] = field(default_factory=list, init=False)
+    control_url: str | None = field(default=None, init=False)
+    _replicas: ReplicaSet | None = field(default=None, init=False)
+    dashboard_url: str | None = None  # the live page, when one serves this cluster
     nodes: list[NodeProcess] = field(default_factory=list, init=False)
     balancer: ManagedProcess | None = field(default=None, init=False)
-    prometheus_proc: ManagedProcess | None = field(default=None, init=False)
+    prometheus_server: LocalPrometheus | None = field(default=None, init=False)
     balancer_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
@@ -160,7 +184,11 @@ class EmbeddedCluster:
 
     @property
     def prometheus_url(self) -> str | None:
-        return f"http://127.0.0.1:{self.prometheus_port}" if self.prometheus_proc else None
+        return self.prometheus_server.url if self.prometheus_server else None
+
+    @property
+    def prometheus_proc(self) -> ManagedProcess | None:
+        return self.prometheus_server.process if self.prometheus_server else None
 
     def _want_prometheus(self) -> bool:
         if self.prometheus is None:
@@ -219,13 +247,30 @@ class EmbeddedCluster:
             "--seed", str(node.assignment.seed),
             "--control-token", self.control_token,
             *node.fault.to_args(),
+            *self._gossip_args(node),
         )  # fmt: skip
         node.proc = ManagedProcess(argv, log_path=self._log(node.name)).start()
         node.restart.started(time.monotonic())
 
+    # ---- gossip -------------------------------------------------------------------------
+    def _gossip_args(self, node: NodeProcess) -> list[str]:
+        """The spec's gossip section for one node: on loopback each node's UDP port is its
+        HTTP port's number, and every node is a seed (the spec's port is for clusters)."""
+        gossip = self.cluster.spec.gossip
+        if not gossip.enabled:
+            return ["--no-gossip"]
+        seeds = [
+            f"127.0.0.1:{self.port_base + 2 + a.index}"
+            for a in assign_faults(self.cluster.spec, self.name)
+        ]
+        return [
+            *gossip.to_args(exclude={"port"}),
+            "--gossip-port", str(node.port),
+            *(arg for seed in seeds for arg in ("--gossip-seeds", seed)),
+        ]  # fmt: skip
+
     def _start_balancer(self) -> None:
         spec = self.cluster.spec
-        b = spec.balancer
         policy = self.policy or spec.policy.value
         argv = twlb_argv(
             "balancer",
@@ -233,17 +278,13 @@ class EmbeddedCluster:
             "--port", str(self.balancer_port),
             "--policy", policy,
             "--admin-token", self.admin_token,
-            "--audit-fraction", repr(b.audit_fraction),
-            "--window", repr(b.window_s),
-            "--health-interval", repr(b.health_interval_s),
-            "--retry-budget", repr(b.retry_budget),
+            *balancer_args(spec.balancer),
             "--seed", str(spec.seed),
             *(arg for n in self.nodes for arg in ("--backend", n.url)),
         )  # fmt: skip
         if policy == "oracle":
             argv += ["--oracle-truth", str(self.state_dir / TRUTH_FILE)]
-        if self.model is not None:
-            argv += ["--model", str(self.model)]
+        argv += ["--model", HEURISTIC_MODEL if self.model is None else str(self.model)]
         argv += list(self.balancer_args)
         self.balancer = ManagedProcess(argv, log_path=self._log("balancer")).start()
         self.balancer_restart.started(time.monotonic())
@@ -262,25 +303,13 @@ class EmbeddedCluster:
             self._write_state()
 
     def _start_prometheus(self) -> None:
-        cfg = self.state_dir / "prometheus.yml"
-        targets = [f"127.0.0.1:{self.balancer_port}"] + [f"127.0.0.1:{n.port}" for n in self.nodes]
-        cfg.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            f"  - job_name: twlb-balancer\n    static_configs:\n      - targets: ['{targets[0]}']\n"
-            "  - job_name: twlb-nodes\n    static_configs:\n"
-            f"      - targets: [{', '.join(repr(t) for t in targets[1:])}]\n"
-        )
-        data = self.state_dir / "prometheus-data"
-        argv = [
-            shutil.which("prometheus") or "prometheus",
-            f"--config.file={cfg}",
-            f"--storage.tsdb.path={data}",
-            f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
-            "--storage.tsdb.retention.time=1d",
-        ]
-        self.prometheus_proc = ManagedProcess(argv, log_path=self._log("prometheus")).start()
-        self.prometheus_proc.wait_ready(f"{self.prometheus_url}/-/ready", timeout=30.0)
+        self.prometheus_server = LocalPrometheus(
+            [self.balancer_url],
+            scrape_interval_s=1.0,
+            workdir=self.state_dir / "prometheus",
+            port=self.prometheus_port,
+            nodes=[n.url for n in self.nodes],
+        ).start()
 
     def stop(self) -> None:
         """Stop the supervisor, then the balancer, Prometheus and every node, by pid."""
@@ -307,9 +336,12 @@ class EmbeddedCluster:
         with self._lock:
             if self._stop.is_set():
                 return events
-            for node in self.nodes:
-                start = functools.partial(self._start_node, node)
-                events += self._supervise(node.name, node.proc, node.restart, now, start)
+            if self.failure_mode is FailureMode.REPLACE:
+                events += self.replicas.heartbeat_round(now)
+            else:
+                for node in self.nodes:
+                    start = functools.partial(self._start_node, node)
+                    events += self._supervise(node.name, node.proc, node.restart, now, start)
             if self.balancer is not None:
                 events += self._supervise(
                     "balancer", self.balancer, self.balancer_restart, now, self._start_balancer
@@ -423,6 +455,7 @@ class EmbeddedCluster:
                 "url": self.prometheus_url,
                 "pid": self.prometheus_proc.pid if self.prometheus_proc else None,
             },
+            "dashboard": {"url": self.dashboard_url},
             "nodes": [
                 {
                     "name": n.name,
@@ -441,9 +474,29 @@ class EmbeddedCluster:
 
     def _write_state(self, stopped: bool = False) -> None:
         if self.state_dir.exists():
-            state = self.snapshot(stopped)
-            state["tokens"] = {"control": self.control_token, "admin": self.admin_token}
+            state = self.snapshot(stopped) | self.scaling_snapshot()
+            state["tokens"] = {
+                "control": self.control_token,
+                "admin": self.admin_token,
+                "runtime": self.runtime_token,
+            }
             _atomic_write(self.state_dir / STATE_FILE, state, mode=0o600)
+
+    # ---- scaling and replacement (twlb.scaling) -----------------------------------------
+    @property
+    def replicas(self) -> ReplicaSet:
+        """Adds, removes and replaces backend replicas at run time."""
+        if self._replicas is None:
+            self._replicas = ReplicaSet(self)
+        return self._replicas
+
+    def scaling_snapshot(self) -> dict[str, Any]:
+        """What `twlb status` and `twlb replicas` read about scaling and replacement."""
+        return {
+            "control": {"url": self.control_url},
+            "failure_mode": self.failure_mode.value,
+            "replacements": {"count": len(self.replacements), "log": self.replacements[-20:]},
+        }
 
 
 def _atomic_write(path: Path, data: Any, mode: int = 0o644) -> None:
@@ -496,24 +549,36 @@ def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
 # ---- commands ---------------------------------------------------------------------------
 
 
-def shipped_model() -> Path | None:
-    """The trust model that ships in ml/models/, if this build has one."""
-    from importlib.resources import files
-
-    path = Path(str(files("twlb.ml") / "models" / "trust-svm.onnx"))
-    return path if path.is_file() else None
+#: The `--model` option of every command that starts a balancer (`twlb up`, `demo`, `bench`);
+#: its value goes through `resolve_model`.
+model_option = click.option(
+    "--model",
+    "model_choice",
+    default="shipped",
+    help="Trust model: 'shipped' (ml/models/trust-svm.onnx when present), "
+    "'heuristic', or an ONNX file.",
+)
 
 
 def resolve_model(choice: str) -> Path | None:
     """`--model` value: 'shipped' (the default model when present), 'heuristic', or a path."""
-    if choice == "shipped":
-        return shipped_model()
-    if choice == "heuristic":
-        return None
-    path = Path(choice)
-    if not path.is_file():
-        raise click.BadParameter(f"{choice}: no such model file", param_hint="--model")
-    return path
+    try:
+        return resolve_balancer_model(choice)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--model") from None
+
+
+def start_dashboard(cluster: EmbeddedCluster, port: int = 0) -> Any:
+    """Serve the live dashboard of a started cluster on loopback; the caller stops it."""
+    from twlb.dashboard.server import DashboardServer, StateDirSource
+
+    try:
+        page = DashboardServer(StateDirSource(cluster.state_dir), port=port)
+    except OSError as err:
+        raise ClusterError(f"cannot serve the dashboard on port {port}: {err}") from None
+    cluster.dashboard_url = page.start()
+    cluster._write_state()
+    return page
 
 
 def _load_or_exit(path: str) -> TrustCluster:
@@ -548,22 +613,26 @@ def _load_or_exit(path: str) -> TrustCluster:
     "--prometheus/--no-prometheus", default=None, help="Start Prometheus (default: when installed)."
 )
 @click.option("--policy", default=None, help="Override the spec's balancer policy.")
+@model_option
 @click.option(
-    "--model",
-    "model_choice",
-    default="shipped",
-    help="Trust model: 'shipped' (ml/models/trust-svm.onnx when present), "
-    "'heuristic', or an ONNX file.",
+    "--dashboard-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Port of the live dashboard page (default: the balancer's port - 1, or any free "
+    "port when that one is taken; 0: any free).",
 )
+@click.option("--dashboard/--no-dashboard", default=True, help="Serve the live dashboard page.")
 @click.option(
     "--duration",
     default=0.0,
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Stop by itself after this many seconds (0: run until Ctrl-C/SIGTERM).",
 )
+@failure_options
 def up_command(
     file: str, port_base: int, state_dir: str, prometheus: bool | None,
-    policy: str | None, model_choice: str, duration: float,
+    policy: str | None, model_choice: str, dashboard_port: int | None, dashboard: bool,
+    duration: float, failure_mode: FailureMode, heartbeat: HeartbeatSettings,
 ) -> None:  # fmt: skip
     """Run a TrustCluster as local processes until Ctrl-C or SIGTERM."""
     from rich.console import Console
@@ -579,8 +648,15 @@ def up_command(
             raise click.BadParameter(f"unknown policy {policy!r}", param_hint="--policy")
     cluster = EmbeddedCluster(
         tc, port_base=port_base, state_dir=Path(state_dir), prometheus=prometheus, policy=policy,
-        model=resolve_model(model_choice),
+        model=resolve_model(model_choice), failure_mode=failure_mode, heartbeat=heartbeat,
     )  # fmt: skip
+    if dashboard_port is None:
+        # The default sits below the balancer's port; when something else has it, any
+        # free port will do (the address is printed and in `twlb status`).
+        dashboard_port = 0 if port_in_use(port_base - 1) else port_base - 1
+    elif dashboard and dashboard_port and port_in_use(dashboard_port):
+        raise ClusterError(f"dashboard port {dashboard_port} is in use; pick --dashboard-port")
+    page = None
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -588,8 +664,12 @@ def up_command(
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console()
+    control = None
     try:
         cluster.start()
+        control = serve_control(cluster)
+        if dashboard:
+            page = start_dashboard(cluster, dashboard_port)
         table = Table(title=f"TrustCluster {cluster.name}")
         for col in ("role", "url", "fault", "truth"):
             table.add_column(col)
@@ -599,8 +679,13 @@ def up_command(
         for n in cluster.nodes:
             table.add_row(n.name, n.url, n.fault.type.value, n.truth.value)
         console.print(table)
+        if cluster.dashboard_url:
+            console.print(f"dashboard: {cluster.dashboard_url}  (live page, read-only)")
         console.print(
             f"state: {cluster.state_dir / STATE_FILE}  (twlb status --state-dir {state_dir})"
+        )
+        console.print(
+            f"replicas: {cluster.control_url}  (twlb replicas ls --state-dir {state_dir})"
         )
         deadline = time.monotonic() + duration if duration else None
         while not stopping.wait(0.2):
@@ -608,6 +693,10 @@ def up_command(
             if deadline and time.monotonic() >= deadline:
                 break
     finally:
+        if control is not None:
+            control.shutdown()
+        if page is not None:
+            page.stop()
         cluster.stop()
         for s, h in old.items():
             signal.signal(s, h)

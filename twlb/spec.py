@@ -7,14 +7,20 @@ YAML and in the CRD (aliases) and snake_case in Python.
 
 from __future__ import annotations
 
+import copy
 import random
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.alias_generators import to_camel
+
+from twlb.balancer.settings import BalancerSettings
+from twlb.options import Flag, to_args, to_env
+from twlb.vocabulary import PolicyName, Probability
 
 API_GROUP = "twlb.dev"
 API_VERSION = "v1alpha1"
@@ -23,13 +29,14 @@ PLURAL = "trustclusters"
 
 
 class FaultType(StrEnum):
-    """What a backend does wrong (DESIGN.md's fault model)."""
+    """What a backend does wrong (docs/DESIGN.md, "Faults")."""
 
     BENIGN = "benign"
     DELAY = "delay"
     CRASH = "crash"
     ERROR = "error"
     BYZANTINE = "byzantine"
+    COLLUDING = "colluding"  # byzantine, agreeing on the same wrong answer with its group
     LIE_LATENCY = "lie-latency"
     FLAPPING = "flapping"
 
@@ -51,23 +58,10 @@ FAULT_CLASS: dict[FaultType, NodeClass] = {
     FaultType.CRASH: NodeClass.CRASH,
     FaultType.ERROR: NodeClass.ERROR,
     FaultType.BYZANTINE: NodeClass.BYZANTINE,
+    FaultType.COLLUDING: NodeClass.BYZANTINE,
     FaultType.LIE_LATENCY: NodeClass.DELAY,
     FaultType.FLAPPING: NodeClass.ERROR,
 }
-
-
-class PolicyName(StrEnum):
-    """Routing policies the balancer offers (`--policy`)."""
-
-    ROUND_ROBIN = "round-robin"
-    RANDOM = "random"
-    LEAST_CONNECTIONS = "least-connections"
-    WEIGHTED_ROUND_ROBIN = "weighted-round-robin"
-    CONSISTENT_HASH = "consistent-hash"
-    P2C_EWMA = "p2c-ewma"
-    OUTLIER_EJECTION = "outlier-ejection"
-    TRUST = "trust"
-    ORACLE = "oracle"
 
 
 class _Model(BaseModel):
@@ -79,28 +73,46 @@ class _Model(BaseModel):
     )
 
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+#: Shortest flapping period: a shorter one is no period anyone could observe (and one of
+#: 5e-324 s overflows the period count).
+FLAP_PERIOD_MIN_S = 0.01
 
 
 class FaultSpec(_Model):
-    """One fault and its parameters; the backend reads the same fields as flags/env."""
+    """One fault and its parameters; `twlb backend`'s fault flags are generated from it."""
 
-    type: FaultType = Field(FaultType.BENIGN, description="Fault type.")
-    probability: Probability = Field(1.0, description="Chance per request that the fault acts.")
+    type: Annotated[FaultType, Flag("--fault-type", param="fault_type")] = Field(
+        FaultType.BENIGN, description="The active fault."
+    )
+    probability: Annotated[Probability, Flag("--fault-probability", param="fault_probability")] = (
+        Field(1.0, description="Chance per request that the fault acts (0..1).")
+    )
     delay_ms: int = Field(
         5000,
         ge=0,
         le=600_000,
-        description="Extra latency for delay (default far above timeouts) and lie-latency.",
+        description="Extra latency of delay (default far above timeouts) and lie-latency "
+        "faults, milliseconds.",
     )
     error_status: int = Field(
-        500, ge=500, le=599, description="HTTP status an error fault answers."
+        500, ge=500, le=599, description="HTTP status (5xx) an error fault answers."
     )
     period_s: float = Field(
-        10.0, gt=0.0, le=3600.0, description="Length of each healthy and faulty period (flapping)."
+        10.0,
+        ge=FLAP_PERIOD_MIN_S,
+        le=3600.0,
+        description="Length of each healthy and faulty period of a flapping node, seconds.",
     )
     flap_type: FaultType = Field(
-        FaultType.ERROR, description="The fault active during a flapping node's faulty periods."
+        FaultType.ERROR, description="The fault acting in a flapping node's faulty periods."
+    )
+    collusion_group: str = Field(
+        "colluders",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Colluding faults: nodes of one group give the same wrong answer for the "
+        "same key (and lie on the same keys).",
     )
 
     @model_validator(mode="after")
@@ -118,31 +130,15 @@ class FaultSpec(_Model):
 
     def to_env(self, prefix: str = "TWLB_BACKEND_") -> dict[str, str]:
         """Environment variables `twlb backend` reads for this fault (click auto_envvar)."""
-        return {
-            f"{prefix}FAULT_TYPE": self.type.value,
-            f"{prefix}FAULT_PROBABILITY": repr(self.probability),
-            f"{prefix}DELAY_MS": str(self.delay_ms),
-            f"{prefix}ERROR_STATUS": str(self.error_status),
-            f"{prefix}PERIOD_S": repr(self.period_s),
-            f"{prefix}FLAP_TYPE": self.flap_type.value,
-        }
+        return to_env(self, prefix, exclude=self._not_a_fault())
 
     def to_args(self) -> list[str]:
         """Command-line flags for `twlb backend` carrying this fault."""
-        return [
-            "--fault-type",
-            self.type.value,
-            "--fault-probability",
-            repr(self.probability),
-            "--delay-ms",
-            str(self.delay_ms),
-            "--error-status",
-            str(self.error_status),
-            "--period-s",
-            repr(self.period_s),
-            "--flap-type",
-            self.flap_type.value,
-        ]
+        return to_args(self, exclude=self._not_a_fault())
+
+    def _not_a_fault(self) -> set[str]:
+        """Fields a subclass adds (e.g. a mix entry's count) that no backend flag carries."""
+        return set(type(self).model_fields) - set(FaultSpec.model_fields)
 
 
 class FaultMixEntry(FaultSpec):
@@ -161,20 +157,96 @@ class NodeOverride(_Model):
     )
 
 
-class BalancerSpec(_Model):
-    """Settings of the cluster's balancer."""
+#: The balancer settings a TrustCluster may set. Each is declared once, in BalancerSettings
+#: (services/balancer/settings.py); the spec takes its type, default, bounds and description,
+#: under its camelCase name (`windowS`). To expose another setting, add its name here.
+BALANCER_SPEC_FIELDS: tuple[str, ...] = (
+    "audit_fraction",
+    "suspect_audit_fraction",
+    "liar_backoff_s",
+    "window_s",
+    "health_interval_s",
+    "retry_budget",
+    "hash_algorithm",
+    "vnodes",
+    "balance_factor",
+    "gossip_poll_s",
+)
 
-    audit_fraction: Probability = Field(0.05, description="Share of requests cross-checked.")
-    window_s: float = Field(5.0, gt=0.0, le=300.0, description="Feature window length, seconds.")
-    health_interval_s: float = Field(
-        1.0, gt=0.0, le=60.0, description="Active health-check interval."
+BalancerSpec = create_model(
+    "BalancerSpec",
+    __base__=_Model,
+    __doc__="Settings of the cluster's balancer.",
+    **{
+        name: (field.annotation, copy.copy(field))
+        for name, field in BalancerSettings.model_fields.items()
+        if name in BALANCER_SPEC_FIELDS
+    },
+    model_config_map=(
+        str | None,
+        Field(None, description="ConfigMap holding the ONNX trust model (cluster only)."),
+    ),
+)
+
+
+def balancer_args(balancer: BaseModel) -> list[str]:
+    """`twlb balancer` flags carrying a spec's balancer settings (cluster-only ones left out)."""
+    return to_args(balancer, exclude={"model_config_map"})
+
+
+GossipProtocol = Literal["swim", "random", "round-robin", "binary-round-robin", "sequence-check"]
+
+
+class GossipSpec(_Model):
+    """Gossip failure detection among the backends (twlb.gossip). On by default: SWIM
+    costs each node about three small UDP datagrams a second whatever N is, and the
+    balancer acts on it only when every live member agrees that a node is dead, so a
+    wrong verdict needs the whole cluster to be wrong. `twlb backend`'s --gossip-* flags
+    are generated from these fields."""
+
+    enabled: Annotated[bool, Flag("--gossip", param="gossip")] = Field(
+        True, description="Run gossip failure detection among the backends."
     )
-    retry_budget: Probability = Field(
-        0.2, description="Retries allowed as a ratio of live traffic."
+    protocol: Annotated[GossipProtocol, Flag("--gossip-protocol", param="gossip_protocol")] = Field(
+        "swim", description="The gossip protocol."
     )
-    model_config_map: str | None = Field(
-        None, description="ConfigMap holding the ONNX trust model (cluster only)."
+    interval_s: Annotated[float | None, Flag("--gossip-interval", param="gossip_interval")] = Field(
+        None,
+        ge=0.01,
+        le=60,
+        description="Probe interval (swim; default 1 s) or gossip round (the others; 0.5 s).",
     )
+    probe_timeout_s: Annotated[
+        float | None, Flag("--gossip-probe-timeout", param="gossip_probe_timeout")
+    ] = Field(None, ge=0.005, le=60, description="swim: wait for a direct ack (default 0.5 s).")
+    suspicion_mult: Annotated[
+        int, Flag("--gossip-suspicion-mult", param="gossip_suspicion_mult")
+    ] = Field(
+        4,
+        ge=1,
+        le=100,
+        description="swim: memberlist's SuspicionMult; a lone accuser waits 6x this, in probe intervals x log10 N (a suspicion two others confirmed, 2).",
+    )
+    dissemination_interval_s: Annotated[
+        float | None, Flag("--gossip-dissemination-interval", param="gossip_dissemination_interval")
+    ] = Field(None, ge=0.005, le=60, description="swim: gossip to 3 members this often (0.2 s).")
+    fail_mult: Annotated[float, Flag("--gossip-fail-mult", param="gossip_fail_mult")] = Field(
+        3.0, ge=0.5, le=100, description="Heartbeat protocols: T_fail in dissemination rounds."
+    )
+    port: Annotated[int | None, Flag("--gossip-port", param="gossip_port")] = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="UDP port (default: the HTTP port's number locally, 7946 in a cluster).",
+    )
+
+    def to_args(self, exclude: Iterable[str] = ()) -> list[str]:
+        """The `twlb backend` flags carrying this section."""
+        return to_args(self, exclude=exclude)
+
+    def to_env(self, prefix: str, exclude: Iterable[str] = ()) -> dict[str, str]:
+        """The same as `twlb backend`'s environment variables."""
+        return to_env(self, prefix, exclude=exclude)
 
 
 class TrustClusterSpec(_Model):
@@ -194,6 +266,7 @@ class TrustClusterSpec(_Model):
         description="Faults pinned on given node indices (win over the mix).",
     )
     balancer: BalancerSpec = Field(default_factory=BalancerSpec)
+    gossip: GossipSpec = Field(default_factory=GossipSpec)
     image: str = Field("twlb:0.1.0", min_length=1, description="Container image (cluster only).")
 
     @model_validator(mode="after")
@@ -302,9 +375,11 @@ def load_trustcluster(path: str | Path) -> TrustCluster:
     """Read and validate the first TrustCluster in a YAML file."""
     p = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+        docs = [d for d in yaml.safe_load_all(p.read_text(encoding="utf-8")) if d is not None]
     except OSError as err:
         raise SpecError(f"{p}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML: {err}") from None
     for d in docs:

@@ -1,4 +1,4 @@
-"""The work contract (DESIGN.md): an iterated SHA-256 digest of a key.
+"""The work contract (docs/DESIGN.md): an iterated SHA-256 digest of a key.
 
 Backends compute it, the client recomputes it to verify every answer; the balancer
 never does (a real balancer cannot verify real work).

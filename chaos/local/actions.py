@@ -45,13 +45,14 @@ def kill_node(node: str, state_dir: str | None = None) -> dict[str, Any]:
     if n.pid is None or not pid_alive(n.pid) or not _is_node_process(n.pid, n):
         raise ActivityFailed(f"node {n.name} is not running (pid {n.pid}); nothing to kill")
     _sigkill(n.pid)
-    return {
+    done = {
         "node": n.name,
         "url": n.url,
         "pid": n.pid,
         "chaos_class": NodeClass.CRASH.value,
         "at": time.time(),
     }
+    return cluster.record("kill_node", done)
 
 
 def wait_node_recovered(
@@ -118,7 +119,7 @@ def set_fault(node: str, fault: dict[str, Any], state_dir: str | None = None) ->
         out["restored"] = True
     else:
         out["chaos_class"] = spec.node_class.value
-    return out
+    return cluster.record("set_fault", out)
 
 
 def restore_fault(node: str, state_dir: str | None = None) -> dict[str, Any]:
@@ -126,13 +127,14 @@ def restore_fault(node: str, state_dir: str | None = None) -> dict[str, Any]:
     cluster = load_cluster(state_dir)
     n = cluster.node(node)
     _put_fault(cluster, n, n.fault)
-    return {
+    done = {
         "node": n.name,
         "url": n.url,
         "fault": n.fault.model_dump(mode="json", by_alias=True),
         "restored": True,
         "at": time.time(),
     }
+    return cluster.record("restore_fault", done)
 
 
 # ---------------------------------------------------------------- the balancer
@@ -188,6 +190,7 @@ def kill_balancer(state_dir: str | None = None, delay_s: float = 0.0) -> dict[st
             kill["error"] = f"cannot kill the balancer (pid {pid}): {err}"
 
     out = {"balancer": cluster.balancer_url, "pid": pid, "kill_at": time.time() + delay_s}
+    cluster.record("kill_balancer", out)
     if delay_s <= 0:
         fire()
         if "error" in kill:

@@ -22,6 +22,8 @@ from twlb.chaos.journal import (
     steady_state_problems,
 )
 
+from twlb.options import FiniteFloat
+
 
 @click.group("chaos", context_settings={"auto_envvar_prefix": "TWLB_CHAOS"})
 def command() -> None:
@@ -38,7 +40,7 @@ def command() -> None:
 @click.option(
     "--max-duration",
     default=1800.0,
-    type=click.FloatRange(min=1.0, max=86400.0),
+    type=FiniteFloat(min=1.0, max=86400.0),
     help="Stop after this many seconds at the latest (SIGTERM stops it earlier).",
 )
 def record_command(state_dir: str, out: Path, run_id: str, seed: int, max_duration: float) -> None:
@@ -122,7 +124,7 @@ def check_command(journals: tuple[str, ...]) -> None:
 @click.option(
     "--min-overlap",
     default=0.25,
-    type=click.FloatRange(0.0, 1.0, min_open=True),
+    type=FiniteFloat(0.0, 1.0, min_open=True),
     help="Share of a window a kill/fault must cover to label it.",
 )
 def dataset_command(

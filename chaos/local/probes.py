@@ -211,7 +211,7 @@ def live_truth(state_dir: str | None = None) -> dict[str, str]:
     """Each node's true class now: `crash` when its process is gone or silent, else the
     class of the fault its control endpoint says is active."""
     # The collector's reading of truth; imported here so probes load without pyarrow.
-    from twlb.ml.collect import control_truth
+    from twlb.chaos.run import control_truth
 
     cluster = load_cluster(state_dir)
     truth: dict[str, str] = {}

@@ -1,9 +1,9 @@
 """Chaos to training data: record a running cluster's feature windows, label them from
 the chaos journals, and write the collector's dataset.
 
-While experiments run, `record` polls the balancer's `/trust` (with the collector's
+While experiments run, `record` polls the balancer's `/trust` (`twlb.chaos.run`'s
 `TrustPoller`) and keeps one feature row per backend per trust window, and polls every
-node's control endpoint for the ground truth (the collector's `control_truth`). Each
+node's control endpoint for the ground truth (`control_truth`). Each
 reading is appended to a JSON-lines file at once, so a recording stopped by a signal is
 still whole up to its last line.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ import httpx
 from chaoslib.exceptions import ActivityFailed
 from twlb.balancer.features import FEATURE_NAMES
 from twlb.chaos.journal import FeatureWindow, window_intervals
+from twlb.chaos.run import Log, TrustPoller, TruthTimeline, control_truth
 from twlb.chaos.state import load_cluster
-from twlb.ml.collect import Sample, TrustPoller, TruthTimeline, control_truth
+from twlb.ml.collect import Sample
 from twlb.ml.dataset import WindowRow
 
 from twlb.procs import pid_alive
@@ -41,8 +42,6 @@ TRUST_POLL_S = 0.1
 TRUTH_POLL_S = 0.5
 #: Margin before a window in which the truth must also have held (as the collector's).
 TRUTH_GUARD_S = 1.0
-
-Log = Callable[[str], None]
 
 
 class RecordingError(ValueError):

@@ -9,6 +9,7 @@ experiment pointed at nothing stops in its first probe instead of hanging.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from chaoslib.exceptions import ActivityFailed
 
 from twlb.procs import pid_alive
-from twlb.runtime import STATE_FILE, ClusterError, read_state_file
+from twlb.runtime import CHAOS_FILE, STATE_FILE, ClusterError, read_state_file
 from twlb.spec import FaultSpec
 
 #: Environment variable experiments read their state directory from (configuration).
@@ -60,6 +61,14 @@ class ClusterState:
 
     def control_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.control_token}"}
+
+    def record(self, action: str, done: dict[str, Any]) -> dict[str, Any]:
+        """Append what an action did to the state directory's chaos log (the dashboard's
+        event log reads it); returns `done` unchanged."""
+        line = json.dumps({"action": action, **done}, separators=(",", ":"), default=str)
+        with open(self.state_dir / CHAOS_FILE, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        return done
 
 
 def resolve_state_dir(state_dir: str | os.PathLike[str] | None) -> Path:

@@ -1,8 +1,9 @@
 """The backend node's HTTP service: `create_app(settings)` builds one node as a FastAPI app.
 
-`GET /work` does DESIGN.md's work and lets the sans-IO cores (`FaultInjector`,
-`NodeSimulation`) decide what goes wrong; this module only acts their decisions out
-(sleeps, exits, drops connections, answers 5xx or a wrong digest) and measures them.
+`GET /work` does the work of docs/DESIGN.md ("The work") and lets the sans-IO cores
+(`FaultInjector`, `NodeSimulation`) decide what goes wrong; this module only acts their
+decisions out (sleeps, exits, drops connections, answers 5xx or a wrong digest) and
+measures them.
 /work is served as plain ASGI ahead of FastAPI, with a hand-parsed query and orjson
 bodies: it is the hot path every benchmark and experiment drives.
 """
@@ -18,9 +19,9 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 import orjson
 import psutil
@@ -37,13 +38,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from twlb.backend.faults import NO_FAULT, FaultAction, FaultInjector
+from twlb.backend.settings import BackendSettings
 from twlb.backend.simulation import NodeSimulation
+from twlb.gossip.service import GossipService
 
 from twlb.plain_metrics import PlainHistogram
 from twlb.spec import FaultSpec, FaultType
-from twlb.work import ROUNDS_MAX, ROUNDS_MIN, digest, key_problem
+from twlb.work import KEY_MAX_LEN, KEY_MIN_LEN, ROUNDS_MAX, ROUNDS_MIN, digest, key_problem
 
 log = logging.getLogger("twlb.backend")
 
@@ -68,16 +71,75 @@ LATENCY_BUCKETS_S = (
 )
 
 
-@dataclass(frozen=True)
-class BackendSettings:
-    """Everything one node needs; the CLI builds it from flags and environment variables."""
+_PROBLEMS_SCHEMA = {
+    "type": "object",
+    "required": ["error", "problems"],
+    "properties": {
+        "error": {"type": "string"},
+        "problems": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
 
-    node_id: str
-    seed: int = 0
-    fault: FaultSpec = field(default_factory=FaultSpec)
-    control_token: str | None = None
-    simulation: bool = True
-    packet_loss: float | None = None
+#: GET /work as the OpenAPI document describes it: the route bypasses FastAPI (see
+#: BackendApp), which would otherwise leave it out of /openapi.json and out of reach of
+#: schema-driven tests. Bounds come from the same constants `parse_work_query` checks.
+WORK_OPENAPI: dict[str, Any] = {
+    "get": {
+        "summary": "The work: the digest of `key` after `rounds` rounds (docs/DESIGN.md)",
+        "operationId": "work",
+        "parameters": [
+            {
+                "name": "key",
+                "in": "query",
+                "required": True,
+                "description": "Printable characters.",
+                "schema": {"type": "string", "minLength": KEY_MIN_LEN, "maxLength": KEY_MAX_LEN},
+            },
+            {
+                "name": "rounds",
+                "in": "query",
+                "required": False,
+                "schema": {
+                    "type": "integer",
+                    "minimum": ROUNDS_MIN,
+                    "maximum": ROUNDS_MAX,
+                    "default": ROUNDS_MIN,
+                },
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The answer (a byzantine fault answers a wrong digest).",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["node", "key", "rounds", "digest"],
+                            "properties": {
+                                "node": {"type": "string"},
+                                "key": {"type": "string"},
+                                "rounds": {"type": "integer"},
+                                "digest": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            },
+            "422": {
+                "description": "An invalid query, every invalid field named.",
+                "content": {"application/json": {"schema": _PROBLEMS_SCHEMA}},
+            },
+            "5XX": {"description": "An injected error fault (`error_status`)."},
+        },
+    }
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +165,41 @@ def problems_response(what: str, problems: list[FieldProblem]) -> Response:
     return Response(problems_body(what, problems), status_code=422, media_type="application/json")
 
 
+class UndecodableQuery(ValueError):
+    """A query parameter whose name or value is not UTF-8 once percent-decoded."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"query parameter {name!r} is not UTF-8")
+        self.name = name
+
+
+def _query_text(raw: bytes, name: str | None) -> str:
+    try:
+        return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        shown = name if name is not None else raw.decode("latin-1")
+        raise UndecodableQuery(shown) from None
+
+
 def query_pairs(query_string: bytes) -> list[tuple[str, str]]:
-    """Name-value pairs exactly as `parse_qsl` gives them, without its cost on plain queries."""
-    text = query_string.decode("latin-1")
-    if "%" in text or "+" in text:
-        return parse_qsl(text, keep_blank_values=True)
-    return [(name, value) for name, _, value in (p.partition("=") for p in text.split("&") if p)]
+    """Name-value pairs as `parse_qsl(..., keep_blank_values=True, errors="strict")` gives
+    them, without its cost on plain queries; a name or value that is not UTF-8 once
+    percent-decoded raises `UndecodableQuery` (it is not replaced by U+FFFD)."""
+    if b"%" not in query_string and b"+" not in query_string and query_string.isascii():
+        text = query_string.decode("ascii")
+        return [(n, v) for n, _, v in (p.partition("=") for p in text.split("&") if p)]
+    pairs = []
+    for part in query_string.split(b"&"):
+        if part:
+            raw_name, _, raw_value = part.partition(b"=")
+            name = _query_text(raw_name, None)
+            pairs.append((name, _query_text(raw_value, name)))
+    return pairs
+
+
+#: Longest `rounds` value converted to a number (ROUNDS_MAX has 5 digits); a longer run of
+#: digits is out of range without being converted (int() of 5,000 digits raises).
+_ROUNDS_MAX_DIGITS = 8
 
 
 def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem]:
@@ -116,7 +207,11 @@ def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem
     key: str | None = None
     raw_rounds: str | None = None
     problems: list[FieldProblem] = []
-    for name, value in query_pairs(query_string):
+    try:
+        pairs = query_pairs(query_string)
+    except UndecodableQuery as err:
+        return [FieldProblem(err.name, "is not valid UTF-8 once percent-decoded")]
+    for name, value in pairs:
         if name == "key" and key is None:
             key = value
         elif name == "rounds" and raw_rounds is None:
@@ -133,10 +228,12 @@ def parse_work_query(query_string: bytes) -> tuple[str, int] | list[FieldProblem
     rounds = ROUNDS_MIN
     if raw_rounds is not None:
         if raw_rounds.isascii() and raw_rounds.isdigit():
-            rounds = int(raw_rounds)
+            digits = raw_rounds.lstrip("0") or "0"
+            rounds = int(digits) if len(digits) <= _ROUNDS_MAX_DIGITS else ROUNDS_MAX + 1
             if not ROUNDS_MIN <= rounds <= ROUNDS_MAX:
+                shown = raw_rounds if len(raw_rounds) <= 20 else f"{len(raw_rounds)} digits"
                 problems.append(
-                    FieldProblem("rounds", f"must be in {ROUNDS_MIN}..{ROUNDS_MAX}, got {rounds}")
+                    FieldProblem("rounds", f"must be in {ROUNDS_MIN}..{ROUNDS_MAX}, got {shown}")
                 )
         else:
             problems.append(FieldProblem("rounds", f"must be an integer, got {raw_rounds!r}"))
@@ -251,6 +348,12 @@ class ControlAuth:
             )
 
 
+#: The answers of a /control route when the token is missing, wrong or not configured.
+CONTROL_REFUSALS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No bearer token, or the wrong one."},
+    403: {"description": "Fault control is disabled (no --control-token)."},
+}
+
 ASGIHandler = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
 
@@ -262,6 +365,11 @@ class BackendApp(FastAPI):
     """
 
     work_endpoint: ASGIHandler | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            super().openapi()["paths"]["/work"] = WORK_OPENAPI
+        return self.openapi_schema
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if self.work_endpoint is not None and scope["type"] == "http" and scope["path"] == "/work":
@@ -326,14 +434,20 @@ def create_app(settings: BackendSettings) -> FastAPI:
     metrics.report_fault(injector.reported_type)
     process = psutil.Process()
     ready = False
+    gossip_run = settings.gossip_run()
+    gossip = GossipService(gossip_run, metrics.registry, node_id) if gossip_run else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         nonlocal ready
+        if gossip is not None:
+            await gossip.start()
         ready = True
         log.info("node %s ready, fault %s", node_id, _fault_summary(injector.spec))
         yield
         ready = False
+        if gossip is not None:
+            await gossip.stop()
 
     # Prometheus is the node's telemetry; FastAPI's native OpenTelemetry hooks would cost
     # every request a provider lookup for nothing.
@@ -357,7 +471,7 @@ def create_app(settings: BackendSettings) -> FastAPI:
             return
         key, rounds = parsed
         now = time.monotonic()
-        decision = injector.decide(now)
+        decision = injector.decide(now, key)
         if decision.action is FaultAction.CRASH:
             _crash(node_id)
         latency_s, dropped = simulation.draw(now)
@@ -385,6 +499,8 @@ def create_app(settings: BackendSettings) -> FastAPI:
             status = 200
             if decision.action is FaultAction.BYZANTINE:
                 answer = injector.wrong_digest(answer)
+            elif decision.action is FaultAction.COLLUDING:
+                answer = injector.colluded_digest(key, rounds, answer)
             body = orjson.dumps({"node": node_id, "key": key, "rounds": rounds, "digest": answer})
         metrics.answered(status, time.perf_counter() - began - decision.hidden_delay_s)
         await send_json(send, status, body)
@@ -403,7 +519,15 @@ def create_app(settings: BackendSettings) -> FastAPI:
         body = {"status": "ready" if ready else "not ready", "node": node_id}
         return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/gossip")
+    async def gossip_view() -> Response:
+        """This node's gossip membership: protocol, its address and every member's state."""
+        if gossip is None:
+            body = {"error": "gossip is off on this node (start it with --gossip)"}
+            return Response(orjson.dumps(body), status_code=404, media_type="application/json")
+        return Response(orjson.dumps(gossip.describe()), media_type="application/json")
+
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         if simulation.enabled:
             c = simulation.conditions(time.monotonic())
@@ -428,12 +552,20 @@ def create_app(settings: BackendSettings) -> FastAPI:
             "faultyNow": injector.in_faulty_period(now),
         }
 
-    @app.get("/control/fault", dependencies=[Depends(require_control_token)])
+    @app.get(
+        "/control/fault",
+        dependencies=[Depends(require_control_token)],
+        responses=CONTROL_REFUSALS,
+    )
     async def get_fault() -> dict[str, Any]:
         """The active fault (the ground truth, including what a lie-latency node hides)."""
         return fault_state()
 
-    @app.put("/control/fault", dependencies=[Depends(require_control_token)])
+    @app.put(
+        "/control/fault",
+        dependencies=[Depends(require_control_token)],
+        responses=CONTROL_REFUSALS | {422: {"description": "An invalid fault, fields named."}},
+    )
     async def put_fault(request: Request) -> Response:
         """Replace the active fault from now on (fields not given take their defaults).
 

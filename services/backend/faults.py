@@ -8,6 +8,7 @@ same seed and the same sequence of `now` values always give the same faults.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class FaultAction(StrEnum):
     CRASH = "crash"  # exit the process; the request's connection drops
     ERROR = "error"  # answer the configured 5xx status
     BYZANTINE = "byzantine"  # answer 200 with a wrong digest
+    COLLUDING = "colluding"  # answer 200 with the wrong digest the node's group agreed on
     LIE_LATENCY = "lie-latency"  # answer correctly after a delay the node hides from its metrics
 
 
@@ -57,6 +59,8 @@ def _decision_for(fault: FaultType, spec: FaultSpec) -> FaultDecision:
             return FaultDecision(FaultAction.ERROR, status=spec.error_status)
         case FaultType.BYZANTINE:
             return FaultDecision(FaultAction.BYZANTINE)
+        case FaultType.COLLUDING:
+            return FaultDecision(FaultAction.COLLUDING)
         case _:
             return NO_FAULT
 
@@ -105,13 +109,32 @@ class FaultInjector:
         elapsed = max(0.0, now - self._since)
         return math.floor(elapsed / self._spec.period_s) % 2 == 1
 
-    def decide(self, now: float) -> FaultDecision:
-        """The fault acting on a request arriving at `now` (one RNG draw when one could act)."""
+    def decide(self, now: float, key: str = "") -> FaultDecision:
+        """The fault acting on a request for `key` arriving at `now` (one RNG draw when one
+        could act; none for a colluding node, whose choice is its group's, by key)."""
         if not self.in_faulty_period(now):
             return NO_FAULT
+        if self._when_acting.action is FaultAction.COLLUDING:
+            if self._group_draw(key) >= self._spec.probability:
+                return NO_FAULT
+            return self._when_acting
         if self._rng.random() >= self._spec.probability:
             return NO_FAULT
         return self._when_acting
+
+    def _group_hash(self, *parts: str) -> bytes:
+        text = "\x1f".join(("twlb-collusion", self._spec.collusion_group, *parts))
+        return hashlib.sha256(text.encode()).digest()
+
+    def _group_draw(self, key: str) -> float:
+        """A number in [0, 1) every node of the collusion group draws alike for `key`."""
+        return int.from_bytes(self._group_hash("lie", key)[:8], "big") / 2.0**64
+
+    def colluded_digest(self, key: str, rounds: int, true_digest: str) -> str:
+        """The wrong answer the collusion group agreed on for this request: the same on
+        every node of the group, never the true digest."""
+        wrong = self._group_hash("answer", key, str(rounds), true_digest).hex()
+        return wrong if wrong != true_digest else self._group_hash("again", wrong).hex()
 
     def wrong_digest(self, true_digest: str) -> str:
         """A byzantine answer: 64 plausible lowercase hex characters, never the true digest."""

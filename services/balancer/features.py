@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -89,9 +89,6 @@ class WindowStats:
     health_failures: int = 0
     inflight_mean: float = 0.0
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
-
 
 class _Bucket:
     """Everything recorded during one `resolution_s` slice of time."""
@@ -120,14 +117,23 @@ class _Bucket:
         self.inflight_samples = 0
 
 
-def histogram_quantile(hist: np.ndarray, q: float) -> float | None:
-    """The q-quantile (0..1) of a latency histogram, or None if it is empty."""
-    total = int(hist.sum())
+def histogram_quantiles(hist: Mapping[int, int], qs: tuple[float, ...]) -> list[float | None]:
+    """The q-quantiles (0..1, ascending) of a sparse latency histogram (bin -> count), each
+    None if it is empty. One pass over the few bins in use: a trust tick computes these for
+    every backend, so a large fleet must not pay for the hundreds of empty bins."""
+    total = sum(hist.values())
     if total == 0:
-        return None
-    rank = max(1, math.ceil(q * total))
-    idx = int(np.searchsorted(np.cumsum(hist), rank))
-    return float(_BIN_VALUES[idx])
+        return [None] * len(qs)
+    ranks = [max(1, math.ceil(q * total)) for q in qs]
+    out: list[float | None] = []
+    seen = 0
+    for i, n in sorted(hist.items()):
+        seen += n
+        while len(out) < len(ranks) and seen >= ranks[len(out)]:
+            out.append(float(_BIN_VALUES[i]))
+        if len(out) == len(ranks):
+            break
+    return out
 
 
 class FeatureWindow:
@@ -201,23 +207,27 @@ class FeatureWindow:
         first = math.floor((now - window_s) / self.resolution_s)
         last = math.floor(now / self.resolution_s)
         outcomes = dict.fromkeys(Outcome, 0)
-        hist = np.zeros(LATENCY_BINS, dtype=np.int64)
+        hist: dict[int, int] = {}
         audits = mismatches = checks = check_failures = samples = 0
         inflight_sum = 0.0
-        for b in self._buckets:
-            if b.index < first or b.index > last:
+        # Newest first, stopping at the window's start: the horizon holds many more buckets
+        # than one window, and a trust tick does this for every backend.
+        for b in reversed(self._buckets):
+            if b.index > last:
                 continue
+            if b.index < first:
+                break
             for o, n in b.outcomes.items():
                 outcomes[o] += n
             for i, n in b.hist.items():
-                hist[i] += n
+                hist[i] = hist.get(i, 0) + n
             audits += b.audits
             mismatches += b.mismatches
             checks += b.checks
             check_failures += b.check_failures
             inflight_sum += b.inflight_sum
             samples += b.inflight_samples
-        quantiles = [histogram_quantile(hist, q) for q in (0.50, 0.95, 0.99)]
+        quantiles = histogram_quantiles(hist, (0.50, 0.95, 0.99))
         return WindowStats(
             requests=sum(outcomes.values()),
             successes=outcomes[Outcome.SUCCESS],

@@ -15,6 +15,8 @@ in real traffic, the end of a passive cooldown) and moves each backend through
   taken out by passive observation stays out for `passive_cooldown_s` even if its checks
   pass (a node can answer /healthz and still time out real work); when the cooldown ends
   with no failed check since, it returns as UNKNOWN and real traffic judges it again.
+- Gossip: a backend every live member's gossip agrees is dead leaves at once and stays out
+  whatever its checks say; when the members readmit it, it returns as UNKNOWN.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class HealthEvent(StrEnum):
     FALL = "fall"  # unhealthy_threshold consecutive failed checks
     PASSIVE_FALL = "passive_fall"  # passive_failures consecutive failures in real traffic
     COOLDOWN_OVER = "cooldown_over"  # a passive cooldown ended with no failed check since
+    GOSSIP_DEAD = "gossip_dead"  # every live backend's gossip marks it dead (twlb.gossip)
+    GOSSIP_READMIT = "gossip_readmit"  # the members took it back
 
 
 _U, _H, _X = HealthState.UNKNOWN, HealthState.HEALTHY, HealthState.UNHEALTHY
@@ -51,18 +55,24 @@ TRANSITIONS: dict[tuple[HealthState, HealthEvent], HealthState] = {
     (_U, HealthEvent.FALL): _X,
     (_U, HealthEvent.PASSIVE_FALL): _X,
     (_U, HealthEvent.COOLDOWN_OVER): _U,
+    (_U, HealthEvent.GOSSIP_DEAD): _X,
+    (_U, HealthEvent.GOSSIP_READMIT): _U,
     (_H, HealthEvent.CHECK_PASSED): _H,
     (_H, HealthEvent.RISE): _H,
     (_H, HealthEvent.CHECK_FAILED): _H,
     (_H, HealthEvent.FALL): _X,
     (_H, HealthEvent.PASSIVE_FALL): _X,
     (_H, HealthEvent.COOLDOWN_OVER): _H,
+    (_H, HealthEvent.GOSSIP_DEAD): _X,
+    (_H, HealthEvent.GOSSIP_READMIT): _H,
     (_X, HealthEvent.CHECK_PASSED): _X,
     (_X, HealthEvent.RISE): _H,
     (_X, HealthEvent.CHECK_FAILED): _X,
     (_X, HealthEvent.FALL): _X,
     (_X, HealthEvent.PASSIVE_FALL): _X,
     (_X, HealthEvent.COOLDOWN_OVER): _U,
+    (_X, HealthEvent.GOSSIP_DEAD): _X,
+    (_X, HealthEvent.GOSSIP_READMIT): _U,
 }
 
 
@@ -75,6 +85,7 @@ class BackendHealth:
     failures: int = 0  # consecutive failed checks
     passive_failures: int = 0  # consecutive connection errors/timeouts in traffic
     cooldown_until: float | None = None  # set while out because of passive observation
+    gossip_dead: bool = False  # out because the gossip members agree it is dead
     since: float = 0.0  # time of the last state change
     transitions: int = 0
 
@@ -85,6 +96,7 @@ class BackendHealth:
             "consecutive_failures": self.failures,
             "consecutive_passive_failures": self.passive_failures,
             "cooldown_until": self.cooldown_until,
+            "gossip_dead": self.gossip_dead,
             "since": self.since,
             "transitions": self.transitions,
         }
@@ -142,7 +154,7 @@ class HealthTracker:
             h.passes += 1
             h.failures = 0
             cooling = h.cooldown_until is not None and now < h.cooldown_until
-            rise = h.passes >= self.healthy_threshold and not cooling
+            rise = h.passes >= self.healthy_threshold and not cooling and not h.gossip_dead
             self._apply(h, HealthEvent.RISE if rise else HealthEvent.CHECK_PASSED, now)
         else:
             h.failures += 1
@@ -169,6 +181,25 @@ class HealthTracker:
                     h.cooldown_until = now + self.passive_cooldown_s
         else:
             h.passive_failures = 0
+        return h.state
+
+    def on_gossip(self, backend: str, dead: bool, now: float) -> HealthState:
+        """The members' verdict: agreed dead takes it out at once and keeps it out (its
+        checks cannot bring it back); readmitted, it returns as UNKNOWN, for its checks
+        and real traffic to judge, as after a passive cooldown."""
+        h = self._backends.get(backend)
+        if h is None:
+            return HealthState.UNKNOWN
+        if dead and not h.gossip_dead:
+            h.gossip_dead = True
+            h.passes = 0
+            h.cooldown_until = None
+            self._apply(h, HealthEvent.GOSSIP_DEAD, now)
+        elif not dead and h.gossip_dead:
+            h.gossip_dead = False
+            h.passes = 0
+            h.failures = 0
+            self._apply(h, HealthEvent.GOSSIP_READMIT, now)
         return h.state
 
     def tick(self, now: float) -> list[str]:

@@ -10,7 +10,7 @@ scrape time; prometheus-client renders the exposition.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -20,6 +20,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from twlb.balancer.trust import ChangeKind, EjectionReason, TrustChange
 
 from twlb.outcome import Outcome
 from twlb.plain_metrics import PlainHistogram
@@ -49,18 +50,33 @@ class LiveView:
     trust: Mapping[str, float]
     up: Mapping[str, bool]
     features: Mapping[str, Mapping[str, float]]
+    held: Mapping[str, bool] = field(default_factory=dict)  # kept in rotation by the floor
 
 
 class BackendCounters:
-    """Tries, their durations and audit verdicts of one backend, as plain counts."""
+    """Tries, their durations, audit verdicts and rotation events of one backend, as plain
+    counts."""
 
-    __slots__ = ("outcomes", "duration", "audits", "mismatches")
+    __slots__ = ("outcomes", "duration", "audits", "mismatches", "ejections", "readmissions", "holds")  # fmt: skip
 
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(Outcome, 0)
         self.duration = PlainHistogram(DURATION_BUCKETS)
         self.audits = 0  # agreeing audits this backend took part in
         self.mismatches = 0  # of which it was the odd one out
+        self.ejections = dict.fromkeys(EjectionReason, 0)
+        self.readmissions = 0
+        self.holds = 0
+
+    def count_change(self, change: TrustChange) -> None:
+        """Count one rotation event of this backend."""
+        match change.kind:
+            case ChangeKind.EJECTION:
+                self.ejections[change.reason or EjectionReason.MODEL] += 1
+            case ChangeKind.READMISSION:
+                self.readmissions += 1
+            case ChangeKind.HOLD:
+                self.holds += 1
 
     def observe(self, outcome: Outcome, latency_s: float) -> None:
         self.outcomes[outcome] += 1
@@ -76,6 +92,10 @@ class BalancerMetrics(Collector):
         self.retries = 0
         self.retries_refused = 0
         self.audits = dict.fromkeys(AUDIT_RESULTS, 0)
+        # What one trust tick (features of every backend, then the trust engine) costs, and
+        # how often it took longer than its period: the budget a large fleet must keep.
+        self.trust_tick = PlainHistogram(DURATION_BUCKETS)
+        self.trust_tick_overruns = 0
         # Every backend ever seen keeps its counters (counters never go down or vanish).
         self.backends: dict[str, BackendCounters] = {}
         self.registry = CollectorRegistry()
@@ -120,13 +140,32 @@ class BalancerMetrics(Collector):
             "Audits in which a backend was the odd one out.",
             labels=["backend"],
         )
+        ejections = CounterMetricFamily(
+            "twlb_balancer_ejections",
+            "Times a backend left rotation, by reason (model, proven_liar, health, gossip).",
+            labels=["backend", "reason"],
+        )
+        readmissions = CounterMetricFamily(
+            "twlb_balancer_readmissions",
+            "Times an ejected backend came back into rotation.",
+            labels=["backend"],
+        )
+        holds = CounterMetricFamily(
+            "twlb_balancer_holds",
+            "Times the floor kept a backend below the ejection threshold in rotation.",
+            labels=["backend"],
+        )
         for url, c in self.backends.items():
             for outcome, n in c.outcomes.items():
                 tries.add_metric([url, outcome.value], n)
             duration.add_metric([url], c.duration.cumulative_buckets(), c.duration.sum)
             checks.add_metric([url], c.audits)
             mismatches.add_metric([url], c.mismatches)
-        yield from (tries, duration, checks, mismatches)
+            for reason, n in c.ejections.items():
+                ejections.add_metric([url, reason.value], n)
+            readmissions.add_metric([url], c.readmissions)
+            holds.add_metric([url], c.holds)
+        yield from (tries, duration, checks, mismatches, ejections, readmissions, holds)
 
         retries = CounterMetricFamily("twlb_balancer_retries", "Tries repeated on another backend.")
         retries.add_metric([], self.retries)
@@ -140,7 +179,16 @@ class BalancerMetrics(Collector):
         )
         for result, n in self.audits.items():
             audits.add_metric([result], n)
-        yield from (retries, refused, audits)
+        tick = HistogramMetricFamily(
+            "twlb_balancer_trust_tick_duration_seconds",
+            "Compute time of one trust tick (features of every backend, trust update).",
+        )
+        tick.add_metric([], self.trust_tick.cumulative_buckets(), self.trust_tick.sum)
+        overruns = CounterMetricFamily(
+            "twlb_balancer_trust_tick_overruns", "Trust ticks that took longer than their period."
+        )
+        overruns.add_metric([], self.trust_tick_overruns)
+        yield from (retries, refused, audits, tick, overruns)
 
         view = self._view()
         trust = GaugeMetricFamily(
@@ -163,4 +211,11 @@ class BalancerMetrics(Collector):
         for backend, values in view.features.items():
             for name, value in values.items():
                 feature.add_metric([backend, name], float(value))
-        yield from (trust, up, feature)
+        held = GaugeMetricFamily(
+            "twlb_balancer_held",
+            "1 while the floor keeps a backend below the ejection threshold in rotation.",
+            labels=["backend"],
+        )
+        for backend, is_held in view.held.items():
+            held.add_metric([backend], 1.0 if is_held else 0.0)
+        yield from (trust, up, feature, held)

@@ -59,8 +59,6 @@ class ModelReloader:
             registry=registry,
         )
         self.scorer: OnnxScorer | None = None
-        self.last_error: str | None = None
-        self.failure_count = 0
         self._seen: FileSignature = None
 
     def load_initial(self) -> OnnxScorer:
@@ -91,7 +89,6 @@ class ModelReloader:
         previous = self.scorer
         self.on_load(scorer)
         self.scorer = scorer
-        self.last_error = None
         self.loads.inc()
         if previous is not None:
             i = previous.info
@@ -108,27 +105,5 @@ class ModelReloader:
 
     def _refuse(self, reason: str) -> None:
         self.failures.inc()
-        self.failure_count += 1
-        self.last_error = reason
         kept = self.scorer.info.version if self.scorer else "none"
         log.error("trust model refused, keeping version %s: %s", kept, reason)
-
-    def describe(self) -> dict[str, object]:
-        """The model in force for /trust's `model`, with the last refusal if any."""
-        out: dict[str, object] = self.scorer.describe() if self.scorer else {}
-        out["source"] = str(self.path)
-        out["load_failures"] = self.failure_count
-        if self.last_error:
-            out["last_error"] = self.last_error
-        return out
-
-
-def check_model_option(path: Path | None) -> str | None:
-    """Why the --model file cannot be used (for a clear exit status 2), or None."""
-    if path is None:
-        return None
-    try:
-        OnnxScorer.load(path)
-    except ModelRefused as err:
-        return str(err)
-    return None

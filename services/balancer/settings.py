@@ -3,69 +3,224 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from twlb.balancer.upstream import BackendURLError, normalize_backend_url
+from twlb.balancer.upstream import (  # noqa: F401 (IDEMPOTENT_METHODS: re-exported)
+    IDEMPOTENT_METHODS,
+    BackendURLError,
+    UpstreamLimits,
+    normalize_backend_url,
+)
 
-from twlb.spec import PolicyName, Probability
+from twlb.options import Flag
+from twlb.vocabulary import PolicyName, Probability
 
 #: Paths the balancer answers itself; every other path is proxied to a backend.
 RESERVED_PATHS: frozenset[str] = frozenset({"/healthz", "/metrics", "/trust"})
 #: Every path under this prefix is the balancer's admin API.
 ADMIN_PREFIX = "/admin/"
 
-#: Methods that may be retried on another backend (RFC 9110 idempotent methods).
-IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+#: `--model` keywords: the trust model that ships in ml/models/ (the default), or none.
+SHIPPED_MODEL = "shipped"
+HEURISTIC_MODEL = "heuristic"
+
+
+def shipped_model() -> Path | None:
+    """The trust model that ships in ml/models/, if this build has one."""
+    from importlib.resources import files
+
+    path = Path(str(files("twlb.ml") / "models" / "trust-svm.onnx"))
+    return path if path.is_file() else None
+
+
+def resolve_model(choice: str | Path | None) -> Path | None:
+    """A `--model` value: 'shipped' (the model in ml/models/; the heuristic in a build
+    without one), 'heuristic' (None), or an ONNX file, which must exist."""
+    if choice is None or str(choice) == HEURISTIC_MODEL:
+        return None
+    if str(choice) == SHIPPED_MODEL:
+        return shipped_model()
+    path = Path(choice)
+    if not path.is_file():
+        raise ValueError(f"{choice}: does not exist (give an ONNX file, 'shipped' or 'heuristic')")
+    return path
 
 
 class BalancerSettings(BaseModel):
-    """Configuration of `twlb balancer` (flags, environment or code)."""
+    """Every setting of `twlb balancer`: the one declaration of each.
+
+    The command's flags (services/balancer/cli.py, through twlb/options.py) and the
+    TrustCluster spec's `balancer` section (twlb/spec.py) are derived from these fields;
+    adding a setting is adding a field here (CONTRIBUTING.md, "Add an option").
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    backends: tuple[str, ...] = Field(default=(), description="Backend origins http://host:port.")
-    policy: PolicyName = PolicyName.ROUND_ROBIN
-    admin_token: str | None = Field(None, description="Bearer token of the admin API.")
-    audit_fraction: Probability = 0.05
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    backends: Annotated[tuple[str, ...], Flag("--backend", param="backend")] = Field(
+        default=(),
+        description="Backend origin http://host:port (repeatable; space-separated in the "
+        "environment).",
+    )
+    policy: PolicyName = Field(PolicyName.ROUND_ROBIN, description="Routing policy.")
+    admin_token: str | None = Field(
+        None, description="Bearer token of /admin/*; unset: the admin API is disabled."
+    )
+    audit_fraction: Probability = Field(
+        0.05, description="Share of GET requests cross-checked on two more backends."
+    )
     probation_audit_fraction: Probability = Field(
         0.5,
-        description="trust policy: share of answers from backends in probation cross-checked "
-        "(at least audit_fraction; only while audits are on).",
+        description="trust policy: share of answers from backends in probation (new, or back "
+        "after an ejection) cross-checked, while audits are on (audit fraction > 0).",
     )
-    slow_start_s: float = Field(
+    suspect_audit_fraction: Probability = Field(
+        1.0,
+        description="trust policy: share of answers cross-checked from a backend an audit "
+        "found the odd one out, until the evidence clears or proves it (while audits are on).",
+    )
+    liar_backoff_s: Annotated[float, Flag("--liar-backoff")] = Field(
+        60.0,
+        gt=0.0,
+        le=86_400.0,
+        description="trust policy: seconds a backend proven a liar stays out of rotation after "
+        "its first proven offence; doubled for each further one (up to an hour, or this).",
+    )
+    slow_start_s: Annotated[float, Flag("--slow-start")] = Field(
         5.0,
         ge=0.0,
         le=600.0,
-        description="trust policy: slow-start ramp of a backend in probation.",
+        description="trust policy: seconds over which a backend in probation ramps up to its "
+        "weight (0: off).",
     )
     latency_weighting: bool = Field(
-        True, description="trust policy: scale trust weights by current load."
+        True,
+        description="trust policy: scale each trust weight by the backend's current peak-EWMA "
+        "load against the best candidate's (off: route on trust alone).",
     )
-    audit_ignore_fields: tuple[str, ...] = Field(
-        ("node",), description="Top-level JSON fields left out when comparing answers."
+    audit_ignore_fields: Annotated[tuple[str, ...], Flag("--audit-ignore-field")] = Field(
+        ("node",),
+        description="Top-level JSON field that differs between honest backends (their "
+        "identity) and is left out when answers are compared (repeatable).",
     )
-    window_s: float = Field(5.0, gt=0.0, le=300.0, description="Feature window length.")
-    trust_tick_s: float = Field(0.5, gt=0.0, le=60.0, description="Trust update period.")
-    policy_tick_s: float = Field(0.1, gt=0.0, le=10.0, description="Policy tick period.")
-    health_interval_s: float = Field(1.0, gt=0.0, le=600.0)
-    health_timeout_s: float = Field(0.5, gt=0.0, le=60.0)
-    healthy_threshold: int = Field(2, ge=1, le=100, description="Passes to come back.")
-    unhealthy_threshold: int = Field(2, ge=1, le=100, description="Failures to leave.")
-    try_timeout_s: float = Field(1.0, gt=0.0, le=600.0, description="Timeout of one try.")
-    max_tries: int = Field(3, ge=1, le=10, description="Tries per request, first included.")
-    retry_budget: float = Field(0.2, ge=0.0, le=10.0, description="Retries / live requests.")
-    max_body_bytes: int = Field(1 << 20, ge=0, le=1 << 30)
-    seed: int = Field(0, ge=0)
-    hash_algorithm: Literal["sha256", "md5"] = "sha256"
+    window_s: Annotated[float, Flag("--window")] = Field(
+        5.0, gt=0.0, le=300.0, description="Feature window, seconds."
+    )
+    trust_tick_s: float = Field(0.5, gt=0.0, le=60.0, description="Trust update period, seconds.")
+    policy_tick_s: float = Field(0.1, gt=0.0, le=10.0, description="Policy tick period, seconds.")
+    health_interval_s: Annotated[float, Flag("--health-interval")] = Field(
+        1.0,
+        gt=0.0,
+        le=600.0,
+        description="Seconds between active health checks of each backend.",
+    )
+    health_timeout_s: Annotated[float, Flag("--health-timeout")] = Field(
+        0.5, gt=0.0, le=60.0, description="Timeout of one health check, seconds."
+    )
+    healthy_threshold: int = Field(
+        2, ge=1, le=100, description="Consecutive passing checks that bring a backend back."
+    )
+    unhealthy_threshold: int = Field(
+        2, ge=1, le=100, description="Consecutive failed checks that take a backend out."
+    )
+    gossip_poll_s: Annotated[float, Flag("--gossip-poll")] = Field(
+        0.5,
+        ge=0.0,
+        le=60.0,
+        description="Seconds between reads of every backend's GET /gossip; a backend all the "
+        "others agree is dead leaves the rotation at once (0: ignore gossip).",
+    )
+    try_timeout_s: Annotated[float, Flag("--try-timeout")] = Field(
+        1.0, gt=0.0, le=600.0, description="Timeout of one upstream try, seconds."
+    )
+    max_tries: int = Field(
+        3, ge=1, le=10, description="Tries per idempotent request, the first included."
+    )
+    retry_budget: float = Field(
+        0.2, ge=0.0, le=10.0, description="Retries allowed as a ratio of live requests."
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=0, le=1 << 30, description="Largest request body; larger ones get 413."
+    )
+    max_request_headers: int = Field(
+        100, ge=1, le=10_000, description="Most header lines in a request; more get 431."
+    )
+    max_head_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=1 << 24,
+        description="Largest request line plus headers, counted as bytes arrive; more get 431.",
+    )
+    head_timeout_s: Annotated[float, Flag("--head-timeout")] = Field(
+        10.0,
+        gt=0.0,
+        le=600.0,
+        description="Seconds a client has from the first byte of a request head to its end "
+        "(trickled bytes do not extend it); later: 408 and the connection closes.",
+    )
+    max_connections: int = Field(
+        10_000, ge=1, le=1_000_000, description="Most open client connections; more get 503."
+    )
+    upstream_max_head_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=1 << 24,
+        description="Largest answer head a backend may send; more fails the try as a bad "
+        "upstream (retried elsewhere, counted against its trust).",
+    )
+    upstream_max_headers: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Most header lines in a backend's answer; more fail the try.",
+    )
+    upstream_max_body_bytes: int = Field(
+        16 << 20,
+        ge=0,
+        le=1 << 30,
+        description="Largest answer body a backend may send (buffered whole for audits); more "
+        "fails the try as a bad upstream, never streamed to the client.",
+    )
+    health_max_bytes: int = Field(
+        4096,
+        ge=256,
+        le=1 << 20,
+        description="Most bytes of a /healthz answer read (head and body each); more fails the check.",
+    )
+    health_concurrency: int = Field(
+        64, ge=1, le=10_000, description="Most health checks in flight at once."
+    )
+    seed: int = Field(0, ge=0, description="Seed of random choices.")
+    hash_algorithm: Literal["sha256", "md5"] = Field(
+        "sha256", description="Key hash of consistent-hash, rendezvous, maglev, bounded-load."
+    )
     vnodes: int = Field(
-        160, ge=1, le=10_000, description="Virtual nodes per consistent-hash backend."
+        160,
+        ge=1,
+        le=10_000,
+        description="Virtual nodes per backend on the ring (consistent-hash, bounded-load).",
     )
-    model: Path | None = Field(None, description="ONNX trust model (hot-reloaded on change).")
-    oracle_truth: Path | None = Field(None, description="JSON {backend_url: node_class}.")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    balance_factor: float = Field(
+        1.25,
+        ge=1.0,
+        le=100.0,
+        description="bounded-load: no backend carries more than this times the mean load.",
+    )
+    model: Annotated[Path | None, Flag(type=str)] = Field(
+        SHIPPED_MODEL,
+        validate_default=True,
+        description="Trust model: 'shipped' (ml/models/trust-svm.onnx), 'heuristic', or an "
+        "ONNX file (twlb train), re-read when it changes.",
+    )
+    oracle_truth: Path | None = Field(
+        None,
+        description="JSON {backend_url: node_class} for --policy oracle (re-read when it changes).",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -81,6 +236,21 @@ class BalancerSettings(BaseModel):
             if norm not in out:
                 out.append(norm)
         return tuple(out)
+
+    @property
+    def upstream_limits(self) -> UpstreamLimits:
+        return UpstreamLimits(
+            self.upstream_max_head_bytes, self.upstream_max_headers, self.upstream_max_body_bytes
+        )
+
+    @property
+    def health_limits(self) -> UpstreamLimits:
+        return UpstreamLimits(self.health_max_bytes, 50, self.health_max_bytes)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _resolve_model(cls, value: Any) -> Path | None:
+        return resolve_model(value)
 
     @field_validator("admin_token")
     @classmethod

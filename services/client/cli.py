@@ -30,13 +30,14 @@ from twlb.client.load import (
 )
 from twlb.client.report import LoadTally, build_report, render_report, write_report
 
+from twlb.options import FiniteFloat
 from twlb.work import ROUNDS_MAX, ROUNDS_MIN, key_problem
 
 EXIT_UNREACHABLE = 2
 EXIT_INTERRUPTED = 130
 EXIT_WORKER_FAILED = 1
 
-POSITIVE = click.FloatRange(min=0.0, min_open=True)
+POSITIVE = FiniteFloat(min=0.0, min_open=True)
 
 
 def _check_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -131,13 +132,13 @@ class ProgressView:
 )
 @click.option(
     "--hedge-quantile",
-    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True),
     default=None,
     help="Hedge a try slower than this quantile of recent ones (resilient).",
 )
 @click.option(
     "--breaker-failure-rate",
-    type=click.FloatRange(0.0, 100.0, min_open=True),
+    type=FiniteFloat(0.0, 100.0, min_open=True),
     default=LOAD_BREAKER_FAILURE_RATE,
     help="Failure rate (percent) of tries that opens the breaker (resilient).",
 )
@@ -147,7 +148,7 @@ class ProgressView:
     default=20,
     help="Calls in the window before the breaker judges.",
 )
-@click.option("--breaker-wait", type=click.FloatRange(min=0.0), default=2.0, help="Seconds open.")
+@click.option("--breaker-wait", type=FiniteFloat(min=0.0), default=2.0, help="Seconds open.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the key sequence.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, help="Sending processes.")
 @click.option(

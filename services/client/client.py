@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 from prometheus_client import CollectorRegistry, Counter
@@ -298,8 +299,13 @@ class ResilientClient:
         registry: CollectorRegistry | None = None,
         listeners: Sequence[ClientListener] = (),
         verify: Verifier | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.policy = policy or ClientPolicy()
+        # The clock of deadlines, the breaker's waits, the retry budget and elapsed times
+        # (tests move it instead of sleeping). Not loop.time(): uvloop's clock moves in
+        # whole milliseconds. Per-try timeouts are the event loop's (asyncio.timeout).
+        self.now = clock
         self.metrics = ClientMetrics(registry or CollectorRegistry())
         self.listeners = list(listeners)
         self.verify = verify
@@ -312,7 +318,8 @@ class ResilientClient:
         if http is None:
             limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
             # httpx's API on aiohttp's connection pool: httpcore's pool costs several
-            # times more CPU per request under concurrency (DESIGN.md, and measured here).
+            # times more CPU per request under concurrency (docs/DESIGN.md, "The hot
+            # path").
             self._transport = AiohttpTransport(limits=limits, trust_env=False)
             http = httpx.AsyncClient(
                 transport=self._transport,
@@ -334,11 +341,6 @@ class ResilientClient:
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
-
-    @staticmethod
-    def now() -> float:
-        # Not loop.time(): uvloop's clock moves in whole milliseconds.
-        return time.perf_counter()
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         if self._transport is None:
@@ -511,6 +513,11 @@ class ResilientClient:
         except httpx.TransportError as err:
             status = CallStatus.CONNECT_ERROR
             error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        except aiohttp.ClientError as err:
+            # The pool's own errors that the httpx transport passes through unmapped, e.g.
+            # a target that answers in something other than HTTP: no answer, as a reset is.
+            status = CallStatus.CONNECT_ERROR
+            error = f"not a usable HTTP answer: {type(err).__name__}"
         except asyncio.CancelledError:
             if breaker is not None:
                 breaker.release(self.now())

@@ -151,6 +151,21 @@ def answer_verifier(key: str, rounds: int, expected: str) -> Callable[[httpx.Res
     return verify
 
 
+#: Longest node name a wrong answer may put into the tally (a peer's body is not trusted).
+MAX_NODE_NAME = 64
+
+
+def answering_node(response: httpx.Response | None) -> str:
+    """The node a work answer names (its `node` field), or '?' when it names none."""
+    if response is None:
+        return "?"
+    try:
+        node = orjson.loads(response.content).get("node")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "?"
+    return node[:MAX_NODE_NAME] if isinstance(node, str) and node else "?"
+
+
 class _TallyListener(ClientListener):
     """Feeds what the client does into the tally; notices a breaker opening."""
 
@@ -215,6 +230,8 @@ async def run_load(plan: LoadPlan, control: RunControl | None = None) -> LoadTal
                     base, path, verify=answer_verifier(key, plan.rounds, expected)
                 )
                 status = result.status
+                if status is CallStatus.WRONG:
+                    tally.wrong_by_node[answering_node(result.response)] += 1
                 tally.retries += result.retries
                 tally.hedges += result.hedged
             except asyncio.CancelledError:

@@ -2,7 +2,7 @@
 
 `LoadTally` is the raw record (counts by status and every latency), small enough to
 pickle from worker processes and merge. `build_report` turns tallies into the JSON
-report DESIGN.md promises (`sent`, `correct`, `wrong`, `failed`, `achieved_rate`,
+report docs/DESIGN.md promises (`sent`, `correct`, `wrong`, `failed`, `achieved_rate`,
 `latency_ms` with p50/p95/p99/max, ...); `render_report` prints it as a rich table.
 """
 
@@ -33,6 +33,8 @@ class LoadTally:
 
     sent: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
+    #: wrong answers by the node the body names (a client that verifies can tell who lied)
+    wrong_by_node: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     hedges: int = 0
     budget_refusals: int = 0
@@ -82,6 +84,7 @@ class LoadTally:
         """Fold another worker's tally into this one (same run, same clock origin)."""
         self.sent += other.sent
         self.by_status.update(other.by_status)
+        self.wrong_by_node.update(other.wrong_by_node)
         self.retries += other.retries
         self.hedges += other.hedges
         self.budget_refusals += other.budget_refusals
@@ -153,6 +156,7 @@ def build_report(tally: LoadTally, settings: dict[str, Any]) -> dict[str, Any]:
         "wrong": tally.wrong,
         "failed": tally.failed,
         "failed_by_reason": failed_by_reason,
+        "wrong_by_node": dict(sorted(tally.wrong_by_node.items())),
         "success_rate": round(tally.correct / tally.sent, 6) if tally.sent else 0.0,
         "retries": tally.retries,
         "hedges": tally.hedges,

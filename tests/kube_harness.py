@@ -1,8 +1,12 @@
-"""Run the real operator against kmock's Kubernetes API emulator (tests and the benchmark).
+"""Test harness: the real operator against kmock's Kubernetes API emulator (tests, bench).
+
+It lives with the tests, not in the operator package, so that it never ships: it needs
+the dev extras (kmock) and reaches into kmock's internals.
 
 kmock 0.8 keeps objects exactly as clients send them. `ApiServerEmulator` adds only what
 a real API server would fill in on its own: uid, namespace, a name from generateName,
-resourceVersion, generation (bumped when the spec changes) and creationTimestamp.
+resourceVersion, generation (bumped when the spec changes) and creationTimestamp, and the
+scale subresource the CRD declares (`kubectl scale` reads and writes the object through it).
 Everything the operator sends and reads still goes over HTTP to the emulator.
 """
 
@@ -19,15 +23,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
+import attrs
 import jsonpatch
 import kmock
 import kopf
 import yaml
 from kmock._internal import enums
+from pydantic import ValidationError
+from twlb.operator.crd import render_crd
 from twlb.operator.handlers import OperatorConfig, make_settings, register
 from twlb.operator.kube import labels_match
 
-from twlb.spec import API_GROUP, API_VERSION, KIND, PLURAL
+from twlb.spec import API_GROUP, API_VERSION, KIND, PLURAL, TrustClusterSpec
 
 TRUSTCLUSTERS = f"{API_GROUP}/{API_VERSION}/{PLURAL}"
 DEPLOYMENTS = "apps/v1/deployments"
@@ -51,6 +59,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         # scanned from the start for each reaction: serving would slow down with every
         # request served. Only the request being served is kept; objects hold the state.
         del self._requests[:-1]
+        if request.resource is not None and request.subresource == "scale":
+            return await self._serve_scale(request)
         data = request.data
         if request.resource is not None and isinstance(data, list):
             self._json_patch_preconditions(request)
@@ -82,6 +92,59 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                         gen = obj.raw.get("metadata", {}).get("generation", 1)
                         meta["generation"] = gen + 1
         return await super()._handle(request)
+
+    async def _serve_scale(self, request: Any) -> Any:
+        """The scale subresource as the API server serves it for a CRD that declares one:
+        an autoscaling/v1 Scale read from (and written to) the object at the CRD's paths.
+
+        A write becomes a merge patch of the object itself (validated against the spec
+        model, as the server validates against the CRD's schema), so watchers see an
+        ordinary MODIFIED event with a new generation, as they do from a real server.
+        """
+        paths = next(
+            (p for res, p in SCALE_PATHS.items() if kmock.resource(res) == request.resource), None
+        )
+        key = (request.resource, request.namespace, request.name)
+        if paths is None:
+            raise kmock.KubernetesError(status=404, reason="NotFound", message="no scale")
+        try:
+            obj = self.objects[key]
+        except KeyError:
+            obj = None
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesError(status=404, reason="NotFound", message=str(key))
+        if request.action == enums.action.UPDATE:
+            replicas = (
+                (request.data or {}).get("spec", {}).get("replicas")
+                if isinstance(request.data, dict)
+                else None
+            )
+            spec = {**obj.raw.get("spec", {}), _leaf(paths["specReplicasPath"]): replicas}
+            try:
+                TrustClusterSpec.model_validate(spec)
+            except ValidationError as err:
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message=str(err)
+                ) from None
+            patch = {"spec": {_leaf(paths["specReplicasPath"]): replicas}}
+            update = attrs.evolve(request, subresource=None, data=patch)
+            self._requests.append(update)  # kmock serves only requests in its history
+            await self._handle(update)
+            obj = self.objects[key]
+        raw = obj.raw
+        scale = {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: raw["metadata"].get(k) for k in ("name", "namespace", "uid", "resourceVersion")
+            },
+            "spec": {"replicas": _at(raw, paths["specReplicasPath"]) or 0},
+            "status": {"replicas": _at(raw, paths["statusReplicasPath"]) or 0},
+        }
+        selector = _at(raw, paths.get("labelSelectorPath", ""))
+        if selector:
+            scale["status"]["selector"] = selector
+        return aiohttp.web.json_response(scale)
 
     def _next_version(self) -> str:
         ApiServerEmulator._version += 1
@@ -129,6 +192,26 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             jsonpatch.apply_patch(current.raw, tests)
         except (jsonpatch.JsonPatchTestFailed, jsonpatch.JsonPointerException) as err:
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(err)) from None
+
+
+#: The scale subresources the CRDs declare, by resource.
+SCALE_PATHS: dict[str, dict[str, str]] = {
+    TRUSTCLUSTERS: render_crd()["spec"]["versions"][0]["subresources"]["scale"]
+}
+
+
+def _at(obj: Mapping[str, Any], path: str) -> Any:
+    """The value at a CRD JSON path such as `.status.readyBackends` (None if absent)."""
+    for part in path.strip(".").split(".") if path else ():
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(part)  # type: ignore[assignment]
+    return obj if path else None
+
+
+def _leaf(path: str) -> str:
+    """`.spec.backends` -> `backends` (scale paths of this CRD are one level under spec)."""
+    return path.strip(".").split(".", 1)[1]
 
 
 def trustcluster(name: str, namespace: str, spec: Mapping[str, Any], **meta: Any) -> dict:
@@ -227,7 +310,7 @@ def _serve_resources(api: ApiServerEmulator) -> None:
         singular=KIND.lower(),
         namespaced=True,
         verbs={"list", "watch", "get", "patch", "create", "delete"},
-        subresources={"status"},
+        subresources={"status", "scale"},
         shortnames={"tc"},
     )
 
@@ -256,7 +339,7 @@ async def serve(port: int) -> None:
 
 
 def main() -> None:
-    """`python -m twlb.operator.testing --port P`: the emulator in its own process."""
+    """`python tests/kube_harness.py --port P`: the emulator in its own process."""
     import argparse
     import signal
 

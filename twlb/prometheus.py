@@ -1,14 +1,17 @@
-"""A real Prometheus server run as a child process, and reads through its HTTP API.
+"""The one way a Prometheus server is started on loopback, and reads through its HTTP API.
 
-The collector uses it to record the balancer's feature windows the way a cluster does:
-Prometheus scrapes the balancer's /metrics, and the windows are read back with PromQL.
-`LocalPrometheus` starts Debian's `prometheus` binary with a generated config on
-loopback; `PrometheusAPI` talks to that one or to an in-cluster Prometheus.
+`LocalPrometheus` starts Debian's `prometheus` binary as a child process with a generated
+config scraping the balancers (and, for the embedded runtime, the backend nodes); the
+embedded runtime (`twlb up`) and the collector (`twlb collect`) both start it this way.
+`PrometheusAPI` talks to that server or to an in-cluster Prometheus: the collector reads
+the balancer's feature windows back with PromQL.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,33 +34,44 @@ def find_prometheus(binary: str = "prometheus") -> str:
     path = shutil.which(binary)
     if path is None:
         raise PrometheusUnavailable(
-            f"the '{binary}' executable is not on PATH: install Debian's package "
-            "(apt-get install prometheus) or pass the binary's path"
+            f"the '{binary}' executable is not on PATH: run scripts/system-deps (it installs "
+            "Debian's prometheus package) or pass the binary's path"
         )
     return path
 
 
-def render_config(targets: Sequence[str], scrape_interval_s: float) -> dict[str, Any]:
-    """A Prometheus config scraping each balancer base URL's /metrics at a short interval."""
-    static = []
-    for url in targets:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"scrape target must be an http(s) base URL, got {url!r}")
-        static.append({"targets": [parts.netloc], "labels": {"balancer": url}})
+def render_config(
+    targets: Sequence[str], scrape_interval_s: float, nodes: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A Prometheus config scraping each balancer base URL's /metrics (job twlb-balancer)
+    and each backend node's (job twlb-nodes) at the given interval."""
     interval = f"{round(scrape_interval_s * 1000)}ms"
+
+    def job(name: str, urls: Sequence[str], label: str | None) -> dict[str, Any]:
+        # Nodes get no target label: their own metrics already carry a `node` label.
+        static = [{"targets": [_netloc(u)], "labels": {label: u} if label else {}} for u in urls]
+        return {
+            "job_name": name,
+            "metrics_path": "/metrics",
+            "scrape_interval": interval,
+            "scrape_timeout": interval,
+            "static_configs": static,
+        }
+
+    jobs = [job("twlb-balancer", targets, "balancer")]
+    if nodes:
+        jobs.append(job("twlb-nodes", nodes, None))
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "scrape_configs": [
-            {
-                "job_name": "twlb-balancer",
-                "metrics_path": "/metrics",
-                "scrape_interval": interval,
-                "scrape_timeout": interval,
-                "static_configs": static,
-            }
-        ],
+        "scrape_configs": jobs,
     }
+
+
+def _netloc(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"scrape target must be an http(s) base URL, got {url!r}")
+    return parts.netloc
 
 
 @dataclass
@@ -111,12 +125,18 @@ class PrometheusAPI:
 
 @dataclass
 class LocalPrometheus:
-    """Debian's prometheus on a free loopback port, scraping the given balancers."""
+    """Debian's prometheus on a loopback port, scraping the given balancers (and nodes).
+
+    `port` None picks a free one; `workdir` None is a temporary directory removed on stop.
+    """
 
     targets: Sequence[str]
     scrape_interval_s: float = 0.5
     binary: str = "prometheus"
     workdir: Path | None = None
+    port: int | None = None
+    nodes: Sequence[str] = ()
+    retention: str = "1d"
     process: ManagedProcess | None = field(default=None, init=False)
     url: str = field(default="", init=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False)
@@ -127,15 +147,15 @@ class LocalPrometheus:
             self._tmp = tempfile.TemporaryDirectory(prefix="twlb-prometheus-")
             self.workdir = Path(self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(render_config(self.targets, self.scrape_interval_s)))
-        port = free_port()
+        config = self._write_config()
+        port = self.port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = ManagedProcess(
             [
                 exe,
                 f"--config.file={config}",
                 f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--storage.tsdb.retention.time={self.retention}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--log.level=warn",
             ],
@@ -147,6 +167,22 @@ class LocalPrometheus:
             self.stop()
             raise
         return self
+
+    def _write_config(self) -> Path:
+        assert self.workdir is not None
+        config = self.workdir / "prometheus.yml"
+        config.write_text(
+            yaml.safe_dump(render_config(self.targets, self.scrape_interval_s, self.nodes))
+        )
+        return config
+
+    def set_nodes(self, nodes: Sequence[str]) -> None:
+        """Scrape these backend nodes from now on (replicas added or removed at run time):
+        the config is rewritten and the running server re-reads it on SIGHUP."""
+        self.nodes = list(nodes)
+        if self.process is not None and self.process.alive():
+            self._write_config()
+            os.kill(self.process.pid, signal.SIGHUP)
 
     @property
     def api(self) -> PrometheusAPI:

@@ -1,0 +1,90 @@
+"""Every setting of one backend node, declared once: `twlb backend`'s flags come from here.
+
+The fault is the TrustCluster spec's `FaultSpec` (twlb/spec.py), whose fields are the
+fault flags; the rest of the node's settings are `BackendSettings`' fields. Both become
+click options through twlb/options.py.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from twlb.spec import FaultSpec, GossipSpec
+from twlb.vocabulary import Probability
+
+if TYPE_CHECKING:
+    from twlb.gossip.service import GossipRun
+
+
+class BackendSettings(BaseModel):
+    """Everything one node needs (flags, environment or code)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
+    node_id: str = Field(
+        default_factory=socket.gethostname,
+        description="Name this node reports in answers and metrics (default: the hostname).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of faults and simulation.")
+    fault: FaultSpec = Field(default_factory=FaultSpec, description="The node's fault.")
+    control_token: str | None = Field(
+        None,
+        description="Bearer token of /control/fault; without one the control endpoint is disabled.",
+    )
+    simulation: bool = Field(
+        True, description="Simulate the node's load, latency, packet loss, CPU and memory."
+    )
+    packet_loss: Probability | None = Field(
+        None, description="Share of connections dropped, overriding the simulated loss."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
+    # Gossip failure detection (twlb.gossip): the TrustCluster's `gossip` section, plus
+    # where this node is and whom it joins through.
+    gossip: GossipSpec = Field(default_factory=GossipSpec, description="Gossip settings.")
+    gossip_advertise: str | None = Field(
+        None,
+        description="HOST:PORT the other nodes reach this node's gossip at (default: --host and the UDP port).",
+    )
+    gossip_seeds: tuple[str, ...] = Field(
+        (),
+        max_length=512,
+        description="HOST:PORT of a peer to join through; repeat (space-separated in the variable).",
+    )
+
+    @field_validator("gossip_advertise", "gossip_seeds")
+    @classmethod
+    def _gossip_addresses(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        from twlb.gossip.agent import split_address
+
+        for address in (value,) if isinstance(value, str) else value or ():
+            split_address(address)  # a ValueError names the malformed one
+        return value
+
+    def gossip_run(self) -> GossipRun | None:
+        """This node's gossip, or None when it is off (--no-gossip)."""
+        from twlb.gossip.service import GossipRun
+
+        if not self.gossip.enabled:
+            return None
+        udp_port = self.gossip.port or self.port
+        advertise = self.gossip_advertise or f"{self.host}:{udp_port}"
+        return GossipRun(self.gossip, (self.host, udp_port), advertise, self.gossip_seeds)
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id_is_a_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("control_token")
+    @classmethod
+    def _empty_token_is_none(cls, value: str | None) -> str | None:
+        return value or None

@@ -13,6 +13,17 @@ reports/bench/proxy_bench.json (or proxy_bench_memory.json).
 
     .venv/bin/python bench/proxy_bench.py            # throughput and added latency
     .venv/bin/python bench/proxy_bench.py --memory   # RSS after 1,000,000 requests
+
+`--reference-python` names the interpreter of another build (a venv where an older
+checkout is installed): its round-robin and 5 % trust balancers run beside this build's in
+the same rounds, and the figures add this build's throughput over the reference's, per
+round, so a change is judged against the code before it on the same machine and minute.
+
+    git worktree add /tmp/ref <commit> && python3 -m venv /tmp/ref-venv
+    /tmp/ref-venv/bin/pip install -r /tmp/ref/requirements.lock
+    /tmp/ref-venv/bin/pip install --no-deps -e /tmp/ref
+    .venv/bin/python bench/proxy_bench.py --audit-fraction 0.05 \
+        --reference-python /tmp/ref-venv/bin/python
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import click
@@ -51,6 +63,7 @@ def trust_name(fraction: float) -> str:
 
 
 TRUST = trust_name(0.05)
+REFERENCE = "reference "  # prefix of the reference build's rows
 BACKEND_DIRECT = "backend direct"
 LATENCY_RATE = 500.0
 
@@ -100,14 +113,25 @@ def nginx_process(root: Path, port: int, backends: list[str], workers: int) -> M
 
 
 def balancer_process(
-    log_dir: Path, port: int, backends: list[str], policy: str, audits: float
+    log_dir: Path,
+    port: int,
+    backends: list[str],
+    policy: str,
+    audits: float,
+    python: str | None = None,
 ) -> ManagedProcess:
-    argv = twlb_argv(
+    """This build's balancer, or the one installed for the interpreter `python`."""
+    argv = (twlb_argv if python is None else partial(reference_argv, python))(
         "balancer", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
         "--audit-fraction", str(audits), "--log-level", "warning",
         *(arg for b in backends for arg in ("--backend", b)),
     )  # fmt: skip
     return ManagedProcess(argv, log_path=log_dir / f"balancer-{port}.log")
+
+
+def reference_argv(python: str, *args: str) -> list[str]:
+    """argv of the `twlb` command of another build, run by that build's interpreter."""
+    return [python, "-P", "-m", "twlb", *args]
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -194,6 +218,13 @@ def machine(load_before: tuple[float, float, float]) -> dict:
     help="Audit fractions of the trust balancers compared (repeatable; 0.05 always runs).",
 )
 @click.option(
+    "--reference-python",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Interpreter of another build whose round-robin and 5% trust balancers run "
+    "beside this build's in the same rounds.",
+)
+@click.option(
     "--out",
     default=None,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -210,6 +241,7 @@ def main(
     memory_requests: int,
     memory_max_s: int,
     audit_fractions: tuple[float, ...],
+    reference_python: str | None,
     out: Path | None,
 ) -> None:
     """Balancer vs nginx throughput, added latency at 500 req/s, or memory (--memory)."""
@@ -249,16 +281,20 @@ def main(
         fractions = sorted({0.05, *audit_fractions})
         trusts = {trust_name(f): f for f in fractions}
         proxies = [TRUST] if memory else [NGINX, ROUND_ROBIN, *trusts]
+        if reference_python is not None and not memory:
+            proxies += [REFERENCE + ROUND_ROBIN, REFERENCE + TRUST]
         for name in proxies:
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}"
             if name == NGINX:
                 procs[name] = nginx_process(root, port, backends, nginx_workers)
             else:
+                own = name.removeprefix(REFERENCE)
                 policy, audits = (
-                    ("round-robin", 0.0) if name == ROUND_ROBIN else ("trust", trusts[name])
+                    ("round-robin", 0.0) if own == ROUND_ROBIN else ("trust", trusts[own])
                 )
-                procs[name] = balancer_process(root, port, backends, policy, audits)
+                python = reference_python if name.startswith(REFERENCE) else None
+                procs[name] = balancer_process(root, port, backends, policy, audits, python)
         try:
             for proc in procs.values():
                 proc.start()
@@ -318,10 +354,10 @@ def speed_run(
     median = {name: statistics.median(of(name, "ok_per_s")) for name in proxies}
     cpu = {name: statistics.median(of(name, "server_cpu_us_per_request")) for name in proxies}
 
-    def paired(name: str) -> float:
+    def paired(name: str, over: str = NGINX) -> float:
         # Runs of one round are close in time, so per-round ratios are the least disturbed.
         return statistics.median(
-            b / a for a, b in zip(of(NGINX, "ok_per_s"), of(name, "ok_per_s"), strict=True)
+            b / a for a, b in zip(of(over, "ok_per_s"), of(name, "ok_per_s"), strict=True)
         )
 
     rr_ratio, trust_ratio = paired(ROUND_ROBIN), paired(TRUST)
@@ -329,6 +365,12 @@ def speed_run(
         name.split(", ")[1]: round(paired(name), 4)
         for name in proxies
         if name.startswith("balancer trust")
+    }
+    # This build over the reference build, per policy (present with --reference-python).
+    over_reference = {
+        name: round(paired(name, REFERENCE + name), 4)
+        for name in (ROUND_ROBIN, TRUST)
+        if REFERENCE + name in proxies
     }
 
     latency: dict[str, list[float]] = {ROUND_ROBIN: [], BACKEND_DIRECT: []}
@@ -368,6 +410,14 @@ def speed_run(
             for k, v in by_fraction.items()
             if k != "5% audits"
         ),
+        *(
+            (f"reference {k} / nginx throughput", f"{paired(REFERENCE + k):.3f}", "", True)
+            for k in over_reference
+        ),
+        *(
+            (f"{k} / reference build", f"{v:.3f}", ">= 1.0", v >= 1.0)
+            for k, v in over_reference.items()
+        ),
         ("added p50 latency at 500 req/s", f"{added_p50:.3f} ms", "< 1 ms", added_p50 < 1.0),
     ]
     for fig, value, target, met in rows:
@@ -393,6 +443,7 @@ def speed_run(
         "round_robin_over_nginx": rr_ratio,
         "trust_over_nginx": trust_ratio,
         "trust_over_nginx_by_audits": by_fraction,
+        "over_reference_build": over_reference,
         "latency_rate_per_s": LATENCY_RATE,
         "p50_ms": p50,
         "p50_ms_runs": latency,

@@ -114,7 +114,7 @@ class LbSimulation:
             for i, speed in enumerate(scenario.speeds)
         }
         names = list(self.servers)
-        self.windows = FleetWindows()
+        self.windows = FleetWindows(window_s=10.0)
         self.windows.set_backends(names)
         self.engine = TrustEngine(HeuristicScorer())
         self.engine.set_backends(names, 0.0)
@@ -233,7 +233,7 @@ class LbSimulation:
 
     def _trust_tick(self) -> None:
         now = self.kernel.now
-        features = self.windows.features(now, 10.0)
+        features = self.windows.features(now)
         if features:
             self.engine.update(features, now)
         self.kernel.call_after(1.0, self._trust_tick)

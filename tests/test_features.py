@@ -7,6 +7,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twlb.balancer.features import (
     FEATURE_NAMES,
     REL_CAP,
@@ -15,6 +17,8 @@ from twlb.balancer.features import (
     WindowStats,
     compute_features,
     feature_vector,
+    histogram_quantiles,
+    latency_bin,
 )
 
 from twlb.outcome import Outcome
@@ -84,7 +88,7 @@ def test_feature_vector_follows_feature_names() -> None:
 
 def test_window_counts_outcomes_and_approximates_quantiles() -> None:
     rng = random.Random(5)
-    window = FeatureWindow(horizon_s=30.0, resolution_s=0.25)
+    window = FeatureWindow(window_s=5.0, resolution_s=0.25)
     latencies = []
     for i in range(2000):
         now = i * 0.002
@@ -99,7 +103,7 @@ def test_window_counts_outcomes_and_approximates_quantiles() -> None:
     window.record_health(4.0, ok=False)
     window.record_inflight(4.0, 2)
     window.record_inflight(4.0, 4)
-    s = window.stats(4.0, 5.0)
+    s = window.stats(4.0)
     assert (s.requests, s.successes, s.timeouts, s.connect_errors) == (2002, 2000, 1, 1)
     assert (s.audits, s.audit_mismatches, s.health_checks, s.health_failures) == (2, 1, 1, 1)
     assert s.inflight_mean == 3.0
@@ -108,31 +112,32 @@ def test_window_counts_outcomes_and_approximates_quantiles() -> None:
 
 
 def test_window_keeps_only_the_last_window_s() -> None:
-    window = FeatureWindow(horizon_s=60.0, resolution_s=0.5)
-    window.record_request(1.0, Outcome.ERROR, 0.01)
-    window.record_request(9.0, Outcome.SUCCESS, 0.01)
-    assert window.stats(10.0, 5.0).requests == 1
-    assert window.stats(10.0, 10.0).requests == 2
-    assert window.stats(100.0, 60.0) == WindowStats()
-    with pytest.raises(ValueError, match="window_s must be in"):
-        window.stats(10.0, 61.0)
+    short, long = FeatureWindow(window_s=5.0, resolution_s=0.5), FeatureWindow(window_s=10.0)
+    for window in (short, long):
+        window.record_request(1.0, Outcome.ERROR, 0.01)
+        window.record_request(9.0, Outcome.SUCCESS, 0.01)
+    assert short.stats(10.0).requests == 1
+    assert long.stats(10.0).requests == 2
+    assert long.stats(100.0) == WindowStats()
+    long.record_audit(100.0, mismatch=True)  # a window emptied and filled again
+    assert long.stats(100.0) == WindowStats(audits=1, audit_mismatches=1)
 
 
-def test_memory_is_bounded_by_the_horizon() -> None:
-    window = FeatureWindow(horizon_s=10.0, resolution_s=0.5)
+def test_memory_is_bounded_by_the_window() -> None:
+    window = FeatureWindow(window_s=10.0, resolution_s=0.5)
     for i in range(50_000):  # 500 s of traffic at 100 requests per second
         window.record_request(i * 0.01, Outcome.SUCCESS, 0.01)
     assert len(window) <= 10.0 / 0.5 + 2
-    assert window.stats(500.0, 10.0).requests == pytest.approx(1000, abs=60)
+    assert window.stats(500.0).requests == pytest.approx(1000, abs=60)
 
 
 def test_fleet_windows_keep_known_backends_and_compute_features() -> None:
-    fleet = FleetWindows(horizon_s=30.0)
+    fleet = FleetWindows(window_s=5.0)
     fleet.set_backends(["a", "b"])
     fleet["a"].record_request(1.0, Outcome.ERROR, 0.01)
     fleet["b"].record_request(1.0, Outcome.SUCCESS, 0.01)
     fleet.set_backends(["a", "c"])
-    features = fleet.features(2.0, 5.0)
+    features = fleet.features(2.0)
     assert set(features) == {"a", "c"}
     assert features["a"]["error_5xx_ratio"] == 1.0
     assert features["c"]["request_count_log1p"] == 0.0
@@ -140,4 +145,65 @@ def test_fleet_windows_keep_known_backends_and_compute_features() -> None:
 
 def test_bad_window_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="resolution_s"):
-        FeatureWindow(horizon_s=1.0, resolution_s=2.0)
+        FeatureWindow(window_s=1.0, resolution_s=2.0)
+
+
+_EVENT = st.tuples(
+    st.floats(0.0, 3.0),  # seconds since the previous event
+    st.sampled_from(["request", "audit", "health", "inflight", "stats"]),
+    st.sampled_from(list(Outcome)),
+    st.floats(1e-5, 5.0),  # latency, or the in-flight count / 1000
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(_EVENT, max_size=120), window_s=st.sampled_from([1.0, 2.5, 5.0]))
+def test_the_running_window_equals_a_recount_of_the_events_it_holds(
+    events: list, window_s: float
+) -> None:
+    """The sums kept as buckets close and leave give what counting every event still in
+    the window gives, at every moment, whatever the gaps between events."""
+    res = 0.25
+    window = FeatureWindow(window_s=window_s, resolution_s=res)
+    seen: list[tuple[float, str, Outcome, float, bool]] = []
+    now = 0.0
+    for gap, kind, outcome, x, flag in events:
+        now += gap
+        if kind == "request":
+            window.record_request(now, outcome, x)
+        elif kind == "audit":
+            window.record_audit(now, flag)
+        elif kind == "health":
+            window.record_health(now, flag)
+        elif kind == "inflight":
+            x = float(int(x * 1000))
+            window.record_inflight(now, int(x))
+        seen.append((now, kind, outcome, x, flag))
+        first = math.floor((now - window_s) / res)
+        held = [e for e in seen if math.floor(e[0] / res) >= first and e[1] != "stats"]
+        reqs = [e for e in held if e[1] == "request"]
+        timed = [e for e in reqs if e[2] is not Outcome.CONNECT_ERROR]
+        hist: dict[int, int] = {}
+        for e in timed:
+            hist[latency_bin(e[3])] = hist.get(latency_bin(e[3]), 0) + 1
+        p50, p95, p99 = histogram_quantiles(hist, (0.50, 0.95, 0.99))
+        samples = [e[3] for e in held if e[1] == "inflight"]
+        audits = [e for e in held if e[1] == "audit"]
+        checks = [e for e in held if e[1] == "health"]
+        assert window.stats(now) == WindowStats(
+            requests=len(reqs),
+            successes=sum(e[2] is Outcome.SUCCESS for e in reqs),
+            errors_5xx=sum(e[2] is Outcome.ERROR for e in reqs),
+            timeouts=sum(e[2] is Outcome.TIMEOUT for e in reqs),
+            connect_errors=sum(e[2] is Outcome.CONNECT_ERROR for e in reqs),
+            latency_p50_s=p50,
+            latency_p95_s=p95,
+            latency_p99_s=p99,
+            audits=len(audits),
+            audit_mismatches=sum(e[4] for e in audits),
+            health_checks=len(checks),
+            health_failures=sum(not e[4] for e in checks),
+            inflight_mean=sum(samples) / len(samples) if samples else 0.0,
+        )
+        assert len(window) <= window_s / res + 2

@@ -113,9 +113,8 @@ class Balancer:
         )
         self.health.set_backends(self.backends, now)
         self.up: list[str] = list(self.backends)
-        horizon = max(60.0, 2 * settings.window_s)
         self.windows = FleetWindows(
-            horizon_s=horizon, resolution_s=min(0.25, settings.window_s / 4)
+            window_s=settings.window_s, resolution_s=min(0.25, settings.window_s / 4)
         )
         self.windows.set_backends(self.backends)
         self.engine = TrustEngine(
@@ -399,7 +398,7 @@ class Balancer:
             self._reload_truth()
         if self.model is not None:
             self.model.poll()
-        self.features = self.windows.features(now, self.settings.window_s)
+        self.features = self.windows.features(now)
         if self.features:
             self.engine.update(self.features, now)
         else:

@@ -7,7 +7,7 @@ scoring and offline training see identical columns (`FEATURE_NAMES`, fixed order
 
 Memory is bounded whatever the request rate: events are folded into time buckets of
 `resolution_s` seconds, each holding counters and a log-spaced latency histogram, and
-buckets older than `horizon_s` are dropped. Latency quantiles therefore carry the
+buckets older than the window are dropped. Latency quantiles therefore carry the
 histogram's relative error (`LATENCY_GROWTH`, 5 %), far below the differences between a
 healthy and a slow node.
 
@@ -90,11 +90,13 @@ class WindowStats:
     inflight_mean: float = 0.0
 
 
-class _Bucket:
-    """Everything recorded during one `resolution_s` slice of time."""
+_OUTCOMES = tuple(Outcome)  # iterating the enum class itself is slow, and buckets are many
+
+
+class _Counts:
+    """Everything recorded over a stretch of time: one bucket, or the sum of several."""
 
     __slots__ = (
-        "index",
         "outcomes",
         "hist",
         "audits",
@@ -105,9 +107,8 @@ class _Bucket:
         "inflight_samples",
     )
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.outcomes = dict.fromkeys(Outcome, 0)
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(_OUTCOMES, 0)
         self.hist: dict[int, int] = {}  # latency bin -> count (sparse: few bins are used)
         self.audits = 0
         self.mismatches = 0
@@ -115,6 +116,35 @@ class _Bucket:
         self.check_failures = 0
         self.inflight_sum = 0.0
         self.inflight_samples = 0
+
+    def add(self, other: _Counts, sign: int = 1) -> None:
+        """Add `other` into these counts (`sign` -1: take it out again)."""
+        outcomes = self.outcomes
+        for o, n in other.outcomes.items():
+            outcomes[o] += sign * n
+        hist = self.hist
+        for i, n in other.hist.items():
+            left = hist.get(i, 0) + sign * n
+            if left:
+                hist[i] = left
+            else:
+                del hist[i]
+        self.audits += sign * other.audits
+        self.mismatches += sign * other.mismatches
+        self.checks += sign * other.checks
+        self.check_failures += sign * other.check_failures
+        self.inflight_sum += sign * other.inflight_sum
+        self.inflight_samples += sign * other.inflight_samples
+
+
+class _Bucket(_Counts):
+    """Everything recorded during one `resolution_s` slice of time."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
 
 
 def histogram_quantiles(hist: Mapping[int, int], qs: tuple[float, ...]) -> list[float | None]:
@@ -137,37 +167,46 @@ def histogram_quantiles(hist: Mapping[int, int], qs: tuple[float, ...]) -> list[
 
 
 class FeatureWindow:
-    """Timestamped events of one backend, kept for `horizon_s` seconds in fixed buckets.
+    """Timestamped events of one backend over the last `window_s` seconds, in fixed buckets.
 
-    Memory per backend is at most `horizon_s / resolution_s` buckets, whatever the rate.
+    Memory per backend is at most `window_s / resolution_s` buckets, whatever the rate.
+    The buckets before the newest are also kept summed as they close and leave, so a
+    trust tick reads a backend's window in one merge instead of one per bucket (with
+    1,000 backends this was most of the tick: bench/fleet_scale.py).
     """
 
-    def __init__(self, horizon_s: float = 60.0, resolution_s: float = 0.25) -> None:
-        if resolution_s <= 0 or horizon_s < resolution_s:
-            raise ValueError(
-                f"need 0 < resolution_s <= horizon_s, got {resolution_s=} {horizon_s=}"
-            )
-        self.horizon_s = horizon_s
+    def __init__(self, window_s: float = 10.0, resolution_s: float = 0.25) -> None:
+        if resolution_s <= 0 or window_s < resolution_s:
+            raise ValueError(f"need 0 < resolution_s <= window_s, got {resolution_s=} {window_s=}")
+        self.window_s = window_s
         self.resolution_s = resolution_s
         self._buckets: deque[_Bucket] = deque()
+        self._closed = _Counts()  # the sum of every bucket but the newest
 
     def _bucket(self, now: float) -> _Bucket:
         index = math.floor(now / self.resolution_s)
         buckets = self._buckets
-        if buckets and buckets[-1].index >= index:
-            # Events are recorded in time order; a late one (clock skew between awaits)
-            # lands in the newest bucket rather than rewriting the past.
-            return buckets[-1]
+        if buckets:
+            newest = buckets[-1]
+            if newest.index >= index:
+                # Events are recorded in time order; a late one (clock skew between
+                # awaits) lands in the newest bucket rather than rewriting the past.
+                return newest
+            self._closed.add(newest)  # it will never be written again
         bucket = _Bucket(index)
         buckets.append(bucket)
         self._expire(now)
         return bucket
 
     def _expire(self, now: float) -> None:
-        oldest = math.floor((now - self.horizon_s) / self.resolution_s)
+        oldest = math.floor((now - self.window_s) / self.resolution_s)
         buckets = self._buckets
         while buckets and buckets[0].index < oldest:
-            buckets.popleft()
+            gone = buckets.popleft()
+            if buckets:  # the newest bucket was never added to the closed sum
+                self._closed.add(gone, -1)
+            else:
+                self._closed = _Counts()
 
     def record_request(self, now: float, outcome: Outcome, latency_s: float) -> None:
         """One upstream try ended at `now` with `outcome` after `latency_s` seconds."""
@@ -199,35 +238,17 @@ class FeatureWindow:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def stats(self, now: float, window_s: float) -> WindowStats:
+    def stats(self, now: float) -> WindowStats:
         """Aggregates over the buckets overlapping the last `window_s` seconds."""
-        if not 0 < window_s <= self.horizon_s:
-            raise ValueError(f"window_s must be in (0, {self.horizon_s}], got {window_s}")
         self._expire(now)
-        first = math.floor((now - window_s) / self.resolution_s)
-        last = math.floor(now / self.resolution_s)
-        outcomes = dict.fromkeys(Outcome, 0)
-        hist: dict[int, int] = {}
-        audits = mismatches = checks = check_failures = samples = 0
-        inflight_sum = 0.0
-        # Newest first, stopping at the window's start: the horizon holds many more buckets
-        # than one window, and a trust tick does this for every backend.
-        for b in reversed(self._buckets):
-            if b.index > last:
-                continue
-            if b.index < first:
-                break
-            for o, n in b.outcomes.items():
-                outcomes[o] += n
-            for i, n in b.hist.items():
-                hist[i] = hist.get(i, 0) + n
-            audits += b.audits
-            mismatches += b.mismatches
-            checks += b.checks
-            check_failures += b.check_failures
-            inflight_sum += b.inflight_sum
-            samples += b.inflight_samples
-        quantiles = histogram_quantiles(hist, (0.50, 0.95, 0.99))
+        if not self._buckets:
+            return WindowStats()
+        total = _Counts()
+        total.add(self._closed)
+        total.add(self._buckets[-1])
+        outcomes = total.outcomes
+        samples = total.inflight_samples
+        quantiles = histogram_quantiles(total.hist, (0.50, 0.95, 0.99))
         return WindowStats(
             requests=sum(outcomes.values()),
             successes=outcomes[Outcome.SUCCESS],
@@ -237,11 +258,11 @@ class FeatureWindow:
             latency_p50_s=quantiles[0],
             latency_p95_s=quantiles[1],
             latency_p99_s=quantiles[2],
-            audits=audits,
-            audit_mismatches=mismatches,
-            health_checks=checks,
-            health_failures=check_failures,
-            inflight_mean=inflight_sum / samples if samples else 0.0,
+            audits=total.audits,
+            audit_mismatches=total.mismatches,
+            health_checks=total.checks,
+            health_failures=total.check_failures,
+            inflight_mean=total.inflight_sum / samples if samples else 0.0,
         )
 
 
@@ -286,10 +307,10 @@ def feature_vector(
 
 
 class FleetWindows:
-    """One FeatureWindow per backend, with the fleet's features for a window in one call."""
+    """One FeatureWindow per backend, with the fleet's features for the window in one call."""
 
-    def __init__(self, horizon_s: float = 60.0, resolution_s: float = 0.25) -> None:
-        self.horizon_s = horizon_s
+    def __init__(self, window_s: float = 10.0, resolution_s: float = 0.25) -> None:
+        self.window_s = window_s
         self.resolution_s = resolution_s
         self.windows: dict[str, FeatureWindow] = {}
 
@@ -297,15 +318,15 @@ class FleetWindows:
         """Keep windows of known backends, add empty ones, drop removed ones."""
         old = self.windows
         self.windows = {
-            b: old[b] if b in old else FeatureWindow(self.horizon_s, self.resolution_s)
+            b: old[b] if b in old else FeatureWindow(self.window_s, self.resolution_s)
             for b in backends
         }
 
     def __getitem__(self, backend: str) -> FeatureWindow:
         return self.windows[backend]
 
-    def stats(self, now: float, window_s: float) -> dict[str, WindowStats]:
-        return {b: w.stats(now, window_s) for b, w in self.windows.items()}
+    def stats(self, now: float) -> dict[str, WindowStats]:
+        return {b: w.stats(now) for b, w in self.windows.items()}
 
-    def features(self, now: float, window_s: float) -> dict[str, dict[str, float]]:
-        return compute_features(self.stats(now, window_s))
+    def features(self, now: float) -> dict[str, dict[str, float]]:
+        return compute_features(self.stats(now))

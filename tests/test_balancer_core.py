@@ -9,12 +9,15 @@ every try is recorded, so what each backend was sent is known exactly.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from dataclasses import dataclass, field
 
 import orjson
 import pytest
 from twlb.balancer.app import BalancerApp
-from twlb.balancer.core import Balancer
+from twlb.balancer.cli import refreeze
+from twlb.balancer.core import FLEET_SETTLED_S, Balancer
 from twlb.balancer.settings import BalancerSettings
 from twlb.balancer.upstream import (
     UpstreamConnectError,
@@ -275,3 +278,46 @@ async def test_failing_health_checks_take_a_backend_out_and_passing_ones_keep_th
         assert good in checks and dropping in checks
     finally:
         await b.stop()
+
+
+def test_the_fleet_settled_call_comes_once_a_window_after_the_last_change() -> None:
+    calls: list[float] = []
+    parts, fleet, urls = fake_fleet([HONEST, HONEST], window_s=2.0)
+    clock = parts["clock"]
+    b = Balancer(parts.pop("settings"), fleet_settled=lambda: calls.append(clock()), **parts)
+    start = clock()
+    fleet.behaviour["http://10.0.0.9:8000"] = HONEST
+    assert b.add_backend("http://10.0.0.9:8000")
+
+    def run_until(t: float) -> None:
+        while clock.now < t - 1e-9:
+            clock.now = round(clock.now + 0.1, 6)
+            b.tick(clock())
+
+    run_until(start + 2.0 + FLEET_SETTLED_S - 0.1)  # a window and the margin not yet over
+    assert calls == []
+    run_until(start + 2.0 + FLEET_SETTLED_S)
+    assert calls == [pytest.approx(start + 3.0)]
+    run_until(start + 20.0)  # nothing changed since: no second call
+    assert len(calls) == 1
+    assert b.remove_backend("http://10.0.0.9:8000")  # a change starts the wait again
+    run_until(start + 20.0 + 2.0 + FLEET_SETTLED_S)
+    assert calls[1:] == [pytest.approx(start + 23.0)]
+
+
+def test_refreeze_collects_garbage_cycles_before_freezing_the_rest() -> None:
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.me = cycle  # type: ignore[attr-defined]
+    gone = weakref.ref(cycle)
+    del cycle
+    kept = Node()
+    try:
+        refreeze()
+        assert gone() is None  # collected, not frozen for good
+        assert gc.get_freeze_count() > 0
+        assert not any(o is kept for o in gc.get_objects())  # frozen: no longer scanned
+    finally:
+        gc.unfreeze()

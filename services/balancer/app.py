@@ -330,11 +330,11 @@ async def serve(app: BalancerApp, host: str, port: int) -> int | None:
     return received[0] if received else None
 
 
-def create_app(settings: BalancerSettings) -> BalancerApp:
+def create_app(settings: BalancerSettings, **core: Any) -> BalancerApp:
     """A new balancer app; nothing is opened until its lifespan starts.
 
     The `Balancer` is built here, so a bad oracle truth file (OracleTruthError) or a
     refused model (ModelRefused) stops start-up now, not on the first tick; each is read
-    once.
+    once. `core` reaches the `Balancer` (clock, transports, fleet_settled).
     """
-    return BalancerApp(settings)
+    return BalancerApp(settings, **core)

@@ -59,6 +59,10 @@ GOSSIP_VIEW_LIMITS = UpstreamLimits(
 #: Audits cross-check only safe methods: the extra calls must not change anything.
 AUDITED_METHODS = frozenset({"GET"})
 
+#: Seconds without a change of the fleet, beyond one feature window (by then every new
+#: backend's window holds all its buckets), after which `fleet_settled` is called.
+FLEET_SETTLED_S = 1.0
+
 
 class Upstream(Protocol):
     """One backend's connection pool, as the core uses it (`upstream.BackendPool`)."""
@@ -91,8 +95,15 @@ class Balancer:
         clock: Callable[[], float] = monotonic,
         transport: Callable[[str], Upstream] | None = None,
         health_transport: Callable[[str], Upstream] | None = None,
+        fleet_settled: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Called from the tick once the fleet has not changed for a feature window plus
+        # FLEET_SETTLED_S (the process uses it to take the fleet's objects out of the
+        # cyclic collector's generations; see services/balancer/cli.py).
+        self.fleet_settled = fleet_settled
+        self._fleet_changed_at: float | None = None
+        self._next_trust: float | None = None  # the first tick updates trust
         # The clock every core is driven with, and the factory of one backend's upstream
         # connection pool: tests give a fake clock and a transport that lies, stalls, drops.
         self.clock = clock
@@ -179,6 +190,7 @@ class Balancer:
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self._running = True
+        self._fleet_changed_at = self.clock()  # the fleet starts: it settles in a window
         self._health_slots = asyncio.Semaphore(self.settings.health_concurrency)
         for b in self.backends:
             self._start_health(b)
@@ -247,6 +259,7 @@ class Balancer:
         return True
 
     def _sync_backends(self, now: float) -> None:
+        self._fleet_changed_at = now
         backends = list(self.backends)
         self.health.set_backends(backends, now)
         self.windows.set_backends(backends)
@@ -364,23 +377,31 @@ class Balancer:
         self._refresh_up()
 
     async def _tick_loop(self) -> None:
-        """Policy and health ticks, in-flight samples, and periodic trust updates."""
-        s = self.settings
-        next_trust = self.clock()
+        """Calls `tick` every policy tick; a bug in one tick must not stop routing for good."""
         while True:
-            await asyncio.sleep(s.policy_tick_s)
-            now = self.clock()
+            await asyncio.sleep(self.settings.policy_tick_s)
             try:
-                self.policy.tick(now)
-                self.health.tick(now)
-                self._refresh_up()  # logs and counts backends back after their cooldown
-                for b, n in self.inflight.items():
-                    self.windows[b].record_inflight(now, n)
-                if now >= next_trust:
-                    next_trust = now + s.trust_tick_s
-                    self.update_trust(now)
-            except Exception:  # a bug in one tick must not stop routing for good
+                self.tick(self.clock())
+            except Exception:
                 log.exception("balancer tick failed")
+
+    def tick(self, now: float) -> None:
+        """Policy and health ticks, in-flight samples, periodic trust updates, and the
+        fleet-settled call once the fleet has not changed for a window."""
+        s = self.settings
+        self.policy.tick(now)
+        self.health.tick(now)
+        self._refresh_up()  # logs and counts backends back after their cooldown
+        for b, n in self.inflight.items():
+            self.windows[b].record_inflight(now, n)
+        if self._next_trust is None or now >= self._next_trust:
+            self._next_trust = now + s.trust_tick_s
+            self.update_trust(now)
+        changed = self._fleet_changed_at
+        if changed is not None and now - changed >= s.window_s + FLEET_SETTLED_S:
+            self._fleet_changed_at = None
+            if self.fleet_settled is not None:
+                self.fleet_settled()
 
     def update_trust(self, now: float) -> None:
         """Compute every backend's features over the window and feed the trust engine."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from twlb.balancer.audit import compare_answers
+from hypothesis import given
+from hypothesis import strategies as st
+from twlb.balancer.audit import answers_split, compare_answers
 
 D1, D2, D3 = "1" * 64, "2" * 64, "3" * 64
 
@@ -81,3 +83,12 @@ def test_the_trust_policy_audits_backends_in_probation_more_often() -> None:
     assert 850 <= _audits_started("trust", trusted=False) <= 1150  # --probation-audit-fraction
     assert 50 <= _audits_started("trust", trusted=True) <= 150  # --audit-fraction 0.05
     assert 50 <= _audits_started("round-robin", trusted=False) <= 150  # baselines: unchanged
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from("abcdefgh"), st.one_of(st.none(), st.sampled_from([D1, D2, D3]))
+    )
+)
+def test_answers_split_says_what_the_full_comparison_says(answers: dict) -> None:
+    assert answers_split(answers) == compare_answers(answers).split

@@ -96,6 +96,21 @@ def compare_answers(
     return AuditResult(digest, groups[digest], odd, failed, True, sizes, quorum)
 
 
+def answers_split(answers: Mapping[str, str | None]) -> bool:
+    """Whether the answers given (None: a failed try) are not all identical: the same as
+    `compare_answers(answers).split`, without grouping and weighing, for the audit loop
+    that asks it at every answer."""
+    first: str | None = None
+    for digest in answers.values():
+        if digest is None:
+            continue
+        if first is None:
+            first = digest
+        elif digest != first:
+            return True
+    return False
+
+
 def widen(
     asked: Collection[str], candidates: Sequence[str], limit: int = MAX_AUDIT_VOTERS
 ) -> list[str]:

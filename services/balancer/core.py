@@ -21,7 +21,7 @@ from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from twlb.balancer.audit import AuditResult, compare_answers, widen
+from twlb.balancer.audit import AuditResult, answers_split, compare_answers, widen
 from twlb.balancer.evidence import EvidenceRule
 from twlb.balancer.features import FleetWindows
 from twlb.balancer.health import HealthTracker
@@ -558,14 +558,17 @@ class Balancer:
         verdict the others have already decided: the liar keeps answering meanwhile.
         """
         tries = [answered]
+        answers = {answered.backend: answer_digest(answered.response, self._ignore)}
         asked = {answered.backend, *peers}
         pending = {self._try_task(b, method, target, headers) for b in peers}
         widened = False
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            tries += [t.result() for t in done]
-            answers = {t.backend: answer_digest(t.response, self._ignore) for t in tries}
-            if not widened and compare_answers(answers).split:
+            for task in done:
+                t = task.result()
+                tries.append(t)
+                answers[t.backend] = answer_digest(t.response, self._ignore)
+            if not widened and answers_split(answers):
                 widened = True
                 more = self._voters(exclude=asked)
                 self.rng.shuffle(more)
@@ -577,7 +580,7 @@ class Balancer:
         for task in pending:  # answers no longer needed still feed health and windows
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        self.judge(tries, quorum=2, absolute=widened)
+        self.judge(tries, quorum=2, absolute=widened, answers=answers)
 
     def _try_task(self, backend: str, method: str, target: bytes, headers: list) -> asyncio.Task:
         return asyncio.ensure_future(self.try_backend(backend, method, target, headers, b""))
@@ -592,10 +595,18 @@ class Balancer:
                 mass[digest] = mass.get(digest, 0.0) + weights.get(backend, 1.0)
         return bool(mass) and max(mass.values()) > sum(weights.values()) / 2.0
 
-    def judge(self, tries: list[TryResult], quorum: int, absolute: bool = False) -> AuditResult:
+    def judge(
+        self,
+        tries: list[TryResult],
+        quorum: int,
+        absolute: bool = False,
+        answers: dict[str, str | None] | None = None,
+    ) -> AuditResult:
         """Compare answers by body digest, each voter weighted by its standing; charge the
-        odd ones out, feed the evidence, count the audit."""
-        answers = {t.backend: answer_digest(t.response, self._ignore) for t in tries}
+        odd ones out, feed the evidence, count the audit. `answers`: the tries' digests,
+        when the caller has them already."""
+        if answers is None:
+            answers = {t.backend: answer_digest(t.response, self._ignore) for t in tries}
         weights = self.engine.vote_weights(answers)
         verdict = compare_answers(answers, quorum=quorum, weights=weights, absolute=absolute)
         now = self.clock()
@@ -640,13 +651,13 @@ class Balancer:
                 *(self.try_backend(b, method, target, headers, body) for b in first)
             )
         )
-        while True:
-            answers = {t.backend: answer_digest(t.response, self._ignore) for t in tries}
-            if compare_answers(answers, quorum=quorum).quorum_met or not candidates:
-                break
+        answers = {t.backend: answer_digest(t.response, self._ignore) for t in tries}
+        while not compare_answers(answers, quorum=quorum).quorum_met and candidates:
             extra = candidates.pop(0)
-            tries.append(await self.try_backend(extra, method, target, headers, body))
-        verdict = self.judge(tries, quorum=quorum)
+            t = await self.try_backend(extra, method, target, headers, body)
+            tries.append(t)
+            answers[t.backend] = answer_digest(t.response, self._ignore)
+        verdict = self.judge(tries, quorum=quorum, answers=answers)
         if not verdict.quorum_met:
             return None, f"no {quorum} backends agreed: {verdict.reason}"
         chosen = next(t for t in tries if t.backend == verdict.majority[0])

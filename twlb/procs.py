@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,10 +20,42 @@ from pathlib import Path
 
 import httpx
 
+#: Lowest port `free_port` hands out (below it: well-known and registered services).
+LOWEST_PORT = 10_000
+
+_handed_out: set[int] = set()  # ports this process gave a service to start on
+_draw = random.Random()
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of source ports for outbound connections (Linux's default
+    where it cannot be read)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(x) for x in text.split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on `host` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that was free on `host` a moment ago, for a service started next.
+
+    Drawn outside the kernel's ephemeral range: between this call and the service's bind,
+    any outbound connection on the machine may take an ephemeral port as its source (a
+    test suite's balancer once lost its port so, "address already in use"). And never
+    the same port twice from one process, so services started together do not collide.
+    """
+    low, high = ephemeral_ports()
+    spans = [(LOWEST_PORT, low - 1 - 64), (high + 1, 65535 - 64)]  # room for free_port_range
+    spans = [(a, b) for a, b in spans if b - a >= 1000]
+    for _ in range(200 if spans else 0):
+        a, b = _draw.choice(spans)
+        port = _draw.randint(a, b)
+        if port not in _handed_out and not port_in_use(port, host):
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room outside it
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -42,7 +75,11 @@ def free_port_range(n: int, host: str = "127.0.0.1", tries: int = 100) -> int:
     """The first of `n` consecutive ports that were all free on `host` a moment ago."""
     for _ in range(tries):
         base = free_port(host)
-        if base + n < 65000 and not any(port_in_use(p, host) for p in range(base, base + n)):
+        ports = range(base, base + n)
+        if base + n < 65000 and not any(
+            p in _handed_out - {base} or port_in_use(p, host) for p in ports
+        ):
+            _handed_out.update(ports)
             return base
     raise OSError(f"found no {n} consecutive free ports on {host}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +72,13 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
         proc.stop()
     for proc in started:
         assert not pid_alive(proc.pid), f"process {proc.pid} outlived its test"
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Any]:
+    """An emulated Kubernetes API server (kmock) for one test, KUBECONFIG pointing at it.
+    (Imported here, not at the top: only the Kubernetes tests need kmock and kopf.)"""
+    from kube_harness import emulated_cluster
+
+    async with emulated_cluster() as c:
+        yield c

@@ -324,6 +324,10 @@ async def emulated_cluster() -> AsyncIterator[EmulatedCluster]:
             yield EmulatedCluster(api=api, url=str(api.url), kubeconfig=kubeconfig)
 
 
+#: Operator timings for tests: status every 0.5 s, trust asked with a 1 s timeout.
+FAST_OPERATOR = OperatorConfig(status_interval_s=0.5, trust_timeout_s=1.0)
+
+
 @contextlib.contextmanager
 def kubeconfig_for(url: str) -> Iterator[Path]:
     """KUBECONFIG pointing at an API server URL while in use (e.g. `serve` in a child)."""

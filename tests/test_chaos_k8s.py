@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 from chaoslib.exceptions import ActivityFailed
 from kube_harness import (
     DEPLOYMENTS,
+    FAST_OPERATOR,
     TRUSTCLUSTERS,
     EmulatedCluster,
-    emulated_cluster,
     running_operator,
     trustcluster,
     wait_for,
 )
 from twlb.chaos_k8s import activities
-from twlb.operator.handlers import OperatorConfig
 from twlb.operator.render import ANNOTATION_FAULT_TYPE
 
 NS = "chaos"
@@ -30,12 +28,6 @@ SPEC = {"backends": 3, "seed": 5, "nodes": [{"index": 2, "fault": {"type": "erro
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[EmulatedCluster]:
-    async with emulated_cluster() as c:
-        yield c
-
-
 def _fault_of(cluster: EmulatedCluster, node: str) -> str | None:
     d = cluster.get(DEPLOYMENTS, NS, node) or {}
     return (d.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_FAULT_TYPE)
@@ -43,7 +35,7 @@ def _fault_of(cluster: EmulatedCluster, node: str) -> str | None:
 
 async def test_a_patched_fault_is_reconciled_and_rolled_back_exactly(cluster: EmulatedCluster):
     await cluster.create(TRUSTCLUSTERS, trustcluster(NAME, NS, SPEC))
-    async with running_operator([NS], OperatorConfig(status_interval_s=0.5, trust_timeout_s=1.0)):
+    async with running_operator([NS], FAST_OPERATOR):
         await wait_for(lambda: len(cluster.names(DEPLOYMENTS, NS)) >= 4, timeout=30)
         assert await asyncio.to_thread(activities.one_deployment_per_node, NAME, NS) is True
         assert await asyncio.to_thread(activities.deployments_match_spec, NAME, NS) is True
@@ -70,7 +62,7 @@ async def test_a_patched_fault_is_reconciled_and_rolled_back_exactly(cluster: Em
 
 async def test_a_duplicate_or_stale_deployment_is_named(cluster: EmulatedCluster):
     await cluster.create(TRUSTCLUSTERS, trustcluster(NAME, NS, SPEC))
-    async with running_operator([NS], OperatorConfig(status_interval_s=0.5, trust_timeout_s=1.0)):
+    async with running_operator([NS], FAST_OPERATOR):
         await wait_for(lambda: len(cluster.names(DEPLOYMENTS, NS)) >= 4, timeout=30)
     twin = json.loads(json.dumps(cluster.get(DEPLOYMENTS, NS, f"{NAME}-node-0")))
     twin["metadata"] = {

@@ -5,35 +5,24 @@ against kmock's API emulator, as tests/test_operator.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import kubernetes_validate
 import pytest
 from kube_harness import (
     DEPLOYMENTS,
+    FAST_OPERATOR,
     SERVICES,
     TRUSTCLUSTERS,
-    EmulatedCluster,
-    emulated_cluster,
     running_operator,
     trustcluster,
     wait_for,
 )
-from twlb.operator.handlers import OperatorConfig
 from twlb.operator.render import GOSSIP_PORT, Owner, render_children
 
 from twlb.spec import TrustClusterSpec
 
 NS = "lab"
-FAST = OperatorConfig(status_interval_s=0.5, trust_timeout_s=1.0)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[EmulatedCluster]:
-    async with emulated_cluster() as c:
-        yield c
 
 
 def _env(deployment: dict) -> dict[str, str | None]:
@@ -63,7 +52,7 @@ def test_rendered_gossip_objects_are_valid_kubernetes() -> None:
 
 
 async def test_operator_renders_the_headless_gossip_service_and_removes_it_when_off(cluster):
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("gsp", NS, {"backends": 3}))
         await wait_for(lambda: cluster.get(SERVICES, NS, "gsp-gossip") is not None, timeout=10)
         service = cluster.get(SERVICES, NS, "gsp-gossip")

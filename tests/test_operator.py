@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -11,16 +10,15 @@ from kube_harness import (
     CONFIGMAPS,
     DEPLOYMENTS,
     EVENTS,
+    FAST_OPERATOR,
     SECRETS,
     SERVICES,
     TRUSTCLUSTERS,
     EmulatedCluster,
-    emulated_cluster,
     running_operator,
     trustcluster,
     wait_for,
 )
-from twlb.operator.handlers import OperatorConfig
 from twlb.operator.render import (
     ANNOTATION_BALANCER_URL,
     ANNOTATION_FAULT_TYPE,
@@ -41,15 +39,8 @@ STANDARD_MIX = {
         {"type": "byzantine", "count": 1},
     ],
 }
-FAST = OperatorConfig(status_interval_s=0.5, trust_timeout_s=1.0)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[EmulatedCluster]:
-    async with emulated_cluster() as c:
-        yield c
 
 
 def _status(cluster: EmulatedCluster, name: str) -> dict[str, Any]:
@@ -85,7 +76,7 @@ def _children(cluster: EmulatedCluster, name: str) -> dict[str, set[str]]:
 
 
 async def test_create_renders_every_node_with_its_fault_and_owner_reference(cluster):
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("mix", NS, STANDARD_MIX))
         await wait_for(lambda: _observed(cluster, "mix", 1), timeout=10)
         tc = cluster.get(TRUSTCLUSTERS, NS, "mix")
@@ -131,7 +122,7 @@ async def test_create_renders_every_node_with_its_fault_and_owner_reference(clus
 
 async def test_fault_change_touches_only_that_node_and_rerun_changes_nothing(cluster):
     spec = {"backends": 4, "seed": 3}
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("edit", NS, spec))
         await wait_for(lambda: _observed(cluster, "edit", 1), timeout=10)
         deployments = sorted(_children(cluster, "edit")[DEPLOYMENTS])
@@ -158,13 +149,13 @@ async def test_fault_change_touches_only_that_node_and_rerun_changes_nothing(clu
         for res, names in _children(cluster, "edit").items()
         for n in names
     }
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await wait_for(lambda: _status(cluster, "edit").get("trustReadAt") is not None, 10)
     assert {k: cluster.writes(k[0], NS, k[1]) for k in everything} == everything
 
 
 async def test_scaling_down_deletes_the_extra_nodes(cluster):
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("shrink", NS, {"backends": 5}))
         await wait_for(lambda: _observed(cluster, "shrink", 1), timeout=10)
         await cluster.patch(TRUSTCLUSTERS, NS, "shrink", {"spec": {"backends": 2}})
@@ -185,7 +176,7 @@ async def test_scaling_down_deletes_the_extra_nodes(cluster):
 
 
 async def test_deleting_the_cluster_deletes_its_children(cluster):
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("gone", NS, {"backends": 2}))
         await wait_for(lambda: _observed(cluster, "gone", 1), timeout=10)
         assert cluster.get(TRUSTCLUSTERS, NS, "gone")["metadata"]["finalizers"]
@@ -196,7 +187,7 @@ async def test_deleting_the_cluster_deletes_its_children(cluster):
 
 async def test_invalid_spec_is_reported_and_the_operator_keeps_working(cluster):
     bad = {"backends": 2, "faultMix": [{"type": "error", "count": 3}]}
-    async with running_operator([NS], FAST) as task:
+    async with running_operator([NS], FAST_OPERATOR) as task:
         await cluster.create(TRUSTCLUSTERS, trustcluster("bad", NS, bad))
         await wait_for(lambda: _status(cluster, "bad").get("phase") == "Invalid", timeout=10)
         status = _status(cluster, "bad")
@@ -246,7 +237,7 @@ async def test_status_counts_ready_nodes_and_reads_trust_from_a_real_balancer(cl
             client.get("/work", params={"key": f"k{i}"})
 
     meta = {"annotations": {ANNOTATION_BALANCER_URL: balancer}}
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("live", NS, {"backends": 2}, **meta))
         await wait_for(lambda: _observed(cluster, "live", 1), timeout=10)
         # The Deployment controller's part: pods became ready.
@@ -277,7 +268,7 @@ async def test_status_counts_ready_nodes_and_reads_trust_from_a_real_balancer(cl
 
 
 async def test_timer_repairs_drift_and_loads_a_published_model(cluster):
-    async with running_operator([NS], FAST):
+    async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("heal", NS, {"backends": 2}))
         await wait_for(lambda: _observed(cluster, "heal", 1), timeout=10)
 

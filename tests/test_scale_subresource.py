@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 from kube_harness import (
     DEPLOYMENTS,
+    FAST_OPERATOR,
     TRUSTCLUSTERS,
     emulated_cluster,
     running_operator,
@@ -16,12 +17,10 @@ from kube_harness import (
     wait_for,
 )
 from twlb.operator.crd import SCALE_SUBRESOURCE, render_crd
-from twlb.operator.handlers import OperatorConfig
 
 from twlb.spec import TrustClusterSpec
 
 NS = "lab"
-FAST = OperatorConfig(status_interval_s=0.5, trust_timeout_s=1.0)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,7 +59,7 @@ async def _scale(cluster, name: str, replicas: int | str) -> Any:
 
 
 async def test_kubectl_scale_changes_spec_backends_and_the_operator_follows() -> None:
-    async with emulated_cluster() as cluster, running_operator([NS], FAST):
+    async with emulated_cluster() as cluster, running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("web", NS, {"backends": 2}))
 
         def observed(gen: int) -> bool:

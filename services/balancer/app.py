@@ -13,6 +13,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Iterable, MutableMapping
@@ -68,13 +69,19 @@ def upstream_reply(backend: str, response: UpstreamResponse, method: str) -> Rep
     status_code = response.status
     if method == "HEAD" or status_code == 304:
         # No body follows; the length the backend declared (that of the full answer) stays.
-        headers = [(n, v) for n, v in response.headers if n not in BODYLESS_DROPPED]
+        headers = [h for h in response.headers if h[0] not in BODYLESS_DROPPED]
     else:
-        headers = [(n, v) for n, v in response.headers if n not in RESPONSE_DROPPED]
+        headers = [h for h in response.headers if h[0] not in RESPONSE_DROPPED]
         if status_code != 204:
-            headers.append((b"content-length", str(len(response.body)).encode("ascii")))
-    headers.append((b"x-twlb-backend", backend.encode("latin-1")))
+            headers.append((b"content-length", b"%d" % len(response.body)))
+    headers.append(_backend_header(backend))
     return Reply(status_code, headers, response.body)
+
+
+@functools.lru_cache(maxsize=4096)
+def _backend_header(backend: str) -> tuple[bytes, bytes]:
+    """The `X-TWLB-Backend` header naming the backend that answered."""
+    return (b"x-twlb-backend", backend.encode("latin-1"))
 
 
 class BalancerApp:
@@ -126,11 +133,14 @@ class BalancerApp:
         forwarded: list[tuple[bytes, bytes]] = []
         key: str | None = None
         quorum_header: bytes | None = None
-        listed: set[bytes] = set()
+        listed: set[bytes] | None = None
         chain: list[bytes] = []
-        for name, value in headers:
+        for header in headers:
+            name, value = header
             if name in REQUEST_DROPPED:
                 if name == b"connection":
+                    if listed is None:
+                        listed = set()
                     listed.update(t.strip().lower() for t in value.split(b","))
                 continue
             if name[:7] == b"x-twlb-":
@@ -143,9 +153,10 @@ class BalancerApp:
             if name == b"x-forwarded-for":
                 chain.append(value)
                 continue
-            forwarded.append((name, value))
-        listed -= REQUEST_DROPPED
-        listed.discard(b"")
+            forwarded.append(header)
+        if listed is not None:
+            listed -= REQUEST_DROPPED
+            listed.discard(b"")
         if listed:
             # Headers the client named in Connection belong to this hop only (RFC 9110
             # 7.6.1): never forwarded, whatever their name. Usually it names only
@@ -167,7 +178,7 @@ class BalancerApp:
         target = raw_path
         if query:
             target = target + b"?" + query
-            if key is None and balancer.wants_key and b"key=" in query:
+            if key is None and balancer.wants_key and query.find(b"key=") >= 0:
                 key = next((v for k, v in parse_qsl(query.decode("latin-1")) if k == "key"), None)
 
         if quorum_header is not None:
@@ -232,7 +243,7 @@ class BalancerApp:
         """The server's entry point: own paths to the API, everything else proxied (the
         coroutine is returned, not awaited here: one frame less on the proxy path)."""
         name = path.decode("latin-1")
-        if b"%" in path:
+        if path.find(b"%") >= 0:  # find(): `in` on bytes tries an int first
             name = unquote(name)
         if self.is_own_path(name):
             return self.call_api(method, path, query, headers, client, server, body)

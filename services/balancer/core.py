@@ -43,7 +43,7 @@ from twlb.balancer.upstream import (
 from twlb.gossip.verdict import GossipVerdicts
 
 from twlb.budget import RetryBudget
-from twlb.outcome import Outcome
+from twlb.outcome import CONNECT_ERROR, ERROR, SUCCESS, TIMEOUT, Outcome
 from twlb.spec import NodeClass, PolicyName
 
 if TYPE_CHECKING:  # onnxruntime is heavy to import: only a balancer given --model loads it
@@ -98,6 +98,9 @@ class Balancer:
         fleet_settled: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Read on every request: plain attributes (a settings model's are slower to read).
+        self._try_timeout_s = settings.try_timeout_s
+        self._max_tries = settings.max_tries
         # Called from the tick once the fleet has not changed for a feature window plus
         # FLEET_SETTLED_S (the process uses it to take the fleet's objects out of the
         # cyclic collector's generations; see services/balancer/cli.py).
@@ -455,23 +458,21 @@ class Balancer:
         pool = self.pools.get(backend)
         start = self.clock()
         if pool is None:  # removed while the request was being routed
-            return TryResult(backend, Outcome.CONNECT_ERROR, None, 0.0)
+            return TryResult(backend, CONNECT_ERROR, None, 0.0)
         self.policy.on_start(backend, start)
         self.inflight[backend] += 1
         response = None
         detail = ""
         try:
-            response = await pool.request(
-                method, target, headers, body, self.settings.try_timeout_s
-            )
-            outcome = Outcome.ERROR if response.status >= 500 else Outcome.SUCCESS
+            response = await pool.request(method, target, headers, body, self._try_timeout_s)
+            outcome = ERROR if response.status >= 500 else SUCCESS
         except UpstreamTimeout:
-            outcome = Outcome.TIMEOUT
+            outcome = TIMEOUT
         except UpstreamTooLarge as err:
             # A bad upstream: it answered, but over the caps; counted as a 5xx would be.
-            outcome, detail = Outcome.ERROR, str(err)
+            outcome, detail = ERROR, str(err)
         except UpstreamConnectError:
-            outcome = Outcome.CONNECT_ERROR
+            outcome = CONNECT_ERROR
         finally:
             end = self.clock()
             if backend in self.inflight:
@@ -480,7 +481,7 @@ class Balancer:
         if backend in self.pools:
             self.policy.on_end(backend, end, outcome, latency)
             self.health.on_passive(backend, outcome, end)
-            if outcome is not Outcome.SUCCESS:
+            if outcome is not SUCCESS:
                 # A success only resets the passive run; a failure may take the backend out.
                 self._refresh_up()
             self.windows[backend].record_request(end, outcome, latency)
@@ -500,7 +501,7 @@ class Balancer:
         tried: list[str] = []
         last: TryResult | None = None
         retryable = method in IDEMPOTENT_METHODS
-        for attempt in range(self.settings.max_tries):
+        for attempt in range(self._max_tries):
             if attempt:
                 candidates = [b for b in self.up if b not in tried]
                 if not candidates:
@@ -515,7 +516,7 @@ class Balancer:
                     return None, f"policy {self.settings.policy.value} picked no backend"
                 break
             last = await self.try_backend(backend, method, target, headers, body)
-            if last.outcome is Outcome.SUCCESS or not retryable:
+            if last.outcome is SUCCESS or not retryable:
                 break
             tried.append(backend)
         return last, ""

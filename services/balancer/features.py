@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twlb.outcome import Outcome
+from twlb.outcome import CONNECT_ERROR, Outcome
 
 #: Feature columns, in the order every model file must name them (extend, never reorder).
 FEATURE_NAMES: tuple[str, ...] = (
@@ -231,7 +231,7 @@ class FeatureWindow:
         """One upstream try ended at `now` with `outcome` after `latency_s` seconds."""
         bucket = self._bucket(now)
         bucket.outcomes[outcome] += 1
-        if outcome is not Outcome.CONNECT_ERROR:
+        if outcome is not CONNECT_ERROR:
             hist = bucket.hist
             i = latency_bin(latency_s)
             hist[i] = hist.get(i, 0) + 1

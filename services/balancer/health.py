@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from twlb.outcome import Outcome
+from twlb.outcome import CONNECT_ERROR, TIMEOUT, Outcome
 
 
 class HealthState(StrEnum):
@@ -170,7 +170,7 @@ class HealthTracker:
         h = self._backends.get(backend)
         if h is None:  # a try that ended after its backend was removed
             return HealthState.UNKNOWN
-        if outcome is Outcome.CONNECT_ERROR or outcome is Outcome.TIMEOUT:
+        if outcome is CONNECT_ERROR or outcome is TIMEOUT:
             h.passive_failures += 1
             if h.passive_failures >= self.passive_threshold:
                 was_down = h.state is _X

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import httptools
 import orjson
+from twlb.balancer.upstream import head_lines
 
 log = logging.getLogger("twlb.balancer")
 
@@ -130,9 +131,25 @@ TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
     ConnState.CLOSED: frozenset(),
 }
 
+# The states as module constants: read on every request, a global is the cheapest lookup.
+_IDLE, _HEAD, _BODY = ConnState.IDLE, ConnState.HEAD, ConnState.BODY
+_DISCARD, _DRAINING, _CLOSED = ConnState.DISCARD, ConnState.DRAINING, ConnState.CLOSED
+
 #: Seconds a closing connection keeps reading (and dropping) what the client still sends
 #: after its last answer, so that answer is not lost to a reset (a lingering close).
 LINGER_S = 2.0
+
+
+#: Method names by the bytes the parser gives (others are decoded as they come).
+_METHOD_NAMES: dict[bytes, str] = {
+    m.encode("ascii"): m
+    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT")
+}
+
+
+def _method_name(method: bytes) -> str:
+    name = _METHOD_NAMES.get(method)
+    return name if name is not None else method.decode("ascii")
 
 
 def _status_line(status_code: int) -> bytes:
@@ -178,9 +195,11 @@ class _ClientConnection(asyncio.Protocol):
         self.pending: deque[_Parsed] = deque()
         self.task: asyncio.Task | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.state = ConnState.IDLE
+        self.state = _IDLE
         self.busy = False
         self.expect = False
+        self.connection_header = False  # the request has a Connection header
+        self.method = b""
         self.paused = False
         self.refusal: Reply | None = None
         self.finished = False  # the last answer is written; the connection is closing
@@ -195,7 +214,7 @@ class _ClientConnection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self.state is ConnState.CLOSED
+        return self.state is _CLOSED
 
     def _to(self, state: ConnState) -> None:
         if state is self.state:
@@ -218,16 +237,17 @@ class _ClientConnection(asyncio.Protocol):
             self._break(json_reply(503, "too many connections to the balancer"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = ConnState.CLOSED
+        self.state = _CLOSED
         self.pending.clear()
         self.server.connections.discard(self)
         self._wake()
 
     def data_received(self, data: bytes) -> None:
-        if self.state is ConnState.DRAINING or self.state is ConnState.CLOSED:
+        state = self.state
+        if state is _DRAINING or state is _CLOSED:
             return  # a closing answer is queued: read and drop (lingering close)
         self.last_active = self.server.clock
-        if self.state is ConnState.IDLE or self.state is ConnState.HEAD:
+        if state is _IDLE or state is _HEAD:
             # Counted as bytes arrive: the parser would buffer a header line without end.
             self.head_bytes += len(data)
         try:
@@ -246,12 +266,12 @@ class _ClientConnection(asyncio.Protocol):
             )
             self._break(refusal)
             return
-        if self.state is ConnState.HEAD and self.head_bytes > self.limits.max_head_bytes:
+        if self.state is _HEAD and self.head_bytes > self.limits.max_head_bytes:
             self._break(_refusal_431(self.limits.max_head_bytes))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        self._to(ConnState.HEAD)
+        self._to(_HEAD)
         self.url = b""
         self.headers = []
         self.body = []
@@ -259,6 +279,7 @@ class _ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.head_started = self.server.clock
         self.expect = False
+        self.connection_header = False
         self.refusal = None
 
     def on_url(self, url: bytes) -> None:
@@ -280,10 +301,12 @@ class _ClientConnection(asyncio.Protocol):
             self.size = -int(value)
         elif name == b"expect":
             self.expect = value.lower() == b"100-continue"
+        elif name == b"connection":
+            self.connection_header = True
 
     def on_headers_complete(self) -> None:
-        self._to(ConnState.BODY)
-        method = self.parser.get_method()
+        self._to(_BODY)
+        self.method = method = self.parser.get_method()
         if method == b"CONNECT":
             self.refusal = json_reply(
                 405, "CONNECT is not supported: the balancer is not a forward proxy"
@@ -293,7 +316,7 @@ class _ClientConnection(asyncio.Protocol):
             self._answer_early(self.app.too_large())
         self.size = 0
         if (
-            self.state is ConnState.BODY
+            self.state is _BODY
             and self.transport is not None
             and self.expect
             and not self.pending
@@ -303,7 +326,7 @@ class _ClientConnection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
-        if self.state is ConnState.DISCARD:
+        if self.state is _DISCARD:
             return
         self.size += len(body)
         if self.size > self.limit:
@@ -313,19 +336,21 @@ class _ClientConnection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.state is ConnState.DISCARD:
-            self._to(ConnState.IDLE)  # the early answer is queued; the body was dropped
+        if self.state is _DISCARD:
+            self._to(_IDLE)  # the early answer is queued; the body was dropped
             return
         body = self.body
-        self._to(ConnState.IDLE)
+        self._to(_IDLE)
+        parser = self.parser
         self._queue(
             _Parsed(
-                self.parser.get_method().decode("ascii"),
+                _method_name(self.method),
                 self.url,
                 self.headers,
                 body[0] if len(body) == 1 else b"".join(body),
-                self.parser.should_keep_alive(),
-                http10=self.parser.get_http_version() == "1.0",
+                parser.should_keep_alive(),
+                # HTTP/1.0 keeps a connection only when a Connection header asks for it.
+                http10=self.connection_header and parser.get_http_version() == "1.0",
             )
         )
 
@@ -336,21 +361,21 @@ class _ClientConnection(asyncio.Protocol):
         protocol, so nothing more is read and the connection closes after the answers."""
         if self.pending and self.pending[-1].early is None:
             self.pending[-1].keep_alive = False
-            self._to(ConnState.DRAINING)
+            self._to(_DRAINING)
             self._wake()
         elif self.busy:
-            self._to(ConnState.DRAINING)
+            self._to(_DRAINING)
         else:
             self._break(json_reply(400, "protocol upgrades are not supported"))
 
     def _answer_early(self, reply: Reply) -> None:
         """Queue the answer now and read the rest of this request's body into the void."""
-        if self.state is ConnState.DISCARD:
+        if self.state is _DISCARD:
             return
-        self._to(ConnState.DISCARD)
+        self._to(_DISCARD)
         self._queue(
             _Parsed(
-                self.parser.get_method().decode("ascii"),
+                _method_name(self.parser.get_method()),
                 self.url,
                 self.headers,
                 b"",
@@ -361,9 +386,9 @@ class _ClientConnection(asyncio.Protocol):
 
     def _break(self, reply: Reply) -> None:
         """An unreadable or refused stream: answer after what is queued, then close."""
-        if self.state is ConnState.DRAINING or self.state is ConnState.CLOSED:
+        if self.state is _DRAINING or self.state is _CLOSED:
             return
-        self._to(ConnState.DRAINING)
+        self._to(_DRAINING)
         self._queue(_Parsed("GET", b"", [], b"", False, early=reply))
 
     def _queue(self, parsed: _Parsed) -> None:
@@ -389,9 +414,9 @@ class _ClientConnection(asyncio.Protocol):
         # registration cost measurably more than a future per idle period.
         loop = self.server.loop
         pending = self.pending
-        while not self.closed and not self.finished:
+        while self.state is not _CLOSED and not self.finished:
             if not pending:
-                if self.server.stopping or self.state is ConnState.DRAINING:
+                if self.server.stopping or self.state is _DRAINING:
                     self._close()
                     break
                 self.waiter = loop.create_future()
@@ -412,7 +437,7 @@ class _ClientConnection(asyncio.Protocol):
             if (
                 self.paused
                 and len(pending) <= self.limits.max_pipelined // 2
-                and not self.closed
+                and self.state is not _CLOSED
                 and self.transport is not None
             ):
                 self.paused = False
@@ -423,7 +448,6 @@ class _ClientConnection(asyncio.Protocol):
         awaitable `_serve` awaits: one coroutine less on the hot path); a bad target is
         answered here."""
         url = parsed.url
-        query = b""
         if url[:1] != b"/":
             if parsed.method == "OPTIONS" and url == b"*":
                 return json_reply(400, "OPTIONS * is not proxied; ask a path")
@@ -433,10 +457,7 @@ class _ClientConnection(asyncio.Protocol):
                 return json_reply(400, "malformed request target")
             path, query = parts.path or b"/", parts.query or b""
         else:
-            mark = url.find(b"?")
-            path = url if mark < 0 else url[:mark]
-            if mark >= 0:
-                query = url[mark + 1 :]
+            path, _, query = url.partition(b"?")
             frag = path.find(b"#")
             if frag >= 0:
                 path = path[:frag]
@@ -453,19 +474,24 @@ class _ClientConnection(asyncio.Protocol):
     def _write(self, reply: Reply, parsed: _Parsed) -> None:
         if self.closed or self.finished or self.transport is None:
             return
-        parts = [_status_line(reply.status)]
-        for name, value in reply.headers:
-            parts += (name, b": ", value, b"\r\n")
         keep_alive = parsed.keep_alive and not self.server.stopping
         if not keep_alive:
-            parts.append(b"connection: close\r\n")
+            hop = b"connection: close\r\n"
         elif parsed.http10:
             # HTTP/1.0 closes by default: a kept connection must be said so (RFC 9112 9.3).
-            parts.append(b"connection: keep-alive\r\n")
-        parts += (self.server.date_line, b"\r\n")
-        if parsed.method != "HEAD":
-            parts.append(reply.body)
-        self.transport.write(b"".join(parts))
+            hop = b"connection: keep-alive\r\n"
+        else:
+            hop = b""
+        self.transport.write(
+            b"%s%s%s%s\r\n%s"
+            % (
+                _status_line(reply.status),
+                head_lines(reply.headers),
+                hop,
+                self.server.date_line,
+                b"" if parsed.method == "HEAD" else reply.body,
+            )
+        )
         if not keep_alive:
             self._close()
 
@@ -477,10 +503,10 @@ class _ClientConnection(asyncio.Protocol):
             return
         self.finished = True
         self.pending.clear()
-        self._to(ConnState.DRAINING)
+        self._to(_DRAINING)
         transport = self.transport
         if transport is None:
-            self.state = ConnState.CLOSED
+            self.state = _CLOSED
             return
         if self.paused:
             self.paused = False
@@ -530,13 +556,11 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.busy or conn.pending:
                 continue
-            if conn.state is ConnState.HEAD and now - conn.head_started > limits.head_timeout_s:
+            if conn.state is _HEAD and now - conn.head_started > limits.head_timeout_s:
                 conn._break(
                     json_reply(408, f"request head not complete within {limits.head_timeout_s} s")
                 )
-            elif (
-                conn.state is ConnState.IDLE and now - conn.last_active > limits.keepalive_timeout_s
-            ):
+            elif conn.state is _IDLE and now - conn.last_active > limits.keepalive_timeout_s:
                 conn._close()
         self._clock = self.loop.call_later(1.0, self._tick)
 

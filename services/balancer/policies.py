@@ -35,7 +35,7 @@ from twlb.balancer.hashing import (
 )
 from twlb.balancer.trust import TrustEngine
 
-from twlb.outcome import Outcome
+from twlb.outcome import CONNECT_ERROR, SUCCESS, TIMEOUT, Outcome
 from twlb.spec import NodeClass, PolicyName
 
 #: The trust policy's smooth pick weighs every candidate (O(N) a pick); above this many
@@ -231,9 +231,7 @@ class WeightedRoundRobin(BasePolicy):
 
     def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None:
         super().on_end(backend, now, outcome, latency_s)
-        if (outcome is Outcome.CONNECT_ERROR or outcome is Outcome.TIMEOUT) and (
-            backend in self.weights
-        ):
+        if (outcome is CONNECT_ERROR or outcome is TIMEOUT) and (backend in self.weights):
             weight = self.weights[backend]
             self.effective[backend] = max(0, self.effective[backend] - weight / self.max_fails)
             self._recovering.add(backend)
@@ -549,7 +547,7 @@ class OutlierEjection(BasePolicy):
         if h is None:
             return
         h.total += 1
-        if outcome is Outcome.SUCCESS:
+        if outcome is SUCCESS:
             h.ok += 1
             h.consecutive_5xx = 0
             return

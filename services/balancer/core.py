@@ -101,6 +101,11 @@ class Balancer:
         # Read on every request: plain attributes (a settings model's are slower to read).
         self._try_timeout_s = settings.try_timeout_s
         self._max_tries = settings.max_tries
+        self._audit_fractions = (
+            settings.audit_fraction,
+            settings.probation_audit_fraction,
+            settings.suspect_audit_fraction,
+        )
         # Called from the tick once the fleet has not changed for a feature window plus
         # FLEET_SETTLED_S (the process uses it to take the fleet's objects out of the
         # cyclic collector's generations; see services/balancer/cli.py).
@@ -529,12 +534,9 @@ class Balancer:
         or proven it yet; `suspect_audit_fraction`), and more of a backend in probation
         (`probation_audit_fraction`), so one still lying when it (re)joins is seen soon.
         """
-        s = self.settings
-        fraction = s.audit_fraction
+        fraction, probation, suspect = self._audit_fractions
         if self._audit_probation:
-            fraction = self.engine.audit_fraction(
-                answered.backend, fraction, s.probation_audit_fraction, s.suspect_audit_fraction
-            )
+            fraction = self.engine.audit_fraction(answered.backend, fraction, probation, suspect)
         if not fraction or method not in AUDITED_METHODS or self.rng.random() >= fraction:
             return
         others = self._voters(exclude={answered.backend})

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import httptools
 import orjson
-from twlb.balancer.upstream import head_lines
 
 log = logging.getLogger("twlb.balancer")
 
@@ -482,16 +481,13 @@ class _ClientConnection(asyncio.Protocol):
             hop = b"connection: keep-alive\r\n"
         else:
             hop = b""
-        self.transport.write(
-            b"%s%s%s%s\r\n%s"
-            % (
-                _status_line(reply.status),
-                head_lines(reply.headers),
-                hop,
-                self.server.date_line,
-                b"" if parsed.method == "HEAD" else reply.body,
-            )
-        )
+        parts = [_status_line(reply.status)]
+        for name, value in reply.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (hop, self.server.date_line, b"\r\n")
+        if parsed.method != "HEAD":
+            parts.append(reply.body)
+        self.transport.write(b"".join(parts))
         if not keep_alive:
             self._close()
 

@@ -391,13 +391,13 @@ class PeakEwma(BasePolicy):
         self.cost = {b: self.cost.get(b, self.default_rtt_s) for b in self.backends}
         self.stamp = {b: self.stamp.get(b, now) for b in self.backends}
 
-    def _decayed(self, backend: str, now: float) -> float:
+    def load(self, backend: str, now: float) -> float:
+        """The backend's cost decayed to `now`, times its in-flight tries + 1."""
         cost = self.cost.get(backend, self.default_rtt_s)
         elapsed = now - self.stamp.get(backend, now)
-        return cost * math.exp(-elapsed / self.decay_s) if elapsed > 0 else cost
-
-    def load(self, backend: str, now: float) -> float:
-        return self._decayed(backend, now) * (self.inflight.get(backend, 0) + 1)
+        if elapsed > 0:
+            cost *= math.exp(-elapsed / self.decay_s)
+        return cost * (self.inflight.get(backend, 0) + 1)
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
         n = len(candidates)
@@ -414,7 +414,7 @@ class PeakEwma(BasePolicy):
         super().on_end(backend, now, outcome, latency_s)
         if backend not in self.cost:
             return
-        rtt = max(latency_s, self.failure_penalty_s) if outcome.is_failure else latency_s
+        rtt = latency_s if outcome is SUCCESS else max(latency_s, self.failure_penalty_s)
         cost = self.cost[backend]
         if rtt > cost:
             self.cost[backend] = rtt

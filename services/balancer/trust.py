@@ -86,6 +86,11 @@ class TrustState(StrEnum):
     EJECTED = "ejected"
 
 
+#: Read on every audited answer: module constants (a member read off an enum class goes
+#: through `EnumType.__getattr__` on Python 3.11).
+_PROBATION, _SUSPECT = TrustState.PROBATION, Standing.SUSPECT
+
+
 class TrustEvent(StrEnum):
     HIGH = "high"  # weight >= readmit_above
     MID = "mid"  # eject_below <= weight < readmit_above
@@ -389,9 +394,9 @@ class TrustEngine:
         proven it, `probation` while in PROBATION, else `base`."""
         if not base:
             return 0.0
-        if self.evidence.standing(backend) is Standing.SUSPECT:
+        if self.evidence.standing(backend) is _SUSPECT:
             return max(base, suspect)
-        if self.state(backend) is TrustState.PROBATION:
+        if self.state(backend) is _PROBATION:
             return max(base, probation)
         return base
 

@@ -320,13 +320,6 @@ class _Connection(asyncio.Protocol):
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
-def head_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The header lines of a head, each `name: value` and CRLF, in order (joined in C)."""
-    if not headers:
-        return b""
-    return b"\r\n".join(map(b": ".join, headers)) + b"\r\n"
-
-
 #: How early a try's deadline may be declared passed (the event loop's timer resolution).
 DEADLINE_RESOLUTION_S = 0.001
 
@@ -417,23 +410,15 @@ class BackendPool:
             raise UpstreamConnectError("backend was removed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        lines = head_lines(headers)
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", self.host_header]
+        for name, value in headers:
+            parts += (b"\r\n", name, b": ", value)
         if body or method not in _BODYLESS_METHODS:
-            raw = b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n%s" % (
-                method.encode("ascii"),
-                target,
-                self.host_header,
-                lines,
-                len(body),
-                body,
-            )
-        else:
-            raw = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (
-                method.encode("ascii"),
-                target,
-                self.host_header,
-                lines,
-            )
+            parts += (b"\r\ncontent-length: ", b"%d" % len(body))
+        parts.append(b"\r\n\r\n")
+        if body:
+            parts.append(body)
+        raw = b"".join(parts)
         head_only = method == "HEAD"
         conn = self._acquire_idle()
         fresh = conn is None

@@ -23,7 +23,7 @@ import itertools
 import math
 import random
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twlb.balancer.hashing import (
@@ -391,13 +391,22 @@ class PeakEwma(BasePolicy):
         self.cost = {b: self.cost.get(b, self.default_rtt_s) for b in self.backends}
         self.stamp = {b: self.stamp.get(b, now) for b in self.backends}
 
+    def loads(self, backends: Iterable[str], now: float) -> list[float]:
+        """Each backend's cost decayed to `now`, times its in-flight tries + 1 (one call
+        for all the candidates of a pick: it runs on every request)."""
+        cost, stamp, inflight = self.cost, self.stamp, self.inflight
+        default, decay_s, exp = self.default_rtt_s, self.decay_s, math.exp
+        out = []
+        for b in backends:
+            c = cost.get(b, default)
+            elapsed = now - stamp.get(b, now)
+            if elapsed > 0:
+                c *= exp(-elapsed / decay_s)
+            out.append(c * (inflight.get(b, 0) + 1))
+        return out
+
     def load(self, backend: str, now: float) -> float:
-        """The backend's cost decayed to `now`, times its in-flight tries + 1."""
-        cost = self.cost.get(backend, self.default_rtt_s)
-        elapsed = now - self.stamp.get(backend, now)
-        if elapsed > 0:
-            cost *= math.exp(-elapsed / self.decay_s)
-        return cost * (self.inflight.get(backend, 0) + 1)
+        return self.loads((backend,), now)[0]
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
         n = len(candidates)
@@ -408,7 +417,8 @@ class PeakEwma(BasePolicy):
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
-        return a if self.load(a, now) <= self.load(b, now) else b
+        load_a, load_b = self.loads((a, b), now)
+        return a if load_a <= load_b else b
 
     def on_end(self, backend: str, now: float, outcome: Outcome, latency_s: float) -> None:
         super().on_end(backend, now, outcome, latency_s)
@@ -653,6 +663,8 @@ class TrustWeighted(PeakEwma):
         self.current: dict[str, float] = {}
         self._static: dict[str, float] = {}
         self._static_of: dict[str, float] | None = None
+        # (candidates, static weights, their admitted weights, the admitted names)
+        self._candidate_weights: tuple[Sequence[str], dict, dict, tuple] | None = None
         self._static_at = -math.inf
         self._ramping = False
         self._sampler: tuple[Sequence[str], list[str], list[float]] | None = None
@@ -692,15 +704,23 @@ class TrustWeighted(PeakEwma):
     def effective_weights(self, candidates: Sequence[str], now: float) -> dict[str, float]:
         """The static weight of each admitted candidate times best load / own load."""
         static = self.static_weights(now)
-        weights = {b: static[b] for b in candidates if b in static}
+        # The admitted candidates' static weights, kept while the candidate list and the
+        # static weights are the same objects (each change builds new ones).
+        kept = self._candidate_weights
+        if kept is None or kept[0] is not candidates or kept[1] is not static:
+            admitted = {b: static[b] for b in candidates if b in static}
+            kept = (candidates, static, admitted, tuple(admitted))
+            self._candidate_weights = kept
+        weights = dict(kept[2])  # a copy: latency weighting scales it
         if not self.latency_weighting or len(weights) < 2:
             return weights
-        load = self.load
-        loads = [load(b, now) for b in weights]
+        names = kept[3]
+        loads = self.loads(names, now)
         best = min(loads)
-        for (b, w), ld in zip(weights.items(), loads, strict=True):
+        for i, ld in enumerate(loads):
             if ld > best:
-                weights[b] = w * best / ld
+                b = names[i]
+                weights[b] = weights[b] * best / ld
         return weights
 
     def pick(self, candidates: Sequence[str], now: float, key: str | None = None) -> str | None:
@@ -738,7 +758,8 @@ class TrustWeighted(PeakEwma):
         if not self.latency_weighting or len(chosen) == 1:
             return a
         b = chosen[min(last, bisect.bisect_right(cumulative, rand() * total))]
-        return a if self.load(a, now) <= self.load(b, now) else b
+        load_a, load_b = self.loads((a, b), now)
+        return a if load_a <= load_b else b
 
     def describe(self, backend: str) -> dict:
         return super().describe(backend) | {

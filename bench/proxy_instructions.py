@@ -1,0 +1,200 @@
+"""Benchmark: user-space instructions per proxied request, counted by callgrind.
+
+Throughput on a shared two-core machine moves by a factor of two between runs (nginx's
+own did in bench/proxy_bench.py), so a change of a few percent in the proxy's cost is
+lost in it. Instruction counts are not: valgrind's callgrind counts the instructions a
+process executes in user space, the same for the same code and input whatever else the
+machine is doing. This runs three benign `twlb backend` nodes and, one at a time, each
+balancer under callgrind with instrumentation off: wrk (32 connections) warms it, then
+instrumentation goes on for two windows of `--window` seconds of wrk load, the first one
+to settle (it catches the last of the start-up's lazy work), the second one measured.
+The figure is that window's instructions over the requests wrk got answered in it.
+
+What it counts: the balancer's whole user-space path for each request (HTTP parsing,
+the event loop, the policy, the upstream pool, metrics, audits), not the kernel's socket
+work (for that, CPU per request in bench/proxy_bench.py). The balancer's periodic work
+(health checks, ticks) is slowed down for the run, because under valgrind the process
+serves about 50 times fewer requests a second and that work would weigh 50 times more
+per request than at full speed.
+
+`--reference-python` names the interpreter of another build (a venv where an older
+checkout is installed, as in bench/proxy_bench.py): its balancers are measured the same
+way in the same run, and the figures add this build over the reference.
+
+    .venv/bin/python bench/proxy_instructions.py
+    .venv/bin/python bench/proxy_instructions.py --reference-python /tmp/ref-venv/bin/python
+
+Needs valgrind (Debian: apt-get install -y valgrind) and wrk. Printed and written to
+reports/bench/proxy_instructions.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+from backend_throughput import run_wrk
+from client_support import machine
+from proxy_bench import WORK_PATH, reference_argv
+from rich.console import Console
+from rich.table import Table
+
+from twlb.procs import ManagedProcess, free_port, twlb_argv
+
+#: The balancers measured: (policy, audit fraction).
+CASES = (("round-robin", 0.0), ("trust", 0.05))
+
+#: Periodic work slowed down under valgrind (see the module docstring).
+SLOW_PERIODIC = ("--health-interval", "600", "--trust-tick-s", "60", "--policy-tick-s", "10")
+
+
+@dataclass
+class Count:
+    """One balancer's measured window."""
+
+    build: str
+    policy: str
+    audit_fraction: float
+    requests: int
+    instructions: int
+    instructions_per_request: float
+
+
+def callgrind_total(path: Path) -> int:
+    """The instruction total of one callgrind dump (its `totals:` or `summary:` line)."""
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split(":", 1)[1].split()[0])
+    raise RuntimeError(f"no instruction total in {path}")
+
+
+def control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=60)
+
+
+def measure(
+    build: str,
+    python: str | None,
+    policy: str,
+    audits: float,
+    backends: list[str],
+    root: Path,
+    warmup_s: int,
+    window_s: int,
+) -> Count:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    tag = f"{build}-{policy}-{audits}".replace(" ", "_")
+    out = root / f"callgrind-{tag}.out"
+    args = (
+        "balancer", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+        "--audit-fraction", str(audits), "--log-level", "warning", *SLOW_PERIODIC,
+        *(arg for b in backends for arg in ("--backend", b)),
+    )  # fmt: skip
+    argv = twlb_argv(*args) if python is None else reference_argv(python, *args)
+    valgrind = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+    ]  # fmt: skip
+    proc = ManagedProcess([*valgrind, *argv], log_path=root / f"{tag}.log")
+    try:
+        proc.start()
+        proc.wait_ready(url + "/healthz", timeout=300)
+        run_wrk(tag, 0, url + WORK_PATH, warmup_s, 32, 1)
+        pid = str(proc.pid)
+        control("-i", "on", pid)
+        run_wrk(tag, 1, url + WORK_PATH, window_s, 32, 1)
+        control("-d", pid)  # the settling window: dump and forget
+        run = run_wrk(tag, 2, url + WORK_PATH, window_s, 32, 1)
+        control("-d", pid)
+    finally:
+        proc.stop(timeout=30)
+    dumps = sorted(root.glob(f"callgrind-{tag}.out.*"), key=lambda p: int(p.suffix[1:]))
+    if len(dumps) < 2:
+        raise RuntimeError(f"callgrind wrote {len(dumps)} dumps for {tag}, expected 2")
+    total = callgrind_total(dumps[1])
+    return Count(build, policy, audits, run.requests, total, total / max(run.requests, 1))
+
+
+@click.command()
+@click.option("--reference-python", default=None, help="Interpreter of another build to measure beside this one.")  # fmt: skip
+@click.option("--warmup", default=5, type=click.IntRange(1, 120), show_default=True, help="Seconds of wrk load before counting.")  # fmt: skip
+@click.option("--window", default=10, type=click.IntRange(1, 120), show_default=True, help="Seconds of wrk load per window.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/bench/proxy_instructions.json"), show_default=True)  # fmt: skip
+def main(reference_python: str | None, warmup: int, window: int, out: Path) -> None:
+    for tool, package in (("valgrind", "valgrind"), ("callgrind_control", "valgrind"), ("wrk", "wrk")):  # fmt: skip
+        if shutil.which(tool) is None:
+            raise click.UsageError(
+                f"{tool} is not installed (Debian: apt-get install -y {package})"
+            )
+    if reference_python is not None and shutil.which(reference_python) is None:
+        raise click.BadParameter(f"{reference_python} is not an interpreter", param_hint="--reference-python")  # fmt: skip
+    console = Console()
+    builds: list[tuple[str, str | None]] = [("this build", None)]
+    if reference_python is not None:
+        builds.append(("reference", reference_python))
+    counts: list[Count] = []
+    with tempfile.TemporaryDirectory(prefix="twlb-proxy-instr-") as tmp:
+        root = Path(tmp)
+        backends = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
+        nodes = [
+            ManagedProcess(
+                twlb_argv(
+                    "backend", "--host", "127.0.0.1", "--port", b.rsplit(":", 1)[1],
+                    "--node-id", f"bench-{i}", "--seed", str(i), "--log-level", "warning",
+                ),
+                log_path=root / f"backend-{i}.log",
+            )
+            for i, b in enumerate(backends)
+        ]  # fmt: skip
+        try:
+            for node in nodes:
+                node.start()
+            for node, b in zip(nodes, backends, strict=True):
+                node.wait_ready(b + "/healthz", timeout=60)
+            steps = [(b, p, c) for p, c in CASES for b in builds]
+            for i, ((build, python), policy, audits) in enumerate(steps, 1):
+                console.print(f"[{i}/{len(steps)}] {build}: {policy}, audits {audits} under callgrind")  # fmt: skip
+                counts.append(
+                    measure(build, python, policy, audits, backends, root, warmup, window)
+                )
+        finally:
+            for node in nodes:
+                node.stop()
+    table = Table(title="user-space instructions per proxied request (callgrind; client: wrk, 32 connections)")  # fmt: skip
+    for col in ("build", "policy", "audit fraction", "requests", "instructions / request"):
+        table.add_column(col, justify="right")
+    for c in counts:
+        table.add_row(c.build, c.policy, f"{c.audit_fraction:g}", f"{c.requests:,}", f"{c.instructions_per_request:,.0f}")  # fmt: skip
+    console.print(table)
+    ratios = {}
+    if reference_python is not None:
+        for policy, audits in CASES:
+            own, ref = (
+                next(c for c in counts if c.build == b and c.policy == policy)
+                for b in ("this build", "reference")
+            )
+            ratio = own.instructions_per_request / ref.instructions_per_request
+            ratios[f"{policy} {audits:g}"] = ratio
+            console.print(f"{policy}, audits {audits:g}: this build / reference = {ratio:.3f}")
+    report = {
+        "counts": [asdict(c) for c in counts],
+        "this_over_reference": ratios,
+        "reference_python": reference_python,
+        "warmup_s": warmup,
+        "window_s": window,
+        "machine": machine(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,6 @@ class Outcome(StrEnum):
     TIMEOUT = "timeout"  # no answer within the per-try timeout
     CONNECT_ERROR = "connect_error"  # refused, reset or dropped connection
 
-    @property
-    def is_failure(self) -> bool:
-        return self is not Outcome.SUCCESS
-
 
 #: The members as module constants, for the request path: on Python 3.11 reading a member
 #: off the class goes through `EnumType.__getattr__`, several times slower than a global,

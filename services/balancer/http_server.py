@@ -374,7 +374,7 @@ class _ClientConnection(asyncio.Protocol):
         self._to(_DISCARD)
         self._queue(
             _Parsed(
-                _method_name(self.parser.get_method()),
+                _method_name(self.method),
                 self.url,
                 self.headers,
                 b"",

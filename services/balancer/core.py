@@ -14,11 +14,11 @@ import asyncio
 import hashlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from time import monotonic, perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 from twlb.balancer.audit import AuditResult, answers_split, compare_answers, widen
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # onnxruntime is heavy to import: only a balancer given --mod
     from twlb.balancer.model_reload import ModelReloader
 
 log = logging.getLogger("twlb.balancer")
+T = TypeVar("T")
 
 #: Caps on one backend's /gossip answer (a membership view of up to ~1,000 members).
 GOSSIP_VIEW_LIMITS = UpstreamLimits(
@@ -185,6 +186,10 @@ class Balancer:
         self._health_tasks: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()
         self._tick_task: asyncio.Task | None = None
+        # The loop the balancer runs in, kept at start: asyncio.ensure_future() asks for
+        # the running loop, a getpid() system call on Python 3.11, and an audit makes
+        # three tasks (docs/DESIGN.md, the proxy's hot path).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._health_pools: dict[str, Upstream] = {}
         self._health_slots: asyncio.Semaphore | None = None
         self._running = False
@@ -198,6 +203,7 @@ class Balancer:
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self._running = True
+        self._loop = asyncio.get_running_loop()
         self._fleet_changed_at = self.clock()  # the fleet starts: it settles in a window
         self._health_slots = asyncio.Semaphore(self.settings.health_concurrency)
         for b in self.backends:
@@ -225,9 +231,14 @@ class Balancer:
         self._health_pools.clear()
         self._gossip_pools.clear()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
+    def _task(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        loop = self._loop
+        if loop is None:  # driven without start(), as the in-memory tests do
+            loop = asyncio.get_running_loop()
+        return loop.create_task(coro, name=name)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = self._task(coro, name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -586,7 +597,7 @@ class Balancer:
         self.judge(tries, quorum=2, absolute=widened, answers=answers)
 
     def _try_task(self, backend: str, method: str, target: bytes, headers: list) -> asyncio.Task:
-        return asyncio.ensure_future(self.try_backend(backend, method, target, headers, b""))
+        return self._task(self.try_backend(backend, method, target, headers, b""))
 
     def _decided(self, answers: dict[str, str | None], asked: set[str]) -> bool:
         """Whether one group of identical answers already outweighs every vote asked for,

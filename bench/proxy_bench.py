@@ -56,6 +56,12 @@ WORK_PATH = "/work?key=bench&rounds=1"
 NGINX = "nginx"
 ROUND_ROBIN = "balancer round-robin"
 DEFAULT_AUDIT_FRACTIONS = (0.05, 0.1, 0.2)
+#: Throughput over nginx's in the same run that the balancer must keep: what the code
+#: before the balancer's split into server, core and API reached on a quiet machine
+#: (README.md, Results). Ratios fall on a loaded machine, for both builds alike: run
+#: with --reference-python to compare builds in the same rounds.
+ROUND_ROBIN_TARGET = 0.76
+TRUST_TARGET = 0.74  # trust policy, 5% audits
 
 
 def trust_name(fraction: float) -> str:
@@ -403,8 +409,18 @@ def speed_run(
     for col in ("figure", "value", "target", "met"):
         figures.add_column(col)
     rows = [
-        ("round-robin / nginx throughput", f"{rr_ratio:.3f}", ">= 0.5", rr_ratio >= 0.5),
-        ("trust 5% audits / nginx throughput", f"{trust_ratio:.3f}", ">= 0.4", trust_ratio >= 0.4),
+        (
+            "round-robin / nginx throughput",
+            f"{rr_ratio:.3f}",
+            f">= {ROUND_ROBIN_TARGET}",
+            rr_ratio >= ROUND_ROBIN_TARGET,
+        ),
+        (
+            "trust 5% audits / nginx throughput",
+            f"{trust_ratio:.3f}",
+            f">= {TRUST_TARGET}",
+            trust_ratio >= TRUST_TARGET,
+        ),
         *(
             (f"trust {k} / nginx throughput", f"{v:.3f}", "", True)
             for k, v in by_fraction.items()
@@ -448,10 +464,14 @@ def speed_run(
         "p50_ms": p50,
         "p50_ms_runs": latency,
         "added_p50_ms": added_p50,
-        "targets": {"round_robin_over_nginx": 0.5, "trust_over_nginx": 0.4, "added_p50_ms": 1.0},
+        "targets": {
+            "round_robin_over_nginx": ROUND_ROBIN_TARGET,
+            "trust_over_nginx": TRUST_TARGET,
+            "added_p50_ms": 1.0,
+        },
         "meets_targets": {
-            "round_robin_over_nginx": rr_ratio >= 0.5,
-            "trust_over_nginx": trust_ratio >= 0.4,
+            "round_robin_over_nginx": rr_ratio >= ROUND_ROBIN_TARGET,
+            "trust_over_nginx": trust_ratio >= TRUST_TARGET,
             "added_p50_ms": added_p50 < 1.0,
         },
         "runs": [asdict(x) for x in runs],

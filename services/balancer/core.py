@@ -222,6 +222,7 @@ class Balancer:
         self._health_tasks.clear()
         self._background.clear()
         self._running = False
+        self._loop = None  # a balancer driven again later may be in another loop
         for pool in [
             *self.pools.values(),
             *self._health_pools.values(),
@@ -238,7 +239,11 @@ class Balancer:
         return loop.create_task(coro, name=name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = self._task(coro, name)
+        self._keep(self._task(coro, name))
+
+    def _keep(self, task: asyncio.Task) -> None:
+        """Hold a reference to `task` until it ends (the loop keeps only weak ones); stop()
+        cancels what is left."""
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -592,8 +597,7 @@ class Balancer:
             if widened and self._decided(answers, asked):
                 break
         for task in pending:  # answers no longer needed still feed health and windows
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._keep(task)
         self.judge(tries, quorum=2, absolute=widened, answers=answers)
 
     def _try_task(self, backend: str, method: str, target: bytes, headers: list) -> asyncio.Task:

@@ -9,7 +9,7 @@ UV_VERSION := 0.13.8
 # `python -m ...` run from here put it ahead of the standard library's `operator`.
 export PYTHONSAFEPATH := 1
 
-.PHONY: venv system-deps test lint demo bench lock clean chaos-local kind-up kind-down crd train
+.PHONY: venv system-deps test lint architecture demo bench lock clean chaos-local kind-up kind-down crd train
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,16 @@ test: system-deps
 	@$(MAKE) --no-print-directory venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## make lint: ruff, clean
+## make lint: ruff, and the import layers (pyproject.toml's import-linter contracts)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/imports.py lint
+
+## make architecture: redraw docs/architecture.svg, the packages and their imports
+architecture: system-deps
+	@$(MAKE) --no-print-directory venv
+	$(BIN)/python scripts/imports.py draw docs/architecture.svg
 
 ## make demo: the main job on the embedded runtime
 demo: system-deps

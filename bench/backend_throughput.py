@@ -44,8 +44,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 from twlb.backend.cli import server_config
+from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
-from twlb.procs import ManagedProcess, free_port, twlb_argv
 from twlb.work import digest
 
 WORK_PATH = "/work?key=bench&rounds=1"

@@ -33,9 +33,9 @@ from rich.table import Table
 from twlb.client.breaker import BreakerConfig
 from twlb.client.load import LoadPlan, Mode, RunControl, load_breaker, run_load
 from twlb.client.report import build_report
+from twlb.processes.managed import ManagedProcess
 
 from twlb.options import FiniteFloat
-from twlb.procs import ManagedProcess
 
 FLAKY = ("--fault-type", "error", "--fault-probability", "0.3", "--seed", "1")
 BENIGN = ("--fault-type", "benign", "--seed", "2")

@@ -1,6 +1,6 @@
 """What the client benchmarks share: starting backends, running `twlb load`, measuring CPU.
 
-Every process is started through `twlb.procs.ManagedProcess` and stopped by its pid.
+Every process is started through `twlb.processes.managed.ManagedProcess` and stopped by its pid.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-from twlb.procs import ManagedProcess, free_port, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 REPORT_DIR = Path("reports/bench")
 

@@ -35,9 +35,9 @@ from client_support import REPORT_DIR, LoadProcess, machine, start_service, writ
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
+from twlb.processes.managed import ManagedProcess
 
 from twlb.options import FiniteFloat
-from twlb.procs import ManagedProcess
 
 TOKEN = "fleet-scale-bench"
 HELPER = Path(__file__).with_name("many_backends.py")

@@ -25,10 +25,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from twlb.gossip.cli import ROUNDS_COLUMNS, SUMMARY_COLUMNS, plot, table
 from twlb.gossip.nodes import PROTOCOLS
-from twlb.gossip.simulation import Scenario, run_scenario, summarize
 from twlb.gossip.swim import SwimConfig
+from twlb.sim.gossip import Scenario, run_scenario, summarize
+from twlb.sim.gossip_cli import ROUNDS_COLUMNS, SUMMARY_COLUMNS, plot, table
 
 
 def point(protocol: str, n: int, runs: int, **kw: Any) -> dict[str, Any]:

@@ -41,9 +41,9 @@ from twlb.chaos.run import driven_load
 from twlb.ml.card import write_targets
 from twlb.ml.dataset import SHIPPED_DATA, read_datasets
 from twlb.ml.train import evidence_windows, heuristic_predictions, scores_for, split_by_seed
+from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 from twlb.options import FiniteFloat
-from twlb.procs import ManagedProcess, free_port, twlb_argv
 from twlb.spec import FaultSpec, FaultType
 
 ROOT = Path(__file__).resolve().parents[1]

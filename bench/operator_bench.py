@@ -25,8 +25,7 @@ from typing import Any
 
 import httpx
 from twlb.operator.handlers import OperatorConfig
-
-from twlb.procs import ManagedProcess, free_port
+from twlb.processes.managed import ManagedProcess, free_port
 
 #: The kmock harness is a test helper (tests/kube_harness.py), not part of the package.
 HARNESS = Path(__file__).resolve().parent.parent / "tests" / "kube_harness.py"

@@ -48,9 +48,9 @@ import psutil
 from backend_throughput import WrkRun, run_wrk
 from rich.console import Console
 from rich.table import Table
+from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 from twlb.options import FiniteFloat
-from twlb.procs import ManagedProcess, free_port, twlb_argv
 
 WORK_PATH = "/work?key=bench&rounds=1"
 NGINX = "nginx"

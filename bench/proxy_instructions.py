@@ -45,8 +45,7 @@ from client_support import machine
 from proxy_bench import WORK_PATH, reference_argv
 from rich.console import Console
 from rich.table import Table
-
-from twlb.procs import ManagedProcess, free_port, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 #: The balancers measured: (policy, audit fraction).
 CASES = (("round-robin", 0.0), ("trust", 0.05))

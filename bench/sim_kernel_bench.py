@@ -30,7 +30,8 @@ from pathlib import Path
 import simpy
 from twlb.sim.kernel import Kernel
 from twlb.sim.network import NetworkConfig
-from twlb.sim.protocol import Effects
+
+from twlb.protocol import Effects
 
 
 @dataclass(frozen=True, slots=True)

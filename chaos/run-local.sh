@@ -45,7 +45,7 @@ for seed in $SEEDS; do
     rm -rf "$run"
     mkdir -p "$run"
     sed "s/^  seed: .*/  seed: $seed/" "$CLUSTER_FILE" >"$run/cluster.yaml"
-    port=$("$BIN/python" -c 'from twlb.procs import free_port_range; print(free_port_range(8))')
+    port=$("$BIN/python" -c 'from twlb.processes.managed import free_port_range; print(free_port_range(8))')
     echo "seed $seed: twlb up on port base $port (state $run/state)"
     "$BIN/twlb" up -f "$run/cluster.yaml" --port-base "$port" --state-dir "$run/state" \
         --no-prometheus --duration 1800 >"$run/up.log" 2>&1 &

@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 
 import click
+from twlb.processes.state import DEFAULT_STATE_DIR, ClusterError
 
 from twlb.options import FiniteFloat
-from twlb.runtime import DEFAULT_STATE_DIR, ClusterError
 
 
 @click.command("dashboard")

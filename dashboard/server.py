@@ -30,8 +30,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from twlb.dashboard.view import ClusterView, NodeFacts, Observation
-
-from twlb.runtime import CHAOS_FILE, ClusterError, read_state_file
+from twlb.processes.state import CHAOS_FILE, ClusterError, read_state_file
 
 log = logging.getLogger("twlb.dashboard")
 

@@ -29,7 +29,8 @@ from twlb.gossip.membership import MemberState
 from twlb.gossip.nodes import GossipNode, describe, states_by_count
 from twlb.gossip.swim import SwimNode
 from twlb.gossip.wire import MAX_DATAGRAM, WireError, decode, encode
-from twlb.sim.protocol import Effects, NodeId
+
+from twlb.protocol import Effects, NodeId
 
 log = logging.getLogger("twlb.gossip")
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from twlb.gossip.membership import MemberEvent, MemberState, next_state
 from twlb.gossip.messages import HeartbeatEntry, HeartbeatTable
-from twlb.sim.protocol import ClientRequest, Effects, NodeId
+
+from twlb.protocol import ClientRequest, Effects, NodeId
 
 HEARTBEAT_PROTOCOLS = ("random", "round-robin", "binary-round-robin", "sequence-check")
 
@@ -75,7 +76,7 @@ class _Row:
 
 
 class HeartbeatNode:
-    """One node of a heartbeat protocol (the contract of `twlb.sim.protocol`)."""
+    """One node of a heartbeat protocol (the contract of `twlb.protocol`)."""
 
     def __init__(
         self,

@@ -10,7 +10,8 @@ from typing import Any
 from twlb.gossip.heartbeat import HEARTBEAT_PROTOCOLS, HeartbeatConfig, HeartbeatNode
 from twlb.gossip.membership import MemberState
 from twlb.gossip.swim import SwimConfig, SwimNode
-from twlb.sim.protocol import NodeId
+
+from twlb.protocol import NodeId
 
 PROTOCOLS = (*HEARTBEAT_PROTOCOLS, "swim")
 

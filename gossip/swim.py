@@ -1,5 +1,5 @@
 """SWIM (Das, Gupta, Motivala 2002) with Lifeguard (Dadgar et al. 2018), as HashiCorp
-memberlist runs it, as a sans-IO core (the contract of `twlb.sim.protocol`).
+memberlist runs it, as a sans-IO core (the contract of `twlb.protocol`).
 
 Each probe interval a node pings one member (by default the member its position in the
 id-ordered live members gives for the current time slot; memberlist's shuffled
@@ -31,7 +31,8 @@ from sortedcontainers import SortedList
 from twlb.gossip.membership import MemberEvent, MemberState, next_state
 from twlb.gossip.messages import Ack, Gossip, Nack, Ping, PingReq, Sync, Update
 from twlb.gossip.view import LIVE, Member, MemberView, Roster
-from twlb.sim.protocol import ClientRequest, Effects, NodeId
+
+from twlb.protocol import ClientRequest, Effects, NodeId
 
 PROBE_SCHEDULES = ("slotted", "shuffled")
 

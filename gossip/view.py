@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 from twlb.gossip.membership import MemberState, is_down
-from twlb.sim.protocol import NodeId
+
+from twlb.protocol import NodeId
 
 
 class Roster(Sequence[NodeId]):

@@ -221,3 +221,12 @@ def read_datasets(paths: Sequence[str | Path], feature_names: Sequence[str]) -> 
             "description": " + ".join(p.metadata.get("description", "") for p in parts),
         },
     )
+
+
+@dataclass
+class Sample:
+    """One sample instant: the direct reading, labelled per backend URL later."""
+
+    at: float
+    direct: dict[str, dict[str, float]]
+    tick_seen_at: float = 0.0  # when the balancer's trust tick being read was first seen

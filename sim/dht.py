@@ -19,7 +19,7 @@ everywhere; a delete is a tombstone.
   of and drops those it no longer does once the hand-off is acknowledged. A leaving node
   hands each of its keys to the nodes that take over before it goes.
 
-The nodes follow `twlb.sim.protocol`: they read no clock and open no socket, and run on
+The nodes follow `twlb.protocol`: they read no clock and open no socket, and run on
 the simulator's kernel (`twlb.sim.kernel`). The founding simulator's API is
 `create_dht(nodes, replication_factor=2)` and a node's `put`, `get` and `delete`.
 """
@@ -35,7 +35,8 @@ from typing import Any
 from twlb.balancer.hashing import HashRing
 from twlb.sim.kernel import Kernel
 from twlb.sim.network import NetworkConfig
-from twlb.sim.protocol import ClientReply, ClientRequest, Effects, NodeId, Operation, OpKind
+
+from twlb.protocol import ClientReply, ClientRequest, Effects, NodeId, Operation, OpKind
 
 
 class DhtOp(StrEnum):
@@ -163,7 +164,7 @@ def newer(a: Record | None, b: Record | None) -> Record | None:
 
 
 class DhtNode:
-    """One node of the replicated hash table (a `twlb.sim.protocol.ProtocolNode`)."""
+    """One node of the replicated hash table (a `twlb.protocol.ProtocolNode`)."""
 
     def __init__(
         self,

@@ -30,7 +30,8 @@ from typing import Any
 
 import edn_format
 from edn_format import ImmutableList, Keyword
-from twlb.sim.protocol import ClientReply, ClientRequest, Operation, OpKind
+
+from twlb.protocol import ClientReply, ClientRequest, Operation, OpKind
 
 
 class HistoryError(ValueError):

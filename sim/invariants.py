@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twlb.sim.protocol import ClientRequest, KVStateMachine, bft_faults, quorum
+from twlb.protocol import ClientRequest, KVStateMachine, bft_faults, quorum
 
 Event = tuple[float, str, tuple[Any, ...]]
 

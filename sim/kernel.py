@@ -1,5 +1,5 @@
 """The simulator's deterministic discrete-event kernel: virtual time, one seeded random
-source and a heap of timed events, driving any sans-IO node of `twlb.sim.protocol`.
+source and a heap of timed events, driving any sans-IO node of `twlb.protocol`.
 
 Why a hand-written heap and not simpy, measured by `bench/sim_kernel_bench.py` (the same
 message-forwarding workload, per CPU-second, one run): a bare heapq loop does 977,000
@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from twlb.sim.network import Network, NetworkConfig
-from twlb.sim.protocol import ClientReply, ClientRequest, Effects, NodeId, ProtocolNode
+
+from twlb.protocol import ClientReply, ClientRequest, Effects, NodeId, ProtocolNode
 
 # Event kinds in the heap: (time, seq, kind, a, b, c).
 DELIVER, TIMER, REQUEST, REPLY, CALL = range(5)

@@ -23,12 +23,31 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from heapq import heappush
-from typing import TYPE_CHECKING, Any
+from random import Random
+from typing import Any, Protocol
 
-from twlb.sim.protocol import NodeId
+from twlb.protocol import Effects, NodeId
 
-if TYPE_CHECKING:
-    from twlb.sim.kernel import Kernel
+
+class Kernel(Protocol):
+    """The kernel as its network sees it (`twlb.sim.kernel.Kernel` owns one `Network`):
+    declared here so that the network needs no import of the kernel that imports it."""
+
+    rng: Random
+    now: float
+    stats: Any
+    trace: list[tuple[Any, ...]] | None
+    nodes: dict[NodeId, Any]
+    spawned: dict[NodeId, Any]
+    _queue: list[tuple[Any, ...]]
+
+    def _next_seq(self) -> int: ...
+
+    def _push(self, at: float, kind: int, a: Any, b: Any, c: Any) -> int: ...
+
+    def _apply(self, node_id: NodeId, effects: Effects) -> None: ...
+
+    def cancel_alarm(self, node_id: NodeId) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +131,18 @@ class Network:
         return t
 
     def global_time(self, node_id: NodeId, local: float) -> float:
+        """The true time at which `node_id`'s clock reads `local`: never earlier, so a
+        node woken for `local` sees at least `local` on its clock. (Rounding can land the
+        plain inverse a hair early; a node that then asks for the same time again would
+        be woken at the same instant forever.)"""
         if self.skew:
             skew = self.skew.get(node_id)
             if skew is not None:
-                return (local - skew[0]) / skew[1]
+                offset, rate = skew
+                true = (local - offset) / rate
+                while offset + rate * true < local:
+                    true = math.nextafter(true, math.inf)
+                return true
         return local
 
     # -- link faults --------------------------------------------------------------

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twlb.sim.protocol import (
+from twlb.protocol import (
     ClientReply,
     ClientRequest,
     Effects,

@@ -61,7 +61,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twlb.sim.protocol import (
+from twlb.protocol import (
     ClientReply,
     ClientRequest,
     Effects,

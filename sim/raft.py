@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from twlb.sim.protocol import (
+from twlb.protocol import (
     ClientReply,
     ClientRequest,
     Effects,

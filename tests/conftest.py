@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
 Spawn = Callable[..., tuple[ManagedProcess, str]]
 

@@ -14,7 +14,8 @@ from typing import Any
 from twlb.gossip.consensus import FailureWatch
 from twlb.gossip.membership import TRANSITIONS, MemberState
 from twlb.gossip.nodes import GossipConfig, make_node, recover_node
-from twlb.sim.protocol import Effects
+
+from twlb.protocol import Effects
 
 ALLOWED = {(a, b) for (a, _), b in TRANSITIONS.items()}
 

@@ -11,7 +11,8 @@ from twlb.sim.invariants import check_invariants
 from twlb.sim.kernel import Kernel
 from twlb.sim.network import NetworkConfig
 from twlb.sim.pbft import ReplyQuorum
-from twlb.sim.protocol import ClientReply, ClientRequest, Operation, OpKind
+
+from twlb.protocol import ClientReply, ClientRequest, Operation, OpKind
 
 
 @dataclass

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twlb.sim.protocol import ClientReply, ClientRequest, Effects
+from twlb.protocol import ClientReply, ClientRequest, Effects
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twlb.sim.protocol import ClientReply, ClientRequest, Effects, KVStateMachine
+from twlb.protocol import ClientReply, ClientRequest, Effects, KVStateMachine
 
 
 class PrimaryKV:

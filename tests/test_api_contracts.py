@@ -24,8 +24,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
-from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
 ADMIN_TOKEN = "contract-admin"
 CONTROL_TOKEN = "contract-control"

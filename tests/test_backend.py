@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from twlb.backend.app import CRASH_EXIT_STATUS
 from twlb.backend.simulation import NodeProfile
+from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
 from twlb.cli import main
-from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
 from twlb.spec import FaultSpec, FaultType
 from twlb.work import digest
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
+from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
 from twlb.cli import main
-from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
 from twlb.work import digest
 
 TOKEN = "s3cret-admin"

@@ -23,8 +23,14 @@ from twlb.chaos.journal import chaos_intervals, steady_state_problems
 from twlb.chaos.probes import answer_ratio, verified_load
 from twlb.chaos.state import load_cluster
 from twlb.ml.dataset import read_dataset, schema
+from twlb.processes.managed import (
+    ManagedProcess,
+    free_port,
+    free_port_range,
+    pid_alive,
+    twlb_argv,
+)
 
-from twlb.procs import ManagedProcess, free_port, free_port_range, pid_alive, twlb_argv
 from twlb.spec import NodeClass
 
 REPO = Path(__file__).resolve().parents[1]

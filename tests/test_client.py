@@ -12,8 +12,8 @@ from test_client_support import ControlledNode, node_fixture  # noqa: F401  (the
 from twlb.client.breaker import BreakerConfig, BreakerState, BreakerTransition
 from twlb.client.client import CallStatus, ClientListener, ClientPolicy, ResilientClient
 from twlb.client.load import answer_verifier
+from twlb.processes.managed import free_port
 
-from twlb.procs import free_port
 from twlb.work import digest
 
 

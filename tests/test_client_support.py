@@ -11,8 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
 CONTROL_TOKEN = "test-control-token"
 

@@ -23,8 +23,7 @@ import pytest
 from conftest import twlb_status, wait_until
 from playwright.sync_api import sync_playwright
 from twlb.dashboard.screenshot import CHROMIUM, launch
-
-from twlb.procs import ManagedProcess, free_port_range, pid_alive, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port_range, pid_alive, twlb_argv
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "reports" / "test-artifacts"
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from twlb.dashboard import server as dashboard_server
 from twlb.dashboard.server import DashboardServer, StateDirSource
+from twlb.orchestration.runtime import EmbeddedCluster
+from twlb.processes.managed import free_port_range, twlb_argv
 
-from twlb.procs import free_port_range, twlb_argv
-from twlb.runtime import EmbeddedCluster
 from twlb.spec import TrustCluster
 
 
@@ -163,8 +163,8 @@ def test_the_kubernetes_sidecar_command_shows_the_cluster_behind_a_balancer(runn
     its environment; that very command line, pointed at a real balancer, shows every node
     with its true fault."""
     from twlb.operator import render
+    from twlb.processes.managed import ManagedProcess, free_port
 
-    from twlb.procs import ManagedProcess, free_port
     from twlb.spec import TrustClusterSpec
 
     cluster, _ = running

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from twlb.balancer.health import HealthState
 from twlb.balancer.trust import TrustState
-
-from twlb.experiment import FLAGGED_STATES, _flagged
+from twlb.orchestration.experiment import FLAGGED_STATES, _flagged
 
 
 @pytest.mark.parametrize(

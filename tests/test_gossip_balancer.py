@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 from conftest import wait_until
 from twlb.balancer.health import HealthEvent, HealthState, HealthTracker
+from twlb.orchestration.runtime import EmbeddedCluster
+from twlb.processes.managed import free_port_range
 
-from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster
 from twlb.spec import TrustCluster
 
 #: Health checks every 3 s, three failures to fall: no check can take a killed backend

@@ -290,7 +290,7 @@ def test_gossip_sim_command_writes_its_report_and_refuses_bad_input(tmp_path) ->
     import json
 
     from click.testing import CliRunner
-    from twlb.gossip.cli import command
+    from twlb.sim.gossip_cli import command
 
     runner = CliRunner()
     args = ["sim", "--protocol", "swim", "--protocol", "binary-round-robin", "--nodes", "6"]

@@ -19,9 +19,9 @@ import pytest
 from twlb.gossip.consensus import FailureWatch, agreed_alive, agreed_down
 from twlb.gossip.membership import MemberState
 from twlb.gossip.nodes import PROTOCOLS
+from twlb.orchestration.runtime import EmbeddedCluster
+from twlb.processes.managed import free_port_range
 
-from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster
 from twlb.spec import TrustCluster
 
 FAST = {

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from twlb.orchestration.runtime import EmbeddedCluster, resolve_model
+from twlb.processes.managed import free_port_range
 
-from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster, resolve_model
 from twlb.spec import load_trustcluster
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from click.testing import CliRunner
+from twlb.orchestration.hashing_analysis import BALANCE_FACTOR, bounded_loads, key_movement, spread
 
 from twlb.cli import main
-from twlb.hashing_analysis import BALANCE_FACTOR, bounded_loads, key_movement, spread
 
 
 def test_key_movement_is_near_one_nth_for_every_algorithm() -> None:

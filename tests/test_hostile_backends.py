@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import psutil
 from conftest import Spawn
+from twlb.processes.managed import ManagedProcess, free_port, pid_alive
 
-from twlb.procs import ManagedProcess, free_port, pid_alive
 from twlb.work import digest
 
 HOSTILE = Path(__file__).with_name("hostile_backend.py")

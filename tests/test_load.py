@@ -19,9 +19,9 @@ from test_client_support import ControlledNode, node_fixture  # noqa: F401  (the
 from twlb.client.breaker import BreakerConfig
 from twlb.client.load import LoadPlan, Mode, RunControl, run_load
 from twlb.client.report import FAILURE_REASONS, build_report
+from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 from twlb.cli import main
-from twlb.procs import ManagedProcess, free_port, twlb_argv
 
 RUN_TIMEOUT_S = 60.0
 

@@ -8,17 +8,17 @@ import pytest
 from click.testing import CliRunner
 from twlb.balancer.features import FEATURE_NAMES
 from twlb.chaos.run import TruthTimeline, driven_load
-from twlb.ml.collect import (
+from twlb.ml.dataset import read_dataset, write_rows
+from twlb.orchestration.collect import (
     SOURCES,
     collect_attached,
     collection_metadata,
     plan_run,
     run_live,
 )
-from twlb.ml.dataset import read_dataset, write_rows
+from twlb.orchestration.prometheus import LocalPrometheus, find_prometheus, render_config
 
 from twlb.cli import main
-from twlb.prometheus import LocalPrometheus, find_prometheus, render_config
 from twlb.spec import FaultType, NodeClass, assign_faults
 
 

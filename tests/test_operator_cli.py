@@ -9,8 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from kube_harness import kubeconfig_for, trustcluster
-
-from twlb.procs import ManagedProcess, free_port, pid_alive, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
 pytestmark = pytest.mark.timeout(90)
 NS = "ops"

@@ -12,7 +12,7 @@ from twlb.balancer.cli import command as balancer_command
 from twlb.balancer.settings import BalancerSettings
 
 from twlb.options import FiniteFloat, field_values, flag_name, to_args, to_env
-from twlb.spec import BALANCER_SPEC_FIELDS, BalancerSpec, FaultSpec, FaultType, PolicyName
+from twlb.spec import BalancerSpec, BalancerTunables, FaultSpec, FaultType, PolicyName
 
 
 def _parse(command: click.Command, args: list[str], env: dict[str, str] | None = None):
@@ -86,8 +86,8 @@ def test_a_flag_out_of_the_models_bounds_is_refused_by_click():
 
 def test_the_specs_balancer_section_is_the_settings_fields_under_camel_case_names():
     spec_fields = BalancerSpec.model_fields
-    assert set(spec_fields) == {*BALANCER_SPEC_FIELDS, "model_config_map"}
-    for name in BALANCER_SPEC_FIELDS:
+    assert set(spec_fields) == {*BalancerTunables.model_fields, "model_config_map"}
+    for name in BalancerTunables.model_fields:
         mine, theirs = spec_fields[name], BalancerSettings.model_fields[name]
         assert (mine.default, mine.description, mine.metadata) == (
             theirs.default,

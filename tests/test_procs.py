@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from twlb.procs import ephemeral_ports, free_port, free_port_range
+from twlb.processes.managed import ephemeral_ports, free_port, free_port_range
 
 
 def test_free_ports_are_outside_the_ephemeral_range_distinct_and_bindable() -> None:

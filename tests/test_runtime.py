@@ -12,9 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import twlb_status, wait_until
-
-from twlb.procs import ManagedProcess, free_port_range, pid_alive, twlb_argv
-from twlb.runtime import RESTART_BASE_S, RESTART_CAP_S, RESTART_RESET_S, RestartBackoff
+from twlb.orchestration.supervision import (
+    RESTART_BASE_S,
+    RESTART_CAP_S,
+    RESTART_RESET_S,
+    RestartBackoff,
+)
+from twlb.processes.managed import (
+    ManagedProcess,
+    free_port_range,
+    pid_alive,
+    twlb_argv,
+)
 
 CLUSTER = """\
 apiVersion: twlb.dev/v1alpha1

@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import wait_until
-
-from twlb.procs import ManagedProcess, free_port_range, pid_alive, twlb_argv
+from twlb.processes.managed import ManagedProcess, free_port_range, pid_alive, twlb_argv
 
 CLUSTER = """\
 apiVersion: twlb.dev/v1alpha1

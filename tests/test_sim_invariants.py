@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 from twlb.sim.invariants import Violation, check_invariants, check_progress
-from twlb.sim.protocol import ClientRequest, Operation, OpKind
+
+from twlb.protocol import ClientRequest, Operation, OpKind
 
 
 def req(client, seq, value=None):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from sim_pingnode import Ping, PingNode, Pong, SilentNode
 from twlb.sim.kernel import DELIVER, Kernel
 from twlb.sim.network import NetworkConfig
-from twlb.sim.protocol import ClientRequest, Effects, Operation, OpKind
+
+from twlb.protocol import ClientRequest, Effects, Operation, OpKind
 
 IDS = ["node_0", "node_1", "node_2"]
 
@@ -169,6 +172,44 @@ def test_clock_skew_shifts_a_nodes_now_and_its_alarms():
     assert [100.0 + 2.0 * t for t in timer_globals] == pytest.approx(node.timer_times)
     gaps = [b - a for a, b in zip(timer_globals, timer_globals[1:], strict=False)]
     assert gaps and max(gaps) <= 0.75 + 1e-9 and min(gaps) >= 0.25 - 1e-9
+
+
+class ExactWaiter:
+    """Wakes at exactly t = 0.1, 0.2, ... on its own clock, and asks again for the same
+    time while its clock reads earlier (as a slotted schedule does)."""
+
+    def __init__(self, node_id, peers, rng, config):
+        self.node_id, self.slot, self.woken = node_id, 0.0, []
+
+    def start(self, now):
+        self.slot = round(math.floor(now * 10) / 10 + 0.1, 10)  # its clock's next slot
+        return Effects(wake_at=self.slot)
+
+    def on_timer(self, now):
+        if now >= self.slot:
+            self.woken.append(now)
+            self.slot = round(self.slot + 0.1, 10)
+        return Effects(wake_at=self.slot)
+
+    def on_message(self, src, message, now):
+        return Effects()
+
+    def on_request(self, request, now):
+        return Effects()
+
+
+@pytest.mark.parametrize(
+    ("offset", "rate"), [(0.3, 1.0 + 1e-6), (-7.123456789, 0.999), (1e6 / 3, 1.0001), (0.1, 3.0)]
+)
+def test_a_skewed_clock_never_wakes_a_node_before_its_time_nor_hangs(offset, rate):
+    kernel = Kernel(seed=1, network=NetworkConfig())
+    kernel.network.set_clock_skew("node_0", offset=offset, rate=rate)
+    node = kernel.spawn(ExactWaiter, "node_0", [])
+    kernel.run(until=20.0, max_events=100_000)
+    assert kernel.pending() and kernel.stats.timers < 100_000  # it got through, no spin
+    true_span = 20.0 - 0.0
+    assert len(node.woken) == pytest.approx(true_span * rate * 10, abs=2)
+    assert all(b > a for a, b in zip(node.woken, node.woken[1:], strict=False))
 
 
 def test_client_request_reaches_the_node_and_the_reply_comes_back():

@@ -9,7 +9,8 @@ import random
 import pytest
 from sim_cluster import acked_ops, build, events_of, violations
 from twlb.sim.paxos import Accept, MultiPaxos, PaxosConfig, Prepare, Promise
-from twlb.sim.protocol import ClientRequest, Operation, OpKind
+
+from twlb.protocol import ClientRequest, Operation, OpKind
 
 
 def leader_of(kernel, ids):

@@ -22,7 +22,8 @@ from twlb.sim.pbft import (
     ViewChange,
     request_digest,
 )
-from twlb.sim.protocol import ClientReply, ClientRequest, Operation, OpKind
+
+from twlb.protocol import ClientReply, ClientRequest, Operation, OpKind
 
 
 def pbft_cluster(n=4, seed=1, byzantine=None, clients=3, net=None, **config):

@@ -8,8 +8,9 @@ import random
 
 import pytest
 from sim_cluster import acked_ops, build, events_of, violations
-from twlb.sim.protocol import ClientRequest, Effects, Operation, OpKind
 from twlb.sim.raft import AppendEntries, Raft, RaftConfig, Role
+
+from twlb.protocol import ClientRequest, Effects, Operation, OpKind
 
 
 def leader_at(kernel, ids):

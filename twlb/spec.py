@@ -7,7 +7,6 @@ YAML and in the CRD (aliases) and snake_case in Python.
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterable
 from enum import StrEnum
@@ -15,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from twlb.balancer.settings import BalancerSettings
 from twlb.options import Flag, to_args, to_env
 from twlb.vocabulary import PolicyName, Probability
 
@@ -157,36 +155,69 @@ class NodeOverride(_Model):
     )
 
 
-#: The balancer settings a TrustCluster may set. Each is declared once, in BalancerSettings
-#: (services/balancer/settings.py); the spec takes its type, default, bounds and description,
-#: under its camelCase name (`windowS`). To expose another setting, add its name here.
-BALANCER_SPEC_FIELDS: tuple[str, ...] = (
-    "audit_fraction",
-    "suspect_audit_fraction",
-    "liar_backoff_s",
-    "window_s",
-    "health_interval_s",
-    "retry_budget",
-    "hash_algorithm",
-    "vnodes",
-    "balance_factor",
-    "gossip_poll_s",
-)
+class BalancerTunables(BaseModel):
+    """The balancer settings a TrustCluster may set, declared once: `twlb balancer`'s
+    settings (services/balancer/settings.py, `BalancerSettings`) inherit these fields, and
+    the spec's `balancer` section carries them under camelCase names (`windowS`). To let a
+    TrustCluster set another balancer setting, move its field here."""
 
-BalancerSpec = create_model(
-    "BalancerSpec",
-    __base__=_Model,
-    __doc__="Settings of the cluster's balancer.",
-    **{
-        name: (field.annotation, copy.copy(field))
-        for name, field in BalancerSettings.model_fields.items()
-        if name in BALANCER_SPEC_FIELDS
-    },
-    model_config_map=(
-        str | None,
-        Field(None, description="ConfigMap holding the ONNX trust model (cluster only)."),
-    ),
-)
+    audit_fraction: Probability = Field(
+        0.05, description="Share of GET requests cross-checked on two more backends."
+    )
+    suspect_audit_fraction: Probability = Field(
+        1.0,
+        description="trust policy: share of answers cross-checked from a backend an audit "
+        "found the odd one out, until the evidence clears or proves it (while audits are on).",
+    )
+    liar_backoff_s: Annotated[float, Flag("--liar-backoff")] = Field(
+        60.0,
+        gt=0.0,
+        le=86_400.0,
+        description="trust policy: seconds a backend proven a liar stays out of rotation after "
+        "its first proven offence; doubled for each further one (up to an hour, or this).",
+    )
+    window_s: Annotated[float, Flag("--window")] = Field(
+        5.0, gt=0.0, le=300.0, description="Feature window, seconds."
+    )
+    health_interval_s: Annotated[float, Flag("--health-interval")] = Field(
+        1.0,
+        gt=0.0,
+        le=600.0,
+        description="Seconds between active health checks of each backend.",
+    )
+    gossip_poll_s: Annotated[float, Flag("--gossip-poll")] = Field(
+        0.5,
+        ge=0.0,
+        le=60.0,
+        description="Seconds between reads of every backend's GET /gossip; a backend all the "
+        "others agree is dead leaves the rotation at once (0: ignore gossip).",
+    )
+    retry_budget: float = Field(
+        0.2, ge=0.0, le=10.0, description="Retries allowed as a ratio of live requests."
+    )
+    hash_algorithm: Literal["sha256", "md5"] = Field(
+        "sha256", description="Key hash of consistent-hash, rendezvous, maglev, bounded-load."
+    )
+    vnodes: int = Field(
+        160,
+        ge=1,
+        le=10_000,
+        description="Virtual nodes per backend on the ring (consistent-hash, bounded-load).",
+    )
+    balance_factor: float = Field(
+        1.25,
+        ge=1.0,
+        le=100.0,
+        description="bounded-load: no backend carries more than this times the mean load.",
+    )
+
+
+class BalancerSpec(_Model, BalancerTunables):
+    """Settings of the cluster's balancer."""
+
+    model_config_map: str | None = Field(
+        None, description="ConfigMap holding the ONNX trust model (cluster only)."
+    )
 
 
 def balancer_args(balancer: BaseModel) -> list[str]:

@@ -20,8 +20,8 @@ import psutil
 from chaoslib.exceptions import ActivityFailed
 from twlb.chaos.probes import HTTP_TIMEOUT_S
 from twlb.chaos.state import ClusterState, NodeState, load_cluster
+from twlb.processes.managed import pid_alive
 
-from twlb.procs import pid_alive
 from twlb.spec import FaultSpec, NodeClass
 
 #: How often recovery is checked while waiting for the runtime to restart a node.

@@ -22,8 +22,7 @@ import httpx
 from chaoslib.exceptions import ActivityFailed
 from twlb.chaos.probes import HTTP_TIMEOUT_S, _target, backend_matches
 from twlb.chaos.state import load_cluster
-
-from twlb.procs import pid_alive
+from twlb.processes.managed import pid_alive
 
 POLL_S = 0.05
 

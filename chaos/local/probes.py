@@ -27,8 +27,8 @@ from twlb.client.breaker import BreakerConfig
 from twlb.client.client import ClientPolicy
 from twlb.client.load import LoadPlan, Mode, RunControl, run_load
 from twlb.client.report import LoadTally, build_report
+from twlb.processes.managed import pid_alive
 
-from twlb.procs import pid_alive
 from twlb.spec import NodeClass
 
 #: Chaos Toolkit's logger: what probes say lands in the run's log file.

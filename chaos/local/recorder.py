@@ -30,10 +30,8 @@ from twlb.balancer.features import FEATURE_NAMES
 from twlb.chaos.journal import FeatureWindow, window_intervals
 from twlb.chaos.run import Log, TrustPoller, TruthTimeline, control_truth
 from twlb.chaos.state import load_cluster
-from twlb.ml.collect import Sample
-from twlb.ml.dataset import WindowRow
-
-from twlb.procs import pid_alive
+from twlb.ml.dataset import Sample, WindowRow
+from twlb.processes.managed import pid_alive
 
 RECORDING_VERSION = 1
 #: How often /trust is polled for a new trust tick.

@@ -1,6 +1,6 @@
 """Run chaos on an embedded cluster and record what the balancer saw: the one home of it.
 
-The demo and benchmark (twlb/experiment.py), the collector (ml/collect.py) and the chaos
+The demo and benchmark (orchestration/experiment.py), the collector (orchestration/collect.py) and the chaos
 recorder (chaos/local/recorder.py) all do the same few things, defined here once:
 - `ChaosEvent` / `ChaosSchedule`: timed events (switch a node's fault, kill it for a
   hold-down) applied to a running `EmbeddedCluster` when their time comes;
@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 from twlb.balancer.features import FEATURE_NAMES
+from twlb.processes.managed import ManagedProcess, twlb_argv
 
-from twlb.procs import ManagedProcess, twlb_argv
 from twlb.spec import FaultSpec, NodeClass
 
 Log = Callable[[str], None]

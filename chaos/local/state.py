@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from chaoslib.exceptions import ActivityFailed
+from twlb.processes.managed import pid_alive
+from twlb.processes.state import CHAOS_FILE, STATE_FILE, ClusterError, read_state_file
 
-from twlb.procs import pid_alive
-from twlb.runtime import CHAOS_FILE, STATE_FILE, ClusterError, read_state_file
 from twlb.spec import FaultSpec
 
 #: Environment variable experiments read their state directory from (configuration).

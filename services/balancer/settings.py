@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from twlb.balancer.upstream import (  # noqa: F401 (IDEMPOTENT_METHODS: re-exported)
     IDEMPOTENT_METHODS,
     BackendURLError,
@@ -14,6 +14,7 @@ from twlb.balancer.upstream import (  # noqa: F401 (IDEMPOTENT_METHODS: re-expor
 )
 
 from twlb.options import Flag
+from twlb.spec import BalancerTunables
 from twlb.vocabulary import PolicyName, Probability
 
 #: Paths the balancer answers itself; every other path is proxied to a backend.
@@ -47,7 +48,7 @@ def resolve_model(choice: str | Path | None) -> Path | None:
     return path
 
 
-class BalancerSettings(BaseModel):
+class BalancerSettings(BalancerTunables):
     """Every setting of `twlb balancer`: the one declaration of each.
 
     The command's flags (services/balancer/cli.py, through twlb/options.py) and the
@@ -68,25 +69,10 @@ class BalancerSettings(BaseModel):
     admin_token: str | None = Field(
         None, description="Bearer token of /admin/*; unset: the admin API is disabled."
     )
-    audit_fraction: Probability = Field(
-        0.05, description="Share of GET requests cross-checked on two more backends."
-    )
     probation_audit_fraction: Probability = Field(
         0.5,
         description="trust policy: share of answers from backends in probation (new, or back "
         "after an ejection) cross-checked, while audits are on (audit fraction > 0).",
-    )
-    suspect_audit_fraction: Probability = Field(
-        1.0,
-        description="trust policy: share of answers cross-checked from a backend an audit "
-        "found the odd one out, until the evidence clears or proves it (while audits are on).",
-    )
-    liar_backoff_s: Annotated[float, Flag("--liar-backoff")] = Field(
-        60.0,
-        gt=0.0,
-        le=86_400.0,
-        description="trust policy: seconds a backend proven a liar stays out of rotation after "
-        "its first proven offence; doubled for each further one (up to an hour, or this).",
     )
     slow_start_s: Annotated[float, Flag("--slow-start")] = Field(
         5.0,
@@ -105,17 +91,8 @@ class BalancerSettings(BaseModel):
         description="Top-level JSON field that differs between honest backends (their "
         "identity) and is left out when answers are compared (repeatable).",
     )
-    window_s: Annotated[float, Flag("--window")] = Field(
-        5.0, gt=0.0, le=300.0, description="Feature window, seconds."
-    )
     trust_tick_s: float = Field(0.5, gt=0.0, le=60.0, description="Trust update period, seconds.")
     policy_tick_s: float = Field(0.1, gt=0.0, le=10.0, description="Policy tick period, seconds.")
-    health_interval_s: Annotated[float, Flag("--health-interval")] = Field(
-        1.0,
-        gt=0.0,
-        le=600.0,
-        description="Seconds between active health checks of each backend.",
-    )
     health_timeout_s: Annotated[float, Flag("--health-timeout")] = Field(
         0.5, gt=0.0, le=60.0, description="Timeout of one health check, seconds."
     )
@@ -125,21 +102,11 @@ class BalancerSettings(BaseModel):
     unhealthy_threshold: int = Field(
         2, ge=1, le=100, description="Consecutive failed checks that take a backend out."
     )
-    gossip_poll_s: Annotated[float, Flag("--gossip-poll")] = Field(
-        0.5,
-        ge=0.0,
-        le=60.0,
-        description="Seconds between reads of every backend's GET /gossip; a backend all the "
-        "others agree is dead leaves the rotation at once (0: ignore gossip).",
-    )
     try_timeout_s: Annotated[float, Flag("--try-timeout")] = Field(
         1.0, gt=0.0, le=600.0, description="Timeout of one upstream try, seconds."
     )
     max_tries: int = Field(
         3, ge=1, le=10, description="Tries per idempotent request, the first included."
-    )
-    retry_budget: float = Field(
-        0.2, ge=0.0, le=10.0, description="Retries allowed as a ratio of live requests."
     )
     max_body_bytes: int = Field(
         1 << 20, ge=0, le=1 << 30, description="Largest request body; larger ones get 413."
@@ -193,21 +160,6 @@ class BalancerSettings(BaseModel):
         64, ge=1, le=10_000, description="Most health checks in flight at once."
     )
     seed: int = Field(0, ge=0, description="Seed of random choices.")
-    hash_algorithm: Literal["sha256", "md5"] = Field(
-        "sha256", description="Key hash of consistent-hash, rendezvous, maglev, bounded-load."
-    )
-    vnodes: int = Field(
-        160,
-        ge=1,
-        le=10_000,
-        description="Virtual nodes per backend on the ring (consistent-hash, bounded-load).",
-    )
-    balance_factor: float = Field(
-        1.25,
-        ge=1.0,
-        le=100.0,
-        description="bounded-load: no backend carries more than this times the mean load.",
-    )
     model: Annotated[Path | None, Flag(type=str)] = Field(
         SHIPPED_MODEL,
         validate_default=True,

@@ -34,7 +34,6 @@ from typing import Any
 
 import aiohttp
 import click
-
 from twlb.balancer.hashing import (
     HashRing,
     MaglevTable,
@@ -44,9 +43,10 @@ from twlb.balancer.hashing import (
     maglev_table_size,
     rendezvous_owner,
 )
-from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster
-from twlb.scaling import FailureMode, HeartbeatSettings
+from twlb.orchestration.runtime import EmbeddedCluster
+from twlb.orchestration.scaling import FailureMode, HeartbeatSettings
+from twlb.processes.managed import free_port_range
+
 from twlb.spec import API_GROUP, API_VERSION, KIND, ObjectMeta, TrustCluster, TrustClusterSpec
 
 #: The course projects' figures the README sets ours beside.

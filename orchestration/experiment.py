@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from twlb.chaos.run import ChaosEvent, ChaosSchedule, TrustPoller, driven_load
-from twlb.runtime import EmbeddedCluster
+from twlb.orchestration.runtime import EmbeddedCluster
+
 from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster, assign_faults
 
 #: A backend counts as detected once the balancer takes it out of rotation: its trust

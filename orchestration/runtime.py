@@ -9,7 +9,6 @@ keeps a state file that `twlb status` reads. Everything started is stopped by it
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -26,23 +25,34 @@ from typing import Any
 
 import click
 import httpx
-
 from twlb.balancer.settings import HEURISTIC_MODEL
 from twlb.balancer.settings import resolve_model as resolve_balancer_model
-from twlb.options import FiniteFloat
-from twlb.procs import ManagedProcess, pid_alive, port_in_use, twlb_argv
-from twlb.prometheus import LocalPrometheus
-from twlb.scaling import (
+from twlb.orchestration.prometheus import LocalPrometheus
+from twlb.orchestration.scaling import (
     FailureMode,
     HeartbeatSettings,
     ReplicaSet,
     failure_options,
     serve_control,
 )
+from twlb.orchestration.supervision import NodeProcess, RestartBackoff
+from twlb.processes.managed import (
+    ManagedProcess,
+    port_in_use,
+    twlb_argv,
+)
+from twlb.processes.state import (
+    DEFAULT_STATE_DIR,
+    STATE_FILE,
+    TRUTH_FILE,
+    ClusterError,
+    atomic_write,
+    read_status,
+)
+
+from twlb.options import FiniteFloat
 from twlb.spec import (
     FaultSpec,
-    NodeAssignment,
-    NodeClass,
     SpecError,
     TrustCluster,
     assign_faults,
@@ -50,89 +60,7 @@ from twlb.spec import (
     load_trustcluster,
 )
 
-log = logging.getLogger("twlb.runtime")
-
-DEFAULT_STATE_DIR = ".twlb"
-STATE_FILE = "state.json"
-TRUTH_FILE = "truth.json"
-#: What chaos actions did to the cluster, one JSON object a line (twlb.chaos writes it,
-#: the dashboard shows it).
-CHAOS_FILE = "chaos.jsonl"
-
-#: Restart back-off as a kubelet does it, scaled for a laptop: doubling, capped, reset
-#: after a node has run cleanly for RESTART_RESET_S.
-RESTART_BASE_S = 0.5
-RESTART_CAP_S = 8.0
-RESTART_RESET_S = 10.0
-
-
-@dataclass
-class RestartBackoff:
-    """Kubelet-like restarts of one process (sans-IO): a death schedules a start after the
-    current back-off, which doubles up to RESTART_CAP_S and resets once the process has run
-    cleanly for RESTART_RESET_S."""
-
-    restarts: int = 0
-    next_start: float = 0.0  # 0.0: no start scheduled
-    started_at: float = 0.0
-    backoff_s: float = RESTART_BASE_S
-
-    def started(self, now: float) -> None:
-        self.started_at = now
-        self.next_start = 0.0
-
-    def observe(self, alive: bool, now: float) -> str | None:
-        """'exited' when a death is first seen (a start is now scheduled at `next_start`),
-        'due' when that start's time has come (the caller starts the process), else None."""
-        if alive:
-            if now - self.started_at > RESTART_RESET_S:
-                self.backoff_s = RESTART_BASE_S  # it ran cleanly long enough
-            return None
-        if not self.next_start:
-            self.next_start = now + self.backoff_s
-            self.backoff_s = min(self.backoff_s * 2, RESTART_CAP_S)
-            return "exited"
-        if now < self.next_start:
-            return None
-        self.next_start = 0.0
-        self.restarts += 1
-        return "due"
-
-
-class ClusterError(click.ClickException):
-    """A problem with the cluster file, its ports or its state, reported with exit status 2."""
-
-    exit_code = 2
-
-
-@dataclass
-class NodeProcess:
-    """One backend node: its assignment, port, live fault and process."""
-
-    assignment: NodeAssignment
-    port: int
-    fault: FaultSpec
-    proc: ManagedProcess | None = None
-    restart: RestartBackoff = field(default_factory=RestartBackoff)
-
-    @property
-    def name(self) -> str:
-        return self.assignment.name
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.alive()
-
-    @property
-    def truth(self) -> NodeClass:
-        """Ground truth now: a node that is down is a crash, else its fault's class."""
-        if not self.alive:
-            return NodeClass.CRASH
-        return self.fault.node_class
+log = logging.getLogger("twlb.orchestration.runtime")
 
 
 @dataclass
@@ -161,7 +89,7 @@ class EmbeddedCluster:
     balancer: ManagedProcess | None = field(default=None, init=False)
     prometheus_server: LocalPrometheus | None = field(default=None, init=False)
     balancer_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
-    _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
 
@@ -219,17 +147,17 @@ class EmbeddedCluster:
             for a in assign_faults(self.cluster.spec, self.name):
                 node = NodeProcess(a, self.port_base + 2 + a.index, a.fault)
                 self.nodes.append(node)
-                self._start_node(node)
+                self.start_node(node)
             for node in self.nodes:
                 assert node.proc is not None
                 node.proc.wait_ready(node.url + "/healthz", timeout=ready_timeout)
-            self._write_truth()
+            self.write_truth()
             self._start_balancer()
             assert self.balancer is not None
             self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=ready_timeout)
             if self._want_prometheus():
                 self._start_prometheus()
-            self._write_state()
+            self.write_state()
         except BaseException:
             self.stop()
             raise
@@ -238,7 +166,7 @@ class EmbeddedCluster:
     def _log(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
 
-    def _start_node(self, node: NodeProcess) -> None:
+    def start_node(self, node: NodeProcess) -> None:
         argv = twlb_argv(
             "backend",
             "--host", "127.0.0.1",
@@ -291,16 +219,16 @@ class EmbeddedCluster:
 
     def restart_balancer(self, policy: str | None = None, ready_timeout: float = 30.0) -> None:
         """Stop the balancer and start it again, fresh, optionally with another policy."""
-        with self._lock:
+        with self.lock:
             if self.balancer is not None:
                 self.balancer.stop()
             if policy is not None:
                 self.policy = policy
-            self._write_truth()
+            self.write_truth()
             self._start_balancer()
             assert self.balancer is not None
             self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=ready_timeout)
-            self._write_state()
+            self.write_state()
 
     def _start_prometheus(self) -> None:
         self.prometheus_server = LocalPrometheus(
@@ -316,11 +244,11 @@ class EmbeddedCluster:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
-        with self._lock:
+        with self.lock:
             for p in (self.balancer, self.prometheus_proc, *(n.proc for n in self.nodes)):
                 if p is not None:
                     p.stop()
-            self._write_state(stopped=True)
+            self.write_state(stopped=True)
 
     def __enter__(self) -> EmbeddedCluster:
         return self.start()
@@ -333,21 +261,21 @@ class EmbeddedCluster:
         """Restart nodes that died (with back-off); refresh truth and state. Returns events."""
         now = time.monotonic() if now is None else now
         events: list[str] = []
-        with self._lock:
+        with self.lock:
             if self._stop.is_set():
                 return events
             if self.failure_mode is FailureMode.REPLACE:
                 events += self.replicas.heartbeat_round(now)
             else:
                 for node in self.nodes:
-                    start = functools.partial(self._start_node, node)
+                    start = functools.partial(self.start_node, node)
                     events += self._supervise(node.name, node.proc, node.restart, now, start)
             if self.balancer is not None:
                 events += self._supervise(
                     "balancer", self.balancer, self.balancer_restart, now, self._start_balancer
                 )
-            self._write_truth()
-            self._write_state()
+            self.write_truth()
+            self.write_state()
         for e in events:
             log.info(e)
         return events
@@ -373,7 +301,7 @@ class EmbeddedCluster:
 
     def kill_balancer(self) -> int:
         """SIGKILL the balancer (the supervisor restarts it). Returns the killed pid."""
-        with self._lock:
+        with self.lock:
             if self.balancer is None or not self.balancer.alive():
                 raise RuntimeError("the balancer is not running")
             pid = self.balancer.pid
@@ -404,7 +332,7 @@ class EmbeddedCluster:
         """SIGKILL a node's process; the supervisor restarts it after back-off, or after
         `hold_down_s` when that is longer (a node that stays down for a while).
         Returns the killed pid."""
-        with self._lock:
+        with self.lock:
             node = self.node(which)
             if node.proc is None or not node.alive:
                 raise RuntimeError(f"{node.name} is not running")
@@ -414,7 +342,7 @@ class EmbeddedCluster:
                 node.restart.next_start = time.monotonic() + max(
                     hold_down_s, node.restart.backoff_s
                 )
-            self._write_truth()
+            self.write_truth()
             return pid
 
     def set_fault(self, which: int | str, fault: FaultSpec, timeout: float = 5.0) -> None:
@@ -427,16 +355,16 @@ class EmbeddedCluster:
             timeout=timeout,
         )
         r.raise_for_status()
-        with self._lock:
+        with self.lock:
             node.fault = fault
-            self._write_truth()
+            self.write_truth()
 
     def truth(self) -> dict[str, str]:
         """Ground truth by backend URL: each node's class right now."""
         return {n.url: n.truth.value for n in self.nodes}
 
-    def _write_truth(self) -> None:
-        _atomic_write(self.state_dir / TRUTH_FILE, self.truth())
+    def write_truth(self) -> None:
+        atomic_write(self.state_dir / TRUTH_FILE, self.truth())
 
     def snapshot(self, stopped: bool = False) -> dict[str, Any]:
         return {
@@ -472,7 +400,7 @@ class EmbeddedCluster:
             ],
         }
 
-    def _write_state(self, stopped: bool = False) -> None:
+    def write_state(self, stopped: bool = False) -> None:
         if self.state_dir.exists():
             state = self.snapshot(stopped) | self.scaling_snapshot()
             state["tokens"] = {
@@ -480,9 +408,9 @@ class EmbeddedCluster:
                 "admin": self.admin_token,
                 "runtime": self.runtime_token,
             }
-            _atomic_write(self.state_dir / STATE_FILE, state, mode=0o600)
+            atomic_write(self.state_dir / STATE_FILE, state, mode=0o600)
 
-    # ---- scaling and replacement (twlb.scaling) -----------------------------------------
+    # ---- scaling and replacement (twlb.orchestration.scaling) -----------------------------------------
     @property
     def replicas(self) -> ReplicaSet:
         """Adds, removes and replaces backend replicas at run time."""
@@ -497,53 +425,6 @@ class EmbeddedCluster:
             "failure_mode": self.failure_mode.value,
             "replacements": {"count": len(self.replacements), "log": self.replacements[-20:]},
         }
-
-
-def _atomic_write(path: Path, data: Any, mode: int = 0o644) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def read_state_file(state_dir: Path) -> dict[str, Any]:
-    """The state file `twlb up` keeps, as written; ClusterError says why there is none."""
-    path = state_dir / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClusterError(
-            f"no cluster: {path} does not exist (start one with `twlb up --state-dir {state_dir}`)"
-        ) from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ClusterError(f"cannot read cluster state {path}: {err}") from None
-    if not isinstance(state, dict):
-        raise ClusterError(f"cluster state {path} is not a JSON object")
-    return state
-
-
-def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
-    """The state file enriched with live checks: processes, live faults and trust."""
-    state = read_state_file(state_dir)
-    tokens = state.pop("tokens", {})
-    state["running"] = not state.get("stopped") and pid_alive(int(state.get("runtime_pid", 0)))
-    if not state["running"]:
-        return state
-    headers = {"Authorization": f"Bearer {tokens.get('control', '')}"}
-    with httpx.Client(timeout=timeout) as client:
-        bal = state["balancer"]
-        bal["alive"] = bool(bal.get("pid")) and pid_alive(int(bal["pid"]))
-        for node in state["nodes"]:
-            node["alive"] = bool(node.get("pid")) and pid_alive(int(node["pid"]))
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                r = client.get(node["url"] + "/control/fault", headers=headers)
-                if r.status_code == 200:
-                    live = r.json()
-                    node["fault"] = live.get("fault", live)
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            state["trust"] = client.get(state["balancer"]["url"] + "/trust").json()
-    return state
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -577,7 +458,7 @@ def start_dashboard(cluster: EmbeddedCluster, port: int = 0) -> Any:
     except OSError as err:
         raise ClusterError(f"cannot serve the dashboard on port {port}: {err}") from None
     cluster.dashboard_url = page.start()
-    cluster._write_state()
+    cluster.write_state()
     return page
 
 

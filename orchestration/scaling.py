@@ -27,22 +27,22 @@ from dataclasses import dataclass
 from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import click
 import httpx
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
-
 from twlb.balancer.health import HealthTracker
+from twlb.orchestration.prometheus import LocalPrometheus
+from twlb.orchestration.supervision import NodeProcess
+from twlb.processes.managed import ManagedProcess, port_in_use
+from twlb.processes.state import read_state_file
+
 from twlb.options import FiniteFloat
-from twlb.procs import port_in_use
-from twlb.spec import FaultSpec, NodeAssignment, describe_validation_error
+from twlb.spec import FaultSpec, NodeAssignment, TrustCluster, describe_validation_error
 
-if TYPE_CHECKING:
-    from twlb.runtime import EmbeddedCluster, NodeProcess
-
-log = logging.getLogger("twlb.scaling")
+log = logging.getLogger("twlb.orchestration.scaling")
 
 #: The most replicas one call may add or remove, and the most a cluster may hold.
 MAX_STEP = 50
@@ -118,6 +118,34 @@ def failure_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class ScaledCluster(Protocol):
+    """What the replica set needs of the cluster it scales: the embedded runtime's
+    `ScaledCluster` (orchestration/runtime.py), which holds a `ReplicaSet` of itself."""
+
+    cluster: TrustCluster
+    name: str
+    port_base: int
+    nodes: list[NodeProcess]
+    heartbeat: HeartbeatSettings
+    replacements: list[dict[str, Any]]
+    balancer: ManagedProcess | None
+    balancer_url: str
+    admin_token: str
+    runtime_token: str
+    control_url: str | None
+    prometheus_server: LocalPrometheus | None
+    lock: threading.RLock
+
+    @property
+    def replicas(self) -> ReplicaSet: ...
+
+    def start_node(self, node: NodeProcess) -> None: ...
+
+    def write_state(self, stopped: bool = False) -> None: ...
+
+    def write_truth(self) -> None: ...
+
+
 class ScaleError(Exception):
     """A scaling request that cannot be done; `status` is the HTTP status that says why."""
 
@@ -137,10 +165,10 @@ def node_row(node: NodeProcess) -> dict[str, Any]:
 
 
 class ReplicaSet:
-    """The replica operations of one `EmbeddedCluster` (callers hold no lock; each takes
+    """The replica operations of one cluster (callers hold no lock; each takes
     the cluster's)."""
 
-    def __init__(self, cluster: EmbeddedCluster) -> None:
+    def __init__(self, cluster: ScaledCluster) -> None:
         self.cluster = cluster
         beat = cluster.heartbeat
         # The balancer's health core counts the heartbeats (one definition of a run of
@@ -155,8 +183,6 @@ class ReplicaSet:
         return [node_row(n) for n in self.cluster.nodes]
 
     def _new_node(self) -> NodeProcess:
-        from twlb.runtime import NodeProcess
-
         c = self.cluster
         index = max(self._used | {n.assignment.index for n in c.nodes}, default=-1) + 1
         port = c.port_base + 2 + index
@@ -178,7 +204,7 @@ class ReplicaSet:
         try:
             for _ in range(count):
                 node = self._new_node()
-                c._start_node(node)
+                c.start_node(node)
                 fresh.append(node)
             for node in fresh:
                 assert node.proc is not None
@@ -197,7 +223,7 @@ class ReplicaSet:
         """Spawn `count` replicas with fresh ids and register them with the balancer."""
         if not 1 <= count <= MAX_STEP:
             raise ScaleError(f"count must be in 1..{MAX_STEP}, got {count}", 422)
-        with self.cluster._lock:
+        with self.cluster.lock:
             if len(self.cluster.nodes) + count > MAX_REPLICAS:
                 raise ScaleError(
                     f"{len(self.cluster.nodes)} + {count} replicas is more than {MAX_REPLICAS}"
@@ -211,7 +237,7 @@ class ReplicaSet:
     def remove(self, count: int | None = None, names: list[str] | None = None) -> list[dict]:
         """Deregister and stop `count` replicas (the newest first) or the ones named."""
         c = self.cluster
-        with c._lock:
+        with c.lock:
             if names:
                 unknown = sorted(set(names) - {n.name for n in c.nodes})
                 if unknown:
@@ -271,7 +297,7 @@ class ReplicaSet:
         c = self.cluster
         detected = time.time()
         first_failure = self._first_failure.get(node.name, detected)
-        with c._lock:
+        with c.lock:
             self._retire(node)
             (fresh,) = self._spawn(1, ready_timeout)
             serving = time.time()
@@ -323,8 +349,8 @@ class ReplicaSet:
 
     def _cluster_changed(self) -> None:
         c = self.cluster
-        c._write_truth()
-        c._write_state()
+        c.write_truth()
+        c.write_state()
         if c.prometheus_server is not None:
             c.prometheus_server.set_nodes([n.url for n in c.nodes])
 
@@ -437,7 +463,7 @@ class _ControlHandler(BaseHTTPRequestHandler):
 class ControlServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, cluster: EmbeddedCluster, port: int = 0) -> None:
+    def __init__(self, cluster: ScaledCluster, port: int = 0) -> None:
         super().__init__(("127.0.0.1", port), _ControlHandler)
         self.cluster = cluster
         self.token = cluster.runtime_token
@@ -452,14 +478,14 @@ class ControlServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def serve_control(cluster: EmbeddedCluster, port: int = 0) -> ControlServer:
+def serve_control(cluster: ScaledCluster, port: int = 0) -> ControlServer:
     """Start the replicas endpoints for `cluster` (port 0: any free one) and record their
     URL in the state file."""
     server = ControlServer(cluster, port)
     server.thread.start()
     cluster.control_url = server.url
-    with cluster._lock:
-        cluster._write_state()
+    with cluster.lock:
+        cluster.write_state()
     return server
 
 
@@ -471,8 +497,6 @@ class ReplicasError(click.ClickException):
 
 
 def _call(state_dir: str, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    from twlb.runtime import read_state_file
-
     state = read_state_file(Path(state_dir))
     url = (state.get("control") or {}).get("url")
     if state.get("stopped") or not url:

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from twlb.experiment import (
+from twlb.orchestration.experiment import (
     BASIC,
     DEMO_POLICIES,
     RESILIENT,
@@ -45,9 +44,10 @@ from twlb.experiment import (
     trial_events,
     write_reports,
 )
+from twlb.orchestration.runtime import EmbeddedCluster, model_option, resolve_model
+from twlb.processes.managed import free_port_range
+
 from twlb.options import FiniteFloat
-from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster, model_option, resolve_model
 
 LIAR_RATES = {"liar-1.0": 1.0, "liar-0.3": 0.3, "liar-0.1": 0.1, "liar-0.02": 0.02}
 SCENARIOS = (*LIAR_RATES, "colluders", "onset", "all-healthy", "standard-mix")

@@ -29,7 +29,8 @@ from twlb.gossip.view import Roster
 from twlb.gossip.wire import encode
 from twlb.sim.kernel import Kernel
 from twlb.sim.network import NetworkConfig
-from twlb.sim.protocol import ClientRequest, Effects, NodeId
+
+from twlb.protocol import ClientRequest, Effects, NodeId
 
 
 @dataclass(slots=True)

@@ -21,8 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import yaml
-
-from twlb.procs import ManagedProcess, free_port
+from twlb.processes.managed import ManagedProcess, free_port
 
 
 class PrometheusUnavailable(RuntimeError):

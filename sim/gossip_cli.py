@@ -12,7 +12,7 @@ from typing import Any
 import click
 from twlb.gossip.heartbeat import HEARTBEAT_PROTOCOLS
 from twlb.gossip.nodes import PROTOCOLS
-from twlb.gossip.simulation import Scenario, run_scenario, summarize
+from twlb.sim.gossip import Scenario, run_scenario, summarize
 
 from twlb.options import FiniteFloat
 

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import click
-
 from twlb.dashboard.screenshot import DelayedScreenshot
-from twlb.experiment import (
+from twlb.orchestration.experiment import (
     BASIC,
     DEMO_POLICIES,
     RESILIENT,
@@ -30,9 +29,10 @@ from twlb.experiment import (
     standard_cluster,
     write_reports,
 )
+from twlb.orchestration.runtime import EmbeddedCluster, model_option, resolve_model, start_dashboard
+from twlb.processes.managed import free_port_range
+
 from twlb.options import FiniteFloat
-from twlb.procs import free_port_range
-from twlb.runtime import EmbeddedCluster, model_option, resolve_model, start_dashboard
 
 #: The demo balancers' audit fraction (a liar delivers about 1/a + 1 wrong answers before
 #: it is proven; services/balancer/evidence.py).

@@ -58,7 +58,7 @@ ROUND_ROBIN = "balancer round-robin"
 DEFAULT_AUDIT_FRACTIONS = (0.05, 0.1, 0.2)
 #: Throughput over nginx's in the same run that the balancer must keep: what the code
 #: before the balancer's split into server, core and API reached on a quiet machine
-#: (README.md, Results). Ratios fall on a loaded machine, for both builds alike: run
+#: (docs/results.md). Ratios fall on a loaded machine, for both builds alike: run
 #: with --reference-python to compare builds in the same rounds.
 ROUND_ROBIN_TARGET = 0.76
 TRUST_TARGET = 0.74  # trust policy, 5% audits

@@ -1,5 +1,5 @@
 """Benchmarks of the simulator with the real protocols, printed and written as JSON, with
-plots for the README:
+plots for docs/simulator.md:
 
 1. simulated message deliveries per second of wall time, five-node Raft under load
    (target: at least 50,000 on one core, printed beside the figure);

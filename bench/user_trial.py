@@ -1,7 +1,7 @@
-"""Issue 12's user trial: eight real backends behind one `twlb balancer`, driven by the
+"""The user trial: eight real backends behind one `twlb balancer`, driven by the
 basic client (`twlb load --mode basic`: cannot verify an answer, never retries).
 
-The backends, as the issue lists them: a delay node, an error node at 0.5, a byzantine
+The backends: a delay node, an error node at 0.5, a byzantine
 node at 1.0, a byzantine node lying on 30% of its answers, a lie-latency node and three
 benign ones; benign node 5 is switched to byzantine 12 s in. The balancer runs
 `--policy trust --audit-fraction 0.1` plus `--balancer-arg`s (e.g. `--model heuristic`);
@@ -31,7 +31,7 @@ from client_support import LoadProcess, start_service
 
 from twlb.options import FiniteFloat
 
-#: (fault flags, what the issue calls it); benign node 5 turns byzantine at SWITCH_AT_S.
+#: (fault flags, its name in the report); benign node 5 turns byzantine at SWITCH_AT_S.
 NODES: list[tuple[tuple[str, ...], str]] = [
     (("--fault-type", "delay"), "delay"),
     (("--fault-type", "error", "--fault-probability", "0.5"), "error 0.5"),

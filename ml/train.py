@@ -122,7 +122,7 @@ def svm_pipeline(seed: int, memory: str | None = None) -> Pipeline:
     """
     with warnings.catch_warnings():
         # scikit-learn 1.9 deprecates probability=True; skl2onnx converts exactly this
-        # form (Platt-scaled pairwise coupling), which the issue asks for.
+        # form (Platt-scaled pairwise coupling): the class probabilities the trust engine reads.
         warnings.simplefilter("ignore", FutureWarning)
         svm = SVC(kernel="rbf", probability=True, random_state=seed)
     return Pipeline(

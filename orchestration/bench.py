@@ -11,7 +11,7 @@ warm-up included):
   byzantine node lying on that share of its answers, five benign (3 of 8 faulty);
 - colluders: two colluding nodes (one group, the same wrong answer for the same key),
   six benign (2 of 8 faulty);
-- onset: issue 12's user trial: delay, error 0.5, byzantine 1.0, byzantine 0.3,
+- onset: the user trial of bench/user_trial.py: delay, error 0.5, byzantine 1.0, byzantine 0.3,
   lie-latency, three benign, one of which turns byzantine after 30% of the run (5 of 8
   faulty by the end);
 - all-healthy, standard-mix (six nodes: delay, error, byzantine): on request.
@@ -52,7 +52,7 @@ from twlb.options import FiniteFloat
 LIAR_RATES = {"liar-1.0": 1.0, "liar-0.3": 0.3, "liar-0.1": 0.1, "liar-0.02": 0.02}
 SCENARIOS = (*LIAR_RATES, "colluders", "onset", "all-healthy", "standard-mix")
 DEFAULT_SCENARIOS = (*LIAR_RATES, "colluders", "onset")
-#: The policies the issue compares trust with: round-robin, outlier ejection, the oracle.
+#: The policies trust is compared with: round-robin, outlier ejection, the oracle.
 BENCH_POLICIES = ("trust", "round-robin", "outlier-ejection", "oracle")
 #: Audit fraction of the bench's balancers: the bound on a liar's wrong answers before it
 #: is proven is about 1/a + 1 (services/balancer/evidence.py); the proxy bench states
@@ -96,7 +96,7 @@ def faulty_share(sc: Scenario) -> float:
 
 
 def check_targets(summaries: list[dict[str, Any]], shares: dict[str, float]) -> dict:
-    """Issue 12's targets: trust's wrong share to the basic client, per scenario."""
+    """The benchmark's targets: trust's wrong share to the basic client, per scenario."""
     checks: dict[str, Any] = {}
     for s in summaries:
         if s["policy"] != "trust" or s.get("client", BASIC) != BASIC:

@@ -313,7 +313,7 @@ def liar_cluster(
     )  # fmt: skip
 
 
-#: The eight backends of issue 12's user trial: a delay node, an error node at 0.5, a
+#: The eight backends of the user trial (bench/user_trial.py): a delay node, an error node at 0.5, a
 #: byzantine node at 1.0, one that lies on 30% of its answers, a lie-latency node and three
 #: benign ones (one of which turns byzantine part-way: `trial_events`).
 TRIAL_NODES: list[dict[str, Any]] = [

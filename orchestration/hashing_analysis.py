@@ -1,14 +1,14 @@
 """`twlb hashing`: the load-distribution analyses, on the real balancer and real backends.
 
-The course projects' four analyses, run on the embedded runtime (the real `twlb balancer`
+The baseline design's four analyses (docs/hashing.md), run on the embedded runtime (the real `twlb balancer`
 with its consistent-hash policy over real `twlb backend` processes, 10,000 async
 requests each), plus measurements of the sans-IO hashing cores:
 
 - A-1: 10,000 requests over N = 3, requests per server (bar chart).
 - A-2: N from 2 to 6 (replicas added at run time), load per server (line chart).
 - A-3: a replica killed in the `replace` failure mode: failure, detection, replacement
-  serving, with our heartbeats and with the course projects' (10 s checks, 5 s timeout).
-- A-4: hash functions: the course projects' quadratic slot formulas and Python's `hash()`
+  serving, with our heartbeats and with the baseline's (10 s checks, 5 s timeout).
+- A-4: hash functions: the baseline's quadratic slot formulas and Python's `hash()`
   on 512 slots with 9 virtual servers, against sha256 and md5 (through the balancer at 9
   and 160 virtual nodes).
 - Load standard deviation against virtual nodes per hash family; the share of keys that
@@ -49,7 +49,7 @@ from twlb.processes.managed import free_port_range
 
 from twlb.spec import API_GROUP, API_VERSION, KIND, ObjectMeta, TrustCluster, TrustClusterSpec
 
-#: The course projects' figures the README sets ours beside.
+#: The baseline design's figures docs/hashing.md sets ours beside.
 COURSE = {
     "detection_s": [10, 15],  # a 10 s heartbeat with a 5 s timeout
     "heartbeat": {"interval_s": 10.0, "timeout_s": 5.0, "failure_threshold": 1},
@@ -75,7 +75,7 @@ def analysis_cluster(backends: int, name: str, seed: int) -> TrustCluster:
 
 
 def request_ids(count: int, seed: int) -> list[int]:
-    """Random six-digit request ids, as the course projects' clients sent."""
+    """Random six-digit request ids, as the baseline design's clients sent."""
     rng = random.Random(f"requests:{seed}")
     return [rng.randrange(100_000, 1_000_000) for _ in range(count)]
 
@@ -558,7 +558,7 @@ def markdown(r: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Course projects: 10-15 s to detect (10 s heartbeat, 5 s timeout).",
+        "Baseline design: 10-15 s to detect (10 s heartbeat, 5 s timeout).",
         "",
         "## A-4: hash functions (3 servers)",
         "",
@@ -616,7 +616,7 @@ def markdown(r: dict[str, Any]) -> str:
 @click.option("--out", default="reports/hashing", type=click.Path(file_okay=False),
               help="Where hashing.json, hashing.md and the PNG charts go.")  # fmt: skip
 @click.option("--requests", default=10_000, type=click.IntRange(100, 100_000),
-              help="Requests per live run (the course projects sent 10,000).")  # fmt: skip
+              help="Requests per live run (the baseline design sent 10,000).")  # fmt: skip
 @click.option("--concurrency", default=64, type=click.IntRange(1, 512),
               help="Requests in flight at once.")  # fmt: skip
 @click.option("--seed", default=0, type=click.IntRange(min=0), help="Keys and node seeds.")

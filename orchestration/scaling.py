@@ -58,8 +58,9 @@ class FailureMode(StrEnum):
 @dataclass(frozen=True)
 class HeartbeatSettings:
     """Heartbeats of the replace mode: a probe every `interval_s`, each given `timeout_s`;
-    `failure_threshold` failures in a row and the node is replaced. The course projects
-    checked every 10 s with a 5 s timeout (10-15 s to notice a dead replica)."""
+    `failure_threshold` failures in a row and the node is replaced. The baseline design
+    (docs/hashing.md) checked every 10 s with a 5 s timeout (10-15 s to notice a dead
+    replica)."""
 
     interval_s: float = 1.0
     timeout_s: float = 0.5
@@ -366,7 +367,7 @@ def _answers(client: httpx.Client, url: str) -> bool:
 
 
 class ScaleRequest(BaseModel):
-    """Body of POST and DELETE /replicas (`n` is the course projects' name for count)."""
+    """Body of POST and DELETE /replicas (`n` is the baseline design's name for count)."""
 
     model_config = ConfigDict(extra="forbid")
     count: int | None = Field(None, ge=1, le=MAX_STEP, validation_alias=AliasChoices("count", "n"))

@@ -46,7 +46,7 @@ def test_prometheus_loads_the_rules_file_the_configmap_carries():
     assert "twlb-alerts.yml" in prometheus_config()
 
 
-def test_every_alert_the_issue_names_exists_and_has_a_unit_test():
+def test_every_alert_exists_and_has_a_unit_test():
     assert {r["alert"] for r in alert_rules()} == ALERTS
     tested = {
         t["alertname"]

@@ -1,7 +1,7 @@
 """Gossip on real processes: backends started by the embedded runtime gossip over UDP on
 loopback. For every protocol: one node killed, then two at once, then one restarted; each
 time every live member reaches the same verdict, and the result is written as JSON (node,
-verdict, first detection, agreement time), as the course project wrote its results.
+verdict, first detection, agreement time).
 
 Timings are short (a 0.1-0.2 s round) so that each verdict takes a second or two; the
 deadlines below are ten times what the cores' own bounds give, because the machine is

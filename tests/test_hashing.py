@@ -226,7 +226,7 @@ def test_keyed_policies_route_a_key_to_one_backend_and_skip_non_candidates() -> 
         assert [policy.pick(FIVE, 0.0) for _ in range(5)] == FIVE
 
 
-# ---- the course projects' slot ring ---------------------------------------------------------
+# ---- the baseline design's slot ring (docs/hashing.md) ----------------------------------------
 
 
 def test_quadratic_slots_with_9_virtual_servers_crowd_one_server_sha256_does_not() -> None:

@@ -4,8 +4,8 @@ Pure functions and small objects with no clock and no I/O. The balancer's hashin
 (`policies.py`) and the replicated hash table (`twlb.sim.dht`) use the same `HashRing`, and
 `twlb hashing` measures all of them. Every key and node name is hashed with a named
 algorithm (sha256 or md5: the first 8 bytes of the digest, big-endian), so a key lands on
-the same node in every process; `SlotRing` is the course projects' 512-slot ring, kept for
-comparison only.
+the same node in every process; `SlotRing` is the baseline design's 512-slot ring
+(docs/hashing.md), kept for comparison only.
 """
 
 from __future__ import annotations
@@ -249,10 +249,10 @@ def bounded_load_owner(
     raise AssertionError("unreachable: the capacity always leaves room on some node")
 
 
-# ---- the course projects' slot ring, for comparison in the analyses ----------------------
+# ---- the baseline design's slot ring (docs/hashing.md), for comparison in the analyses ---
 
 
-#: Slot formulas of the course projects: request i -> i^2 + 2i + 17, virtual server (i, j)
+#: Slot formulas of the baseline design: request i -> i^2 + 2i + 17, virtual server (i, j)
 #: -> i^2 + j^2 + 2j + 25, both mod the slot count.
 def quadratic_request_slot(request: int, slots: int) -> int:
     return (request * request + 2 * request + 17) % slots
@@ -263,7 +263,7 @@ def quadratic_server_slot(server: int, replica: int, slots: int) -> int:
 
 
 class SlotRing:
-    """The course projects' ring: `slots` slots, `vnodes` virtual servers each placed by a
+    """The baseline design's ring: `slots` slots, `vnodes` virtual servers each placed by a
     slot function (linear probing on collision), a request going to the next server slot
     clockwise. Families: 'quadratic' (the formulas above), 'python' (Python's `hash()`,
     salted per process for strings), or a digest ('sha256', 'md5')."""

@@ -22,10 +22,11 @@ from twlb.chaos.journal import (
     steady_state_problems,
 )
 
+from twlb.exits import OneLineGroup
 from twlb.options import FiniteFloat
 
 
-@click.group("chaos", context_settings={"auto_envvar_prefix": "TWLB_CHAOS"})
+@click.group("chaos", cls=OneLineGroup, context_settings={"auto_envvar_prefix": "TWLB_CHAOS"})
 def command() -> None:
     """Chaos experiments' data: recordings, journal intervals and labelled datasets."""
 

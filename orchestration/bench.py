@@ -44,7 +44,7 @@ from twlb.orchestration.experiment import (
     trial_events,
     write_reports,
 )
-from twlb.orchestration.runtime import EmbeddedCluster, model_option, resolve_model
+from twlb.orchestration.runtime import EmbeddedCluster, model_option
 from twlb.processes.managed import free_port_range
 
 from twlb.options import FiniteFloat
@@ -161,7 +161,7 @@ def run_proxy_comparison(out: Path) -> dict[str, Any] | None:
 )
 def command(
     out: str, seed: int, rate: float, duration: float, scenarios: tuple[str, ...],
-    policies: tuple[str, ...], resilient: bool, model_choice: str, proxy: bool,
+    policies: tuple[str, ...], resilient: bool, model: Path | None, proxy: bool,
 ) -> None:  # fmt: skip
     """Run the scenario x policy matrix (basic client) and write tables and plots to --out."""
     from rich.console import Console
@@ -169,7 +169,6 @@ def command(
 
     console = Console()
     out_dir = Path(out)
-    model = resolve_model(model_choice)
     phases = []
     started = time.monotonic()
     runs = [(p, BASIC) for p in policies]

@@ -47,7 +47,7 @@ from twlb.orchestration.experiment import (
 from twlb.orchestration.runtime import EmbeddedCluster, model_option
 from twlb.processes.managed import free_port_range
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
 
 LIAR_RATES = {"liar-1.0": 1.0, "liar-0.3": 0.3, "liar-0.1": 0.1, "liar-0.02": 0.02}
 SCENARIOS = (*LIAR_RATES, "colluders", "onset", "all-healthy", "standard-mix")
@@ -129,7 +129,7 @@ def run_proxy_comparison(out: Path) -> dict[str, Any] | None:
 
 
 @click.command("bench")
-@click.option("--out", default="reports/bench", type=click.Path(file_okay=False))
+@click.option("--out", default="reports/bench", type=OutputPath(directory=True))
 @click.option("--seed", default=7, type=click.IntRange(min=0))
 @click.option("--rate", default=150.0, type=FiniteFloat(min=1.0, max=5000.0))
 @click.option(

@@ -50,7 +50,7 @@ from twlb.ml.dataset import Sample, WindowRow
 from twlb.orchestration.prometheus import LocalPrometheus, PrometheusAPI
 from twlb.processes.managed import free_port_range
 
-from twlb.options import FiniteFloat, click_option
+from twlb.options import FiniteFloat, OutputPath, click_option
 from twlb.spec import BalancerTunables, FaultSpec, FaultType, TrustCluster
 
 FEATURE_METRIC = "twlb_balancer_feature"
@@ -474,7 +474,7 @@ def _echo(message: str) -> None:
 @click.command("collect")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(),
     required=True,
     help="Parquet file to write.",
 )

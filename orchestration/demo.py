@@ -32,7 +32,7 @@ from twlb.orchestration.experiment import (
 from twlb.orchestration.runtime import EmbeddedCluster, model_option, start_dashboard
 from twlb.processes.managed import free_port_range
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
 
 #: The demo balancers' audit fraction (a liar delivers about 1/a + 1 wrong answers before
 #: it is proven; services/balancer/evidence.py).
@@ -43,7 +43,7 @@ DEMO_AUDIT_FRACTION = 0.2
 @click.option(
     "--out",
     default="reports/demo",
-    type=click.Path(file_okay=False),
+    type=OutputPath(directory=True),
     help="Where the JSON, markdown summary and plots go.",
 )
 @click.option(

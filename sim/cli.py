@@ -33,7 +33,7 @@ from twlb.sim.sweep import (
 
 from twlb import tables
 from twlb.exits import UsageFailure
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
 from twlb.vocabulary import PolicyName
 
 
@@ -122,14 +122,14 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--output",
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     default=None,
     help="Write the run's results as JSON.",
 )
 @click.option(
     "--history",
     "history_path",
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     default=None,
     help="Write the client history (Jepsen EDN).",
 )
@@ -138,7 +138,7 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--figures",
-    type=click.Path(path_type=Path),
+    type=OutputPath(directory=True),
     default=Path("sim-figures"),
     help="Where --visualize writes.",
 )
@@ -297,7 +297,7 @@ def check_command(history_file: Path, model: str, as_json: bool, max_states: int
 )
 @click.option(
     "--output",
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     default=None,
     help="Write every run and the summary as JSON.",
 )
@@ -485,9 +485,7 @@ def parse_server_fault(value: str) -> tuple[int, ServerFault]:
     "--duration", type=FiniteFloat(min=1, max=3600), default=60.0, help="Simulated seconds."
 )
 @click.option("--seed", type=int, default=0)
-@click.option(
-    "--output", type=click.Path(path_type=Path), default=None, help="Write the comparison as JSON."
-)
+@click.option("--output", type=OutputPath(), default=None, help="Write the comparison as JSON.")
 def lb_command(
     policies: str,
     speeds: str,

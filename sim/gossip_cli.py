@@ -15,7 +15,7 @@ from twlb.gossip.heartbeat import HEARTBEAT_PROTOCOLS
 from twlb.gossip.nodes import PROTOCOLS
 from twlb.sim.gossip import Scenario, run_scenario, summarize
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
 from twlb.tables import cell, rows_table
 
 #: The heartbeat protocols send their whole table (O(N) per message); SWIM does not.
@@ -168,9 +168,7 @@ ROUNDS_COLUMNS = (
     default=None,
     help="Virtual seconds per run (default: until the slowest verdict is due).",
 )
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/gossip-sim")
-)
+@click.option("--out", type=OutputPath(directory=True), default=Path("reports/gossip-sim"))
 def sim_command(
     protocols: tuple[str, ...],
     node_counts: tuple[int, ...],

@@ -199,8 +199,12 @@ def test_chaos_check_tells_an_unreadable_journal_from_a_failed_steady_state(
         (["balancer", "--model", "{bin}", "--port", "0"], ["--model", "not a valid ONNX model"]),
         (["balancer", "--policy", "oracle", "--oracle-truth", "{bin}", "--model", "heuristic",
           "--port", "0"], ["--oracle-truth", "not valid JSON"]),
-        (["load", "--url", "http://127.0.0.1:9", "--out", "{missing}/r.json"],
-         ["--out", "cannot write"]),
+        # An --out that cannot be written is found before the run, not after it.
+        (["load", "--url", "http://127.0.0.1:9", "--out", "{bin}/r.json"],
+         ["--out", "is not a directory"]),
+        (["demo", "--out", "{bin}/demo"], ["--out", "is not a directory"]),
+        (["collect", "--out", "{bin}/rows.parquet"], ["--out", "is not a directory"]),
+        (["sim", "--output", "{bin}/run.json"], ["--output", "is not a directory"]),
     ],
 )  # fmt: skip
 def test_a_file_that_cannot_be_used_is_named(

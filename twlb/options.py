@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -58,6 +59,27 @@ class FiniteFloat(click.FloatRange):
     def _describe_range(self) -> str:
         # Unbounded: no "[x<=None]" in the help.
         return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+class OutputPath(click.Path):
+    """A file (or with `directory`, a directory) the command writes, creating missing
+    parent directories: checked when the flags are read, so a long run cannot end unable
+    to write what it did. The nearest existing ancestor must be a writable directory."""
+
+    def __init__(self, directory: bool = False) -> None:
+        super().__init__(file_okay=not directory, dir_okay=directory, path_type=Path)
+        self.directory = directory
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = Path(super().convert(value, param, ctx))
+        ancestor = path if self.directory else path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            self.fail(f"{value}: {ancestor} is not a directory", param, ctx)
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            self.fail(f"{value}: cannot write in {ancestor}", param, ctx)
+        return path
 
 
 def _flag_meta(field: FieldInfo) -> Flag:

@@ -9,7 +9,6 @@ stopped the run (a partial report is written), 1 when a worker process failed.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from twlb.client.load import (
 from twlb.client.report import LoadTally, build_report, render_report, write_report
 
 from twlb.exits import EXIT_INTERRUPTED, UsageFailure
-from twlb.options import build, click_options, field_values
+from twlb.options import OutputPath, build, click_options, field_values
 
 
 class RunFailed(click.ClickException):
@@ -92,9 +91,7 @@ class ProgressView:
 @click_options(LoadPlan, exclude={"client"})
 @click_options(ClientPolicy, exclude={"breaker"})
 @click_options(BreakerConfig, defaults=load_breaker())
-@click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON report."
-)
+@click.option("--out", type=OutputPath(), default=None, help="JSON report.")
 @click.option("--quiet", is_flag=True, help="No progress display and no table.")
 @click.pass_context
 def command(ctx: click.Context, out: Path | None, quiet: bool, **options: object) -> None:
@@ -110,9 +107,6 @@ def command(ctx: click.Context, out: Path | None, quiet: bool, **options: object
     policy = build(ClientPolicy, ctx, {**client, "breaker": breaker})
     plan_values = field_values(LoadPlan, options, exclude={"client"})
     plan = build(LoadPlan, ctx, {**plan_values, "client": policy})
-    if out is not None and not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
-        # Found now, not after the run: the report would be lost.
-        raise click.BadParameter(f"{out}: cannot write in {out.parent}", ctx, param_hint="--out")
     err_console = Console(stderr=True)
     view = None if quiet else ProgressView(err_console, plan)
     for sig in (signal.SIGINT, signal.SIGTERM):

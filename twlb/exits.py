@@ -19,6 +19,7 @@ click raised them.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -79,8 +80,6 @@ def envvar_of(ctx: click.Context, param: click.Parameter) -> str | None:
     if isinstance(param.envvar, str):
         return param.envvar
     if param.envvar:
-        import os
-
         return next((v for v in param.envvar if v in os.environ), param.envvar[0])
     if ctx.auto_envvar_prefix:
         return f"{ctx.auto_envvar_prefix}_{param.name.upper()}"
@@ -96,9 +95,9 @@ def _hint(err: click.BadParameter, ctx: click.Context) -> str | None:
     return err.param.get_error_hint(ctx) if err.param is not None else None
 
 
-def one_line(err: click.ClickException, command_path: str) -> str:
-    """`err` as one line: the command, what is wrong, and the environment variable when
-    the bad value came from one."""
+def one_line(err: click.ClickException, fallback_path: str) -> str:
+    """`err` as one line: the command (its context's, else `fallback_path`), what is
+    wrong, and the environment variable when the bad value came from one."""
     ctx = getattr(err, "ctx", None)
     if isinstance(err, click.BadParameter) and ctx is not None and err.param is not None:
         envvar = envvar_of(ctx, err.param)
@@ -106,10 +105,9 @@ def one_line(err: click.ClickException, command_path: str) -> str:
         if envvar and hint and envvar not in hint:
             err.param_hint = f"{hint} (from {envvar})"
     message = err.format_message()
+    path = ctx.command_path if ctx is not None else fallback_path
     if isinstance(err, click.UsageError) and not isinstance(err, click.BadParameter):
-        path = ctx.command_path if ctx is not None else command_path
         message = f"{message.rstrip()} (see '{path} --help')"
-    path = ctx.command_path if ctx is not None else command_path
     return f"{path}: error: {' '.join(message.split())}"
 
 

@@ -77,8 +77,10 @@ class ClientPolicy(BaseModel):
         le=86_400.0,
         description="Whole-call deadline, retries and backoff included, seconds (resilient).",
     )
+    # Up to thousands: what ends a call's retries is its deadline and the retry budget
+    # (chaos/local/balancer_kill.json retries through a balancer restart with 200).
     max_attempts: Annotated[int, Flag("--attempts", param="attempts")] = Field(
-        3, ge=1, le=100, description="Tries per call, the first included (resilient)."
+        3, ge=1, le=10_000, description="Tries per call, the first included (resilient)."
     )
     backoff_base_s: Annotated[float, Flag("--backoff-base", param="backoff_base")] = Field(
         0.02,

@@ -31,6 +31,7 @@ from client_support import REPORT_DIR, machine, start_service, write_json
 from rich.console import Console
 from rich.table import Table
 from twlb.client.breaker import BreakerConfig
+from twlb.client.client import ClientPolicy
 from twlb.client.load import LoadPlan, Mode, RunControl, load_breaker, run_load
 from twlb.client.report import build_report
 from twlb.processes.managed import ManagedProcess
@@ -115,8 +116,9 @@ async def one_run(
     setup = Setup(kind, log_dir).start()
     try:
         plan = LoadPlan(
-            url=setup.url, rate=rate, duration_s=duration, mode=mode, keys=500, breaker=breaker
-        )
+            url=setup.url, rate=rate, duration_s=duration, mode=mode, keys=500,
+            client=ClientPolicy(breaker=breaker),
+        )  # fmt: skip
         started = time.monotonic()
         load = asyncio.create_task(run_load(plan, RunControl()))
         timeline = {}

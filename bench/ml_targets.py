@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from twlb.balancer.features import FEATURE_NAMES
 from twlb.balancer.onnx_scorer import OnnxScorer
+from twlb.balancer.settings import TRAINED_MODEL_FILE
 from twlb.balancer.trust import TrustEngine
 from twlb.chaos.run import driven_load
 from twlb.ml.card import write_targets
@@ -62,7 +63,7 @@ def quality(model_dir: Path, data: Sequence[Path]) -> dict[str, Any]:
     ds, _ = evidence_windows(loaded)
     split = split_by_seed(ds.seed, report["split"]["holdout_fraction"], report["seed"], ds.y)
     X, y = ds.X[split.holdout], ds.y[split.holdout].astype(str)
-    scorer = OnnxScorer.load(model_dir / "trust-svm.onnx")
+    scorer = OnnxScorer.load(model_dir / TRAINED_MODEL_FILE)
     classes = report["classes"]
     svm = scores_for(y, scorer.predict(X), classes)
     heuristic = scores_for(y, heuristic_predictions(X), classes)
@@ -77,7 +78,7 @@ def quality(model_dir: Path, data: Sequence[Path]) -> dict[str, Any]:
 
 
 def scoring_speed(model_dir: Path, data: Sequence[Path], calls: int = 3000) -> dict[str, Any]:
-    scorer = OnnxScorer.load(model_dir / "trust-svm.onnx")
+    scorer = OnnxScorer.load(model_dir / TRAINED_MODEL_FILE)
     X = read_datasets(data, FEATURE_NAMES).X
     rows = X[np.random.default_rng(0).integers(0, len(X), size=100)]
     for _ in range(200):
@@ -244,13 +245,13 @@ def main(
         "machine": f"{platform.machine()}, {platform.python_implementation()} "
         f"{platform.python_version()}, {__import__('os').cpu_count()} cores",
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "model_version": OnnxScorer.load(model_dir / "trust-svm.onnx").version,
+        "model_version": OnnxScorer.load(model_dir / TRAINED_MODEL_FILE).version,
     }
     res["quality"] = quality(model_dir, data)
     res["scoring"] = scoring_speed(model_dir, data)
     if not skip_live:
         with tempfile.TemporaryDirectory(prefix="twlb-ml-bench-") as tmp:
-            res["live"] = live_detection(model_dir / "trust-svm.onnx", window, rate, Path(tmp))
+            res["live"] = live_detection(model_dir / TRAINED_MODEL_FILE, window, rate, Path(tmp))
     q, s = res["quality"], res["scoring"]
     res["met"] = {
         "macro_f1": q["svm_macro_f1"] >= TARGET_MACRO_F1,

@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 
 import click
-from twlb.processes.state import DEFAULT_STATE_DIR, ClusterError
+from twlb.processes.state import DEFAULT_STATE_DIR
 
+from twlb.exits import listen_error
 from twlb.options import FiniteFloat
 
 
@@ -60,7 +61,7 @@ def command(
     try:
         server = DashboardServer(source, host=host, port=port, interval_s=interval)
     except OSError as err:
-        raise ClusterError(f"cannot listen on {host}:{port}: {err}") from None
+        raise listen_error("the dashboard", host, port, err) from None
     click.echo(f"dashboard: {server.url}")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
 
 
 def _echo(message: str) -> None:
@@ -25,7 +25,7 @@ def _echo(message: str) -> None:
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OutputPath(directory=True),
     required=True,
     help="Directory for the model, its report, confusion matrix and model card.",
 )

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twlb.ml.train import CARD_FILE, MODEL_FILE, REPORT_FILE
-from twlb.operator.render import MODEL_FILE as MOUNTED_MODEL_FILE
+from twlb.balancer.settings import TRAINED_MODEL_FILE
+from twlb.ml.train import CARD_FILE, REPORT_FILE
+from twlb.operator.render import MOUNTED_MODEL_FILE
 
 
 def render_configmap(name: str, namespace: str, model_dir: Path) -> dict[str, Any]:
     """The ConfigMap holding a model directory's model, card and report (pure)."""
-    model = model_dir / MODEL_FILE
+    model = model_dir / TRAINED_MODEL_FILE
     if not model.is_file():
         raise FileNotFoundError(f"{model}: no model to publish")
     data = {

@@ -38,11 +38,11 @@ from twlb.balancer.onnx_scorer import (
     META_VERSION,
     OnnxScorer,
 )
+from twlb.balancer.settings import TRAINED_MODEL_FILE
 from twlb.balancer.trust import is_evidence
 from twlb.ml.dataset import Dataset, read_datasets
 
 MODEL_NAME = "trust-svm"
-MODEL_FILE = "trust-svm.onnx"
 REPORT_FILE = "training_report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CARD_FILE = "MODEL_CARD.md"
@@ -336,7 +336,7 @@ def train(
     check = parity(scorer, best, X_test)
     if not check["labels_equal"] or check["max_probability_difference"] > PARITY_TOLERANCE:
         raise TrainingError(f"ONNX export disagrees with scikit-learn: {check}")
-    model_path = out_dir / MODEL_FILE
+    model_path = out_dir / TRAINED_MODEL_FILE
     model_path.write_bytes(onnx_bytes)
     plot_confusion(
         results["svm"]["confusion_matrix"],
@@ -345,7 +345,7 @@ def train(
         out_dir / CONFUSION_PNG,
     )
     report = {
-        "model": {"name": MODEL_NAME, "version": version, "file": MODEL_FILE},
+        "model": {"name": MODEL_NAME, "version": version, "file": TRAINED_MODEL_FILE},
         "data": {
             "file": str(ds.path),
             "digest": ds.digest,

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit
 
 import click
 from twlb.operator.crd import render_crd_yaml
 
+from twlb.exits import UsageFailure, bound_socket
 from twlb.options import FiniteFloat
+
+NO_CLUSTER = (
+    "no Kubernetes credentials to run against (in a pod: its service account; elsewhere: "
+    "KUBECONFIG or ~/.kube/config)"
+)
+
+
+def _liveness(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An empty value, or an http://HOST:PORT/PATH address kopf can serve its probe on."""
+    if not value:
+        return value
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise click.BadParameter(f"{value!r}: {err}") from None
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        raise click.BadParameter(f"{value!r} is not http://HOST:PORT/PATH (or empty to disable)")
+    return value
 
 
 @click.command()
@@ -22,6 +43,7 @@ from twlb.options import FiniteFloat
 @click.option(
     "--liveness",
     default="http://0.0.0.0:8080/healthz",
+    callback=_liveness,
     help="kopf's liveness endpoint; empty to disable.",
 )
 @click.option(
@@ -74,17 +96,37 @@ def command(
     registry = register(config)
     settings = make_settings(config)
     settings.scanning.disabled = not scan
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            settings=settings,
-            # One replica (Recreate); peering would need its own CRDs for nothing.
-            standalone=True,
-            clusterwide=not namespaces,
-            namespaces=list(namespaces),
-            liveness_endpoint=liveness or None,
+    # The operator's own login (handlers.py), tried before kopf starts: with no
+    # credentials kopf logs a traceback per watcher before giving up.
+    quiet = logging.getLogger("twlb.operator.login")
+    try:
+        found = kopf.login_with_service_account(
+            settings=settings, logger=quiet
+        ) or kopf.login_with_kubeconfig(settings=settings, logger=quiet)
+    except Exception as err:  # an unreadable or malformed kubeconfig: no credentials either
+        raise UsageFailure(f"{NO_CLUSTER}: {err}") from None
+    if not found:
+        raise UsageFailure(NO_CLUSTER)
+    if liveness:
+        # Tried here, so an address in use is one line and status 2 (kopf would wait on
+        # the cluster first and never say); kopf binds it again at start.
+        probe = urlsplit(liveness)
+        bound_socket("the liveness probe", probe.hostname or "", probe.port or 0).close()
+
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                settings=settings,
+                # One replica (Recreate); peering would need its own CRDs for nothing.
+                standalone=True,
+                clusterwide=not namespaces,
+                namespaces=list(namespaces),
+                liveness_endpoint=liveness or None,
+            )
         )
-    )
+    except kopf.LoginError:  # the credentials stopped working after the first login
+        raise UsageFailure(NO_CLUSTER) from None
 
 
 @click.command()

@@ -49,7 +49,9 @@ COMPONENT_TOKENS = "tokens"
 TOKENS_ADMIN_KEY = "admin-token"
 TOKENS_CONTROL_KEY = "control-token"
 MODEL_MOUNT = "/etc/twlb/model"
-MODEL_FILE = "model.onnx"
+#: The model ConfigMap's key, and so the file the balancer reads under MODEL_MOUNT (what
+#: `twlb train` writes is TRAINED_MODEL_FILE, services/balancer/settings.py).
+MOUNTED_MODEL_FILE = "model.onnx"
 TRUTH_MOUNT = "/etc/twlb/truth"
 TRUTH_FILE = "truth.json"
 
@@ -107,7 +109,7 @@ def model_ready(config_map: dict[str, Any] | None) -> bool:
     """Whether a model ConfigMap holds a model file the balancer can load."""
     if not config_map:
         return False
-    return MODEL_FILE in (config_map.get("binaryData") or {}) or MODEL_FILE in (
+    return MOUNTED_MODEL_FILE in (config_map.get("binaryData") or {}) or MOUNTED_MODEL_FILE in (
         config_map.get("data") or {}
     )
 
@@ -423,7 +425,7 @@ def render_balancer_deployment(
 ) -> dict[str, Any]:
     """The balancer: every node Service as a backend, policy and settings from the spec.
 
-    With `model_ready` (the model ConfigMap holds MODEL_FILE) it loads and hot-reloads that
+    With `model_ready` (the model ConfigMap holds MOUNTED_MODEL_FILE) it loads and hot-reloads that
     model; until then it runs the model its image ships (the balancer's default `--model`).
     """
     args = [
@@ -450,7 +452,7 @@ def render_balancer_deployment(
         }
     ]
     if model_ready:
-        args += ["--model", f"{MODEL_MOUNT}/{MODEL_FILE}"]
+        args += ["--model", f"{MODEL_MOUNT}/{MOUNTED_MODEL_FILE}"]
     if spec.policy is PolicyName.ORACLE:
         args += ["--oracle-truth", f"{TRUTH_MOUNT}/{TRUTH_FILE}"]
         mounts.append({"name": "truth", "mountPath": TRUTH_MOUNT, "readOnly": True})

@@ -44,10 +44,10 @@ from twlb.orchestration.experiment import (
     trial_events,
     write_reports,
 )
-from twlb.orchestration.runtime import EmbeddedCluster, model_option, resolve_model
+from twlb.orchestration.runtime import EmbeddedCluster, model_option
 from twlb.processes.managed import free_port_range
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
 
 LIAR_RATES = {"liar-1.0": 1.0, "liar-0.3": 0.3, "liar-0.1": 0.1, "liar-0.02": 0.02}
 SCENARIOS = (*LIAR_RATES, "colluders", "onset", "all-healthy", "standard-mix")
@@ -129,7 +129,7 @@ def run_proxy_comparison(out: Path) -> dict[str, Any] | None:
 
 
 @click.command("bench")
-@click.option("--out", default="reports/bench", type=click.Path(file_okay=False))
+@click.option("--out", default="reports/bench", type=OutputPath(directory=True))
 @click.option("--seed", default=7, type=click.IntRange(min=0))
 @click.option("--rate", default=150.0, type=FiniteFloat(min=1.0, max=5000.0))
 @click.option(
@@ -161,7 +161,7 @@ def run_proxy_comparison(out: Path) -> dict[str, Any] | None:
 )
 def command(
     out: str, seed: int, rate: float, duration: float, scenarios: tuple[str, ...],
-    policies: tuple[str, ...], resilient: bool, model_choice: str, proxy: bool,
+    policies: tuple[str, ...], resilient: bool, model: Path | None, proxy: bool,
 ) -> None:  # fmt: skip
     """Run the scenario x policy matrix (basic client) and write tables and plots to --out."""
     from rich.console import Console
@@ -169,7 +169,6 @@ def command(
 
     console = Console()
     out_dir = Path(out)
-    model = resolve_model(model_choice)
     phases = []
     started = time.monotonic()
     runs = [(p, BASIC) for p in policies]

@@ -35,6 +35,7 @@ from typing import Any
 import click
 import httpx
 from twlb.balancer.features import FEATURE_NAMES
+from twlb.balancer.settings import BalancerSettings
 from twlb.chaos.run import (
     ChaosEvent,
     ChaosSchedule,
@@ -49,8 +50,8 @@ from twlb.ml.dataset import Sample, WindowRow
 from twlb.orchestration.prometheus import LocalPrometheus, PrometheusAPI
 from twlb.processes.managed import free_port_range
 
-from twlb.options import FiniteFloat
-from twlb.spec import FaultSpec, FaultType, TrustCluster
+from twlb.options import FiniteFloat, OutputPath, click_option
+from twlb.spec import BalancerTunables, FaultSpec, FaultType, TrustCluster
 
 FEATURE_METRIC = "twlb_balancer_feature"
 SOURCES = ("balancer", "prometheus")
@@ -138,7 +139,9 @@ def draw_fault(rng: random.Random, fault_type: FaultType) -> FaultSpec:
     )
 
 
-#: Defaults: six backends at a rate drawn per run (the shipped data's first part).
+#: Defaults: six backends at a rate drawn per run (the shipped data's first part), with
+#: the balancer's own feature window.
+WINDOW_S: float = BalancerTunables.model_fields["window_s"].default
 BACKENDS = 6
 RATE_DRAWN = (120, 260)
 
@@ -147,7 +150,7 @@ def plan_run(
     seed: int,
     backends: int | tuple[int, int] = BACKENDS,
     duration_s: float = 45.0,
-    window_s: float = 5.0,
+    window_s: float = WINDOW_S,
     rate: float | tuple[int, int] | None = None,
     run_id: str | None = None,
 ) -> RunPlan:
@@ -471,7 +474,7 @@ def _echo(message: str) -> None:
 @click.command("collect")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(),
     required=True,
     help="Parquet file to write.",
 )
@@ -511,12 +514,8 @@ def _echo(message: str) -> None:
     default=45.0,
     help="Seconds per run (live) or seconds to watch (attached).",
 )
-@click.option(
-    "--window",
-    type=FiniteFloat(min=0.5, max=300.0),
-    default=5.0,
-    help="Feature window, seconds (the balancer's --window); rows are one window apart.",
-)
+# The balancer's own --window (its bounds and default); rows are one window apart.
+@click_option("window_s", BalancerTunables.model_fields["window_s"])
 @click.option(
     "--rate",
     type=CountOrRange(1, 5000),
@@ -561,7 +560,7 @@ def collect_command(
     seed: int,
     backends: int | tuple[int, int],
     duration: float,
-    window: float,
+    window_s: float,
     rate: float | tuple[int, int] | None,
     scrape_interval: float,
     prometheus_url: str | None,
@@ -583,23 +582,30 @@ def collect_command(
         rid = run_id or f"attached-{int(time.time())}"
         try:
             rows = collect_attached(
-                prometheus_url, control_token, duration, window, rid, seed, runs, selector, _echo
+                prometheus_url, control_token, duration, window_s, rid, seed, runs, selector, _echo
             )
         except (PrometheusUnavailable, RuntimeError, PermissionError) as err:
             raise click.ClickException(str(err)) from None
-        meta = {"source": "prometheus", "window_s": repr(window), "description": "attached"}
+        meta = {"source": "prometheus", "window_s": repr(window_s), "description": "attached"}
         write_rows(out, rows, FEATURE_NAMES, meta)
         _echo(f"wrote {len(rows)} rows to {out}")
         return
     if control_token or run_id or selector:
         raise click.UsageError("--control-token, --run-id and --selector need --prometheus URL")
+    tick = BalancerSettings.model_fields["trust_tick_s"].default
+    if window_s < tick:
+        raise click.BadParameter(
+            f"{window_s:g} s is shorter than the balancer's trust tick ({tick:g} s): rows one "
+            "window apart would read the same tick",
+            param_hint="--window",
+        )
     sources = ["prometheus", "balancer"] if cross_check else [source]
     if "prometheus" in sources:
         try:
             find_prometheus()
         except PrometheusUnavailable as err:
             raise click.UsageError(str(err)) from None
-    plans = [plan_run(seed + i, backends, duration, window, rate) for i in range(runs)]
+    plans = [plan_run(seed + i, backends, duration, window_s, rate) for i in range(runs)]
     written: list = []
     agree = total = 0
     for plan in plans:
@@ -617,7 +623,7 @@ def collect_command(
             same = len(set(mine) & set(other))
             agree += same
             total += max(len(mine), len(other))
-    write_rows(out, written, FEATURE_NAMES, collection_metadata(source, window, plans))
+    write_rows(out, written, FEATURE_NAMES, collection_metadata(source, window_s, plans))
     counts = Counter(r.label for r in written)
     summary = {"rows": len(written), "runs": runs, "labels": dict(sorted(counts.items()))}
     if cross_check:

@@ -29,10 +29,10 @@ from twlb.orchestration.experiment import (
     standard_cluster,
     write_reports,
 )
-from twlb.orchestration.runtime import EmbeddedCluster, model_option, resolve_model, start_dashboard
+from twlb.orchestration.runtime import EmbeddedCluster, model_option, start_dashboard
 from twlb.processes.managed import free_port_range
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
 
 #: The demo balancers' audit fraction (a liar delivers about 1/a + 1 wrong answers before
 #: it is proven; services/balancer/evidence.py).
@@ -43,7 +43,7 @@ DEMO_AUDIT_FRACTION = 0.2
 @click.option(
     "--out",
     default="reports/demo",
-    type=click.Path(file_okay=False),
+    type=OutputPath(directory=True),
     help="Where the JSON, markdown summary and plots go.",
 )
 @click.option(
@@ -78,7 +78,7 @@ DEMO_AUDIT_FRACTION = 0.2
 @model_option
 def command(
     out: str, seed: int, rate: float, phase_seconds: float, policies: tuple[str, ...],
-    port_base: int, model_choice: str,
+    port_base: int, model: Path | None,
 ) -> None:  # fmt: skip
     """Run the six-node demo through every policy and write reports/demo/."""
     from rich.console import Console
@@ -91,7 +91,6 @@ def command(
         "standard-mix+onset", tc, onset_events(tc, phase_seconds), rate, phase_seconds
     )
     base = port_base or free_port_range(tc.spec.backends + 2)
-    model = resolve_model(model_choice)
     cluster = EmbeddedCluster(tc, port_base=base, state_dir=out_dir / "state", model=model)
     started = time.monotonic()
     phases = []

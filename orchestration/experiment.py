@@ -12,8 +12,13 @@ retries, as real clients are, so its correct/wrong/failed shares are what the ba
 itself delivers. The `resilient` client recomputes every digest and retries wrong
 answers elsewhere; its figures are end-to-end success, reported apart.
 
-"Detected" means out of rotation (ejected by trust, or failing health); a backend the
-floor keeps in rotation below the ejection threshold is reported as held, not detected.
+"Detected" means out of that phase's policy's rotation (`runtime.out_of_rotation`):
+failing health under every policy, and beyond that ejected by trust under `trust`,
+ejected as an outlier under `outlier-ejection`, faulty by the truth under `oracle`. The
+trust engine judges every backend under every policy, but a policy that does not route
+on it (round robin, ...) keeps sending to a backend it ejected: that is not detected. A
+backend the floor keeps in trust's rotation below the ejection threshold is reported as
+held, not detected.
 """
 
 from __future__ import annotations
@@ -27,17 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from twlb.chaos.run import ChaosEvent, ChaosSchedule, TrustPoller, driven_load
-from twlb.orchestration.runtime import EmbeddedCluster
+from twlb.orchestration.runtime import EmbeddedCluster, out_of_rotation
 
 from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster, assign_faults
-
-#: A backend counts as detected once the balancer takes it out of rotation: its trust
-#: state is ejected or its health is unhealthy (held by the floor is not detected). The
-#: trust engine and the health checks run under every policy, so detection is the
-#: balancer's; only some policies (trust, outlier-ejection, and health for all) act on it.
-#: (TrustState.EJECTED and HealthState.UNHEALTHY, spelled out: importing the balancer's
-#: trust module here would cost every `twlb` command a second; a test checks the names.)
-FLAGGED_STATES = frozenset({"ejected", "unhealthy"})
 
 #: The load generator's modes: the client that cannot verify and never retries (what the
 #: balancer delivers), and the one that verifies and retries (end-to-end success).
@@ -103,21 +100,15 @@ class Phase:
         }
 
 
-def _flagged(entry: dict[str, Any]) -> bool:
-    """Whether a /trust row shows the backend out of rotation: ejected, or failing health
-    checks. A backend held in rotation by the floor is not (see `_held`)."""
-    health = entry.get("health")
-    if isinstance(health, dict):  # /trust gives the health tracker's whole state
-        health = health.get("state")
-    return (
-        str(entry.get("state", "")).lower() in FLAGGED_STATES
-        or str(health or "").lower() in FLAGGED_STATES
-    )
+def _flagged(entry: dict[str, Any], policy: str) -> bool:
+    """Whether a /trust row shows the backend out of `policy`'s rotation (detected)."""
+    return out_of_rotation(entry, policy) is not None
 
 
-def _held(entry: dict[str, Any]) -> bool:
-    """Below the ejection threshold but kept in rotation by the floor."""
-    return entry.get("held") is True and not _flagged(entry)
+def _held(entry: dict[str, Any], policy: str) -> bool:
+    """Below trust's ejection threshold but kept in its rotation by the floor (a trust
+    policy's notion: the other policies do not route on trust)."""
+    return policy == "trust" and entry.get("held") is True and not _flagged(entry, policy)
 
 
 def reset_nodes(cluster: EmbeddedCluster, scenario: Scenario, timeout: float = 30.0) -> None:
@@ -176,7 +167,8 @@ def run_phase(
                 cluster.supervise_once()
                 trust = poller.fetch()  # None while the balancer is briefly busy
                 if trust is not None:
-                    phase.timeline.append({"t": round(now, 3), "backends": _rows(cluster, trust)})
+                    rows = _rows(cluster, trust, policy)
+                    phase.timeline.append({"t": round(now, 3), "backends": rows})
                 if on_tick:
                     on_tick(now)
                 if now > scenario.duration_s + 60:
@@ -226,16 +218,16 @@ def _liars(
     return out
 
 
-def _rows(cluster: EmbeddedCluster, trust: dict[str, Any]) -> list[dict[str, Any]]:
-    """The timeline's view of each /trust row, with the node's ground truth."""
+def _rows(cluster: EmbeddedCluster, trust: dict[str, Any], policy: str) -> list[dict[str, Any]]:
+    """The timeline's view of each /trust row under `policy`, with the node's ground truth."""
     return [
         {
             "url": b["url"],
             "weight": b.get("weight"),
             "state": b.get("state"),
             "health": b.get("health"),
-            "flagged": _flagged(b),
-            "held": _held(b),
+            "flagged": _flagged(b, policy),
+            "held": _held(b, policy),
             "truth": cluster.node(b["url"]).truth.value,
         }
         for b in trust.get("backends", [])
@@ -382,19 +374,27 @@ def liars_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def rich_table(summaries: list[dict[str, Any]], title: str):
-    from rich.table import Table
+    """The summaries as a terminal table that wraps instead of cutting (twlb/tables.py);
+    with one scenario, its name goes in the title instead of a column."""
+    from twlb.tables import table
 
-    t = Table(title=title)
-    for col in ("scenario", "policy", "client", "correct %", "wrong %", "failed %", "p50",
-                "p95", "p99", "detected", "held", "max detect s"):  # fmt: skip
-        left = col in ("scenario", "policy", "client")
-        t.add_column(col, justify="left" if left else "right")
+    scenarios = list(dict.fromkeys(s["scenario"] for s in summaries))
+    one = len(scenarios) == 1
+    if one:
+        title = f"{title} ({scenarios[0]})"
+    # Two-line headers no wider than the figures under them (see twlb/tables.py).
+    numbers = ("correct\n%", "wrong\n%", "failed\n%", "p50\nms", "p95\nms", "p99\nms",
+               "detected", "held", "slowest\ndetect s")  # fmt: skip
+    names = ("policy", "client") if one else ("scenario", "policy", "client")
+    t = table([*names, *((n, "right") for n in numbers)], title=title)
     for s in summaries:
+        cells = (s["policy"], s.get("client", BASIC)) if one else (
+            s["scenario"], s["policy"], s.get("client", BASIC))  # fmt: skip
         t.add_row(
-            s["scenario"], s["policy"], s.get("client", BASIC), _fmt(s["correct_pct"], ".2f"),
-            _fmt(s["wrong_pct"], ".2f"), _fmt(s["failed_pct"], ".2f"), _fmt(s["p50_ms"]),
-            _fmt(s["p95_ms"]), _fmt(s["p99_ms"]), f"{s['detected']}/{s['faults']}",
-            str(s.get("held", 0)), _fmt(s["max_detect_s"]),
+            *cells, _fmt(s["correct_pct"], ".2f"), _fmt(s["wrong_pct"], ".2f"),
+            _fmt(s["failed_pct"], ".2f"), _fmt(s["p50_ms"]), _fmt(s["p95_ms"]),
+            _fmt(s["p99_ms"]), f"{s['detected']}/{s['faults']}", str(s.get("held", 0)),
+            _fmt(s["max_detect_s"]),
         )  # fmt: skip
     return t
 
@@ -499,7 +499,8 @@ def write_reports(
             markdown_table(resilient),
         ]
     md.append(
-        "\nDetections (seconds from fault onset to the node leaving rotation; held: kept in "
+        "\nDetections (seconds from fault onset to the node leaving the phase's policy's "
+        "rotation: a policy that kept routing to it did not detect it; held: kept in trust's "
         "rotation by the floor, not detected):\n"
     )
     for s in summaries:

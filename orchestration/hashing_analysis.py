@@ -47,6 +47,7 @@ from twlb.orchestration.runtime import EmbeddedCluster
 from twlb.orchestration.scaling import FailureMode, HeartbeatSettings
 from twlb.processes.managed import free_port_range
 
+from twlb.options import OutputPath
 from twlb.spec import API_GROUP, API_VERSION, KIND, ObjectMeta, TrustCluster, TrustClusterSpec
 
 #: The baseline design's figures docs/hashing.md sets ours beside.
@@ -613,7 +614,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 @click.command("hashing")
-@click.option("--out", default="reports/hashing", type=click.Path(file_okay=False),
+@click.option("--out", default="reports/hashing", type=OutputPath(directory=True),
               help="Where hashing.json, hashing.md and the PNG charts go.")  # fmt: skip
 @click.option("--requests", default=10_000, type=click.IntRange(100, 100_000),
               help="Requests per live run (the baseline design sent 10,000).")  # fmt: skip

@@ -18,15 +18,14 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 import httpx
-from twlb.balancer.settings import HEURISTIC_MODEL
-from twlb.balancer.settings import resolve_model as resolve_balancer_model
+from twlb.balancer.settings import HEURISTIC_MODEL, BalancerSettings
 from twlb.orchestration.prometheus import LocalPrometheus
 from twlb.orchestration.scaling import (
     FailureMode,
@@ -48,11 +47,13 @@ from twlb.processes.state import (
     ClusterError,
     atomic_write,
     read_status,
+    state_dir_option,
 )
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, click_option
 from twlb.spec import (
     FaultSpec,
+    PolicyName,
     SpecError,
     TrustCluster,
     assign_faults,
@@ -430,23 +431,10 @@ class EmbeddedCluster:
 # ---- commands ---------------------------------------------------------------------------
 
 
-#: The `--model` option of every command that starts a balancer (`twlb up`, `demo`, `bench`);
-#: its value goes through `resolve_model`.
-model_option = click.option(
-    "--model",
-    "model_choice",
-    default="shipped",
-    help="Trust model: 'shipped' (ml/models/trust-svm.onnx when present), "
-    "'heuristic', or an ONNX file.",
-)
-
-
-def resolve_model(choice: str) -> Path | None:
-    """`--model` value: 'shipped' (the default model when present), 'heuristic', or a path."""
-    try:
-        return resolve_balancer_model(choice)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--model") from None
+#: The `--model` option of every command that starts a balancer (`twlb up`, `demo`,
+#: `bench`): the balancer's own (BalancerSettings.model), its value resolved by the one
+#: `resolve_model` into an ONNX file, or None for the heuristic.
+model_option = click_option("model", BalancerSettings.model_fields["model"])
 
 
 def start_dashboard(cluster: EmbeddedCluster, port: int = 0) -> Any:
@@ -484,16 +472,16 @@ def _load_or_exit(path: str) -> TrustCluster:
     type=click.IntRange(1024, 65000),
     help="Balancer port; Prometheus is +1, node i is +2+i.",
 )
-@click.option(
-    "--state-dir",
-    default=DEFAULT_STATE_DIR,
-    type=click.Path(file_okay=False),
-    help="Where state, truth, logs and Prometheus data go.",
-)
+@state_dir_option("Where state, truth, logs and Prometheus data go.")
 @click.option(
     "--prometheus/--no-prometheus", default=None, help="Start Prometheus (default: when installed)."
 )
-@click.option("--policy", default=None, help="Override the spec's balancer policy.")
+@click.option(
+    "--policy",
+    default=None,
+    type=click.Choice([p.value for p in PolicyName]),
+    help="Override the spec's balancer policy.",
+)
 @model_option
 @click.option(
     "--dashboard-port",
@@ -512,24 +500,20 @@ def _load_or_exit(path: str) -> TrustCluster:
 @failure_options
 def up_command(
     file: str, port_base: int, state_dir: str, prometheus: bool | None,
-    policy: str | None, model_choice: str, dashboard_port: int | None, dashboard: bool,
+    policy: str | None, model: Path | None, dashboard_port: int | None, dashboard: bool,
     duration: float, failure_mode: FailureMode, heartbeat: HeartbeatSettings,
 ) -> None:  # fmt: skip
     """Run a TrustCluster as local processes until Ctrl-C or SIGTERM."""
     from rich.console import Console
-    from rich.table import Table
+
+    from twlb import tables
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
     tc = _load_or_exit(file)
-    if policy is not None:
-        from twlb.spec import PolicyName
-
-        if policy not in {p.value for p in PolicyName}:
-            raise click.BadParameter(f"unknown policy {policy!r}", param_hint="--policy")
     cluster = EmbeddedCluster(
         tc, port_base=port_base, state_dir=Path(state_dir), prometheus=prometheus, policy=policy,
-        model=resolve_model(model_choice), failure_mode=failure_mode, heartbeat=heartbeat,
+        model=model, failure_mode=failure_mode, heartbeat=heartbeat,
     )  # fmt: skip
     if dashboard_port is None:
         # The default sits below the balancer's port; when something else has it, any
@@ -551,9 +535,9 @@ def up_command(
         control = serve_control(cluster)
         if dashboard:
             page = start_dashboard(cluster, dashboard_port)
-        table = Table(title=f"TrustCluster {cluster.name}")
-        for col in ("role", "url", "fault", "truth"):
-            table.add_column(col)
+        table = tables.table(
+            ("role", "url", "fault", "truth"), title=f"TrustCluster {cluster.name}"
+        )
         table.add_row("balancer", cluster.balancer_url, cluster.policy or tc.spec.policy.value, "")
         if cluster.prometheus_url:
             table.add_row("prometheus", cluster.prometheus_url, "", "")
@@ -584,8 +568,146 @@ def up_command(
         console.print("stopped every process this cluster started")
 
 
+# ---- rotation, as the balancer's /trust shows it ----------------------------------------
+
+#: The /trust words that take a backend out of rotation: the trust engine's EJECTED state
+#: and the health tracker's UNHEALTHY one (TrustState and HealthState, spelled out:
+#: importing the balancer's modules here would cost every `twlb` command a second; a test
+#: checks the names against them).
+TRUST_EJECTED, HEALTH_UNHEALTHY = "ejected", "unhealthy"
+
+
+def out_of_rotation(row: Mapping[str, Any], policy: str) -> str | None:
+    """Why the backend of one /trust row is out of `policy`'s rotation right now, or None
+    while that policy can still route to it.
+
+    Every policy skips a backend failing health (checks, passive failures, gossip). The
+    trust engine and its audits run under every policy, but only `trust` routes on them;
+    `outlier-ejection` has ejections of its own; `oracle` skips what the truth says is
+    faulty. A backend the floor holds below the ejection threshold is in rotation."""
+    health = row.get("health")
+    if isinstance(health, dict):  # /trust gives the health tracker's whole state
+        health = health.get("state")
+    if row.get("up") is False or str(health or "").lower() == HEALTH_UNHEALTHY:
+        return "health"
+    own = row.get("policy") if isinstance(row.get("policy"), dict) else {}
+    if policy == PolicyName.TRUST and str(row.get("state", "")).lower() == TRUST_EJECTED:
+        return "proven liar" if row.get("proven") else "ejected by trust"
+    if policy == PolicyName.OUTLIER_EJECTION and own.get("ejected") is True:
+        return "outlier ejection"
+    if policy == PolicyName.ORACLE and own.get("truth") not in (None, "healthy"):
+        return "oracle"
+    return None
+
+
+# ---- `twlb status` ----------------------------------------------------------------------
+
+
+def fault_text(fault: Mapping[str, Any]) -> str:
+    """A node's fault in a few words: its type and the parameters that matter to it."""
+    kind = str(fault.get("type", "?"))
+    words = [kind]
+    probability = fault.get("probability")
+    if isinstance(probability, int | float) and probability != 1 and kind != "benign":
+        words.append(f"p={probability:g}")
+    if kind in ("delay", "lie-latency") and fault.get("delayMs") is not None:
+        words.append(f"{fault['delayMs']}ms")
+    if kind == "flapping":
+        words.append(f"{fault.get('flapType')}/{fault.get('periodS')}s")
+    return " ".join(words)
+
+
+def _verdict(row: Mapping[str, Any] | None, policy: str) -> str:
+    """The balancer's view of one node: in or out of its policy's rotation, and why."""
+    if row is None:
+        return "-"
+    why = out_of_rotation(row, policy)
+    if why is not None:
+        return f"out: {why}"
+    words = ["in"]
+    if row.get("held"):
+        words.append("held")  # below the ejection threshold, kept by the floor
+    if (row.get("evidence") or {}).get("standing") == "suspect":
+        words.append("suspect")  # out-voted in an audit, audited more until cleared
+    if str(row.get("state", "")) == TRUST_EJECTED:
+        words.append("trust ejected")  # under a policy that does not route on trust
+    return ", ".join(words)
+
+
+def _health(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    health = row.get("health")
+    state = health.get("state") if isinstance(health, dict) else health
+    # Gossip's verdict when the members agree a node is dead (health then follows it).
+    dead = (row.get("gossip") or {}).get("verdict") == "dead"
+    return f"{state}, gossip: dead" if dead else str(state)
+
+
+def status_renderables(status: Mapping[str, Any]) -> list[Any]:
+    """`twlb status`'s table and the lines under it, from `read_status`'s document."""
+    from twlb.tables import table
+
+    running = bool(status.get("running"))
+    balancer = status.get("balancer") or {}
+    policy = str(balancer.get("policy", "?"))
+    trust = status.get("trust") if running else None
+    rows = {r.get("url"): r for r in (trust or {}).get("backends", []) if isinstance(r, dict)}
+    title = f"TrustCluster {status.get('cluster', '?')}: {'running' if running else 'stopped'}"
+    t = table(
+        ["node", "url", "process", "fault", "truth", "verdict", ("trust", "right"), "health"],
+        title=title,
+    )
+    for node in status.get("nodes") or []:
+        row = rows.get(node.get("url"))
+        alive = "up" if node.get("alive") and running else "down"
+        restarts = node.get("restarts") or 0
+        weight = row.get("weight") if row else None
+        t.add_row(
+            str(node.get("name", "?")).removeprefix(f"{status.get('cluster')}-"),
+            str(node.get("url", "?")).removeprefix("http://"),
+            alive + (f" ({restarts} restarts)" if restarts else ""),
+            fault_text(node.get("fault") or {}),
+            str(node.get("truth", "?")),
+            _verdict(row, policy),
+            "-" if not isinstance(weight, int | float) else f"{weight:.3f}",
+            _health(row),
+        )
+    b_state = "up" if balancer.get("alive") and running else "down"
+    b_restarts = balancer.get("restarts") or 0
+    lines = [
+        f"balancer   {balancer.get('url', '-')}  policy {policy}, {b_state}"
+        + (f", {b_restarts} restarts" if b_restarts else ""),
+        f"dashboard  {(status.get('dashboard') or {}).get('url') or '-'}",
+        f"prometheus {(status.get('prometheus') or {}).get('url') or '-'}",
+        f"replicas   {(status.get('control') or {}).get('url') or '-'}",
+    ]
+    if running and trust is None:
+        lines.append("the balancer did not answer /trust: no verdict, trust or health")
+    if not running:
+        lines.append("the cluster is not running: what it last wrote (no live checks)")
+    return [t, *lines]
+
+
 @click.command("status")
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, type=click.Path(file_okay=False))
-def status_command(state_dir: str) -> None:
-    """Print the running cluster's ground truth and state as JSON."""
-    click.echo(json.dumps(read_status(Path(state_dir)), indent=2))
+@state_dir_option()
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    help="table: one row a node (fault, truth, the balancer's verdict, trust, health) and "
+    "the cluster's addresses; json: the whole state document with live checks.",
+)
+def status_command(state_dir: str, output: str) -> None:
+    """Show the running cluster: its nodes' faults and truth, and what the balancer makes of
+    them."""
+    status = read_status(Path(state_dir))
+    if output == "json":
+        click.echo(json.dumps(status, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for part in status_renderables(status):
+        console.print(part, soft_wrap=False)

@@ -37,7 +37,7 @@ from twlb.balancer.health import HealthTracker
 from twlb.orchestration.prometheus import LocalPrometheus
 from twlb.orchestration.supervision import NodeProcess
 from twlb.processes.managed import ManagedProcess, port_in_use
-from twlb.processes.state import read_state_file
+from twlb.processes.state import read_state_file, state_dir_option
 
 from twlb.options import FiniteFloat
 from twlb.spec import FaultSpec, NodeAssignment, TrustCluster, describe_validation_error
@@ -524,9 +524,7 @@ def _call(state_dir: str, method: str, body: dict[str, Any] | None = None) -> di
     raise click.ClickException(f"{url} answered {r.status_code}: {r.text[:200]}")
 
 
-_state_dir = click.option(
-    "--state-dir", default=".twlb", type=click.Path(file_okay=False), help="`twlb up`'s state."
-)
+_state_dir = state_dir_option()
 
 
 @click.group("replicas")

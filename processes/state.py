@@ -17,12 +17,24 @@ import click
 import httpx
 from twlb.processes.managed import pid_alive
 
+#: Where `twlb up` keeps its state unless told otherwise (.gitignore leaves it out).
 DEFAULT_STATE_DIR = ".twlb"
 STATE_FILE = "state.json"
 TRUTH_FILE = "truth.json"
 #: What chaos actions did to the cluster, one JSON object a line (twlb.chaos writes it,
 #: the dashboard shows it).
 CHAOS_FILE = "chaos.jsonl"
+
+
+def state_dir_option(help: str = "The state directory of a running `twlb up`.") -> Any:
+    """The --state-dir option of every command that writes or reads `twlb up`'s state."""
+    return click.option(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help=help,
+    )
 
 
 class ClusterError(click.ClickException):
@@ -48,8 +60,10 @@ def read_state_file(state_dir: Path) -> dict[str, Any]:
         raise ClusterError(
             f"no cluster: {path} does not exist (start one with `twlb up --state-dir {state_dir}`)"
         ) from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ClusterError(f"cannot read cluster state {path}: {err}") from None
+    except OSError as err:
+        raise ClusterError(f"cannot read cluster state {path}: {err.strerror or err}") from None
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise ClusterError(f"cannot read cluster state {path}: not JSON: {err}") from None
     if not isinstance(state, dict):
         raise ClusterError(f"cluster state {path} is not a JSON object")
     return state
@@ -58,6 +72,14 @@ def read_state_file(state_dir: Path) -> dict[str, Any]:
 def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
     """The state file enriched with live checks: processes, live faults and trust."""
     state = read_state_file(state_dir)
+    try:
+        return _with_live_checks(state, timeout)
+    except (KeyError, TypeError, ValueError) as err:
+        path = state_dir / STATE_FILE
+        raise ClusterError(f"cluster state {path} is not one `twlb up` wrote: {err!r}") from None
+
+
+def _with_live_checks(state: dict[str, Any], timeout: float) -> dict[str, Any]:
     tokens = state.pop("tokens", {})
     state["running"] = not state.get("stopped") and pid_alive(int(state.get("runtime_pid", 0)))
     if not state["running"]:
@@ -68,11 +90,11 @@ def read_status(state_dir: Path, timeout: float = 1.0) -> dict[str, Any]:
         bal["alive"] = bool(bal.get("pid")) and pid_alive(int(bal["pid"]))
         for node in state["nodes"]:
             node["alive"] = bool(node.get("pid")) and pid_alive(int(node["pid"]))
-            with contextlib.suppress(httpx.HTTPError, ValueError):
+            with contextlib.suppress(httpx.HTTPError, httpx.InvalidURL, ValueError):
                 r = client.get(node["url"] + "/control/fault", headers=headers)
                 if r.status_code == 200:
                     live = r.json()
                     node["fault"] = live.get("fault", live)
-        with contextlib.suppress(httpx.HTTPError, ValueError):
+        with contextlib.suppress(httpx.HTTPError, httpx.InvalidURL, ValueError):
             state["trust"] = client.get(state["balancer"]["url"] + "/trust").json()
     return state

@@ -15,6 +15,9 @@ from twlb.balancer.policies import parse_policy_name
 from twlb.sim.checker import MODELS, SearchBudgetExceeded, check_history
 from twlb.sim.history import HistoryError, Workload, read_history
 from twlb.sim.lb import LbScenario, ServerFault, compare
+from twlb.sim.paxos import PAXOS_BUGS
+from twlb.sim.pbft import BYZANTINE_BEHAVIOURS, PBFT_BUGS
+from twlb.sim.raft import RAFT_BUGS
 from twlb.sim.runner import ALGORITHMS, Fault, SimConfig, Simulation, load_algorithm
 from twlb.sim.sweep import (
     NEMESES,
@@ -28,7 +31,10 @@ from twlb.sim.sweep import (
     sweep,
 )
 
-from twlb.options import FiniteFloat
+from twlb import tables
+from twlb.exits import UsageFailure
+from twlb.options import FiniteFloat, OutputPath
+from twlb.vocabulary import PolicyName
 
 
 def parse_faults(text: str | None) -> list[Fault]:
@@ -45,6 +51,13 @@ def parse_faults(text: str | None) -> list[Fault]:
             f"not a fault schedule ([[at, action, args], ...]): {err}"
         ) from None
     return faults
+
+
+#: Every algorithm's deliberately broken variants, for --bug's help.
+BUGS_HELP = "; ".join(
+    f"{name}: {', '.join(sorted(bugs))}"
+    for name, bugs in (("raft", RAFT_BUGS), ("paxos", PAXOS_BUGS), ("pbft", PBFT_BUGS))
+)
 
 
 def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
@@ -92,12 +105,14 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
     "--byzantine",
     multiple=True,
     metavar="NODE=BEHAVIOUR",
-    help="PBFT: a Byzantine replica (repeatable).",
+    help="PBFT: a Byzantine replica (repeatable); BEHAVIOUR is one of "
+    f"{', '.join(BYZANTINE_BEHAVIOURS)}.",
 )
 @click.option(
     "--bug",
     default=None,
-    help="Run a deliberately broken variant of the protocol (to see the checkers catch it).",
+    help="Run a deliberately broken variant of the protocol (to see the checkers catch it): "
+    f"{BUGS_HELP}.",
 )
 @click.option(
     "--progress-within",
@@ -107,14 +122,14 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--output",
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     default=None,
     help="Write the run's results as JSON.",
 )
 @click.option(
     "--history",
     "history_path",
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     default=None,
     help="Write the client history (Jepsen EDN).",
 )
@@ -123,7 +138,7 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--figures",
-    type=click.Path(path_type=Path),
+    type=OutputPath(directory=True),
     default=Path("sim-figures"),
     help="Where --visualize writes.",
 )
@@ -231,8 +246,7 @@ def check_command(history_file: Path, model: str, as_json: bool, max_states: int
         history = read_history(history_file)
         verdict = check_history(history, model, max_states=max_states)
     except HistoryError as err:
-        click.echo(f"error: {history_file}: {err}", err=True)
-        sys.exit(2)
+        raise UsageFailure(f"{history_file}: {err}") from None
     except SearchBudgetExceeded as err:
         click.echo(f"undecided: {history_file}: the search explored {err}", err=True)
         sys.exit(3)
@@ -283,14 +297,16 @@ def check_command(history_file: Path, model: str, as_json: bool, max_states: int
 )
 @click.option(
     "--output",
-    type=click.Path(path_type=Path),
+    type=OutputPath(),
     default=None,
     help="Write every run and the summary as JSON.",
 )
 @click.option(
     "--no-shrink", is_flag=True, help="Report violations without shrinking their schedules."
 )
-@click.option("--bug", default=None, help="Sweep a deliberately broken variant of the protocol.")
+@click.option(
+    "--bug", default=None, help=f"Sweep a deliberately broken variant of the protocol: {BUGS_HELP}."
+)
 def sweep_command(**o) -> None:
     """Run many seeds with random fault schedules; shrink and print any violation.
 
@@ -305,7 +321,6 @@ def sweep_command(**o) -> None:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    from rich.table import Table
 
     nemeses = tuple(n.strip() for n in o["nemesis"].split(",") if n.strip())
     unknown = sorted(set(nemeses) - set(NEMESES))
@@ -362,20 +377,12 @@ def sweep_command(**o) -> None:
         )
     wall = time.perf_counter() - started
     summary = summarise(results, wall)
-    table = Table(
-        title=f"twlb sim sweep: {o['algorithm']}, {o['nodes']} nodes, nemesis {','.join(nemeses)}"
+    columns = ("runs", "passed", "violations", "ops ok", "leader changes", "faults", "wall s",
+               "s/run")  # fmt: skip
+    table = tables.table(
+        [(c, "right") for c in columns],
+        title=f"twlb sim sweep: {o['algorithm']}, {o['nodes']} nodes, nemesis {','.join(nemeses)}",
     )
-    for column in (
-        "runs",
-        "passed",
-        "violations",
-        "ops ok",
-        "leader changes",
-        "faults",
-        "wall s",
-        "s/run",
-    ):
-        table.add_column(column, justify="right")
     table.add_row(
         str(summary["runs"]),
         str(summary["passed"]),
@@ -458,7 +465,7 @@ def parse_server_fault(value: str) -> tuple[int, ServerFault]:
     "--policy",
     "policies",
     default="round-robin,least-connections,p2c-ewma,outlier-ejection,trust,oracle",
-    help="Comma-separated balancer policies to compare.",
+    help=f"Comma-separated balancer policies to compare, from: {', '.join(p.value for p in PolicyName)}.",
 )
 @click.option("--speeds", default="1,1,1,1,0.4,1", help="Relative speed of each simulated server.")
 @click.option(
@@ -478,9 +485,7 @@ def parse_server_fault(value: str) -> tuple[int, ServerFault]:
     "--duration", type=FiniteFloat(min=1, max=3600), default=60.0, help="Simulated seconds."
 )
 @click.option("--seed", type=int, default=0)
-@click.option(
-    "--output", type=click.Path(path_type=Path), default=None, help="Write the comparison as JSON."
-)
+@click.option("--output", type=OutputPath(), default=None, help="Write the comparison as JSON.")
 def lb_command(
     policies: str,
     speeds: str,
@@ -492,7 +497,6 @@ def lb_command(
 ) -> None:
     """Compare the balancer's own routing policies on simulated servers."""
     from rich.console import Console
-    from rich.table import Table
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     try:
@@ -505,11 +509,12 @@ def lb_command(
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     results = compare(names, scenario)
-    table = Table(
-        title=f"twlb sim lb: {len(speed_values)} servers, {rate:g} req/s for {duration:g} s (seed {seed})"
-    )
-    for column in ("policy", "success", "p50 ms", "p99 ms", "mean ms", "tries to unhealthy"):
-        table.add_column(column, justify="right")
+    table = tables.table(
+        ["policy", *((c, "right") for c in ("success", "p50 ms", "p99 ms", "mean ms",
+                                              "tries to unhealthy"))],
+        title=f"twlb sim lb: {len(speed_values)} servers, {rate:g} req/s for {duration:g} s "
+        f"(seed {seed})",
+    )  # fmt: skip
     for r in results:
         lat = r["latency_ms"]
         table.add_row(

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 from twlb.gossip.heartbeat import HEARTBEAT_PROTOCOLS
 from twlb.gossip.nodes import PROTOCOLS
 from twlb.sim.gossip import Scenario, run_scenario, summarize
 
-from twlb.options import FiniteFloat
+from twlb.options import FiniteFloat, OutputPath
+from twlb.tables import cell, rows_table
 
 #: The heartbeat protocols send their whole table (O(N) per message); SWIM does not.
 MAX_NODES = {**{p: 1024 for p in HEARTBEAT_PROTOCOLS}, "swim": 10_000}
@@ -33,17 +35,10 @@ def command() -> None:
     """Gossip failure detection: simulate the protocols at scale."""
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The rows as a markdown table (the files); the terminal gets `rows_table`."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -91,6 +86,20 @@ SUMMARY_COLUMNS = (
     "bytes_per_node_s",
     "cpu_s",
 )
+#: Terminal headers of the columns, short words that wrap (the files keep the keys).
+HEADERS = {
+    "slow_fraction": "slow",
+    "first_detection_median_s": "detect p50 s",
+    "first_detection_p99_s": "detect p99 s",
+    "agreement_median_s": "agree p50 s",
+    "agreement_p99_s": "agree p99 s",
+    "false_positives_per_node_hour": "false pos per node-h",
+    "messages_per_node_s": "msgs per node s",
+    "bytes_per_node_s": "bytes per node s",
+    "dissemination_rounds": "dissem. rounds",
+    "analytic_rounds_to_agreement": "analytic rounds",
+    "rounds_to_agreement_median": "rounds p50",
+}
 ROUNDS_COLUMNS = (
     "protocol",
     "nodes",
@@ -159,9 +168,7 @@ ROUNDS_COLUMNS = (
     default=None,
     help="Virtual seconds per run (default: until the slowest verdict is due).",
 )
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/gossip-sim")
-)
+@click.option("--out", type=OutputPath(directory=True), default=Path("reports/gossip-sim"))
 def sim_command(
     protocols: tuple[str, ...],
     node_counts: tuple[int, ...],
@@ -217,16 +224,23 @@ def sim_command(
                 summaries.append(summary)
                 raw.extend(r.as_dict() for r in results)
                 click.echo(
-                    f"{protocol} N={n} loss={loss}: agreement p99 {_fmt(summary['agreement_p99_s'])} s, "
-                    f"fp/node-h {_fmt(summary['false_positives_per_node_hour'])}, "
-                    f"{_fmt(summary['messages_per_node_s'])} msg/node/s, CPU {summary['cpu_s']:.1f} s",
+                    f"{protocol} N={n} loss={loss}: agreement p99 {cell(summary['agreement_p99_s'])} s, "
+                    f"fp/node-h {cell(summary['false_positives_per_node_hour'])}, "
+                    f"{cell(summary['messages_per_node_s'])} msg/node/s, CPU {summary['cpu_s']:.1f} s",
                     err=True,
                 )
-    click.echo(table(summaries, SUMMARY_COLUMNS))
+    console = Console()
+    console.print(rows_table(summaries, SUMMARY_COLUMNS, headers=HEADERS))
     rounds = [s for s in summaries if s["protocol"] in ("round-robin", "binary-round-robin")]
     if rounds:
-        click.echo("\nrounds to agreement (analytic: dissemination rounds + T_fail / interval)")
-        click.echo(table(rounds, ROUNDS_COLUMNS))
+        console.print(
+            rows_table(
+                rounds,
+                ROUNDS_COLUMNS,
+                "rounds to agreement (analytic: dissemination rounds + T_fail / interval)",
+                HEADERS,
+            )
+        )
         (out / "rounds.md").write_text(table(rounds, ROUNDS_COLUMNS) + "\n")
     (out / "gossip-sim.json").write_text(
         json.dumps({"summaries": summaries, "runs": raw}, indent=1)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
@@ -27,11 +28,29 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: fl
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
+def twlb_params() -> Iterator[tuple[str, click.Parameter]]:
+    """Every parameter of every `twlb` subcommand (nested groups included), with the path
+    of its command ("twlb chaos check")."""
+    from twlb.cli import main
+
+    ctx = click.Context(main)
+    stack: list[tuple[str, click.Command]] = [("twlb", main)]
+    while stack:
+        path, cmd = stack.pop()
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                if sub is not None:
+                    stack.append((f"{path} {name}", sub))
+        for param in cmd.params:
+            yield path, param
+
+
 def twlb_status(state_dir: Path) -> dict:
-    """`twlb status --state-dir DIR` as the user runs it, parsed."""
+    """`twlb status --state-dir DIR -o json` as the user runs it, parsed."""
     out = subprocess.run(
-        twlb_argv("status", "--state-dir", str(state_dir)), capture_output=True, text=True,
-        timeout=30,
+        twlb_argv("status", "--state-dir", str(state_dir), "-o", "json"),
+        capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)

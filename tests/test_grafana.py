@@ -11,7 +11,8 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from twlb.orchestration.runtime import EmbeddedCluster, resolve_model
+from twlb.balancer.settings import resolve_model
+from twlb.orchestration.runtime import EmbeddedCluster
 from twlb.processes.managed import free_port_range
 
 from twlb.spec import load_trustcluster

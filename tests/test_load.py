@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from test_client_support import ControlledNode, node_fixture  # noqa: F401  (the node fixture)
 from twlb.client.breaker import BreakerConfig
+from twlb.client.client import ClientPolicy
 from twlb.client.load import LoadPlan, Mode, RunControl, run_load
 from twlb.client.report import FAILURE_REASONS, build_report
 from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
@@ -115,7 +116,9 @@ async def test_retries_and_breaker_transitions_show_in_the_report(node: Controll
         rate=100.0,
         duration_s=0.8,
         mode=Mode.RESILIENT,
-        breaker=BreakerConfig(minimum_calls=10, window_size=10, wait_in_open_s=0.3),
+        client=ClientPolicy(
+            breaker=BreakerConfig(minimum_calls=10, window_size=10, wait_in_open_s=0.3)
+        ),
     )
     try:
         tally = await run_load(plan, RunControl())

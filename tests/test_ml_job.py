@@ -29,7 +29,7 @@ def _args(container: dict) -> dict[str, str]:
 def test_published_configmap_holds_the_model_under_the_key_the_balancer_mounts() -> None:
     cm = render_configmap("lab-model", "twlb", SHIPPED)
     kubernetes_validate.validate(cm, "1.31", strict=True)
-    model = base64.b64decode(cm["binaryData"][render.MODEL_FILE])
+    model = base64.b64decode(cm["binaryData"][render.MOUNTED_MODEL_FILE])
     assert model == (SHIPPED / "trust-svm.onnx").read_bytes()
     assert "MODEL_CARD.md" in cm["data"] and "training_report.json" in cm["data"]
     assert len(yaml.safe_dump(cm)) < 1_000_000  # a ConfigMap holds at most 1 MiB

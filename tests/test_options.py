@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 import pytest
+from conftest import twlb_params
 from twlb.backend.cli import command as backend_command
 from twlb.backend.settings import BackendSettings
 from twlb.balancer.cli import command as balancer_command
@@ -113,28 +114,10 @@ def test_a_fault_goes_through_backend_flags_and_environment_unchanged():
     assert to_env(fault, "TWLB_BACKEND_")["TWLB_BACKEND_FAULT_TYPE"] == "flapping"
 
 
-def _float_params(group: click.Group) -> list[tuple[str, click.Parameter]]:
-    """Every float parameter of every `twlb` subcommand (nested groups included)."""
-    found: list[tuple[str, click.Parameter]] = []
-    ctx = click.Context(group)
-    stack: list[tuple[str, click.Command]] = [("twlb", group)]
-    while stack:
-        path, cmd = stack.pop()
-        if isinstance(cmd, click.Group):
-            for name in cmd.list_commands(ctx):
-                sub = cmd.get_command(ctx, name)
-                if sub is not None:
-                    stack.append((f"{path} {name}", sub))
-        for param in cmd.params:
-            if isinstance(param.type, click.types.FloatParamType):
-                found.append((path, param))
-    return found
-
-
 def test_every_float_flag_of_every_command_refuses_nan_and_infinities() -> None:
-    from twlb.cli import main
-
-    params = _float_params(main)
+    params = [
+        (path, p) for path, p in twlb_params() if isinstance(p.type, click.types.FloatParamType)
+    ]
     assert len(params) > 20  # the walk reached the subcommands
     for path, param in params:
         for bad in ("nan", "NaN", "inf", "-inf", "1e999"):

@@ -105,6 +105,20 @@ def test_up_serves_restarts_crashed_node_and_leaves_no_process(tmp_path: Path):
         assert crash["fault"]["type"] == "crash"
         pids = {n["name"]: n["pid"] for n in st["nodes"]}
 
+        # Without -o json: the table, read live from the nodes and the balancer's /trust.
+        table = subprocess.run(
+            twlb_argv("status", "--state-dir", str(state_dir)), capture_output=True, text=True,
+            timeout=30, env={**os.environ, "COLUMNS": "100"},
+        )  # fmt: skip
+        assert table.returncode == 0, table.stderr
+        assert "TrustCluster rt: running" in table.stdout
+        rows = [line.split() for line in table.stdout.splitlines() if line.startswith("node-")]
+        assert [(r[0], r[2], r[3]) for r in rows] == [
+            ("node-0", "up", "benign"), ("node-1", "up", "benign"), ("node-2", "up", "crash"),
+        ]  # fmt: skip
+        assert f"balancer   http://127.0.0.1:{base}  policy round-robin, up" in table.stdout
+        assert max(len(line) for line in table.stdout.splitlines()) <= 100
+
         # The balancer answers work through the nodes.
         r = httpx.get(f"http://127.0.0.1:{base}/work", params={"key": "k"}, timeout=5)
         assert r.status_code in (200, 502, 503)

@@ -2,4 +2,4 @@
 
 from twlb.cli import main
 
-main()
+main(prog_name="twlb")

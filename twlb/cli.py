@@ -2,7 +2,8 @@
 
 Subcommands are imported lazily, so `twlb backend` does not pay for onnxruntime or
 kopf. Every option is also an environment variable through `auto_envvar_prefix="TWLB"`
-(`twlb backend --fault-type` reads `TWLB_BACKEND_FAULT_TYPE`).
+(`twlb backend --fault-type` reads `TWLB_BACKEND_FAULT_TYPE`). Every error is one line
+and every exit status means the same in every subcommand (twlb/exits.py, docs/cli.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import click
 
 from twlb import __version__
+from twlb.exits import OneLineGroup
 
 #: subcommand name -> "module:attribute" of a click command.
 SUBCOMMANDS: dict[str, str] = {
@@ -35,7 +37,7 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(OneLineGroup):
     """A group that imports a subcommand's module only when that subcommand runs."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -51,7 +53,9 @@ class LazyGroup(click.Group):
         return cmd
 
 
-@click.group(cls=LazyGroup, context_settings={"auto_envvar_prefix": "TWLB", "show_default": True})
+@click.group(
+    "twlb", cls=LazyGroup, context_settings={"auto_envvar_prefix": "TWLB", "show_default": True}
+)
 @click.version_option(__version__, prog_name="twlb")
 def main() -> None:
     """TW-LB: a trust-weighted load balancer and chaos lab."""

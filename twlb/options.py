@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -60,6 +61,27 @@ class FiniteFloat(click.FloatRange):
         return "" if self.min is None and self.max is None else super()._describe_range()
 
 
+class OutputPath(click.Path):
+    """A file (or with `directory`, a directory) the command writes, creating missing
+    parent directories: checked when the flags are read, so a long run cannot end unable
+    to write what it did. The nearest existing ancestor must be a writable directory."""
+
+    def __init__(self, directory: bool = False) -> None:
+        super().__init__(file_okay=not directory, dir_okay=directory, path_type=Path)
+        self.directory = directory
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = Path(super().convert(value, param, ctx))
+        ancestor = path if self.directory else path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            self.fail(f"{value}: {ancestor} is not a directory", param, ctx)
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            self.fail(f"{value}: cannot write in {ancestor}", param, ctx)
+        return path
+
+
 def _flag_meta(field: FieldInfo) -> Flag:
     return next((m for m in field.metadata if isinstance(m, Flag)), Flag())
 
@@ -83,9 +105,20 @@ def _bare(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _bounds(field: FieldInfo) -> dict[str, Any]:
+def _constraints(annotation: Any, field: FieldInfo) -> tuple[Any, list[Any]]:
+    """The type under an `Annotated` (e.g. `Probability | None`, whose bounds pydantic
+    leaves in the annotation) and every constraint of the field and of that annotation."""
+    metadata = list(field.metadata)
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation, *extra = typing.get_args(annotation)
+        for m in extra:
+            metadata += m.metadata if isinstance(m, FieldInfo) else [m]
+    return annotation, metadata
+
+
+def _bounds(metadata: Iterable[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for m in field.metadata:
+    for m in metadata:
         if isinstance(m, annotated_types.Ge):
             out["min"] = m.ge
         elif isinstance(m, annotated_types.Gt):
@@ -98,6 +131,7 @@ def _bounds(field: FieldInfo) -> dict[str, Any]:
 
 
 def _click_type(annotation: Any, field: FieldInfo, ranges: bool) -> click.ParamType | type | None:
+    annotation, metadata = _constraints(annotation, field)
     if typing.get_origin(annotation) is typing.Literal:
         return click.Choice([str(a) for a in typing.get_args(annotation)])
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -105,7 +139,7 @@ def _click_type(annotation: Any, field: FieldInfo, ranges: bool) -> click.ParamT
     if annotation is Path:
         # Settings name files the process reads: they must exist when it starts.
         return click.Path(exists=True, dir_okay=False, path_type=Path)
-    bounds = _bounds(field) if ranges else {}
+    bounds = _bounds(metadata) if ranges else {}
     if annotation is int:
         return click.IntRange(**bounds) if bounds else int
     if annotation is float:
@@ -113,25 +147,33 @@ def _click_type(annotation: Any, field: FieldInfo, ranges: bool) -> click.ParamT
     return None  # str and anything else: click's default
 
 
-def _default(field: FieldInfo) -> Any:
-    if field.default_factory is not None:
-        return field.default_factory  # click calls it when the option is not given
-    value = field.default
+_UNSET = object()
+
+
+def _default(field: FieldInfo, value: Any = _UNSET) -> Any:
+    if value is _UNSET:
+        if field.default_factory is not None:
+            return field.default_factory  # click calls it when the option is not given
+        value = field.default
     if isinstance(value, enum.Enum):
         return value.value
     return value
 
 
-def click_option(name: str, field: FieldInfo, ranges: bool = True) -> Callable[[F], F]:
-    """The click option of one model field.
+def click_option(
+    name: str, field: FieldInfo, ranges: bool = True, default: Any = _UNSET
+) -> Callable[[F], F]:
+    """The click option of one model field (a field without a default is a required
+    option); `default` overrides the field's own, e.g. from another instance's value.
 
-    With `ranges` off, numbers are plain int/float and the model alone checks bounds, so
-    `build`'s message names the environment variable a bad value came from.
+    With `ranges` off, numbers are plain int/float and the model alone checks bounds.
     """
     annotation, _ = _bare(field.annotation)
     flag = flag_name(name, field)
-    kwargs: dict[str, Any] = {"default": _default(field), "help": field.description}
-    if field.default_factory is not None:
+    kwargs: dict[str, Any] = {"default": _default(field, default), "help": field.description}
+    if field.is_required() and default is _UNSET:
+        kwargs = {"required": True, "help": field.description}
+    elif field.default_factory is not None and default is _UNSET:
         kwargs["show_default"] = False  # computed when the command runs: the help says it
     if annotation is bool:
         decls = [f"{flag}/--no-{flag[2:]}"]
@@ -147,11 +189,19 @@ def click_option(name: str, field: FieldInfo, ranges: bool = True) -> Callable[[
 
 
 def click_options(
-    model: type[BaseModel], exclude: Iterable[str] = (), ranges: bool = True
+    model: type[BaseModel],
+    exclude: Iterable[str] = (),
+    ranges: bool = True,
+    defaults: BaseModel | None = None,
 ) -> Callable[[F], F]:
-    """A decorator adding one click option per field of `model`, in declaration order."""
+    """A decorator adding one click option per field of `model`, in declaration order;
+    with `defaults` (an instance of `model`), its values are the options' defaults."""
     skip = set(exclude)
-    options = [click_option(n, f, ranges) for n, f in model.model_fields.items() if n not in skip]
+    options = [
+        click_option(n, f, ranges, _UNSET if defaults is None else getattr(defaults, n))
+        for n, f in model.model_fields.items()
+        if n not in skip
+    ]
 
     def decorate(func: F) -> F:
         for option in reversed(options):
@@ -186,27 +236,21 @@ def build(model: type[M], ctx: click.Context, values: dict[str, Any]) -> M:
             alias = {f.alias: n for n, f in fields.items() if f.alias}
             name = alias.get(str(loc[0])) if loc else None
         if name is None:
-            # A check across fields names the field it blames in its message.
-            name = next(
-                (
-                    n
-                    for n, f in fields.items()
-                    if n in first["msg"] or (f.alias or n) in first["msg"]
-                ),
-                None,
-            )
+            # A check across fields names the field it blames first in its message.
+            msg = first["msg"]
+            named = [
+                (msg.find(spelling), -len(spelling), n)
+                for n, f in fields.items()
+                for spelling in {n, f.alias or n}
+                if spelling in msg
+            ]
+            name = min(named)[2] if named else None
         if name is None:
             raise click.UsageError(first["msg"], ctx=ctx) from None
         param = next(p for p in ctx.command.params if p.name == param_name(name, fields[name]))
-        raise click.BadParameter(f"{first['msg']}{_source(ctx, param)}", ctx, param) from None
-
-
-def _source(ctx: click.Context, param: click.Parameter) -> str:
-    """Where a value came from, so the message names the variable a user must fix."""
-    if ctx.get_parameter_source(param.name or "") is click.core.ParameterSource.ENVIRONMENT:
-        envvar = param.envvar or f"{ctx.auto_envvar_prefix}_{(param.name or '').upper()}"
-        return f" (from {envvar})"
-    return ""
+        # The command's one-line error names the environment variable when the value
+        # came from one (twlb/exits.py).
+        raise click.BadParameter(first["msg"], ctx, param) from None
 
 
 def _arg(value: Any) -> str:

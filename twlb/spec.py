@@ -402,6 +402,16 @@ def parse_trustcluster(doc: Any) -> TrustCluster:
         raise SpecError(describe_validation_error(err)) from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where a YAML error is and what it is, on one line (PyYAML's own text spans several,
+    with a snippet of the file)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return f": {' '.join(str(err).split())}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def load_trustcluster(path: str | Path) -> TrustCluster:
     """Read and validate the first TrustCluster in a YAML file."""
     p = Path(path)
@@ -412,7 +422,7 @@ def load_trustcluster(path: str | Path) -> TrustCluster:
     except UnicodeDecodeError as err:
         raise SpecError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"{p}: not valid YAML: {err}") from None
+        raise SpecError(f"{p}: not valid YAML{_yaml_problem(err)}") from None
     for d in docs:
         if isinstance(d, dict) and d.get("kind") == KIND:
             try:

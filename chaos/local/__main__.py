@@ -3,4 +3,4 @@
 from twlb.chaos.cli import command
 
 if __name__ == "__main__":
-    command(prog_name="twlb chaos")
+    command.main(prog_name="twlb chaos")

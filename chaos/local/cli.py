@@ -22,10 +22,11 @@ from twlb.chaos.journal import (
     steady_state_problems,
 )
 
-from twlb.options import FiniteFloat
+from twlb.exits import OneLineGroup
+from twlb.options import FiniteFloat, OutputPath
 
 
-@click.group("chaos", context_settings={"auto_envvar_prefix": "TWLB_CHAOS"})
+@click.group("chaos", cls=OneLineGroup, context_settings={"auto_envvar_prefix": "TWLB_CHAOS"})
 def command() -> None:
     """Chaos experiments' data: recordings, journal intervals and labelled datasets."""
 
@@ -34,7 +35,7 @@ def command() -> None:
 @click.option(
     "--state-dir", required=True, type=click.Path(file_okay=False), help="`twlb up`'s state dir."
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=OutputPath())
 @click.option("--run-id", required=True, help="Run id the dataset rows will carry.")
 @click.option("--seed", required=True, type=click.IntRange(min=0), help="The cluster's seed.")
 @click.option(
@@ -120,7 +121,7 @@ def check_command(journals: tuple[str, ...]) -> None:
     type=click.Path(dir_okay=False),
     help="A journal from `chaos run --journal-path` (repeatable).",
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=OutputPath())
 @click.option(
     "--min-overlap",
     default=0.25,

@@ -25,7 +25,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from twlb.spec import NodeClass
 
@@ -70,13 +72,66 @@ def read_journal(path: str | Path) -> dict[str, Any]:
     """Load a journal file written by `chaos run --journal-path`."""
     p = Path(path)
     try:
-        doc = json.loads(p.read_text())
+        doc = json.loads(p.read_bytes())
     except FileNotFoundError:
         raise JournalError(f"{p}: no such journal") from None
+    except OSError as err:
+        raise JournalError(f"{p}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise JournalError(f"{p}: not a chaos journal: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise JournalError(f"{p}: not JSON: {err}") from None
     _check_journal(doc, str(p))
     return doc
+
+
+def _iso_time(value: str) -> str:
+    datetime.fromisoformat(value)  # a ValueError names a stamp that is not ISO 8601
+    return value
+
+
+_Stamp = Annotated[str, AfterValidator(_iso_time)]
+
+
+class _Loose(BaseModel):
+    """The parts of a journal this module reads, typed; everything else is let through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _ActivityDef(_Loose):
+    name: str = ""
+    provider: dict[str, Any] | None = None
+
+
+class _ActivityRun(_Loose):
+    activity: _ActivityDef | None = None
+    status: str | None = None
+    start: _Stamp | None = None
+    end: _Stamp | None = None
+    tolerance_met: bool | None = None
+    exception: list[str] | None = None
+
+
+class _SteadyState(_Loose):
+    probes: list[_ActivityRun] | None = None
+    steady_state_met: bool | None = None
+
+
+class _SteadyStates(_Loose):
+    before: _SteadyState | None = None
+    after: _SteadyState | None = None
+    during: list[_ActivityRun] | None = None
+
+
+class _JournalShape(_Loose):
+    experiment: dict[str, Any]
+    run: list[_ActivityRun]
+    start: _Stamp
+    end: _Stamp
+    status: str | None = None
+    steady_states: _SteadyStates | None = None
+    rollbacks: list[_ActivityRun] | None = None
 
 
 def _check_journal(doc: Any, where: str) -> None:
@@ -85,6 +140,13 @@ def _check_journal(doc: Any, where: str) -> None:
     for key in ("start", "end"):
         if key not in doc:
             raise JournalError(f"{where}: journal has no '{key}' time")
+    try:
+        _JournalShape.model_validate(doc)
+    except ValidationError as err:
+        first = err.errors()[0]
+        at = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ").split(" or instance of ")[0]
+        raise JournalError(f"{where}: not a chaos journal: {at}: {msg}") from None
 
 
 def _epoch(stamp: str) -> float:
@@ -113,7 +175,8 @@ def steady_state_problems(journal: Mapping[str, Any]) -> list[str]:
         for p in state.get("probes") or []:
             if not p.get("tolerance_met"):
                 why = (p.get("exception") or [""])[-1].strip() or f"output {p.get('output')!r}"
-                problems.append(f"{phase}: {p['activity']['name']} not met ({why})")
+                name = (p.get("activity") or {}).get("name") or "a probe"
+                problems.append(f"{phase}: {name} not met ({why})")
         if not state.get("steady_state_met") and not any(x.startswith(phase) for x in problems):
             problems.append(f"{phase}: steady state not met")
     return problems

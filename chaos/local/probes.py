@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,9 +22,8 @@ import httpx
 import psutil
 from chaoslib.exceptions import ActivityFailed
 from twlb.chaos.state import load_cluster
-from twlb.client.breaker import BreakerConfig
 from twlb.client.client import ClientPolicy
-from twlb.client.load import LoadPlan, Mode, RunControl, run_load
+from twlb.client.load import LoadPlan, Mode, RunControl, load_policy, run_load
 from twlb.client.report import LoadTally, build_report
 from twlb.processes.managed import pid_alive
 
@@ -47,22 +45,9 @@ def _target(url: str | None, state_dir: str | None) -> str:
     return load_cluster(state_dir).balancer_url
 
 
-@dataclass(frozen=True)
-class ProbePlan(LoadPlan):
-    """`twlb load`'s plan with the rest of the resilient client's policy (backoff, retry
-    budget, no breaker) open to an experiment, as `client` settings of a load probe."""
-
-    policy_overrides: tuple[tuple[str, Any], ...] = ()
-
-    def policy(self) -> ClientPolicy:
-        return replace(super().policy(), **dict(self.policy_overrides))
-
-
-#: ClientPolicy settings a load probe's `client` may override; `breaker` is a mapping of
+#: ClientPolicy settings a load probe's `client` may set; `breaker` is a mapping of
 #: BreakerConfig settings, or None for a client without a breaker.
-CLIENT_SETTINGS = frozenset(f.name for f in fields(ClientPolicy))
-#: Those `twlb load`'s own plan carries (its report echoes them).
-_PLAN_SETTINGS = frozenset({"timeout_s", "deadline_s", "max_attempts", "hedge_quantile"})
+CLIENT_SETTINGS = frozenset(ClientPolicy.model_fields)
 
 
 def _plan(
@@ -87,17 +72,14 @@ def _plan(
         raise ActivityFailed(
             f"unknown client settings {sorted(unknown)}; known: {sorted(CLIENT_SETTINGS)}"
         )
-    on_plan = {k: v for k, v in settings.items() if k in _PLAN_SETTINGS}
-    overrides = {k: v for k, v in settings.items() if k not in _PLAN_SETTINGS}
     try:
-        if overrides.get("breaker") is not None:
-            on_plan["breaker"] = BreakerConfig(**overrides.pop("breaker"))
-        plan = ProbePlan(
+        # `twlb load`'s client, with the experiment's settings over it.
+        policy = ClientPolicy.model_validate(load_policy().model_dump() | settings)
+        plan = LoadPlan(
             url=url, rate=rate, duration_s=requests / rate, count=requests, mode=load_mode,
-            seed=seed, policy_overrides=tuple(sorted(overrides.items())), **on_plan,
+            seed=seed, client=policy,
         )  # fmt: skip
-        plan.policy()
-    except (TypeError, ValueError) as err:
+    except ValueError as err:
         raise ActivityFailed(f"invalid client settings {client!r}: {err}") from None
     return plan
 

@@ -153,31 +153,34 @@ def read_recording(path: str | Path) -> Recording:
     """Load a recording file written by `record`."""
     p = Path(path)
     try:
-        lines = p.read_text().splitlines()
+        lines = p.read_bytes().splitlines()
     except OSError as err:
         raise RecordingError(f"{p}: cannot read: {err.strerror}") from None
     try:
         docs = [json.loads(line) for line in lines if line.strip()]
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RecordingError(f"{p}: not JSON lines: {err}") from None
-    if not docs or docs[0].get("kind") != "run":
+    if not docs or not all(isinstance(d, dict) for d in docs) or docs[0].get("kind") != "run":
         raise RecordingError(f"{p}: not a recording (no 'run' header line)")
     head = docs[0]
     if head.get("version") != RECORDING_VERSION:
         raise RecordingError(f"{p}: recording version {head.get('version')} is not supported")
-    rec = Recording(
-        run_id=str(head["run_id"]),
-        seed=int(head["seed"]),
-        cluster=str(head["cluster"]),
-        window_s=float(head["window_s"]),
-        t0=float(head["t0"]),
-        names=dict(head["names"]),
-    )
-    for d in docs[1:]:
-        if d.get("kind") == "sample":
-            rec.samples.append(Sample(float(d["at"]), d["features"]))
-        elif d.get("kind") == "truth":
-            rec.truth.observe(d["node"], float(d["at"]), d["label"], d["fault"])
+    try:
+        rec = Recording(
+            run_id=str(head["run_id"]),
+            seed=int(head["seed"]),
+            cluster=str(head["cluster"]),
+            window_s=float(head["window_s"]),
+            t0=float(head["t0"]),
+            names=dict(head["names"]),
+        )
+        for d in docs[1:]:
+            if d.get("kind") == "sample":
+                rec.samples.append(Sample(float(d["at"]), d["features"]))
+            elif d.get("kind") == "truth":
+                rec.truth.observe(d["node"], float(d["at"]), d["label"], d["fault"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise RecordingError(f"{p}: not a recording: a malformed line ({err!r})") from None
     return rec
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 import click
 from twlb.backend.settings import BackendSettings
 
+from twlb.exits import bound_socket
 from twlb.options import build, click_options, field_values
 from twlb.spec import FaultSpec, GossipSpec
 
@@ -59,6 +61,13 @@ def command(ctx: click.Context, **options: object) -> None:
         BackendSettings, ctx, {**values, "fault": build_fault(ctx, options), "gossip": gossip}
     )
     host, port, log_level = settings.host, settings.port, settings.log_level
+    # The listening socket is bound here, so an address in use is one line and status 2
+    # (uvicorn would log a traceback and exit 3). The gossip UDP port is tried the same
+    # way just before the agent binds it at start-up.
+    listener = bound_socket("the node", host, port)
+    gossip = settings.gossip_run()
+    if gossip is not None:
+        bound_socket("the node's gossip", *gossip.bind, kind=socket.SOCK_DGRAM).close()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -69,4 +78,5 @@ def command(ctx: click.Context, **options: object) -> None:
     # Everything imported and built so far lives as long as the process: keep it out of the
     # cyclic collector's generations so collections on the /work path stay short.
     gc.freeze()
-    server.run()
+    with listener:
+        server.run(sockets=[listener])

@@ -17,6 +17,7 @@ import signal
 import click
 from twlb.balancer.settings import BalancerSettings
 
+from twlb.exits import bound_socket, listen_error
 from twlb.options import build, click_options, field_values
 from twlb.vocabulary import PolicyName
 
@@ -47,6 +48,9 @@ def command(ctx: click.Context, **options: object) -> None:
     from twlb.balancer.app import OracleTruthError, create_app
 
     settings = build(BalancerSettings, ctx, field_values(BalancerSettings, options))
+    # The address is tried before anything starts, so one in use is one line and status 2
+    # (the server binds it again once the balancer is built).
+    bound_socket("the balancer", settings.host, settings.port).close()
     refused: tuple[type[Exception], ...] = ()
     if settings.model is not None:  # onnxruntime is heavy: imported only when a model is used
         from twlb.balancer.onnx_scorer import ModelRefused
@@ -73,10 +77,8 @@ def command(ctx: click.Context, **options: object) -> None:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             received = runner.run(serve(app, settings.host, settings.port))
-    except OSError as err:  # e.g. the port is taken
-        raise click.ClickException(
-            f"cannot listen on {settings.host}:{settings.port}: {err.strerror or err}"
-        ) from None
+    except OSError as err:  # the port was taken since it was tried
+        raise listen_error("the balancer", settings.host, settings.port, err) from None
     if received is not None:
         signal.signal(received, signal.SIG_DFL)
         signal.raise_signal(received)

@@ -187,7 +187,7 @@ class FeatureWindow:
     1,000 backends this was most of the tick: bench/fleet_scale.py).
     """
 
-    def __init__(self, window_s: float = 10.0, resolution_s: float = 0.25) -> None:
+    def __init__(self, window_s: float, resolution_s: float = 0.25) -> None:
         if resolution_s <= 0 or window_s < resolution_s:
             raise ValueError(f"need 0 < resolution_s <= window_s, got {resolution_s=} {window_s=}")
         self.window_s = window_s
@@ -328,7 +328,7 @@ def feature_vector(
 class FleetWindows:
     """One FeatureWindow per backend, with the fleet's features for the window in one call."""
 
-    def __init__(self, window_s: float = 10.0, resolution_s: float = 0.25) -> None:
+    def __init__(self, window_s: float, resolution_s: float = 0.25) -> None:
         self.window_s = window_s
         self.resolution_s = resolution_s
         self.windows: dict[str, FeatureWindow] = {}

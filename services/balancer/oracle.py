@@ -24,7 +24,7 @@ def load_oracle_truth(path: Path) -> dict[str, str]:
         raw = json.loads(path.read_text())
     except OSError as err:
         raise OracleTruthError(f"{path}: cannot read: {err.strerror}") from None
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # not UTF-8, or not JSON
         raise OracleTruthError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise OracleTruthError(f"{path}: must be a JSON object {{backend_url: node_class}}")

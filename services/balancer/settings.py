@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import click
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from twlb.balancer.upstream import (  # noqa: F401 (IDEMPOTENT_METHODS: re-exported)
     IDEMPOTENT_METHODS,
@@ -25,19 +26,24 @@ ADMIN_PREFIX = "/admin/"
 #: `--model` keywords: the trust model that ships in ml/models/ (the default), or none.
 SHIPPED_MODEL = "shipped"
 HEURISTIC_MODEL = "heuristic"
+#: The file `twlb train` writes the trust model to in its --out directory, and the name of
+#: the one that ships in ml/models/ (the operator mounts it as MOUNTED_MODEL_FILE).
+TRAINED_MODEL_FILE = "trust-svm.onnx"
 
 
 def shipped_model() -> Path | None:
     """The trust model that ships in ml/models/, if this build has one."""
     from importlib.resources import files
 
-    path = Path(str(files("twlb.ml") / "models" / "trust-svm.onnx"))
+    path = Path(str(files("twlb.ml") / "models" / TRAINED_MODEL_FILE))
     return path if path.is_file() else None
 
 
 def resolve_model(choice: str | Path | None) -> Path | None:
     """A `--model` value: 'shipped' (the model in ml/models/; the heuristic in a build
-    without one), 'heuristic' (None), or an ONNX file, which must exist."""
+    without one), 'heuristic' (None), or an ONNX file, which must exist. The one place a
+    model choice is resolved: the settings' validator and every command's --model
+    (`ModelChoice`) call it."""
     if choice is None or str(choice) == HEURISTIC_MODEL:
         return None
     if str(choice) == SHIPPED_MODEL:
@@ -46,6 +52,22 @@ def resolve_model(choice: str | Path | None) -> Path | None:
     if not path.is_file():
         raise ValueError(f"{choice}: does not exist (give an ONNX file, 'shipped' or 'heuristic')")
     return path
+
+
+class ModelChoice(click.ParamType):
+    """The click type of --model (`twlb balancer`, `up`, `demo`, `bench`): the choice
+    resolved by `resolve_model` into an ONNX file, or None for the heuristic."""
+
+    name = "model"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return f"[{SHIPPED_MODEL}|{HEURISTIC_MODEL}|FILE]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return resolve_model(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 class BalancerSettings(BalancerTunables):
@@ -160,7 +182,7 @@ class BalancerSettings(BalancerTunables):
         64, ge=1, le=10_000, description="Most health checks in flight at once."
     )
     seed: int = Field(0, ge=0, description="Seed of random choices.")
-    model: Annotated[Path | None, Flag(type=str)] = Field(
+    model: Annotated[Path | None, Flag(type=ModelChoice())] = Field(
         SHIPPED_MODEL,
         validate_default=True,
         description="Trust model: 'shipped' (ml/models/trust-svm.onnx), 'heuristic', or an "

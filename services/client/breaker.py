@@ -15,6 +15,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from twlb.options import Flag
 
 
 class BreakerState(StrEnum):
@@ -52,39 +57,71 @@ class WindowType(StrEnum):
     TIME = "time"  # the calls of the last `window_size` seconds
 
 
-@dataclass(frozen=True)
-class BreakerConfig:
-    """resilience4j's settings, with defaults sized for a load generator on loopback."""
+class BreakerConfig(BaseModel):
+    """resilience4j's settings, with defaults sized for a load generator on loopback; each
+    declared once, here (`twlb load`'s --breaker-* flags come from these fields)."""
 
-    failure_rate_threshold: float = 50.0  # percent
-    slow_call_rate_threshold: float = 100.0  # percent; 100 means only all-slow windows open it
-    slow_call_duration_s: float = 1.0
-    window_type: WindowType = WindowType.COUNT
-    window_size: int = 50  # calls (count) or seconds (time)
-    minimum_calls: int = 20
-    wait_in_open_s: float = 2.0
-    permitted_calls_in_half_open: int = 5
-    max_wait_in_half_open_s: float = 0.0  # 0: wait for the trial calls however long
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("failure_rate_threshold", "slow_call_rate_threshold"):
-            if not 0.0 < getattr(self, name) <= 100.0:
-                problems.append(f"{name} must be in (0, 100], got {getattr(self, name)}")
-        if self.slow_call_duration_s <= 0:
-            problems.append(f"slow_call_duration_s must be > 0, got {self.slow_call_duration_s}")
-        for name in ("window_size", "minimum_calls", "permitted_calls_in_half_open"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    failure_rate_threshold: Annotated[
+        float, Flag("--breaker-failure-rate", param="breaker_failure_rate")
+    ] = Field(
+        50.0,
+        gt=0.0,
+        le=100.0,
+        description="Failure rate (percent) of calls that opens the breaker.",
+    )
+    slow_call_rate_threshold: Annotated[
+        float, Flag("--breaker-slow-call-rate", param="breaker_slow_call_rate")
+    ] = Field(
+        100.0,
+        gt=0.0,
+        le=100.0,
+        description="Rate (percent) of slow calls that opens the breaker (100: only a window "
+        "of nothing but slow calls).",
+    )
+    slow_call_duration_s: Annotated[
+        float, Flag("--breaker-slow-call", param="breaker_slow_call")
+    ] = Field(1.0, gt=0.0, le=3600.0, description="A call this slow (seconds) counts as slow.")
+    window_type: Annotated[
+        WindowType, Flag("--breaker-window-type", param="breaker_window_type")
+    ] = Field(
+        WindowType.COUNT,
+        description="The breaker's window: the last N calls (count) or the calls of the "
+        "last N seconds (time).",
+    )
+    window_size: Annotated[int, Flag("--breaker-window", param="breaker_window")] = Field(
+        50, ge=1, le=100_000, description="The breaker's window: calls (count) or seconds (time)."
+    )
+    minimum_calls: Annotated[int, Flag("--breaker-min-calls", param="breaker_min_calls")] = Field(
+        20, ge=1, le=100_000, description="Calls in the window before the breaker judges."
+    )
+    wait_in_open_s: Annotated[float, Flag("--breaker-wait", param="breaker_wait")] = Field(
+        2.0, ge=0.0, le=3600.0, description="Seconds the breaker stays open."
+    )
+    permitted_calls_in_half_open: Annotated[
+        int, Flag("--breaker-trial-calls", param="breaker_trial_calls")
+    ] = Field(
+        5, ge=1, le=10_000, description="Trial calls let through half-open before it judges again."
+    )
+    max_wait_in_half_open_s: Annotated[
+        float, Flag("--breaker-trial-wait", param="breaker_trial_wait")
+    ] = Field(
+        0.0,
+        ge=0.0,
+        le=3600.0,
+        description="Seconds the half-open breaker waits for its trial calls before it opens "
+        "again (0: however long they take).",
+    )
+
+    @model_validator(mode="after")
+    def _window_can_judge(self) -> BreakerConfig:
         if self.window_type is WindowType.COUNT and self.minimum_calls > self.window_size:
-            problems.append(
+            raise ValueError(
                 f"minimum_calls ({self.minimum_calls}) must not exceed a count window_size "
                 f"({self.window_size}): the breaker could never judge"
             )
-        if self.wait_in_open_s < 0 or self.max_wait_in_half_open_s < 0:
-            problems.append("wait_in_open_s and max_wait_in_half_open_s must be >= 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+        return self
 
 
 @dataclass(frozen=True)

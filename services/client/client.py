@@ -16,20 +16,22 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 from tenacity.stop import stop_base
 from tenacity.wait import wait_random_exponential
 from twlb.client.breaker import BreakerConfig, BreakerTransition, CircuitBreaker
 
 from twlb.budget import RetryBudget
+from twlb.options import Flag
 
 Verifier = Callable[[httpx.Response], bool]
 
@@ -60,38 +62,71 @@ DEADLINE_SLACK_S = 0.01
 REQUEST_CACHE_SIZE = 16_384
 
 
-@dataclass(frozen=True)
-class ClientPolicy:
-    """How hard the client tries. Times in seconds."""
+class ClientPolicy(BaseModel):
+    """How hard the client tries, each setting declared once: `twlb load`'s client flags
+    (services/client/cli.py) are generated from these fields. Times in seconds."""
 
-    timeout_s: float = 1.0  # per try
-    deadline_s: float = 3.0  # whole call, retries and backoff included
-    max_attempts: int = 3  # first try included
-    backoff_base_s: float = 0.02  # full jitter: uniform(0, min(max, base * 2**n))
-    backoff_max_s: float = 0.5
-    budget_ratio: float = 0.2  # retries (and hedges) as a share of calls
-    budget_min_per_s: float = 10.0
-    budget_ttl_s: float = 10.0
-    breaker: BreakerConfig | None = field(default_factory=BreakerConfig)
-    hedge_quantile: float | None = None  # e.g. 0.95: hedge after the p95 of recent calls
-    hedge_min_samples: int = 20
-    hedge_min_delay_s: float = 0.001
-    min_try_s: float = 0.005  # do not start a try with less time than this left
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.timeout_s <= 0:
-            problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
-        if self.deadline_s <= 0:
-            problems.append(f"deadline_s must be > 0, got {self.deadline_s}")
-        if self.max_attempts < 1:
-            problems.append(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.backoff_base_s < 0 or self.backoff_max_s < 0:
-            problems.append("backoff_base_s and backoff_max_s must be >= 0")
-        if self.hedge_quantile is not None and not 0.0 < self.hedge_quantile < 1.0:
-            problems.append(f"hedge_quantile must be in (0, 1), got {self.hedge_quantile}")
-        if problems:
-            raise ValueError("; ".join(problems))
+    timeout_s: Annotated[float, Flag("--timeout", param="timeout")] = Field(
+        1.0, gt=0.0, le=3600.0, description="Per-try timeout, seconds."
+    )
+    deadline_s: Annotated[float, Flag("--deadline", param="deadline")] = Field(
+        3.0,
+        gt=0.0,
+        le=86_400.0,
+        description="Whole-call deadline, retries and backoff included, seconds (resilient).",
+    )
+    # Up to thousands: what ends a call's retries is its deadline and the retry budget
+    # (chaos/local/balancer_kill.json retries through a balancer restart with 200).
+    max_attempts: Annotated[int, Flag("--attempts", param="attempts")] = Field(
+        3, ge=1, le=10_000, description="Tries per call, the first included (resilient)."
+    )
+    backoff_base_s: Annotated[float, Flag("--backoff-base", param="backoff_base")] = Field(
+        0.02,
+        ge=0.0,
+        le=60.0,
+        description="Retry backoff with full jitter: uniform(0, min(max, base * 2**n)) seconds.",
+    )
+    backoff_max_s: Annotated[float, Flag("--backoff-max", param="backoff_max")] = Field(
+        0.5, ge=0.0, le=600.0, description="Longest retry backoff, seconds."
+    )
+    budget_ratio: float = Field(
+        0.2,
+        ge=0.0,
+        le=1000.0,
+        description="Retry budget: retries and hedges as a share of calls.",
+    )
+    budget_min_per_s: float = Field(
+        10.0,
+        ge=0.0,
+        le=1e6,
+        description="Retry budget: retries a second allowed whatever the calls.",
+    )
+    budget_ttl_s: Annotated[float, Flag("--budget-ttl", param="budget_ttl")] = Field(
+        10.0, gt=0.0, le=3600.0, description="Retry budget: seconds a call counts towards it."
+    )
+    breaker: BreakerConfig | None = Field(
+        default_factory=BreakerConfig, description="The circuit breaker per target (None: none)."
+    )
+    hedge_quantile: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Hedge a try slower than this quantile of recent ones, e.g. 0.95 (resilient).",
+    )
+    hedge_min_samples: int = Field(
+        20, ge=1, le=100_000, description="Recent tries needed before a hedge is considered."
+    )
+    hedge_min_delay_s: Annotated[float, Flag("--hedge-min-delay", param="hedge_min_delay")] = Field(
+        0.001, ge=0.0, le=60.0, description="Shortest wait before a hedge, seconds."
+    )
+    min_try_s: Annotated[float, Flag("--min-try", param="min_try")] = Field(
+        0.005,
+        ge=0.0,
+        le=60.0,
+        description="No try starts with less than this left before the deadline, seconds.",
+    )
 
     @classmethod
     def basic(cls, timeout_s: float = 1.0) -> ClientPolicy:

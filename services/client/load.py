@@ -21,19 +21,21 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
 import orjson
 import uvloop
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from twlb.client.breaker import BreakerConfig, BreakerState, BreakerTransition
 from twlb.client.client import CallStatus, ClientListener, ClientPolicy, ResilientClient
 from twlb.client.report import LoadTally
 
-from twlb.work import digest
+from twlb.options import Flag
+from twlb.work import ROUNDS_MAX, ROUNDS_MIN, digest, key_problem
 
 WORK_PATH = "/work"
 #: Extra time in-flight requests get after the last send, beyond the call's own deadline.
@@ -52,6 +54,12 @@ def load_breaker() -> BreakerConfig:
     return BreakerConfig(failure_rate_threshold=LOAD_BREAKER_FAILURE_RATE)
 
 
+def load_policy() -> ClientPolicy:
+    """The resilient client `twlb load` drives unless told otherwise: ClientPolicy's
+    defaults with the load generator's breaker."""
+    return ClientPolicy(breaker=load_breaker())
+
+
 #: Longest the sender sleeps between looks at the stop flag.
 MAX_IDLE_S = 0.1
 #: How often a worker publishes its counts to the parent's progress display.
@@ -63,53 +71,84 @@ class Mode(StrEnum):
     RESILIENT = "resilient"  # breaker, retries with backoff and budget, deadline
 
 
-@dataclass(frozen=True)
-class LoadPlan:
-    """Everything a run needs; the report echoes it."""
+def url_problem(value: str) -> str | None:
+    """Why `value` is not a base URL `twlb load` can send to, or None when it is one."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError) as err:
+        return f"{value!r} is not a URL: {err}"
+    if url.scheme not in ("http", "https"):
+        return f"{value!r} must start with http:// or https://"
+    if not url.host:
+        return f"{value!r} has no host"
+    if url.query or url.fragment:
+        return f"{value!r} must be a base URL without a query or fragment"
+    return None
 
-    url: str
-    rate: float
-    duration_s: float
-    count: int | None = None
-    mode: Mode = Mode.RESILIENT
-    key_prefix: str = "key-"
-    keys: int = 1000
-    rounds: int = 1
-    timeout_s: float = 1.0
-    deadline_s: float = 3.0
-    max_attempts: int = 3
-    hedge_quantile: float | None = None
-    seed: int = 0
-    workers: int = 1
-    pool_size: int = 256
-    breaker: BreakerConfig = field(default_factory=load_breaker)
+
+class LoadPlan(BaseModel):
+    """Everything a run needs, each setting declared once (`twlb load`'s flags come from
+    these fields and the client's `ClientPolicy`); the report echoes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(description="Balancer or backend base URL.")
+    rate: float = Field(
+        100.0, gt=0.0, le=1_000_000.0, description="Requests per second (arrivals)."
+    )
+    duration_s: Annotated[float, Flag("--duration", param="duration")] = Field(
+        10.0, gt=0.0, le=86_400.0, description="Seconds to send for."
+    )
+    count: int | None = Field(None, ge=1, description="Stop after this many requests.")
+    mode: Mode = Field(
+        Mode.RESILIENT,
+        description="basic: one try with --timeout, no breaker, retry or hedge (the other "
+        "client flags are not used); resilient: breaker, retries, budget, deadline.",
+    )
+    key_prefix: str = Field("key-", max_length=200, description="Keys are PREFIX0 .. PREFIX(N-1).")
+    keys: int = Field(1000, ge=1, le=10_000_000, description="Distinct keys.")
+    rounds: int = Field(1, ge=ROUNDS_MIN, le=ROUNDS_MAX, description="Hash rounds per request.")
+    seed: int = Field(0, ge=0, description="Seed of the key sequence.")
+    workers: int = Field(1, ge=1, le=64, description="Sending processes.")
+    pool_size: int = Field(256, ge=1, le=65_536, description="Connections per process.")
+    client: ClientPolicy = Field(
+        default_factory=load_policy, description="The resilient client's policy."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        problem = url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _keys_are_keys(self) -> LoadPlan:
+        for probe in (f"{self.key_prefix}0", f"{self.key_prefix}{self.keys - 1}"):
+            problem = key_problem(probe)
+            if problem is not None:
+                raise ValueError(f"key_prefix: keys like {probe!r}: {problem}")
+        return self
 
     def policy(self) -> ClientPolicy:
         if self.mode is Mode.BASIC:
-            return ClientPolicy.basic(self.timeout_s)
-        return ClientPolicy(
-            timeout_s=self.timeout_s,
-            deadline_s=self.deadline_s,
-            max_attempts=self.max_attempts,
-            hedge_quantile=self.hedge_quantile,
-            breaker=self.breaker,
-        )
+            return ClientPolicy.basic(self.client.timeout_s)
+        return self.client
 
     def drain_s(self) -> float:
         """How long in-flight calls may still take once sending stops."""
-        call_bound = self.timeout_s if self.mode is Mode.BASIC else self.deadline_s
-        return call_bound + DRAIN_GRACE_S
+        return self.policy().deadline_s + DRAIN_GRACE_S  # basic: its deadline is its timeout
 
     def settings(self) -> dict[str, Any]:
-        """The plan as the report shows it."""
-        d = asdict(self)
+        """The plan as the report shows it: its own settings and the policy it ran with."""
+        d = self.model_dump(mode="json", exclude={"client"})
         # The report's own `duration_s` is how long the run really took.
         d["target_duration_s"] = d.pop("duration_s")
-        d["mode"] = self.mode.value
-        d["breaker"] = {k: str(v) if isinstance(v, StrEnum) else v for k, v in d["breaker"].items()}
-        if self.mode is Mode.BASIC:
-            d.pop("breaker")
-        return d
+        policy = self.policy().model_dump(mode="json")
+        if policy["breaker"] is None:
+            policy.pop("breaker")
+        return d | policy
 
 
 class KeyChooser:

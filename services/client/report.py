@@ -18,8 +18,9 @@ from typing import Any
 
 import orjson
 from rich.console import Console
-from rich.table import Table
 from twlb.client.client import CallStatus
+
+from twlb.tables import table
 
 REPORT_VERSION = 1
 #: Failure reasons always present in `failed_by_reason`, so reports compare key by key.
@@ -188,10 +189,7 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     title = f"twlb load · {report['mode']} · {report['url']}"
     if report["partial"]:
         title += " · PARTIAL"
-    outcomes = Table(title=title, show_header=True, header_style="bold")
-    outcomes.add_column("outcome")
-    outcomes.add_column("count", justify="right")
-    outcomes.add_column("share", justify="right")
+    outcomes = table(["outcome", ("count", "right"), ("share", "right")], title=title)
     sent = report["sent"] or 1
     rows = [("sent", report["sent"]), ("correct", report["correct"]), ("wrong", report["wrong"])]
     rows.append(("failed", report["failed"]))
@@ -204,9 +202,8 @@ def render_report(report: dict[str, Any], console: Console) -> None:
         outcomes.add_row(name, str(value), share)
     console.print(outcomes)
 
-    rates = Table(show_header=True, header_style="bold")
-    for col in ("target rate", "achieved rate", "throughput", "duration s", "max send lag ms"):
-        rates.add_column(col, justify="right")
+    columns = ("target rate", "achieved rate", "throughput", "duration s", "max send lag ms")
+    rates = table((c, "right") for c in columns)
     rates.add_row(
         f"{report['target_rate']:.1f}",
         f"{report['achieved_rate']:.1f}",
@@ -216,10 +213,10 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     )
     console.print(rates)
 
-    latency = Table(show_header=True, header_style="bold", title="latency ms (from scheduled send)")
-    latency.add_column("answers")
-    for col in ("p50", "p95", "p99", "max", "mean"):
-        latency.add_column(col, justify="right")
+    latency = table(
+        ["answers", *((c, "right") for c in ("p50", "p95", "p99", "max", "mean"))],
+        title="latency ms (from scheduled send)",
+    )
     for label, key in (("correct", "latency_ms"), ("all", "latency_all_ms")):
         s = report[key]
         latency.add_row(label, *(_ms(s[c]) for c in ("p50", "p95", "p99", "max", "mean")))

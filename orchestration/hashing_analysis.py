@@ -776,7 +776,8 @@ def _plots(out: Path, r: dict[str, Any]) -> list[str]:
                         label=policy, ms=3)  # fmt: skip
             ns = sorted({x["n"] for x in runs})
             ax.plot(ns, [1 / (n + 1) for n in ns], "k--", label="ideal 1/(N+1)")
-            ax.set(title=f"{what} (live balancer)", xlabel="N (before the join)")
+            ax.set(title=f"{what} (live balancer)",
+                   xlabel="N (before the join)" if idx == 0 else "N (after the leave)")  # fmt: skip
         axes[0].set_ylabel("share of keys moved")
         axes[0].legend(fontsize=7)
         save(fig, "key-movement.png")
@@ -904,7 +905,9 @@ def markdown(r: dict[str, Any]) -> str:
             f"{hot['worst_load_over_bound']} | {hot['in_flight_after']} | "
             f"{hot['bounded_max_over_mean']} | {hot['ring_max_over_mean']} |",
             "",
-            "The same 2,000 Zipf keys sent twice:",
+            "The same 2,000 Zipf-drawn requests "
+            f"({next(iter(bl['sent_twice'].values()))['keys']} distinct keys) sent twice, one "
+            "balancer each time:",
             "",
             "| clients | same backend both times |",
             "|---|---|",

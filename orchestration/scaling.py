@@ -583,15 +583,16 @@ class ReplicaSet:
 
 
 def _why_not_started(node: NodeProcess, err: Exception) -> str:
-    """One line on why a node did not start: its exit status and the last line it logged
-    (a taken port says "address already in use"), or the error."""
+    """One line on why a node did not start: its exit status and the last error it logged
+    (a taken port: "... address already in use"), else its last line; or the error."""
     proc = node.proc
     if proc is not None and proc.returncode() is not None:
         last = ""
         if proc.log_path is not None:
             with contextlib.suppress(OSError):
-                lines = proc.log_path.read_text(errors="replace").strip().splitlines()
-                last = lines[-1].strip() if lines else ""
+                lines = proc.log_path.read_text(errors="replace").strip().splitlines()[-50:]
+                errors = [line for line in lines if "error" in line.lower()]
+                last = (errors or lines or [""])[-1].strip()
         return f"exited with status {proc.returncode()}" + (f": {last[:200]}" if last else "")
     return (str(err).splitlines() or [type(err).__name__])[0][:300]
 

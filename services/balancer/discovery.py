@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from twlb.balancer.upstream import BackendURLError, normalize_backend_url
+
 log = logging.getLogger("twlb.balancer.discovery")
 
 #: Where a pod finds its own namespace (the service account's mount).
@@ -72,7 +74,12 @@ def service_url(service: Any, namespace: str, port: str) -> str | None:
         chosen = ports[0]
     if chosen is None:
         return None
-    return f"http://{service.metadata.name}.{namespace}.svc:{chosen.port}"
+    try:
+        return normalize_backend_url(
+            f"http://{service.metadata.name}.{namespace}.svc:{chosen.port}"
+        )
+    except BackendURLError:
+        return None
 
 
 def _matches(labels: Mapping[str, str] | None, wanted: Mapping[str, str]) -> bool:
@@ -126,7 +133,9 @@ class ServiceDiscovery:
         for svc in self._services.values():
             url = service_url(svc, self.namespace, self.port)
             if url is None:
-                log.warning("service %s has no port %r; left out", svc.metadata.name, self.port)
+                log.warning(
+                    "service %s has no usable port %r; left out", svc.metadata.name, self.port
+                )
             else:
                 urls.add(url)
         return frozenset(urls)

@@ -1,13 +1,18 @@
 """Backend replicas at run time on the embedded runtime: add, remove, replace on failure.
 
 - `ReplicaSet` does the cluster's replica operations: a new replica is a `twlb backend`
-  process with a fresh id (the next unused node index, so its own port and seed),
-  registered with the balancer through its admin API once it answers; a removed one is
-  deregistered first, then stopped by its pid. In the `replace` failure mode it also
-  sends the heartbeats: a `/healthz` probe of every node each interval, counted by the
-  balancer's own sans-IO `HealthTracker`; a node failing `failure_threshold` in a row is
-  removed and a fresh replica with a new id takes its place (logged, counted, and shown in
-  `twlb status`). The `restart` mode is the runtime's kubelet-like restart in place.
+  process with a fresh id (the next unused node index, so its own seed, and its port
+  base + 2 + index unless that port is taken), registered with the balancer through its
+  admin API once it answers; a removed one is deregistered first, then stopped by its
+  pid. In the `replace` failure mode it also sends the heartbeats: a `/healthz` probe of
+  every node each interval, all at once, counted by the balancer's own sans-IO
+  `HealthTracker`; a node failing `failure_threshold` in a row is removed and a fresh
+  replica with a new id takes its place, on a thread of its own; a replacement that does
+  not start is tried again on another port after a doubling back-off. Every add, remove,
+  failure and replacement (and failed attempt) is an event in `twlb status` and on the
+  dashboard. None of this holds the cluster's lock while it waits: scaling and failure
+  detection never wait on each other. The `restart` mode is the runtime's kubelet-like
+  restart in place.
 - `serve_control` runs the token-protected HTTP endpoints behind them inside `twlb up`
   (`GET|POST|DELETE /replicas`), on a port recorded in `.twlb/state.json`.
 - `twlb replicas add N | rm N | ls` call those endpoints and print JSON.

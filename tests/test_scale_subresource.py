@@ -156,7 +156,8 @@ async def test_kubectl_scale_leaves_the_balancer_alone_and_its_backends_follow(t
                     rows = (await client.get("/trust")).json()["backends"]
                     return next(r["health"] for r in rows if r["url"] == backend)
 
-                await follows(nodes[:2])
+                # Started (a loaded machine takes its time), then it has the two nodes.
+                await follows(nodes[:2], timeout=90)
                 # web-node-0 has no pod here: its checks fail, and that evidence is kept.
                 deadline = asyncio.get_running_loop().time() + 15
                 while (before := await health(nodes[0]))["state"] != "unhealthy":

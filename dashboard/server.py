@@ -68,6 +68,8 @@ class ClusterSource:
     nodes: list[NodeFacts] | None  # None: the balancer's backends, facts unknown
     control_token: str | None
     chaos: tuple[dict[str, Any], ...] = ()  # chaos actions recorded since the last round
+    #: The runtime's scaling events since the last round (None: the source keeps none).
+    scaling: tuple[dict[str, Any], ...] | None = None
 
 
 class StateDirSource:
@@ -77,6 +79,7 @@ class StateDirSource:
         self.state_dir = Path(state_dir)
         read_state_file(self.state_dir)  # a clear error now rather than an empty page
         self._chaos_offset = 0
+        self._scaling_seq = 0
 
     def _new_chaos(self) -> tuple[dict[str, Any], ...]:
         """Chaos records appended since the last round, CHAOS_READ_BYTES at most a round."""
@@ -93,6 +96,17 @@ class StateDirSource:
         self._chaos_offset += len(complete)
         records = (_json(line) for line in complete.splitlines())
         return tuple(r for r in records if isinstance(r, dict))
+
+    def _new_scaling(self, state: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+        """Scaling events (add, remove, fail, replace, ...) logged since the last round."""
+        events = (state.get("scaling") or {}).get("events") or []
+        events = [e for e in events if isinstance(e, dict) and isinstance(e.get("seq"), int)]
+        if events and events[-1]["seq"] < self._scaling_seq:
+            self._scaling_seq = 0  # a new runtime in this directory counts from 1 again
+        new = tuple(e for e in events if e["seq"] > self._scaling_seq)
+        if new:
+            self._scaling_seq = new[-1]["seq"]
+        return new
 
     def read(self) -> ClusterSource:
         state = read_state_file(self.state_dir)
@@ -114,6 +128,7 @@ class StateDirSource:
             nodes=nodes,
             control_token=state.get("tokens", {}).get("control"),
             chaos=self._new_chaos(),
+            scaling=self._new_scaling(state),
         )
 
 
@@ -164,9 +179,14 @@ async def collect(session: aiohttp.ClientSession, src: ClusterSource, now: float
         with contextlib.suppress(ValueError):
             counters = parse_counters(metrics_r[1].decode("utf-8", "replace"))
     nodes = src.nodes
+    members: frozenset[str] | None = None
     if nodes is None:
         rows = trust.get("backends", []) if trust else []
         nodes = [NodeFacts(name=_host(str(r.get("url"))), url=str(r.get("url"))) for r in rows]
+        if trust is not None:  # the balancer's backends are the cluster
+            members = frozenset(n.url for n in nodes)
+    else:  # the runtime's nodes are the cluster
+        members = frozenset(n.url for n in nodes)
     headers = {"Authorization": f"Bearer {src.control_token}"} if src.control_token else None
 
     async def node_round(n: NodeFacts) -> tuple[NodeFacts, Any]:
@@ -197,6 +217,8 @@ async def collect(session: aiohttp.ClientSession, src: ClusterSource, now: float
         gossip={facts.url: g for facts, g in rounds},
         balancer_pid=src.balancer_pid,
         chaos=list(src.chaos),
+        members=members,
+        scaling=None if src.scaling is None else list(src.scaling),
     )
 
 

@@ -5,8 +5,9 @@ and the runtime's state file, and hands each round to `ClusterView.observe` as a
 `Observation` with its `now`. The view keeps the last minutes of trust weights and
 outcome rates, turns differences between rounds into events (an ejection, a
 readmission, a hold, a fault switched, a process that exited, restarted or was
-replaced, the balancer going down) and renders JSON frames for the page. It does no
-I/O and reads no clock, so tests drive it with made-up rounds.
+replaced, the balancer going down, a replica added, removed or replaced) and renders
+JSON frames for the page. A backend that leaves the cluster leaves the page in the same
+round. It does no I/O and reads no clock, so tests drive it with made-up rounds.
 
 Nothing here ever holds a token: observations carry facts, not credentials.
 """
@@ -57,6 +58,13 @@ class Observation:
     gossip: dict[str, Any] = field(default_factory=dict)
     balancer_pid: int | None = None
     chaos: list[dict[str, Any]] = field(default_factory=list)  # chaos actions since last round
+    #: Every backend URL in the cluster now (the runtime's nodes, or the balancer's
+    #: backends); None when this round could not tell (the balancer did not answer).
+    members: frozenset[str] | None = None
+    #: Scaling events the runtime logged since the last round (add, remove, fail,
+    #: replace, replace-failed); None when the source keeps no such log (then joins and
+    #: leaves are read from `members`).
+    scaling: list[dict[str, Any]] | None = None
 
 
 def truth_of(node: NodeFacts) -> str | None:
@@ -164,10 +172,14 @@ class ClusterView:
             and obs.balancer_pid != self.balancer_pid
         )
         self._balancer(obs, event)
+        self._membership(obs, names, event)
+        members = obs.members
         if obs.trust is not None:
             self.policy = obs.trust.get("policy")
             for row in obs.trust.get("backends", []):
                 url = str(row.get("url"))
+                if members is not None and url not in members:
+                    continue  # on its way out: the cluster no longer has it
                 b = self._backend(url, names.get(url))
                 self._trust_row(b, row, obs, event, fresh)
         for facts in obs.nodes:
@@ -179,6 +191,23 @@ class ClusterView:
         self._trim(obs.now)
         self._last = obs
         return new
+
+    def _membership(self, obs: Observation, names: dict[str, str], event: Any) -> None:
+        """Backends that left the cluster leave the page now; joins and leaves are events
+        (the runtime's own log says it better when there is one: add, remove, replace)."""
+        if obs.members is not None:
+            derive = obs.scaling is None and self._last is not None
+            for url in [u for u in self.backends if u not in obs.members]:
+                b = self.backends.pop(url)
+                if derive:
+                    event("remove", f"{b.name} left the cluster", b.name)
+            if derive:
+                for url in sorted(obs.members - set(self.backends)):
+                    name = names.get(url) or _short(url)
+                    event("add", f"{name} joined the cluster", name)
+        for record in obs.scaling or ():
+            kind = _str(record.get("kind")) or "scaling"
+            event(kind[:32], _str(record.get("text")) or kind, _str(record.get("node")))
 
     def _backend(self, url: str, name: str | None) -> _Backend:
         b = self.backends.get(url)
@@ -297,7 +326,8 @@ class ClusterView:
 
     def _trim(self, now: float) -> None:
         cutoff = now - self.history_s
-        # A backend removed from the cluster leaves the page once its history has aged out.
+        # A backend no round names any more (membership unknown) leaves once its history
+        # has aged out.
         for url in [u for u, b in self.backends.items() if b.seen < cutoff]:
             del self.backends[url]
         for b in self.backends.values():

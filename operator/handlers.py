@@ -43,9 +43,17 @@ from twlb.spec import (
 log = logging.getLogger("twlb.operator")
 
 #: Kinds a TrustCluster owns; listed to find what exists and what is left over.
-OWNED_KINDS = ("Secret", "ConfigMap", "Deployment", "Service")
-#: Created before the rest: pods refer to them.
-FIRST_KINDS = frozenset({"Secret", "ConfigMap"})
+OWNED_KINDS = (
+    "Secret",
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+)
+#: Created before the rest: pods refer to them (the balancer's pod to its account).
+FIRST_KINDS = frozenset({"Secret", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"})
 
 NODE_PORT_RANGE = range(30000, 32768)
 

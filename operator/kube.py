@@ -22,6 +22,9 @@ KINDS: dict[str, tuple[type, str]] = {
     "Service": (kubernetes.client.CoreV1Api, "namespaced_service"),
     "ConfigMap": (kubernetes.client.CoreV1Api, "namespaced_config_map"),
     "Secret": (kubernetes.client.CoreV1Api, "namespaced_secret"),
+    "ServiceAccount": (kubernetes.client.CoreV1Api, "namespaced_service_account"),
+    "Role": (kubernetes.client.RbacAuthorizationV1Api, "namespaced_role"),
+    "RoleBinding": (kubernetes.client.RbacAuthorizationV1Api, "namespaced_role_binding"),
 }
 
 MERGE_PATCH = "application/merge-patch+json"

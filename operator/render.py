@@ -420,10 +420,46 @@ def render_balancer_service(owner: Owner, node_port: int | None = None) -> dict[
     return _service(owner, balancer_name(owner), COMPONENT_BALANCER, None, node_port)
 
 
+def balancer_account_name(owner: Owner) -> str:
+    return f"{owner.name}-balancer"
+
+
+#: What the balancer may do with the API: read its namespace's Services (discovery.py).
+BALANCER_RULES = [{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]}]
+
+
+def render_balancer_account(owner: Owner) -> list[dict[str, Any]]:
+    """The balancer's identity and the least privilege it needs: reading the Services of
+    its namespace, to follow the backends' (a Role, bound to its own ServiceAccount)."""
+    name = balancer_account_name(owner)
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(owner, name, COMPONENT_BALANCER),
+        "automountServiceAccountToken": False,  # only the balancer's pod mounts it
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(owner, name, COMPONENT_BALANCER),
+        "rules": BALANCER_RULES,
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(owner, name, COMPONENT_BALANCER),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+    }
+    return [account, role, binding]
+
+
 def render_balancer_deployment(
-    owner: Owner, spec: TrustClusterSpec, nodes: list[NodeAssignment], model_ready: bool = False
+    owner: Owner, spec: TrustClusterSpec, model_ready: bool = False
 ) -> dict[str, Any]:
-    """The balancer: every node Service as a backend, policy and settings from the spec.
+    """The balancer: policy and settings from the spec; its backends are the node Services,
+    which it follows itself (`--discover-services`, the nodes' labels), so its pod template
+    does not change when the cluster is scaled and scaling never restarts it.
 
     With `model_ready` (the model ConfigMap holds MOUNTED_MODEL_FILE) it loads and hot-reloads that
     model; until then it runs the model its image ships (the balancer's default `--model`).
@@ -439,9 +475,13 @@ def render_balancer_deployment(
         *balancer_args(spec.balancer),
         "--seed",
         str(spec.seed),
+        "--discover-services",
+        selector_string(owner, COMPONENT_BACKEND),
+        "--discover-namespace",
+        owner.namespace,
+        "--discover-port",
+        "http",
     ]
-    for node in nodes:
-        args += ["--backend", service_url(owner, node.name)]
     mounts = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}]
     volumes: list[dict[str, Any]] = [
         # Optional: until a model is trained the ConfigMap may be empty or absent and
@@ -460,6 +500,9 @@ def render_balancer_deployment(
     env = [_secret_env("TWLB_BALANCER_ADMIN_TOKEN", owner, TOKENS_ADMIN_KEY)]
     container = _container(COMPONENT_BALANCER, spec.image, args, env, BALANCER_RESOURCES, mounts)
     template = _pod_template(owner, COMPONENT_BALANCER, None, container, volumes, {})
+    # The one pod of the cluster that talks to the API: as its own account, read-only.
+    template["spec"]["serviceAccountName"] = balancer_account_name(owner)
+    template["spec"]["automountServiceAccountToken"] = True
     template["spec"]["containers"].append(render_dashboard_sidecar(owner, spec))
     return _deployment(owner, balancer_name(owner), COMPONENT_BALANCER, None, template)
 
@@ -535,6 +578,7 @@ def render_children(
         out.append(render_node_service(owner, node))
     if spec.gossip.enabled:
         out.append(render_gossip_service(owner, spec))
-    out.append(render_balancer_deployment(owner, spec, nodes, model_ready))
+    out += render_balancer_account(owner)
+    out.append(render_balancer_deployment(owner, spec, model_ready))
     out.append(render_balancer_service(owner, node_port))
     return out

@@ -245,6 +245,8 @@ class EmbeddedCluster:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
+        if self._replicas is not None:
+            self._replicas.shutdown()
         with self.lock:
             for p in (self.balancer, self.prometheus_proc, *(n.proc for n in self.nodes)):
                 if p is not None:
@@ -259,24 +261,37 @@ class EmbeddedCluster:
 
     # ---- supervision --------------------------------------------------------------------
     def supervise_once(self, now: float | None = None) -> list[str]:
-        """Restart nodes that died (with back-off); refresh truth and state. Returns events."""
+        """Restart nodes that died (with back-off), or in the replace mode run a heartbeat
+        round; supervise the balancer; refresh truth and state. Returns events.
+
+        Never raises for one node or one round: a process that cannot be started is logged
+        and tried again next round, while everything else keeps being supervised. The lock
+        is held only around the lists; heartbeats probe outside it (scaling.ReplicaSet)."""
         now = time.monotonic() if now is None else now
         events: list[str] = []
+        if self._stop.is_set():
+            return events
+        if self.failure_mode is FailureMode.REPLACE:
+            try:
+                events += self.replicas.heartbeat_round(now)
+            except Exception:
+                log.exception("heartbeat round failed")
         with self.lock:
             if self._stop.is_set():
                 return events
-            if self.failure_mode is FailureMode.REPLACE:
-                events += self.replicas.heartbeat_round(now)
-            else:
-                for node in self.nodes:
+            if self.failure_mode is not FailureMode.REPLACE:
+                for node in list(self.nodes):
                     start = functools.partial(self.start_node, node)
                     events += self._supervise(node.name, node.proc, node.restart, now, start)
             if self.balancer is not None:
                 events += self._supervise(
                     "balancer", self.balancer, self.balancer_restart, now, self._start_balancer
                 )
-            self.write_truth()
-            self.write_state()
+            try:
+                self.write_truth()
+                self.write_state()
+            except OSError as err:
+                log.warning("cannot write the cluster's state: %s", err)
         for e in events:
             log.info(e)
         return events
@@ -289,14 +304,21 @@ class EmbeddedCluster:
         now: float,
         start: Callable[[], None],
     ) -> list[str]:
-        """One process's restart step (a node, or the balancer on its same port)."""
+        """One process's restart step (a node, or the balancer on its same port). A start
+        that fails is reported and tried again after the next back-off: the supervisor
+        never ends over one process."""
         step = restart.observe(proc is not None and proc.alive(), now)
         if step == "exited":
             code = proc.returncode() if proc else None
             wait = restart.next_start - now
             return [f"{name} exited (status {code}); restart in {wait:.1f}s"]
         if step == "due":
-            start()
+            try:
+                start()
+            except Exception as err:
+                log.exception("%s did not start", name)
+                wait = restart.start_failed(now)
+                return [f"{name} did not start ({err}); next try in {wait:.1f}s"]
             return [f"{name} restarted (restart #{restart.restarts})"]
         return []
 
@@ -425,6 +447,7 @@ class EmbeddedCluster:
             "control": {"url": self.control_url},
             "failure_mode": self.failure_mode.value,
             "replacements": {"count": len(self.replacements), "log": self.replacements[-20:]},
+            "scaling": self.replicas.snapshot(),
         }
 
 
@@ -492,6 +515,12 @@ def _load_or_exit(path: str) -> TrustCluster:
 )
 @click.option("--dashboard/--no-dashboard", default=True, help="Serve the live dashboard page.")
 @click.option(
+    "--control-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="Port of the replicas API on loopback (`twlb replicas`; 0: any free port).",
+)
+@click.option(
     "--duration",
     default=0.0,
     type=FiniteFloat(min=0),
@@ -501,7 +530,7 @@ def _load_or_exit(path: str) -> TrustCluster:
 def up_command(
     file: str, port_base: int, state_dir: str, prometheus: bool | None,
     policy: str | None, model: Path | None, dashboard_port: int | None, dashboard: bool,
-    duration: float, failure_mode: FailureMode, heartbeat: HeartbeatSettings,
+    control_port: int, duration: float, failure_mode: FailureMode, heartbeat: HeartbeatSettings,
 ) -> None:  # fmt: skip
     """Run a TrustCluster as local processes until Ctrl-C or SIGTERM."""
     from rich.console import Console
@@ -521,6 +550,8 @@ def up_command(
         dashboard_port = 0 if port_in_use(port_base - 1) else port_base - 1
     elif dashboard and dashboard_port and port_in_use(dashboard_port):
         raise ClusterError(f"dashboard port {dashboard_port} is in use; pick --dashboard-port")
+    if control_port and port_in_use(control_port):
+        raise ClusterError(f"control port {control_port} is in use; pick --control-port")
     page = None
     stopping = threading.Event()
 
@@ -532,7 +563,7 @@ def up_command(
     control = None
     try:
         cluster.start()
-        control = serve_control(cluster)
+        control = serve_control(cluster, control_port)
         if dashboard:
             page = start_dashboard(cluster, dashboard_port)
         table = tables.table(

@@ -48,6 +48,15 @@ class RestartBackoff:
         self.restarts += 1
         return "due"
 
+    def start_failed(self, now: float) -> float:
+        """The start that was due did not happen (the process could not be started): the
+        next one is scheduled after the current back-off, which doubles (the restart it
+        counted did not happen). Returns the wait."""
+        self.restarts -= 1
+        self.next_start = now + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, RESTART_CAP_S)
+        return self.next_start - now
+
 
 @dataclass
 class NodeProcess:

@@ -195,3 +195,31 @@ def test_the_kubernetes_sidecar_command_shows_the_cluster_behind_a_balancer(runn
         assert {c["fault"] for c in cards} == {n.fault.type.value for n in cluster.nodes}
     finally:
         proc.stop()
+
+
+def test_a_removed_replica_leaves_the_page_at_once_and_scaling_is_in_the_event_log(running):
+    """`twlb replicas add` and `rm` on the runtime: the new replica's card comes with an
+    add event, and once removed its card is gone the next round (not five minutes on)."""
+    cluster, page = running
+
+    def state_with(predicate) -> dict:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            state = httpx.get(page.url + "api/state", timeout=5).json()
+            if predicate(state):
+                return state
+            time.sleep(0.1)
+        raise AssertionError("the page did not follow the change within 10 s")
+
+    (added,) = cluster.replicas.add(1)
+    try:
+        state = state_with(lambda s: added["url"] in {c["url"] for c in s["backends"]})
+        events = [(e["kind"], e["node"]) for e in state["events"]]
+        assert ("add", added["name"]) in events
+    finally:
+        cluster.replicas.remove(names=[added["name"]])
+    removed_at = time.monotonic()
+    state = state_with(lambda s: added["url"] not in {c["url"] for c in s["backends"]})
+    assert time.monotonic() - removed_at < 3  # a round or two at 0.3 s, not the history span
+    assert ("remove", added["name"]) in [(e["kind"], e["node"]) for e in state["events"]]
+    assert len(state["backends"]) == 2

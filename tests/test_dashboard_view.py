@@ -172,13 +172,60 @@ def test_chaos_records_are_events_in_bounded_words():
     assert len(events[3]["text"]) < 300 and len(events[3]["node"]) == 200
 
 
-def test_a_backend_gone_from_the_cluster_leaves_once_its_history_aged_out():
+def test_a_backend_no_round_names_leaves_once_its_history_aged_out():
+    """When a round cannot say who is in the cluster (no membership), a backend missing
+    from the balancer's rows is kept until its history ages out."""
     view = ClusterView(history_s=10.0)
     view.observe(_obs(0.0, [_row(A, 0.9, "trusted"), _row(B, 0.9, "trusted")]))
     view.observe(_obs(5.0, [_row(A, 0.9, "trusted")]))
     assert len(view.frame()["backends"]) == 2
     view.observe(_obs(11.0, [_row(A, 0.9, "trusted")]))
     assert [c["url"] for c in view.frame()["backends"]] == [A]
+
+
+def test_a_removed_replica_leaves_the_page_at_once_and_joins_and_leaves_are_events():
+    """The balancer's backends are the cluster (Kubernetes): a backend gone from them is
+    gone from the page in the same round, and the change is an event either way."""
+    view = ClusterView()
+    both = frozenset({A, B})
+    rows = [_row(A, 0.9, "trusted"), _row(B, 0.9, "trusted")]
+    assert view.observe(_obs(0.0, rows, members=both)) == []
+    events = view.observe(_obs(1.0, [rows[0]], members=frozenset({A})))
+    assert [(e["kind"], e["node"]) for e in events] == [("remove", "127.0.0.1:9003")]
+    assert [c["url"] for c in view.frame()["backends"]] == [A]
+    assert B not in view.snapshot()["history"]
+    # A late row from the balancer does not bring a removed backend back.
+    view.observe(_obs(2.0, rows, members=frozenset({A})))
+    assert [c["url"] for c in view.frame()["backends"]] == [A]
+    events = view.observe(_obs(3.0, rows, members=both))
+    assert [(e["kind"], e["text"]) for e in events] == [
+        ("add", "127.0.0.1:9003 joined the cluster")
+    ]
+    # A round that cannot tell (the balancer did not answer) removes nothing.
+    view.observe(Observation(now=4.0, trust=None, members=None))
+    assert {c["url"] for c in view.frame()["backends"]} == {A, B}
+
+
+def test_the_runtimes_scaling_log_gives_the_events_and_its_nodes_the_cards():
+    """`twlb up`: the runtime logs add, remove, fail, replace; those are the events (not
+    a guess from the membership), and a replaced node's card goes at once."""
+    view = ClusterView()
+    a, b = NodeFacts("sc-node-0", A, True, 10), NodeFacts("sc-node-1", B, True, 11)
+    rows = [_row(A, 0.9, "trusted"), _row(B, 0.9, "trusted")]
+    view.observe(_obs(0.0, rows, nodes=[a, b], members=frozenset({A, B}), scaling=[]))
+    log = [
+        {"seq": 1, "kind": "fail", "node": "sc-node-0", "text": "sc-node-0 failed 3 heartbeats"},
+    ]
+    events = view.observe(_obs(1.0, [rows[1]], nodes=[b], members=frozenset({B}), scaling=log))
+    assert [(e["kind"], e["node"]) for e in events] == [("fail", "sc-node-0")]
+    assert [c["name"] for c in view.frame()["backends"]] == ["sc-node-1"]
+    c = NodeFacts("sc-node-2", "http://127.0.0.1:9004", True, 12)
+    log = [{"seq": 2, "kind": "replace", "node": "sc-node-2", "text": "replaced by sc-node-2"}]
+    events = view.observe(
+        _obs(2.0, [rows[1]], nodes=[b, c], members=frozenset({B, c.url}), scaling=log)
+    )
+    assert [e["kind"] for e in events] == ["replace"]
+    assert [card["name"] for card in view.frame()["backends"]] == ["sc-node-1", "sc-node-2"]
 
 
 def test_gossip_views_are_summarised_and_a_404_reads_off():

@@ -9,19 +9,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twlb.balancer.hashing import (
+    MAGLEV_TABLE_SIZE,
     HashRing,
+    JumpSlots,
     MaglevTable,
     SlotRing,
+    bounded_capacity,
     bounded_load_owner,
+    bounded_load_place,
     hash64,
     is_prime,
     jump_hash,
     jump_owner,
     maglev_table,
-    maglev_table_size,
     rendezvous_owner,
 )
-from twlb.balancer.policies import BoundedLoad, Maglev, Rendezvous, make_policy
+from twlb.balancer.policies import BoundedLoad, Jump, Maglev, Rendezvous, make_policy
 
 from twlb.outcome import Outcome
 
@@ -138,30 +141,101 @@ def test_rendezvous_leave_moves_only_the_leavers_keys(nodes: set[str], keys: lis
             assert rendezvous_owner(k, rest) == before
 
 
-def test_maglev_table_is_a_prime_above_100n_and_splits_slots_within_one() -> None:
+def test_maglev_table_is_prime_and_splits_slots_within_one() -> None:
+    assert is_prime(MAGLEV_TABLE_SIZE)
     for n in range(1, 9):
-        m = maglev_table_size(n)
-        assert is_prime(m) and m > 100 * n and not any(is_prime(x) for x in range(100 * n + 1, m))
         nodes = [f"n{i}" for i in range(n)]
-        counts = Counter(maglev_table(nodes))
-        assert sum(counts.values()) == m
+        counts = Counter(maglev_table(nodes, 1009))
+        assert sum(counts.values()) == 1009
         assert max(counts.values()) - min(counts.values()) <= 1
     with pytest.raises(ValueError, match="prime"):
         maglev_table(["a"], size=100)
+    with pytest.raises(ValueError, match="prime"):
+        MaglevTable(size=65_536)
+    with pytest.raises(ValueError, match="cannot hold"):
+        maglev_table([f"n{i}" for i in range(102)], size=101)
 
 
-def test_maglev_keeps_its_size_so_a_join_moves_about_one_nth() -> None:
-    table = MaglevTable(size=maglev_table_size(6))
+def test_maglev_keeps_its_size_so_a_join_or_a_leave_moves_about_one_nth() -> None:
+    """The table does not grow with the fleet: 5 -> 6 once moved 84% of keys when it did."""
+    table = MaglevTable()
     table.set_nodes(FIVE)
     five = {k: table.owner(k) for k in KEYS}
     assert _cv(Counter(five.values()), FIVE) < 0.06
     table.set_nodes(SIX)
+    assert len(table.table) == table.size == MAGLEV_TABLE_SIZE
     six = {k: table.owner(k) for k in KEYS}
-    assert 0.12 < _moved(five, six) < 0.25  # ideal 1/6; Maglev trades a little more
-    grown = MaglevTable()
-    grown.set_nodes(SIX)
-    grown.set_nodes(FIVE)  # shrinking keeps the size the six needed
-    assert grown.size == maglev_table_size(6) == len(grown.table)
+    assert abs(_moved(five, six) - 1 / 6) < 0.03
+    # Leaving: the leaver's keys move, and about no other (Maglev's small extra churn).
+    table.set_nodes([n for n in SIX if n != SIX[2]])
+    left = {k: table.owner(k) for k in KEYS}
+    assert abs(_moved(six, left) - 1 / 6) < 0.03
+    assert sum(left[k] != six[k] and six[k] != SIX[2] for k in KEYS) < 0.01 * len(KEYS)
+    # The same set in another order is the same table (every balancer agrees).
+    again = MaglevTable()
+    again.set_nodes(list(reversed(table.nodes)))
+    assert again.table == table.table
+
+
+def test_maglev_and_jump_skip_a_node_that_is_not_allowed_moving_only_its_keys() -> None:
+    maglev, jump = MaglevTable(), JumpSlots()
+    for core in (maglev, jump):
+        core.set_nodes(FIVE)
+        home = {k: core.owner(k) for k in KEYS}
+        down = FIVE[1]
+        allowed = [n for n in FIVE if n != down]
+        moved = {k: core.owner(k, allowed) for k in KEYS}
+        assert all(moved[k] == home[k] for k in KEYS if home[k] != down)
+        spilled = Counter(moved[k] for k in KEYS if home[k] == down)
+        assert set(spilled) == set(allowed)  # spread over the others, not one neighbour
+        assert max(spilled.values()) < 0.45 * sum(spilled.values())
+        assert core.owner("k", []) is None and core.owner("k", ["elsewhere"]) is None
+
+
+def test_jump_keeps_each_nodes_bucket_so_a_leave_anywhere_moves_only_its_keys() -> None:
+    slots = JumpSlots()
+    slots.set_nodes(FIVE)
+    five = {k: slots.owner(k) for k in KEYS}
+    assert five == {k: jump_owner(k, FIVE) for k in KEYS}  # no holes: plain jump hash
+    gone = FIVE[2]
+    slots.set_nodes([n for n in FIVE if n != gone])
+    assert slots.slots[2] is None and slots.bucket(gone) is None
+    four = {k: slots.owner(k) for k in KEYS}
+    assert all(four[k] == five[k] for k in KEYS if five[k] != gone)
+    assert abs(_moved(five, four) - 1 / 5) < 0.02
+    # A joiner takes the hole: exactly the keys of that bucket move, back to 1/N.
+    slots.set_nodes([*[n for n in FIVE if n != gone], SIX[-1]])
+    assert slots.bucket(SIX[-1]) == 2
+    joined = {k: slots.owner(k) for k in KEYS}
+    assert all(joined[k] == SIX[-1] for k in KEYS if joined[k] != four[k])
+    assert abs(_moved(four, joined) - 1 / 5) < 0.02
+    # Holes never outnumber the nodes: past that the buckets are packed.
+    slots.set_nodes(FIVE[:2])
+    assert slots.slots == [FIVE[0], FIVE[1]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    steps=st.lists(st.sets(st.sampled_from("abcdefghij"), min_size=1), min_size=1, max_size=8),
+    keys=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=30),
+)
+def test_jump_moves_only_keys_of_nodes_that_left_or_to_nodes_that_joined(steps, keys) -> None:
+    slots = JumpSlots()
+    before: dict[str, str | None] = {}
+    buckets: dict[str, int] = {}
+    for step in steps:
+        slots.set_nodes(sorted(step))
+        assert set(slots.nodes) == step
+        assert len(slots.slots) <= 2 * len(step)  # holes never outnumber the nodes
+        after = {k: slots.owner(k) for k in keys}
+        joined = step - set(buckets)
+        packed = any(slots.bucket(n) != b for n, b in buckets.items() if n in step)
+        for k in keys:
+            assert after[k] in step
+            if before and not packed and before[k] in step:
+                assert after[k] == before[k] or after[k] in joined, (k, before[k], after[k])
+        before = after
+        buckets = {n: slots.bucket(n) for n in step}
 
 
 # ---- bounded loads -------------------------------------------------------------------------
@@ -190,6 +264,34 @@ def test_bounded_load_never_puts_more_than_c_times_mean_plus_one(keys, n, c, vno
         assert max(loads.values()) <= c * placed / n + 1
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    loads=st.lists(st.integers(0, 30), min_size=1, max_size=7),
+    key=st.text(max_size=8),
+    c=st.sampled_from([1.0, 1.1, 1.25, 2.0]),
+    left_out=st.integers(0, 6),
+)
+def test_bounded_load_keeps_a_key_home_while_home_is_under_the_bound(loads, key, c, left_out):
+    """The paper's rule at one placement: home when home has room, else the first node
+    clockwise with room; the bound is ceil(c (L + 1) / N) over the allowed nodes."""
+    nodes = [f"n{i}" for i in range(len(loads))]
+    ring = HashRing(9)
+    ring.set_nodes(nodes)
+    load = dict(zip(nodes, loads, strict=True))
+    allowed = [n for i, n in enumerate(nodes) if i != left_out] or nodes
+    placed = bounded_load_place(ring, key, load, c, allowed)
+    assert placed is not None
+    assert placed.home == ring.owner(key, allowed)
+    assert placed.bound == bounded_capacity(sum(load[n] for n in allowed), len(allowed), c)
+    assert placed.node in allowed and placed.load == load[placed.node] < placed.bound
+    if load[placed.home] < placed.bound:
+        assert placed.node == placed.home
+    else:  # every node passed over on the way is full
+        walked = ring.successors(key, len(allowed), allowed)
+        assert all(load[n] >= placed.bound for n in walked[: walked.index(placed.node)])
+    assert bounded_load_place(ring, key, load, c, []) is None
+
+
 def test_bounded_load_policy_caps_in_flight_on_one_hot_key() -> None:
     policy = make_policy("bounded-load", balance_factor=1.25, vnodes=40)
     assert isinstance(policy, BoundedLoad)
@@ -212,7 +314,7 @@ def test_bounded_load_policy_caps_in_flight_on_one_hot_key() -> None:
 
 
 def test_keyed_policies_route_a_key_to_one_backend_and_skip_non_candidates() -> None:
-    for name, cls in (("rendezvous", Rendezvous), ("maglev", Maglev)):
+    for name, cls in (("rendezvous", Rendezvous), ("maglev", Maglev), ("jump", Jump)):
         policy = make_policy(name)
         assert isinstance(policy, cls) and policy.keyed
         policy.set_backends(SIX, 0.0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from click.testing import CliRunner
 from twlb.orchestration.hashing_analysis import BALANCE_FACTOR, bounded_loads, key_movement, spread
 
@@ -36,3 +39,46 @@ def test_spread_of_loads() -> None:
 def test_the_command_refuses_too_few_requests_with_status_2() -> None:
     result = CliRunner().invoke(main, ["hashing", "--requests", "5", "--out", "x"])
     assert result.exit_code == 2 and "--requests" in result.output
+
+
+def test_a_cluster_whose_ports_were_taken_is_started_again_on_other_free_ports() -> None:
+    from twlb.orchestration.hashing_analysis import start_cluster
+    from twlb.processes.state import ClusterError
+
+    tried: list[int] = []
+
+    class Cluster:
+        name = "a1"
+
+        def __init__(self, base: int) -> None:
+            self.base = base
+
+        def start(self) -> Cluster:
+            tried.append(self.base)
+            if len(tried) < 3:
+                raise ClusterError(f"port in use: balancer port {self.base}")
+            return self
+
+    started = start_cluster(Cluster, port_base=0, offset=0, count=8)
+    assert started.base == tried[-1] and len(set(tried)) == 3
+    # Fixed ports are the user's choice: one try, and a one-line reason.
+    tried.clear()
+    with pytest.raises(ClusterError, match="pick another --port-base"):
+        start_cluster(Cluster, port_base=20000, offset=10, count=8)
+    assert tried == [20010]
+
+
+def test_each_analysis_is_saved_as_it_finishes_and_a_partial_report_reads(tmp_path) -> None:
+    from twlb.orchestration.hashing_analysis import markdown, save
+
+    results = {"command": "twlb hashing", "concurrency": 64, "baseline": {}}
+    save(tmp_path, results)
+    assert json.loads((tmp_path / "hashing.json").read_text()) == results
+    results["bounded_load"] = bounded_loads(5, 500, seed=1)
+    results["error"] = "stopped: interrupted"
+    save(tmp_path, results)
+    text = (tmp_path / "hashing.md").read_text()
+    assert text == markdown(results)
+    assert "still running or stopped" in text and "Bounded loads in the sans-IO core" in text
+    assert "## Stopped early" in text and "A-1" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hashing.json", "hashing.md"]

@@ -89,7 +89,29 @@ def test_every_pod_is_hardened(name, pod):
 def test_pods_that_do_not_talk_to_the_api_carry_no_token():
     for name, pod in _pod_specs():
         if ".yaml#" not in name:  # rendered by the operator: balancer and nodes
-            assert pod["automountServiceAccountToken"] is False, name
+            if "Deployment/lab-balancer" in name:  # follows its backends' Services
+                assert pod["automountServiceAccountToken"] is True, name
+                assert pod["serviceAccountName"] == "lab-balancer"
+            else:
+                assert pod["automountServiceAccountToken"] is False, name
+
+
+def test_the_balancer_may_only_read_services_in_its_namespace():
+    objs = {(o["kind"], o["metadata"]["name"]): o for _, o in rendered_objects()}
+    role = objs[("Role", "lab-balancer")]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]}
+    ]
+    binding = objs[("RoleBinding", "lab-balancer")]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "lab-balancer",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "lab-balancer", "namespace": OWNER.namespace}
+    ]
+    assert objs[("ServiceAccount", "lab-balancer")]["automountServiceAccountToken"] is False
 
 
 def test_namespace_enforces_restricted_pod_security():
@@ -110,11 +132,24 @@ def test_operator_rbac_is_exactly_what_it_uses():
         for res in r["resources"]
     }
     assert all("*" not in verbs for verbs in granted.values())
-    # Children: the kinds operator/kube.py handles, with the verbs it calls.
-    groups = {"Deployment": "apps", "Service": "", "ConfigMap": "", "Secret": ""}
+    # Children: the kinds operator/kube.py handles, with the verbs it calls; Services also
+    # `watch`, which the balancer's Role grants (one may grant only what one holds).
+    groups = {
+        "Deployment": "apps", "Service": "", "ConfigMap": "", "Secret": "",
+        "ServiceAccount": "", "Role": "rbac.authorization.k8s.io",
+        "RoleBinding": "rbac.authorization.k8s.io",
+    }  # fmt: skip
     for kind in KINDS:
         plural = kind.lower() + "s"
-        assert granted[(groups[kind], plural)] == {"get", "list", "create", "patch", "delete"}
+        extra = {"watch"} if kind == "Service" else set()
+        assert (
+            granted[(groups[kind], plural)] == {"get", "list", "create", "patch", "delete"} | extra
+        )
+    balancer_rules = {
+        (g, res): set(r["verbs"]) for r in render.BALANCER_RULES for g in r["apiGroups"]
+        for res in r["resources"]
+    }  # fmt: skip
+    assert all(verbs <= granted[key] for key, verbs in balancer_rules.items())
     assert granted[("twlb.dev", "trustclusters")] == {"get", "list", "watch", "patch"}
     assert granted[("twlb.dev", "trustclusters/status")] == {"get", "patch"}
     assert granted[("", "events")] == {"create"}
@@ -127,6 +162,9 @@ def test_operator_rbac_is_exactly_what_it_uses():
         ("", "services"),
         ("", "configmaps"),
         ("", "secrets"),
+        ("", "serviceaccounts"),
+        ("rbac.authorization.k8s.io", "roles"),
+        ("rbac.authorization.k8s.io", "rolebindings"),
         ("", "events"),
     }
 

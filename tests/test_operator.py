@@ -23,8 +23,6 @@ from twlb.operator.render import (
     ANNOTATION_BALANCER_URL,
     ANNOTATION_FAULT_TYPE,
     LABEL_CLUSTER,
-    Owner,
-    service_url,
 )
 
 from twlb.spec import FaultType, TrustClusterSpec, assign_faults
@@ -104,9 +102,22 @@ async def test_create_renders_every_node_with_its_fault_and_owner_reference(clus
             for k, v in node.fault.to_env().items():
                 assert env[k] == v
         balancer = cluster.get(DEPLOYMENTS, NS, "mix-balancer")
-        args = balancer["spec"]["template"]["spec"]["containers"][0]["args"]
-        backends = [args[i + 1] for i, a in enumerate(args) if a == "--backend"]
-        assert backends == [service_url(Owner("mix", NS, uid), n.name) for n in nodes]
+        pod = balancer["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        # The balancer follows the node Services itself: no backend list in its template.
+        assert "--backend" not in args
+        flag = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--discover")}
+        assert flag == {
+            "--discover-services": "twlb.dev/cluster=mix,app.kubernetes.io/component=backend",
+            "--discover-namespace": NS,
+            "--discover-port": "http",
+        }
+        assert pod["serviceAccountName"] == "mix-balancer"
+        for resource in ("v1/serviceaccounts", "rbac.authorization.k8s.io/v1/roles",
+                         "rbac.authorization.k8s.io/v1/rolebindings"):  # fmt: skip
+            assert cluster.names(resource, NS) == {"mix-balancer"}
+            refs = cluster.get(resource, NS, "mix-balancer")["metadata"]["ownerReferences"]
+            assert [r["uid"] for r in refs] == [uid]
         assert cluster.get(SERVICES, NS, "mix-balancer")["spec"]["type"] == "NodePort"
 
         status = _status(cluster, "mix")
@@ -158,6 +169,7 @@ async def test_scaling_down_deletes_the_extra_nodes(cluster):
     async with running_operator([NS], FAST_OPERATOR):
         await cluster.create(TRUSTCLUSTERS, trustcluster("shrink", NS, {"backends": 5}))
         await wait_for(lambda: _observed(cluster, "shrink", 1), timeout=10)
+        balancer_writes = cluster.writes(DEPLOYMENTS, NS, "shrink-balancer")
         await cluster.patch(TRUSTCLUSTERS, NS, "shrink", {"spec": {"backends": 2}})
         await wait_for(lambda: _observed(cluster, "shrink", 2), timeout=10)
         children = _children(cluster, "shrink")
@@ -168,10 +180,8 @@ async def test_scaling_down_deletes_the_extra_nodes(cluster):
             "shrink-balancer",
             "shrink-gossip",
         }
-        args = cluster.get(DEPLOYMENTS, NS, "shrink-balancer")["spec"]["template"]["spec"][
-            "containers"
-        ][0]["args"]
-        assert args.count("--backend") == 2
+        # The balancer was not touched: it follows the node Services by itself.
+        assert cluster.writes(DEPLOYMENTS, NS, "shrink-balancer") == balancer_writes
         assert len(_status(cluster, "shrink")["nodes"]) == 2
 
 

@@ -101,7 +101,7 @@ def test_the_specs_balancer_section_is_the_settings_fields_under_camel_case_name
         "--audit-fraction", "0.05", "--suspect-audit-fraction", "1.0", "--liar-backoff", "60.0",
         "--window", "2.0", "--health-interval", "1.0", "--gossip-poll", "0.5",
         "--retry-budget", "0.5", "--hash-algorithm", "sha256", "--vnodes", "160",
-        "--balance-factor", "1.25",
+        "--balance-factor", "1.25", "--maglev-table-size", "65537",
     ]  # fmt: skip
 
 

@@ -1,10 +1,14 @@
 """The TrustCluster's scale subresource: declared in the CRD from the spec model, and
-`kubectl scale` (a merge patch of /scale) driving the real operator against the emulator."""
+`kubectl scale` (a merge patch of /scale) driving the real operator against the emulator,
+with a real balancer following the node Services the operator creates and deletes."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 from kube_harness import (
@@ -17,6 +21,7 @@ from kube_harness import (
     wait_for,
 )
 from twlb.operator.crd import SCALE_SUBRESOURCE, render_crd
+from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 from twlb.spec import TrustClusterSpec
 
@@ -63,8 +68,7 @@ async def test_kubectl_scale_changes_spec_backends_and_the_operator_follows() ->
         await cluster.create(TRUSTCLUSTERS, trustcluster("web", NS, {"backends": 2}))
 
         def observed(gen: int) -> bool:
-            tc = cluster.get(TRUSTCLUSTERS, NS, "web") or {}
-            return (tc.get("status") or {}).get("observedGeneration") == gen
+            return _observed(cluster, "web", gen)
 
         await wait_for(lambda: observed(1), timeout=10)
         # `kubectl scale trustcluster web --replicas 4` is this merge patch of /scale.
@@ -105,3 +109,125 @@ async def test_kubectl_scale_changes_spec_backends_and_the_operator_follows() ->
         refused = await _scale(cluster, "web", 0)
         assert refused.status == 422
         assert cluster.get(TRUSTCLUSTERS, NS, "web")["spec"]["backends"] == 1
+
+
+async def test_kubectl_scale_leaves_the_balancer_alone_and_its_backends_follow(tmp_path) -> None:
+    """The balancer Deployment's pod template names no backend: scaling the TrustCluster
+    never changes it (no rollout, no restart, no evidence lost). A real balancer running
+    that template's very command line against the emulator follows the node Services."""
+    async with emulated_cluster() as cluster, running_operator([NS], FAST_OPERATOR):
+        await cluster.create(TRUSTCLUSTERS, trustcluster("web", NS, {"backends": 2}))
+        await wait_for(lambda: _observed(cluster, "web", 1), timeout=10)
+        template = copy.deepcopy(cluster.get(DEPLOYMENTS, NS, "web-balancer")["spec"]["template"])
+        writes = cluster.writes(DEPLOYMENTS, NS, "web-balancer")
+        container = template["spec"]["containers"][0]
+        assert "--backend" not in container["args"]
+        token = "t" * 24
+        port = free_port()
+        balancer = ManagedProcess(
+            twlb_argv(*container["args"], "--host", "127.0.0.1", "--port", str(port),
+                      "--admin-token", token, "--model", "heuristic", "--health-interval",
+                      "0.2", "--log-level", "warning"),
+            env={"KUBECONFIG": str(cluster.kubeconfig)},
+            log_path=tmp_path / "balancer.log",
+        ).start()  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        nodes = [f"http://web-node-{i}.{NS}.svc:8080" for i in range(4)]
+        try:
+            async with httpx.AsyncClient(
+                base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=5
+            ) as client:
+
+                async def backends() -> list[str] | None:
+                    try:
+                        r = await client.get("/admin/backends")
+                    except httpx.HTTPError:
+                        return None
+                    return sorted(r.json()["backends"]) if r.status_code == 200 else None
+
+                async def follows(expected: list[str], timeout: float = 15) -> None:
+                    deadline = asyncio.get_running_loop().time() + timeout
+                    while (seen := await backends()) != expected:
+                        assert balancer.alive(), (tmp_path / "balancer.log").read_text()[-2000:]
+                        assert asyncio.get_running_loop().time() < deadline, seen
+                        await asyncio.sleep(0.1)
+
+                async def health(backend: str) -> dict:
+                    rows = (await client.get("/trust")).json()["backends"]
+                    return next(r["health"] for r in rows if r["url"] == backend)
+
+                # Started (a loaded machine takes its time), then it has the two nodes.
+                await follows(nodes[:2], timeout=90)
+                # web-node-0 has no pod here: its checks fail, and that evidence is kept.
+                deadline = asyncio.get_running_loop().time() + 15
+                while (before := await health(nodes[0]))["state"] != "unhealthy":
+                    assert asyncio.get_running_loop().time() < deadline, before
+                    await asyncio.sleep(0.1)
+
+                assert (await _scale(cluster, "web", 4)).status == 200
+                await wait_for(lambda: _observed(cluster, "web", 2), timeout=10)
+                await follows(nodes)
+                assert (await _scale(cluster, "web", 1)).status == 200
+                await wait_for(lambda: _observed(cluster, "web", 3), timeout=10)
+                await follows(nodes[:1])
+                after = await health(nodes[0])
+                assert (after["since"], after["state"]) == (before["since"], "unhealthy")
+                assert after["transitions"] >= before["transitions"]
+            dep = cluster.get(DEPLOYMENTS, NS, "web-balancer")
+            assert dep["spec"]["template"] == template
+            assert cluster.writes(DEPLOYMENTS, NS, "web-balancer") == writes
+            assert balancer.alive()  # the same process throughout
+        finally:
+            balancer.stop()
+
+
+def _observed(cluster, name: str, gen: int) -> bool:
+    tc = cluster.get(TRUSTCLUSTERS, NS, name) or {}
+    return (tc.get("status") or {}).get("observedGeneration") == gen
+
+
+def test_discovery_reads_each_service_as_one_backend_and_leaves_other_backends_alone() -> None:
+    from types import SimpleNamespace as NS_
+
+    from twlb.balancer.discovery import DiscoveryError, follow, parse_selector, service_url
+
+    def svc(name: str, *ports: tuple[str | None, int]) -> NS_:
+        return NS_(
+            metadata=NS_(name=name),
+            spec=NS_(ports=[NS_(name=n, port=p) for n, p in ports]),
+        )
+
+    assert service_url(svc("a", ("http", 8080), ("gossip", 7946)), "lab", "http") == (
+        "http://a.lab.svc:8080"
+    )
+    assert service_url(svc("a", ("x", 81)), "lab", "81") == "http://a.lab.svc:81"
+    assert service_url(svc("a", (None, 90)), "lab", "http") == "http://a.lab.svc:90"
+    assert service_url(svc("a", ("gossip", 7946)), "lab", "http") is None
+    assert parse_selector("a=b, c==d") == {"a": "b", "c": "d"}
+    for bad in ("a", "a!=b", "=b", "a in (b)"):
+        with pytest.raises(DiscoveryError):
+            parse_selector(bad)
+
+    class Fleet:
+        backends = ["http://static:1"]
+
+        def add_backend(self, url: str) -> bool:
+            self.backends.append(url)
+            return True
+
+        def remove_backend(self, url: str) -> bool:
+            self.backends.remove(url)
+            return True
+
+    class Loop:
+        def call_soon_threadsafe(self, fn, *args) -> None:
+            fn(*args)
+
+    fleet = Fleet()
+    publish = follow(fleet, Loop(), set())
+    publish(frozenset({"http://b:1", "http://a:1"}))
+    assert fleet.backends == ["http://static:1", "http://a:1", "http://b:1"]  # sorted
+    publish(frozenset({"http://b:1", "http://c:1"}))
+    assert fleet.backends == ["http://static:1", "http://b:1", "http://c:1"]
+    publish(frozenset())
+    assert fleet.backends == ["http://static:1"]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from twlb.options import Flag, to_args, to_env
-from twlb.vocabulary import PolicyName, Probability
+from twlb.vocabulary import PolicyName, PrimeTableSize, Probability
 
 API_GROUP = "twlb.dev"
 API_VERSION = "v1alpha1"
@@ -196,7 +196,7 @@ class BalancerTunables(BaseModel):
         0.2, ge=0.0, le=10.0, description="Retries allowed as a ratio of live requests."
     )
     hash_algorithm: Literal["sha256", "md5"] = Field(
-        "sha256", description="Key hash of consistent-hash, rendezvous, maglev, bounded-load."
+        "sha256", description="Key hash of consistent-hash, rendezvous, maglev, jump, bounded-load."
     )
     vnodes: int = Field(
         160,
@@ -209,6 +209,11 @@ class BalancerTunables(BaseModel):
         ge=1.0,
         le=100.0,
         description="bounded-load: no backend carries more than this times the mean load.",
+    )
+    maglev_table_size: PrimeTableSize = Field(
+        65_537,
+        description="maglev: slots of the lookup table, a prime well above 100 x the backends; "
+        "fixed while backends come and go.",
     )
 
 

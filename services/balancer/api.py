@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from twlb.balancer.core import Balancer
+from twlb.balancer.discovery import start_discovery
 from twlb.balancer.upstream import BackendURLError, normalize_backend_url
 
 from twlb import __version__
@@ -105,6 +106,8 @@ def build_api(balancer: Balancer) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await balancer.start()
+        # On Kubernetes the backends may come from their Services (discovery.py).
+        discovery = await start_discovery(balancer)
         log.info(
             "balancer up: policy %s, %d backends, audits %.3f",
             settings.policy.value,
@@ -114,6 +117,8 @@ def build_api(balancer: Balancer) -> FastAPI:
         try:
             yield
         finally:
+            if discovery is not None:
+                discovery.stop()
             await balancer.stop()
 
     api = FastAPI(

@@ -45,6 +45,13 @@ def command(ctx: click.Context, **options: object) -> None:
     """
     if options["policy"] == PolicyName.ORACLE.value and options["oracle_truth"] is None:
         raise click.UsageError("--policy oracle needs --oracle-truth FILE", ctx=ctx)
+    if options["discover_services"] and not options["discover_namespace"]:
+        from twlb.balancer.discovery import own_namespace
+
+        if own_namespace() is None:
+            raise click.UsageError(
+                "--discover-services needs --discover-namespace outside a Kubernetes pod", ctx=ctx
+            )
     from twlb.balancer.app import OracleTruthError, create_app
 
     settings = build(BalancerSettings, ctx, field_values(BalancerSettings, options))

@@ -156,6 +156,7 @@ class Balancer:
             hash_algorithm=settings.hash_algorithm,
             vnodes=settings.vnodes,
             balance_factor=settings.balance_factor,
+            maglev_table_size=settings.maglev_table_size,
             trust_engine=self.engine,
             truth=self.truth_of,
             latency_weighting=settings.latency_weighting,

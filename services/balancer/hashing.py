@@ -2,7 +2,8 @@
 
 Pure functions and small objects with no clock and no I/O. The balancer's hashing policies
 (`policies.py`) and the replicated hash table (`twlb.sim.dht`) use the same `HashRing`, and
-`twlb hashing` measures all of them. Every key and node name is hashed with a named
+`twlb hashing` measures all of them. Every structure keeps its promise while nodes come
+and go: a join or a leave moves about 1/N of the keys (docs/hashing-under-change.md). Every key and node name is hashed with a named
 algorithm (sha256 or md5: the first 8 bytes of the digest, big-endian), so a key lands on
 the same node in every process; `SlotRing` is the baseline design's 512-slot ring
 (docs/hashing.md), kept for comparison only.
@@ -13,7 +14,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from twlb.vocabulary import is_prime
 
 HASH_ALGORITHMS = ("sha256", "md5")
 RING_SPAN = 2**64
@@ -65,7 +70,8 @@ class HashRing:
         if node in self.nodes:
             self.set_nodes([n for n in self.nodes if n != node])
 
-    def _walk(self, key: str) -> Iterable[str]:
+    def walk(self, key: str) -> Iterator[str]:
+        """Every point's node clockwise from `key`'s hash (nodes repeat, once per point)."""
         owners = self._owners
         n = len(owners)
         start = bisect.bisect(self._points, self.hash(key))
@@ -77,17 +83,17 @@ class HashRing:
         if not self._owners:
             return None
         if allowed is None:
-            return next(iter(self._walk(key)))
+            return next(iter(self.walk(key)))
         allowed = set(allowed)
         if allowed.isdisjoint(self.nodes):
             return None
-        return next(n for n in self._walk(key) if n in allowed)
+        return next(n for n in self.walk(key) if n in allowed)
 
     def successors(self, key: str, count: int, allowed: Iterable[str] | None = None) -> list[str]:
         """The first `count` distinct nodes clockwise from `key` (fewer if there are not)."""
         allow = None if allowed is None else set(allowed)
         out: list[str] = []
-        for n in self._walk(key):
+        for n in self.walk(key):
             if n not in out and (allow is None or n in allow):
                 out.append(n)
                 if len(out) == count:
@@ -139,33 +145,26 @@ def rendezvous_owner(key: str, nodes: Iterable[str], algorithm: str = "sha256") 
     return best
 
 
-def is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
-
-
-def maglev_table_size(node_count: int) -> int:
-    """The smallest prime above 100 x N, as the Maglev paper sizes its lookup table."""
-    m = 100 * max(1, node_count) + 1
-    while not is_prime(m):
-        m += 1
-    return m
+#: Maglev's lookup-table size unless told otherwise: a prime well above 100 x N for fleets
+#: of up to about 650 backends, the paper's own choice (Eisenbud et al. 2016, 3.4). The
+#: size stays fixed while backends come and go; that is what keeps a change's disruption
+#: near 1/N (a table that grew with the fleet moved 84% of keys on one join).
+MAGLEV_TABLE_SIZE = 65_537
 
 
 def maglev_table(
-    nodes: Sequence[str], size: int | None = None, algorithm: str = "sha256"
+    nodes: Sequence[str], size: int = MAGLEV_TABLE_SIZE, algorithm: str = "sha256"
 ) -> list[str]:
     """Maglev's lookup table (Eisenbud et al. 2016): each node fills the slots of its own
     permutation (offset + j x skip mod M) in turn until every slot is taken, so each node
     holds M/N slots give or take one."""
     if not nodes:
         return []
-    m = size or maglev_table_size(len(nodes))
+    m = size
     if not is_prime(m):
         raise ValueError(f"a Maglev table size must be prime, got {m}")
+    if len(nodes) > m:
+        raise ValueError(f"a Maglev table of {m} slots cannot hold {len(nodes)} nodes")
     offsets = [hash64(f"{n}#offset", algorithm) % m for n in nodes]
     skips = [hash64(f"{n}#skip", algorithm) % (m - 1) + 1 for n in nodes]
     nxt = [0] * len(nodes)
@@ -185,46 +184,176 @@ def maglev_table(
 
 
 class MaglevTable:
-    """Maglev lookup over a node set. The table size is the smallest prime above 100 x N
-    for the largest N this table has served (or `size`, fixed): keeping M while nodes come
-    and go is what keeps the disruption of a change near 1/N. Tables are cached by node
-    set, so a balancer alternating between candidate sets (a retry leaves one backend out)
-    does not rebuild them."""
+    """Maglev lookup over a node set, with a table of a fixed prime size (65,537 unless
+    told otherwise; at least 100 x N keeps each node's share within about 1% of 1/N).
 
-    CACHE = 8
+    The table is built over the nodes (in sorted order: the same set gives the same table
+    in every balancer) and rebuilt only when the set changes; the size never changes, so
+    a join or a leave moves about 1/N of the keys. A lookup restricted to `allowed` nodes
+    (a backend that is down, or already tried for this request) walks on from the key's
+    slot to the next slot whose node is allowed: the keys of the nodes left out spread
+    over the others, and no other key moves."""
 
-    def __init__(self, algorithm: str = "sha256", size: int | None = None) -> None:
+    def __init__(self, algorithm: str = "sha256", size: int = MAGLEV_TABLE_SIZE) -> None:
         check_algorithm(algorithm)
-        if size is not None and not is_prime(size):
+        if not is_prime(size):
             raise ValueError(f"a Maglev table size must be prime, got {size}")
         self.algorithm = algorithm
-        self.fixed_size = size
-        self.size = size or 0
-        self._tables: dict[tuple[str, ...], list[str]] = {}
+        self.size = size
+        self.nodes: tuple[str, ...] = ()
         self.table: list[str] = []
 
     def set_nodes(self, nodes: Iterable[str]) -> None:
         ordered = tuple(sorted(set(nodes)))  # order-free: the same set, the same table
-        if self.fixed_size is None and 100 * len(ordered) >= self.size:
-            self.size = maglev_table_size(len(ordered))
-            self._tables.clear()
-        table = self._tables.pop(ordered, None)
-        if table is None:
-            table = maglev_table(ordered, self.size, self.algorithm) if ordered else []
-        self._tables[ordered] = table  # most recent last
-        while len(self._tables) > self.CACHE:
-            del self._tables[next(iter(self._tables))]
-        self.table = table
+        if ordered != self.nodes:
+            self.table = maglev_table(ordered, self.size, self.algorithm) if ordered else []
+            self.nodes = ordered
 
-    def owner(self, key: str) -> str | None:
-        if not self.table:
+    def owner(self, key: str, allowed: Collection[str] | None = None) -> str | None:
+        """The node of `key`; with `allowed`, the first allowed node from the key's slot on
+        (None if no node is allowed)."""
+        table = self.table
+        if not table:
             return None
-        return self.table[hash64(key, self.algorithm) % len(self.table)]
+        m = len(table)
+        slot = hash64(key, self.algorithm) % m
+        node = table[slot]
+        if allowed is None or node in allowed:
+            return node
+        allow = allowed if isinstance(allowed, set | frozenset) else set(allowed)
+        if allow.isdisjoint(self.nodes):
+            return None
+        for step in range(1, m):
+            node = table[(slot + step) % m]
+            if node in allow:
+                return node
+        return None  # unreachable: an allowed node holds a slot
+
+    def shares(self) -> dict[str, float]:
+        """The fraction of the table (hence of keys) each node holds."""
+        counts = Counter(self.table)
+        return {n: counts[n] / len(self.table) for n in self.nodes}
+
+
+class JumpSlots:
+    """Jump consistent hashing (Lamping and Veach 2014) over nodes that come and go
+    anywhere in the list, not only at its end.
+
+    Jump hash maps a key to a bucket in [0, n) and moves only the keys of a bucket added
+    or removed at the end. So each node keeps its bucket for as long as it stays: one that
+    leaves leaves a hole, and a key whose bucket is a hole (or a node not `allowed`: down,
+    or already tried) draws again with the next hash of the same key, landing on a random
+    other bucket; a node that joins takes the first hole, else a new bucket at the end. A
+    leave moves only the leaver's keys and a join only the keys its bucket takes, about
+    1/N either way, wherever it is in the list. Buckets follow the order nodes joined in:
+    balancers given the same list, or the same changes in the same order, agree. When holes
+    outnumber the nodes the buckets are packed (keys move then, once), so a draw finds a
+    node with a chance of at least one half.
+    """
+
+    #: Draws before a lookup walks the buckets in order (reached with a chance of at most
+    #: (1/2)^64 when every node is allowed: holes never outnumber the nodes).
+    MAX_DRAWS = 64
+
+    def __init__(self, algorithm: str = "sha256") -> None:
+        check_algorithm(algorithm)
+        self.algorithm = algorithm
+        self.slots: list[str | None] = []
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s for s in self.slots if s is not None]
+
+    def set_nodes(self, nodes: Iterable[str]) -> None:
+        wanted = list(dict.fromkeys(nodes))
+        keep = set(wanted)
+        slots = [s if s in keep else None for s in self.slots]
+        placed = {s for s in slots if s is not None}
+        holes = [i for i, s in enumerate(slots) if s is None]
+        holes.reverse()  # pop() takes the first hole
+        for node in wanted:
+            if node in placed:
+                continue
+            if holes:
+                slots[holes.pop()] = node
+            else:
+                slots.append(node)
+        if len(slots) > 2 * len(keep):
+            slots = [s for s in slots if s is not None]
+        self.slots = slots
+
+    def bucket(self, node: str) -> int | None:
+        try:
+            return self.slots.index(node)
+        except ValueError:
+            return None
+
+    def owner(self, key: str, allowed: Collection[str] | None = None) -> str | None:
+        """The node of `key`: its jump bucket's, drawing again past holes and nodes that
+        are not `allowed` (None if no node is allowed)."""
+        slots = self.slots
+        n = len(slots)
+        if not n:
+            return None
+        h = hash64(key, self.algorithm)
+        for draw in range(1, self.MAX_DRAWS + 1):
+            node = slots[jump_hash(h, n)]
+            if node is not None and (allowed is None or node in allowed):
+                return node
+            h = hash64(f"{key}#{draw}", self.algorithm)
+        start = jump_hash(h, n)
+        for step in range(n):
+            node = slots[(start + step) % n]
+            if node is not None and (allowed is None or node in allowed):
+                return node
+        return None
 
 
 def bounded_capacity(total_load: int, node_count: int, balance_factor: float) -> int:
-    """The most load one node may carry after one more unit is placed: ceil(c (L + 1) / N)."""
+    """The most load one node may carry after one more unit is placed: ceil(c (L + 1) / N),
+    the paper's capacity with L + 1 the load including the unit being placed."""
     return math.ceil(balance_factor * (total_load + 1) / node_count)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where bounded loads put one unit of load, and why."""
+
+    node: str  # where it goes
+    home: str  # the key's own node (the first allowed one clockwise)
+    bound: int  # the capacity: the most any node may carry once it is placed
+    load: int  # the chosen node's load before the placement (below `bound`)
+
+
+def bounded_load_place(
+    ring: HashRing,
+    key: str,
+    loads: Mapping[str, int],
+    balance_factor: float = 1.25,
+    allowed: Iterable[str] | None = None,
+) -> Placement | None:
+    """Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam 2018): the
+    key goes to its own node whenever that node's load is under the capacity
+    ceil(c (L + 1) / N), else to the next node clockwise that is; so after every placement
+    no node carries more than the capacity (under c x mean + 1). L and N are over the
+    `allowed` nodes (default: all). None when no node is allowed."""
+    if balance_factor < 1.0:
+        raise ValueError(f"balance factor must be at least 1, got {balance_factor}")
+    nodes = set(ring.nodes)
+    allow = nodes if allowed is None else nodes.intersection(allowed)
+    if not allow:
+        return None
+    cap = bounded_capacity(sum(loads.get(n, 0) for n in allow), len(allow), balance_factor)
+    home: str | None = None
+    for n in ring.walk(key):
+        if n not in allow:
+            continue
+        if home is None:
+            home = n
+        load = loads.get(n, 0)
+        if load < cap:
+            return Placement(n, home, cap, load)
+    raise AssertionError("unreachable: the capacity always leaves room on some node")
 
 
 def bounded_load_owner(
@@ -234,19 +363,9 @@ def bounded_load_owner(
     balance_factor: float = 1.25,
     allowed: Iterable[str] | None = None,
 ) -> str | None:
-    """Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam 2018): the
-    first node clockwise from `key` whose load is under the capacity, so after the
-    placement no node carries more than c x mean + 1."""
-    if balance_factor < 1.0:
-        raise ValueError(f"balance factor must be at least 1, got {balance_factor}")
-    allow = set(ring.nodes if allowed is None else allowed) & set(ring.nodes)
-    if not allow:
-        return None
-    cap = bounded_capacity(sum(loads.get(n, 0) for n in allow), len(allow), balance_factor)
-    for n in ring.successors(key, len(allow), allow):
-        if loads.get(n, 0) < cap:
-            return n
-    raise AssertionError("unreachable: the capacity always leaves room on some node")
+    """The node `bounded_load_place` puts `key` on (None if no node is allowed)."""
+    placed = bounded_load_place(ring, key, loads, balance_factor, allowed)
+    return None if placed is None else placed.node
 
 
 # ---- the baseline design's slot ring (docs/hashing.md), for comparison in the analyses ---

@@ -7,8 +7,9 @@ I/O, and cost a few microseconds per call. `make_policy` builds one by name.
 
 Policies: round-robin, random (seeded), least-connections (ties in round-robin order),
 weighted-round-robin (nginx's smooth WRR, including its effective-weight recovery after
-failures), consistent-hash (ring of virtual nodes, sha256 or md5), rendezvous, maglev and
-bounded-load (consistent hashing with bounded loads; the cores are in `hashing.py`), p2c-ewma (power of two
+failures), consistent-hash (ring of virtual nodes, sha256 or md5), rendezvous, maglev (a
+fixed prime table), jump and bounded-load (consistent hashing with bounded loads; the cores
+are in `hashing.py`), p2c-ewma (power of two
 choices on peak-EWMA latency times in-flight + 1, as Linkerd and Finagle), outlier-ejection
 (Envoy's consecutive-5xx and success-rate ejection), trust (smooth WRR over a TrustEngine's
 weights scaled by current peak-EWMA load, ejected backends excluded) and oracle (ground
@@ -27,9 +28,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twlb.balancer.hashing import (
+    MAGLEV_TABLE_SIZE,
     HashRing,
+    JumpSlots,
     MaglevTable,
-    bounded_load_owner,
+    bounded_load_place,
     check_algorithm,
     rendezvous_owner,
 )
@@ -316,31 +319,76 @@ class Rendezvous(KeyedPolicy):
 
 
 class Maglev(KeyedPolicy):
-    """Maglev hashing: a lookup table of a prime size above 100 x N filled from each
-    backend's permutation. The table is built over the candidates (a few cached tables,
-    one per candidate set), so a backend that is down is left out as if removed."""
+    """Maglev hashing: a lookup table of a fixed prime size (65,537 unless told otherwise)
+    filled from each backend's permutation, rebuilt when the backends change (a join or a
+    leave moves about 1/N of the keys). A key whose backend is not a candidate (down, or
+    tried already) goes to the next slot's backend that is; no other key moves."""
 
     name = PolicyName.MAGLEV
 
-    def __init__(self, hash_algorithm: str = "sha256", table_size: int | None = None) -> None:
+    def __init__(self, hash_algorithm: str = "sha256", table_size: int = MAGLEV_TABLE_SIZE) -> None:
         super().__init__()
         self.table = MaglevTable(hash_algorithm, table_size)
 
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        self.table.set_nodes(self.backends)
+
     def owner(self, key: str, candidates: Sequence[str]) -> str | None:
-        self.table.set_nodes(candidates)  # a no-op while the candidate set stays the same
-        return self.table.owner(key)
+        return self.table.owner(key, candidates)
 
     def describe(self, backend: str) -> dict:
         t = self.table.table
         share = t.count(backend) / len(t) if t else 0.0
-        return super().describe(backend) | {"table_share": round(share, 6), "table_size": len(t)}
+        return super().describe(backend) | {
+            "table_share": round(share, 6),
+            "table_size": self.table.size,
+        }
+
+
+class Jump(KeyedPolicy):
+    """Jump consistent hashing: each backend keeps a bucket for as long as it stays (a
+    leaver leaves a hole, a joiner takes the first hole), so a join or a leave anywhere in
+    the list moves about 1/N of the keys. A key whose bucket is a hole or a backend that is
+    not a candidate draws again with the next hash of its key."""
+
+    name = PolicyName.JUMP
+
+    def __init__(self, hash_algorithm: str = "sha256") -> None:
+        super().__init__()
+        self.slots = JumpSlots(hash_algorithm)
+
+    def set_backends(self, backends: Sequence[str], now: float) -> None:
+        super().set_backends(backends, now)
+        self.slots.set_nodes(self.backends)
+
+    def owner(self, key: str, candidates: Sequence[str]) -> str | None:
+        return self.slots.owner(key, candidates)
+
+    def describe(self, backend: str) -> dict:
+        return super().describe(backend) | {
+            "bucket": self.slots.bucket(backend),
+            "buckets": len(self.slots.slots),
+        }
 
 
 class BoundedLoad(ConsistentHash):
     """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam; HAProxy's
-    `hash-balance-factor`): a key goes to the first backend clockwise on the ring whose
-    requests in flight are under ceil(c x (total + 1) / N), so no backend carries more
-    than `balance_factor` times the mean, plus one."""
+    `hash-balance-factor`), on requests in flight.
+
+    A key goes to its own backend on the ring whenever that backend's requests in flight
+    are under the capacity ceil(c x (L + 1) / N), L the requests in flight over the
+    candidates, N their number; else to the next backend clockwise that is under it. So
+    a key stays on its backend while that backend has room, and at every placement the
+    chosen backend ends up carrying at most the capacity (under c x mean + 1). With few
+    requests in flight the capacity is 1 or 2, so two requests whose keys share a backend
+    already spill; the share of keys that spill falls as the load grows.
+
+    Counted for `/trust`: placements, how many left their own backend (spills), and the
+    most the chosen backend carried after a placement over the capacity then
+    (`worst_load_over_bound`, at most 1 by construction; the tests check it against
+    the requests really in flight).
+    """
 
     name = PolicyName.BOUNDED_LOAD
 
@@ -351,12 +399,29 @@ class BoundedLoad(ConsistentHash):
         if not balance_factor >= 1.0:
             raise ValueError(f"balance_factor must be at least 1, got {balance_factor}")
         self.balance_factor = balance_factor
+        self.placements = 0
+        self.spills = 0
+        self.worst_load_over_bound = 0.0
 
     def owner(self, key: str, candidates: Sequence[str] | None = None) -> str | None:
-        return bounded_load_owner(self.ring, key, self.inflight, self.balance_factor, candidates)
+        placed = bounded_load_place(self.ring, key, self.inflight, self.balance_factor, candidates)
+        if placed is None:
+            return None
+        self.placements += 1
+        if placed.node != placed.home:
+            self.spills += 1
+        ratio = (placed.load + 1) / placed.bound
+        if ratio > self.worst_load_over_bound:
+            self.worst_load_over_bound = ratio
+        return placed.node
 
     def describe(self, backend: str) -> dict:
-        return super().describe(backend) | {"balance_factor": self.balance_factor}
+        return super().describe(backend) | {
+            "balance_factor": self.balance_factor,
+            "placements": self.placements,
+            "spills": self.spills,
+            "worst_load_over_bound": round(self.worst_load_over_bound, 4),
+        }
 
 
 class PeakEwma(BasePolicy):
@@ -793,6 +858,7 @@ POLICIES: dict[PolicyName, type[BasePolicy]] = {
     PolicyName.CONSISTENT_HASH: ConsistentHash,
     PolicyName.RENDEZVOUS: Rendezvous,
     PolicyName.MAGLEV: Maglev,
+    PolicyName.JUMP: Jump,
     PolicyName.BOUNDED_LOAD: BoundedLoad,
     PolicyName.P2C_EWMA: PeakEwma,
     PolicyName.OUTLIER_EJECTION: OutlierEjection,
@@ -818,6 +884,7 @@ def make_policy(
     hash_algorithm: str = "sha256",
     vnodes: int = 160,
     balance_factor: float | None = None,
+    maglev_table_size: int | None = None,
     trust_engine: TrustEngine | None = None,
     truth: Callable[[str], NodeClass] | None = None,
     latency_weighting: bool | None = None,
@@ -839,6 +906,7 @@ def make_policy(
         "hash_algorithm": hash_algorithm,
         "vnodes": vnodes,
         "balance_factor": balance_factor,
+        "table_size": maglev_table_size,
         "trust_engine": trust_engine,
         "truth": truth,
         "latency_weighting": latency_weighting,

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import click
 from pydantic import ConfigDict, Field, field_validator, model_validator
+from twlb.balancer.discovery import DiscoveryError, parse_selector
 from twlb.balancer.upstream import (  # noqa: F401 (IDEMPOTENT_METHODS: re-exported)
     IDEMPOTENT_METHODS,
     BackendURLError,
@@ -88,6 +89,25 @@ class BalancerSettings(BalancerTunables):
         "environment).",
     )
     policy: PolicyName = Field(PolicyName.ROUND_ROBIN, description="Routing policy.")
+    discover_services: str | None = Field(
+        None,
+        description="Kubernetes: label selector (k=v,...) of the backend Services to follow; "
+        "each one is a backend, http://NAME.NAMESPACE.svc:PORT, from its creation to its "
+        "deletion (--backend ones stay).",
+    )
+    discover_namespace: str | None = Field(
+        None, description="Namespace of the discovered Services (default: the pod's own)."
+    )
+    discover_port: str = Field(
+        "http", description="Port of the discovered Services: its name, or its number."
+    )
+    discover_resync_s: Annotated[float, Flag("--discover-resync")] = Field(
+        60.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds between full lists of the discovered Services (changes are "
+        "watched in between).",
+    )
     admin_token: str | None = Field(
         None, description="Bearer token of /admin/*; unset: the admin API is disabled."
     )
@@ -220,6 +240,16 @@ class BalancerSettings(BalancerTunables):
     @property
     def health_limits(self) -> UpstreamLimits:
         return UpstreamLimits(self.health_max_bytes, 50, self.health_max_bytes)
+
+    @field_validator("discover_services")
+    @classmethod
+    def _selector(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                parse_selector(value)
+            except DiscoveryError as err:
+                raise ValueError(str(err)) from None
+        return value or None
 
     @field_validator("model", mode="before")
     @classmethod

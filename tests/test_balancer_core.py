@@ -21,6 +21,7 @@ from twlb.balancer.core import FLEET_SETTLED_S, Balancer
 from twlb.balancer.settings import BalancerSettings
 from twlb.balancer.upstream import (
     UpstreamConnectError,
+    UpstreamOverBudget,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamTooLarge,
@@ -30,6 +31,7 @@ from twlb.outcome import Outcome
 from twlb.spec import PolicyName
 
 HONEST, LIAR, STALL, DROP, HUGE = "honest", "liar", "stall", "drop", "huge"
+BIG = "big"  # an honest backend whose answers the memory budget has no room for
 
 
 @dataclass
@@ -75,6 +77,8 @@ class FakeUpstream:
             raise UpstreamConnectError("backend closed the connection")
         if kind == HUGE:
             raise UpstreamTooLarge("answer body over 16777216 bytes")
+        if kind == BIG:
+            raise UpstreamOverBudget("the balancer's memory budget is spent")
         self.fleet.clock.now += 0.002
         # Honest backends name themselves in `node` (ignored by audits) and agree on the
         # result; a liar's result differs (its own, so two liars never agree).
@@ -239,6 +243,26 @@ async def test_a_quorum_larger_than_the_fleet_up_is_refused_without_a_try() -> N
     chosen, why = await b.quorum_read("GET", b"/work", [], b"", quorum=3)
     assert chosen is None and why == "quorum 3 needs 3 backends up, 2 are"
     assert fleet.sent == []
+
+
+async def test_a_try_the_memory_budget_gave_up_is_retried_and_teaches_nothing() -> None:
+    parts, fleet, (big, good) = fake_fleet([BIG, HONEST])
+    app = BalancerApp(parts.pop("settings"), **parts)
+    b = app.balancer
+    for i in range(6):
+        reply = await app.forward("GET", b"/work", f"key={i}".encode(), [], None, b"")
+        assert reply.status == 200
+    assert fleet.tries_of(big) >= 3  # every other first try, each retried on `good`
+    counters = b.metrics.backends[big]
+    assert sum(counters.outcomes.values()) == 0  # not counted against the backend ...
+    assert b.up == [big, good]  # ... nor taken out by passive health
+    assert b.policy.inflight.get(big, 0) == 0
+    parts, fleet, _ = fake_fleet([BIG, BIG])
+    app = BalancerApp(parts.pop("settings"), **parts)
+    reply = await app.forward("GET", b"/work", b"key=x", [], None, b"")
+    assert reply.status == 503  # no backend's answer fitted: the client is told why
+    assert "memory budget" in orjson.loads(reply.body)["error"]
+    assert app.balancer.metrics.requests["over_budget"] == 1
 
 
 CLIENT_HEADERS = [

@@ -52,7 +52,7 @@ from twlb.balancer.upstream import (
     normalize_backend_url,
 )
 
-from twlb.outcome import SUCCESS, Outcome
+from twlb.outcome import Outcome
 
 log = logging.getLogger("twlb.balancer")
 
@@ -335,7 +335,7 @@ class BalancerApp:
 
     def _no_answer(self, result: TryResult, outcomes: dict[str, int]) -> Reply:
         """The error answer to a request whose last try got no answer."""
-        if result.outcome is SUCCESS:  # given up by the balancer: its memory budget
+        if result.over_budget:  # given up by the balancer: its memory budget
             outcomes["over_budget"] += 1
             return json_reply(503, result.detail)
         outcomes["failed"] += 1
@@ -476,6 +476,7 @@ async def serve(app: BalancerApp, host: str, port: int) -> int | None:
     async with app.api.router.lifespan_context(app.api):
         open_files_for(app.limits.max_connections)
         server = HttpServer(app, app.limits, app.budget)
+        app.balancer.metrics.server = server
         await server.start(host, port)
         log.info("balancer listening on http://%s:%d", *(server.sockname or (host, port)))
         await stop.wait()

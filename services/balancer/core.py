@@ -85,9 +85,9 @@ class TryResult:
     outcome: Outcome
     response: UpstreamResponse | None
     latency_s: float
-    # Why there is no usable answer, when the caller should be told. A try with outcome
-    # SUCCESS and no response was given up by the balancer itself (its memory budget).
-    detail: str = ""
+    detail: str = ""  # why there is no usable answer, when the caller should be told
+    # Given up by the balancer itself (its memory budget): says nothing of the backend.
+    over_budget: bool = False
 
 
 class Balancer:
@@ -499,8 +499,9 @@ class Balancer:
             outcome = ERROR if response.status >= 500 else SUCCESS
         except UpstreamOverBudget as err:
             # The balancer's memory budget ran out while the answer arrived: the backend
-            # did nothing wrong, so no core learns from the try, and it is not retried.
-            outcome, detail, learn = SUCCESS, str(err), False
+            # did nothing wrong, so no core learns from the try (another backend's answer
+            # may be smaller: it is retried as a failed try is).
+            outcome, detail, learn = ERROR, str(err), False
         except UpstreamTimeout:
             outcome = TIMEOUT
         except UpstreamTooLarge as err:
@@ -514,16 +515,17 @@ class Balancer:
                 self.inflight[backend] -= 1
         latency = end - start
         if backend in self.pools:
+            if not learn:  # the policy's count of tries in flight, and nothing else
+                self.policy.on_end(backend, end, SUCCESS, latency)
+                return TryResult(backend, outcome, None, latency, detail, over_budget=True)
             self.policy.on_end(backend, end, outcome, latency)
-            if not learn:
-                return TryResult(backend, outcome, None, latency, detail)
             self.health.on_passive(backend, outcome, end)
             if outcome is not SUCCESS:
                 # A success only resets the passive run; a failure may take the backend out.
                 self._refresh_up()
             self.windows[backend].record_request(end, outcome, latency)
             self._counters[backend].observe(outcome, latency)
-        return TryResult(backend, outcome, response, latency, detail)
+        return TryResult(backend, outcome, response, latency, detail, over_budget=not learn)
 
     # ---------------------------------------------------------------- routing
     async def route(

@@ -7,9 +7,10 @@ write. Chosen by measurement over uvicorn for the proxy path (no ASGI scope, no 
 objects, no routing). What one client can take is bounded (docs/hostile-clients.md):
 
 - work: a connection's requests are answered one at a time, in order, one per turn of
-  the event loop when they were pipelined; at most `max_pipelined` are read ahead, and
-  input is handed to the parser `PARSE_SLICE` bytes at a time, so one write of a
-  thousand requests is parsed a slice per turn, not all at once;
+  the event loop when they were pipelined; at most `max_pipelined` are read ahead; its
+  input is handed to the parser `PARSE_SLICE` bytes at a time, and once it has taken
+  `TURN_S` of a turn of the loop the rest waits for the next turn (a write of a thousand
+  pipelined requests, or a body sent in 2-byte chunks, is parsed a little per turn);
 - memory: request bodies are held as one buffer and charged to the process's memory
   budget as they arrive (`memory.MemoryBudget`), so are answers a client leaves unread in
   its write buffer; a charge over the budget is refused with 503; a client that does not
@@ -35,11 +36,12 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from enum import StrEnum
 from http import HTTPStatus
+from time import perf_counter
 from typing import Any, Protocol
 
 import httptools
 import orjson
-from twlb.balancer.memory import MemoryBudget, PageReturner, grow
+from twlb.balancer.memory import MemoryBudget, PageReturner
 
 log = logging.getLogger("twlb.balancer")
 
@@ -78,9 +80,20 @@ _STATUS_LINES: dict[int, bytes] = {
 #: then, and each one read but not started, is answered 503.
 SHUTDOWN_GRACE_S = 10.0
 
-#: Bytes of input handed to the parser at once: a write of many small pipelined requests
-#: is parsed a slice at a time, so a loop turn parses at most about a slice's worth.
-PARSE_SLICE = 8 * 1024
+#: Bytes of input handed to the parser at once.
+PARSE_SLICE = 4 * 1024
+
+#: Loop time one connection's input may take in one turn of the event loop (checked
+#: between slices); the rest of what it sent is parsed in a later turn, after the other
+#: connections have had theirs.
+TURN_S = 0.0002
+
+#: Looks at connections' deadlines per second (each looks at a share of the connections).
+SWEEPS = 10
+
+#: A body without a length is charged to the memory budget in steps (its size doubled,
+#: at least this much), not at each chunk.
+BODY_STEP = 4 * 1024
 
 #: Answer bodies larger than this are written as a buffer of their own (not copied into
 #: one buffer with the head).
@@ -218,6 +231,7 @@ class _ClientConnection(asyncio.Protocol):
         self.paused = False  # reading paused: max_pipelined requests are queued
         self.write_paused = False  # the client's write buffer is over its high-water mark
         self.stash: bytes | memoryview | None = None  # input read, not parsed yet (charged)
+        self.later = False  # parsing of the stash goes on in the next turn of the loop
         self.buffered = 0  # bytes in the write buffer, charged to the budget
         self.sent_at = 0.0  # when the write buffer last shrank (or began to hold bytes)
         self.refusal: Reply | None = None
@@ -227,7 +241,8 @@ class _ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: bytes | bytearray = b""  # the first piece, then one growing buffer
-        self.size = 0  # body bytes read (charged to the budget)
+        self.size = 0  # body bytes read
+        self.reserved = 0  # bytes of the body charged to the budget (at least `size`)
         self.declared = 0  # Content-Length
         self.hosts = 0  # Host headers
         self.expect = False
@@ -331,21 +346,34 @@ class _ClientConnection(asyncio.Protocol):
             self._break(_refusal_431(self.limits.max_head_bytes))
 
     def _feed_slices(self, data: bytes | memoryview) -> None:
-        """Parse `data` a slice at a time while fewer than `max_pipelined` requests wait;
-        hold the rest until the answers catch up."""
+        """Parse `data` a slice at a time while fewer than `max_pipelined` requests wait
+        (the rest is held until the answers catch up) and for at most TURN_S (the rest is
+        held for the next turn of the loop)."""
         view = memoryview(data)
         end = len(view)
         at = 0
         most = self.limits.max_pipelined
+        until = perf_counter() + TURN_S
         while at < end:
-            if len(self.pending) > most:
-                self._hold(view[at:])
-                return
             state = self.state
             if state is _DRAINING or state is _CLOSED:
                 return
+            if len(self.pending) > most:
+                self._hold(view[at:])
+                return
+            if at and perf_counter() > until:
+                self._hold(view[at:])
+                if not self.later:
+                    self.later = True
+                    self.server.loop.call_soon(self._next_turn)
+                return
             self._feed(view[at : at + PARSE_SLICE])
             at += PARSE_SLICE
+
+    def _next_turn(self) -> None:
+        self.later = False
+        if len(self.pending) <= self.limits.max_pipelined:
+            self._resume_input()
 
     def _hold(self, data: bytes | memoryview) -> None:
         """Keep input for later (reading is paused meanwhile), charged to the budget."""
@@ -357,7 +385,8 @@ class _ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_input(self) -> None:
-        """The queue is half empty: parse held input, then read again once none is left."""
+        """Parse held input (as much as this turn allows), then read again once none is
+        left and the queue has room."""
         stash = self.stash
         if stash is not None:
             self.stash = None
@@ -376,6 +405,7 @@ class _ClientConnection(asyncio.Protocol):
         self.headers = []
         self.body = b""
         self.size = 0
+        self.reserved = 0
         self.declared = 0
         self.hosts = 0
         self.head_bytes = 0
@@ -442,26 +472,40 @@ class _ClientConnection(asyncio.Protocol):
             self.refusal = self.app.too_large()
             raise ValueError("too large")
         budget = self.budget
-        if budget.used + declared > budget.limit or budget.used >= budget.limit:
-            budget.refused += 1
+        if budget.used >= budget.limit or not budget.take(declared, declared):
             self.refusal = self.app.over_budget(budget.refusal())
             raise ValueError("over budget")
+        self.reserved = declared  # a body with a length is charged whole, before it comes
         self.body_started = self.server.clock
         if self.expect and not self.pending and not self.busy:
             # Nothing is being answered on this connection, so the interim answer is in order.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
-        n = len(body)
-        size = self.size + n
+        size = self.size + len(body)
+        if size > self.reserved:
+            self._reserve(size)
+        self.size = size
+        # Inline, as memory.grow (a body in 2-byte chunks calls this for every 2 bytes).
+        held = self.body
+        if type(held) is bytearray:
+            held += body
+        elif held:
+            self.body = bytearray(held) + body
+        else:
+            self.body = body
+
+    def _reserve(self, size: int) -> None:
+        """Charge more of a body without a length to the budget: double what is charged
+        (at least BODY_STEP, at most the body limit); refuse past either limit."""
         if size > self.limit:
             self.refusal = self.app.too_large()
             raise ValueError("too large")
-        if not self.budget.take(n):
+        want = min(max(size, 2 * self.reserved, BODY_STEP), self.limit)
+        if not self.budget.take(want - self.reserved, want):
             self.refusal = self.app.over_budget(self.budget.refusal())
             raise ValueError("over budget")
-        self.size = size
-        self.body = grow(self.body, body)
+        self.reserved = want
 
     def on_message_complete(self) -> None:
         body = self.body
@@ -469,7 +513,9 @@ class _ClientConnection(asyncio.Protocol):
         if type(body) is bytearray:
             body = bytes(body)
         self.body = b""
-        self.size = 0  # the charge goes with the request; given back once it is answered
+        # The request holds a charge of its body's size, given back once it is answered.
+        self.budget.used -= self.reserved - self.size
+        self.size = self.reserved = 0
         self.server.waiting.pop(self, None)
         self._queue(
             _Parsed(
@@ -501,9 +547,9 @@ class _ClientConnection(asyncio.Protocol):
     def _drop_input(self) -> None:
         """Forget the body being read and any held input, giving back their charges."""
         budget = self.budget
-        if self.size:
-            budget.used -= self.size
-            self.size = 0
+        if self.reserved:
+            budget.used -= self.reserved
+        self.size = self.reserved = 0
         self.body = b""
         if self.stash is not None:
             budget.used -= len(self.stash)
@@ -787,20 +833,29 @@ class HttpServer:
         self.date_line = b""
         self.clock = self.loop.time()
         self._clock: asyncio.TimerHandle | None = None
+        self._sweep: list[_ClientConnection] = []  # connections left to look at this second
+        self._ticks = 0
         self._tick()
 
     def _tick(self) -> None:
-        """Once a second: the Date header, the coarse clock, every connection's deadlines,
-        and memory given back once a load has passed."""
-        # Backends' Date headers are dropped (as hop-specific as Server), so the balancer
-        # dates its answers itself (RFC 9110 section 6.6.1), at a second's resolution.
-        self.date_line = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
+        """Ten times a second: the coarse clock, and a tenth of the connections' deadlines
+        looked at (every connection once a second, and never 10,000 in one turn of the
+        loop); once a second the Date header, and memory given back once a load passed."""
         self.clock = now = self.loop.time()
+        if self._ticks % SWEEPS == 0:
+            # Backends' Date headers are dropped (as hop-specific as Server), so the balancer
+            # dates its answers itself (RFC 9110 section 6.6.1), at a second's resolution.
+            self.date_line = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
+            self.pages.poll(self.loop)
+            self._sweep = list(self.connections)
+        self._ticks += 1
+        sweep = self._sweep
         limits = self.limits
-        for conn in list(self.connections):
-            conn.check_deadlines(now, limits)
-        self.pages.poll(self.loop)
-        self._clock = self.loop.call_later(1.0, self._tick)
+        for _ in range(min(len(sweep), -(-len(self.connections) // SWEEPS))):
+            conn = sweep.pop()
+            if not conn.closed:
+                conn.check_deadlines(now, limits)
+        self._clock = self.loop.call_later(1.0 / SWEEPS, self._tick)
 
     def evict(self) -> bool:
         """Close the connection that has waited longest for its client; False if none

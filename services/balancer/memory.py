@@ -9,7 +9,10 @@ and the request or try that asked for it fails with a 503 that says so: the proc
 growing instead of growing until the kernel kills it.
 
 A charge that may be refused is `take`; bytes already held (a write buffer, input read
-ahead) are charged with `force`; what is given back is subtracted from `used`.
+ahead) are charged with `force`; what is given back is subtracted from `used`. A body
+larger than `SMALL_BODY_BYTES` may use only seven eighths of the budget: the last eighth
+stays for the small requests and answers that are nearly all the traffic, so a flood of
+large answers is refused before it can starve them.
 
 Freed memory does not by itself go back to the system: glibc's allocator keeps freed
 heap pages, and raises its mmap threshold after each large block is freed, so later large
@@ -33,24 +36,33 @@ _M_MMAP_THRESHOLD = -3
 #: Blocks at least this large are mapped on their own and unmapped when freed.
 MMAP_THRESHOLD = 256 * 1024
 
+#: Bodies up to this size may use the whole budget; larger ones seven eighths of it.
+SMALL_BODY_BYTES = 64 * 1024
+
 
 class MemoryBudget:
     """Bytes in flight against one limit; `high` is the most held since `high` was reset."""
 
-    __slots__ = ("limit", "used", "high", "refused")
+    __slots__ = ("limit", "large_limit", "used", "high", "refused")
 
     def __init__(self, limit: int) -> None:
         if limit <= 0:
             raise ValueError(f"a memory budget must be positive, got {limit}")
         self.limit = limit
+        self.large_limit = limit - limit // 8  # what bodies over SMALL_BODY_BYTES may use
         self.used = 0
         self.high = 0
         self.refused = 0  # charges refused since start
 
-    def take(self, n: int) -> bool:
-        """Charge `n` bytes if they fit; False (and nothing charged) if they do not."""
+    def fits(self, n: int, body: int) -> bool:
+        """Whether `n` more bytes of a body that would then be `body` bytes fit."""
+        return self.used + n <= (self.limit if body <= SMALL_BODY_BYTES else self.large_limit)
+
+    def take(self, n: int, body: int) -> bool:
+        """Charge `n` bytes of a body that is then `body` bytes, if they fit; False (and
+        nothing charged) if they do not."""
         used = self.used + n
-        if used > self.limit:
+        if used > (self.limit if body <= SMALL_BODY_BYTES else self.large_limit):
             self.refused += 1
             return False
         self.used = used

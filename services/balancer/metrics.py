@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -141,6 +142,13 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+class ServerStats(Protocol):
+    """What the metrics read from the balancer's HTTP server (`http_server.HttpServer`)."""
+
+    connections: Sized
+    evicted: int
+
+
 @dataclass(frozen=True)
 class LiveView:
     """What the scrape-time collector reads from the running balancer."""
@@ -188,6 +196,7 @@ class BalancerMetrics(Collector):
     def __init__(self, view: Callable[[], LiveView], memory: MemoryBudget | None = None) -> None:
         self._view = view
         self.memory = memory
+        self.server: ServerStats | None = None  # set once the HTTP server runs
         self.requests = dict.fromkeys(REQUEST_OUTCOMES, 0)
         self.retries = 0
         self.retries_refused = 0
@@ -348,3 +357,16 @@ class BalancerMetrics(Collector):
             )
             refused.add_metric([], memory.refused)
             yield from (budget, refused)
+        server = self.server
+        if server is not None:
+            open_ = GaugeMetricFamily(
+                "twlb_balancer_client_connections", "Open client connections."
+            )
+            open_.add_metric([], len(server.connections))
+            evicted = CounterMetricFamily(
+                "twlb_balancer_client_connections_evicted",
+                "Client connections closed at the connection cap to make room for a new one "
+                "(each had waited longest for its client).",
+            )
+            evicted.add_metric([], server.evicted)
+            yield from (open_, evicted)

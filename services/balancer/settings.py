@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from twlb.balancer.http_server import ServerLimits
 from twlb.balancer.upstream import (  # noqa: F401 (IDEMPOTENT_METHODS: re-exported)
     IDEMPOTENT_METHODS,
@@ -171,14 +171,6 @@ class BalancerSettings(BalancerTunables):
         description="Most open client connections; past it a new one takes the place of the "
         "connection that has waited longest for its client (408), or gets 503 if none waits.",
     )
-    memory_budget_bytes: int = Field(
-        256 << 20,
-        ge=1 << 20,
-        le=1 << 40,
-        description="Bytes of requests and answers the process may hold in flight (bodies "
-        "being received, answers being read from backends, answers a client has not read); "
-        "what would pass it is refused with 503.",
-    )
     trusted_proxies: Annotated[tuple[str, ...], Flag("--trusted-proxy", param="trusted_proxy")] = (
         Field(
             default=(),
@@ -212,6 +204,14 @@ class BalancerSettings(BalancerTunables):
         le=1 << 30,
         description="Largest answer body a backend may send (buffered whole for audits); more "
         "fails the try as a bad upstream, never streamed to the client.",
+    )
+    memory_budget_bytes: int = Field(
+        256 << 20,
+        ge=1 << 20,
+        le=1 << 40,
+        description="Bytes of requests and answers the process may hold in flight (bodies "
+        "being received, answers being read from backends, answers a client has not read); "
+        "what would pass it is refused with 503.",
     )
     health_max_bytes: int = Field(
         4096,
@@ -251,6 +251,19 @@ class BalancerSettings(BalancerTunables):
             if norm not in out:
                 out.append(norm)
         return tuple(out)
+
+    @field_validator("memory_budget_bytes")
+    @classmethod
+    def _budget_holds_one_largest_body(cls, value: int, info: ValidationInfo) -> int:
+        largest = max(
+            info.data.get("max_body_bytes", 0), info.data.get("upstream_max_body_bytes", 0)
+        )
+        if value < largest:
+            raise ValueError(
+                f"must hold at least the largest body the balancer admits, {largest} bytes "
+                "(max_body_bytes, upstream_max_body_bytes)"
+            )
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -308,16 +321,6 @@ class BalancerSettings(BalancerTunables):
     @classmethod
     def _empty_token_is_none(cls, value: str | None) -> str | None:
         return value or None
-
-    @model_validator(mode="after")
-    def _budget_holds_one_largest_body(self) -> BalancerSettings:
-        largest = max(self.max_body_bytes, self.upstream_max_body_bytes)
-        if self.memory_budget_bytes < largest:
-            raise ValueError(
-                f"memory_budget_bytes ({self.memory_budget_bytes}) must hold at least the "
-                f"largest body it admits ({largest}: max_body_bytes, upstream_max_body_bytes)"
-            )
-        return self
 
     @model_validator(mode="after")
     def _oracle_needs_truth(self) -> BalancerSettings:

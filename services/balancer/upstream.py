@@ -286,7 +286,7 @@ class _Connection(asyncio.Protocol):
         if size > self._limits.max_body_bytes:
             self._refused = _TOO_LARGE
             raise ValueError("body too large")  # the parser raises HttpParserError
-        if self._budget is not None and not self._budget.take(n):
+        if self._budget is not None and not self._budget.take(n, size):
             self._refused = _OVER_BUDGET
             raise ValueError("over the memory budget")
         self._body_bytes = size

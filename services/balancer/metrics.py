@@ -25,6 +25,7 @@ import asyncio
 import math
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
+from itertools import accumulate
 from time import perf_counter
 from typing import Protocol
 
@@ -132,14 +133,51 @@ _HEADS = tuple(_head(*family) for family in BACKEND_FAMILIES)
 _BUCKET_BOUNDS = tuple(floatToGoString(b) for b in (*DURATION_BUCKETS, math.inf))
 
 
-def _float(value: float) -> str:
-    """A sample value as the exposition writes it (Go's spelling of the infinities)."""
-    return repr(value) if math.isfinite(value) else floatToGoString(value)
-
-
 def _label(value: str) -> str:
-    """A label value escaped for the text format."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    """A label value escaped for the text format, and for `%` formatting."""
+    escaped = value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return escaped.replace("%", "%%")
+
+
+class _BackendText:
+    """One backend's lines of each family, with `%` fields for the values: written once
+    per backend, filled in at each scrape (one formatting per family, not per line).
+    Floats are written as Python's repr (`nan`, `inf`: Prometheus reads them as Go's
+    ParseFloat does, whatever the case)."""
+
+    __slots__ = (
+        "label", "tries", "duration", "checks", "mismatches", "ejections", "readmissions",
+        "holds", "trust", "up", "held", "_feature_names", "_features",
+    )  # fmt: skip
+
+    def __init__(self, url: str) -> None:
+        b = self.label = f'{{backend="{_label(url)}"'
+        name = "twlb_balancer_upstream_requests_total"
+        self.tries = "".join(f'{name}{b},outcome="{o.value}"}} %d\n' for o in Outcome)
+        name = "twlb_balancer_upstream_duration_seconds"
+        self.duration = "".join(f'{name}_bucket{b},le="{le}"}} %d\n' for le in _BUCKET_BOUNDS)
+        self.duration += f"{name}_count{b}}} %d\n{name}_sum{b}}} %r\n"
+        self.checks = f"twlb_balancer_audit_checks_total{b}}} %d\n"
+        self.mismatches = f"twlb_balancer_audit_mismatches_total{b}}} %d\n"
+        name = "twlb_balancer_ejections_total"
+        self.ejections = "".join(f'{name}{b},reason="{r.value}"}} %d\n' for r in EjectionReason)
+        self.readmissions = f"twlb_balancer_readmissions_total{b}}} %d\n"
+        self.holds = f"twlb_balancer_holds_total{b}}} %d\n"
+        self.trust = f"twlb_balancer_trust{b}}} %r\n"
+        self.up = f"twlb_balancer_backend_up{b}}} %r\n"
+        self.held = f"twlb_balancer_held{b}}} %r\n"
+        self._feature_names: tuple[str, ...] = ()
+        self._features = ""
+
+    def features(self, names: tuple[str, ...]) -> str:
+        """The feature lines for these feature names, in this order."""
+        if names != self._feature_names:
+            b = self.label
+            self._feature_names = names
+            self._features = "".join(
+                f'twlb_balancer_feature{b},feature="{_label(n)}"}} %r\n' for n in names
+            )
+        return self._features
 
 
 class ServerStats(Protocol):
@@ -207,7 +245,7 @@ class BalancerMetrics(Collector):
         self.trust_tick_overruns = 0
         # The counters of every backend in the fleet (dropped with it: `forget`).
         self.backends: dict[str, BackendCounters] = {}
-        self._labels: dict[str, str] = {}  # `{backend="<url>"` of each, escaped once
+        self._texts: dict[str, _BackendText] = {}  # each backend's lines, values to fill in
         self.registry = CollectorRegistry()
         self.registry.register(self)
         self._exposition: bytes | None = None
@@ -225,7 +263,7 @@ class BalancerMetrics(Collector):
     def forget(self, url: str) -> None:
         """A backend left the fleet: its series go with it."""
         self.backends.pop(url, None)
-        self._labels.pop(url, None)
+        self._texts.pop(url, None)
 
     async def scrape(self) -> bytes:
         """The exposition: the last rendering if it is recent, else a new one (one at a
@@ -273,42 +311,35 @@ class BalancerMetrics(Collector):
         self._render_cost = spent + perf_counter() - began
         return exposition
 
-    def _label_of(self, url: str) -> str:
-        label = self._labels.get(url)
-        if label is None:
-            label = self._labels[url] = f'{{backend="{_label(url)}"'
-        return label
+    def _text_of(self, url: str) -> _BackendText:
+        text = self._texts.get(url)
+        if text is None:
+            text = self._texts[url] = _BackendText(url)
+        return text
 
     def _counter_lines(self, url: str, c: BackendCounters, out: list[list[str]]) -> None:
-        b = self._label_of(url)
+        t = self._text_of(url)
         tries, duration, checks, mismatches, ejections, readmissions, holds = out[:7]
-        name = "twlb_balancer_upstream_requests_total"
-        for outcome, n in c.outcomes.items():
-            tries.append(f'{name}{b},outcome="{outcome.value}"}} {n}\n')
-        name = "twlb_balancer_upstream_duration_seconds"
-        total = 0
-        for le, n in zip(_BUCKET_BOUNDS, c.duration.counts, strict=True):
-            total += n
-            duration.append(f'{name}_bucket{b},le="{le}"}} {total}\n')
-        duration.append(f"{name}_count{b}}} {total}\n{name}_sum{b}}} {_float(c.duration.sum)}\n")
-        checks.append(f"twlb_balancer_audit_checks_total{b}}} {c.audits}\n")
-        mismatches.append(f"twlb_balancer_audit_mismatches_total{b}}} {c.mismatches}\n")
-        name = "twlb_balancer_ejections_total"
-        for reason, n in c.ejections.items():
-            ejections.append(f'{name}{b},reason="{reason.value}"}} {n}\n')
-        readmissions.append(f"twlb_balancer_readmissions_total{b}}} {c.readmissions}\n")
-        holds.append(f"twlb_balancer_holds_total{b}}} {c.holds}\n")
+        tries.append(t.tries % tuple(c.outcomes.values()))
+        buckets = tuple(accumulate(c.duration.counts))
+        duration.append(t.duration % (*buckets, buckets[-1], c.duration.sum))
+        checks.append(t.checks % c.audits)
+        mismatches.append(t.mismatches % c.mismatches)
+        ejections.append(t.ejections % tuple(c.ejections.values()))
+        readmissions.append(t.readmissions % c.readmissions)
+        holds.append(t.holds % c.holds)
 
     def _view_lines(self, url: str, view: LiveView, out: list[list[str]]) -> None:
-        b = self._label_of(url)
+        t = self._text_of(url)
         trust, up, feature, held = out[7:]
-        trust.append(f"twlb_balancer_trust{b}}} {_float(float(view.trust[url]))}\n")
+        trust.append(t.trust % float(view.trust[url]))
         if url in view.up:
-            up.append(f"twlb_balancer_backend_up{b}}} {1.0 if view.up[url] else 0.0}\n")
-        for name, value in view.features.get(url, {}).items():
-            feature.append(f'twlb_balancer_feature{b},feature="{name}"}} {_float(float(value))}\n')
+            up.append(t.up % (1.0 if view.up[url] else 0.0))
+        values = view.features.get(url)
+        if values:
+            feature.append(t.features(tuple(values)) % tuple(map(float, values.values())))
         if url in view.held:
-            held.append(f"twlb_balancer_held{b}}} {1.0 if view.held[url] else 0.0}\n")
+            held.append(t.held % (1.0 if view.held[url] else 0.0))
 
     def collect(self) -> Iterable[Metric]:
         """The fleet's totals (the per-backend series are written by `render`)."""

@@ -43,7 +43,8 @@ import orjson
 import psutil
 from rich.console import Console
 from rich.table import Table
-from twlb.backend.cli import server_config
+from twlb.backend.server import server_config
+from twlb.backend.settings import BackendSettings
 from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 from twlb.work import digest
@@ -344,7 +345,8 @@ def serve_bare(host: str, port: int, flavour: str) -> None:
     import uvicorn
 
     # The same server settings `twlb backend` uses, so only the app differs.
-    uvicorn.Server(server_config(BARE_APPS[flavour](), host, port, "warning")).run()
+    limits = BackendSettings().head_limits
+    uvicorn.Server(server_config(BARE_APPS[flavour](), host, port, "warning", limits)).run()
 
 
 if __name__ == "__main__":

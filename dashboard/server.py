@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -38,8 +39,13 @@ log = logging.getLogger("twlb.dashboard")
 POLL_TIMEOUT_S = 1.0
 #: Bytes of the chaos log read in one round (a long log is caught up over rounds).
 CHAOS_READ_BYTES = 64 * 1024
-#: Page connections served at once; more get 503 (each holds one stream open).
+#: Page streams served at once. A page past it takes the place of the oldest stream of
+#: the address that holds the most (its own oldest, if it holds as many): streams that
+#: never read, from one address, cannot keep other addresses' pages out.
 MAX_STREAMS = 32
+#: Seconds one push to a page may wait for the page to read; a page that reads nothing
+#: is dropped then.
+STREAM_WRITE_TIMEOUT_S = 10.0
 #: The files the page is made of, served from the package's static/ folder.
 STATIC = {
     "index.html": "text/html",
@@ -57,6 +63,26 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 POLLER = web.AppKey("poller", asyncio.Task)
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    """One page's open event stream: who it is for, and the task serving it."""
+
+    peer: str
+    task: asyncio.Task
+    request: web.Request
+
+    def gone(self) -> bool:
+        """Whether the page has closed its connection (found out before the next push)."""
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    def end(self) -> None:
+        """Drop the page's connection and stop serving it."""
+        if self.request.transport is not None:
+            self.request.transport.abort()
+        self.task.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +265,7 @@ class Dashboard:
         self.view = ClusterView()
         self.generation = 0
         self.last_frame: bytes = b""
-        self.streams = 0
+        self._streams: list[_Stream] = []  # oldest first
         self._changed: asyncio.Condition | None = None
         self.static = {
             name: (files("twlb.dashboard") / "static" / name).read_bytes() for name in STATIC
@@ -300,6 +326,27 @@ class Dashboard:
         """Serving (the cluster it shows may be down: the page says so, not this probe)."""
         return web.json_response({"status": "ok", "streams": self.streams})
 
+    @property
+    def streams(self) -> int:
+        return len(self._streams)
+
+    def _make_room(self, peer: str) -> bool:
+        """At the bound, end the oldest stream of the address holding the most (the new
+        page's own address when it holds as many); False when there is none to end."""
+        self._streams = [s for s in self._streams if not s.gone()]
+        while len(self._streams) >= MAX_STREAMS:
+            if not self._streams:
+                return False
+            counts = Counter(s.peer for s in self._streams)
+            most = max(counts.values())
+            holder = peer
+            if counts.get(peer, 0) < most:
+                holder = next(s.peer for s in self._streams if counts[s.peer] == most)
+            victim = next(s for s in self._streams if s.peer == holder)
+            self._streams.remove(victim)
+            victim.end()
+        return True
+
     async def _index(self, _request: web.Request) -> web.Response:
         return self._file("index.html")
 
@@ -328,26 +375,35 @@ class Dashboard:
         return self.generation != generation
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        if self.streams >= MAX_STREAMS:
+        peer = request.remote or ""
+        if not self._make_room(peer):
             raise web.HTTPServiceUnavailable(text=f"at most {MAX_STREAMS} pages at once")
         assert self._changed is not None
+        task = asyncio.current_task()
+        assert task is not None
+        stream = _Stream(peer, task, request)
+        self._streams.append(stream)
         resp = web.StreamResponse(headers={**SECURITY_HEADERS, "Content-Type": "text/event-stream"})
-        self.streams += 1
         try:
             await resp.prepare(request)
             seen = self.generation
-            await resp.write(b"retry: 2000\n\n" + _sse("snapshot", self.view.snapshot()))
+            first = b"retry: 2000\n\n" + _sse("snapshot", self.view.snapshot())
+            await asyncio.wait_for(resp.write(first), STREAM_WRITE_TIMEOUT_S)
             while True:
                 async with self._changed:
                     await self._changed.wait_for(functools.partial(self._newer_than, seen))
                 missed = self.generation - seen > 1  # a slow page: start it afresh
                 seen = self.generation
                 chunk = _sse("snapshot", self.view.snapshot()) if missed else self.last_frame
-                await resp.write(chunk)
+                await asyncio.wait_for(resp.write(chunk), STREAM_WRITE_TIMEOUT_S)
         except ConnectionResetError:
             pass  # the page went away
+        except TimeoutError:  # the page reads nothing
+            if request.transport is not None:
+                request.transport.abort()
         finally:
-            self.streams -= 1
+            if stream in self._streams:
+                self._streams.remove(stream)
         return resp
 
 

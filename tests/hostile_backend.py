@@ -5,16 +5,23 @@ Modes (`/ready` always answers 200 "ok"; every other path but /healthz answers b
 - endless-health: /healthz streams an endless chunked body;
 - trickle-health: /healthz trickles one byte every 0.2 s, forever;
 - huge-body: every other path answers 200 with a 500 MB body (Content-Length set);
+- huge-unless-good: /work with a key starting "good" is answered right (the work
+  contract's JSON), every other request as in huge-body;
 - endless-body: every other path answers 200 with an endless chunked body;
 - huge-head: every other path answers with a 64 MiB header line;
 - many-headers: every other path answers with 100,000 header lines.
-The balancer must read none of these whole. Used by tests/test_hostile_backends.py.
+The balancer must read none of these whole. Used by tests/test_hostile_backends.py and
+tests/test_hostile_clients.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from urllib.parse import parse_qsl, urlsplit
+
+from twlb.work import digest
 
 CHUNK = b"x" * 65536
 
@@ -49,7 +56,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mod
                 )
             elif health or mode.endswith("-health"):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            elif mode == "huge-body":
+            elif mode == "huge-unless-good" and (good := _good_work(path)) is not None:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(good), good))
+            elif mode in ("huge-body", "huge-unless-good"):
                 await _send_forever(
                     writer, b"HTTP/1.1 200 OK\r\nContent-Length: 500000000\r\n\r\n", CHUNK, 0
                 )
@@ -69,6 +78,18 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mod
         pass
     finally:
         writer.close()
+
+
+def _good_work(target: bytes) -> bytes | None:
+    """The right answer to GET /work?key=good...; None for any other request."""
+    parts = urlsplit(target.decode("latin-1"))
+    query = dict(parse_qsl(parts.query))
+    key = query.get("key", "")
+    if parts.path != "/work" or not key.startswith("good"):
+        return None
+    rounds = int(query.get("rounds", "1"))
+    answer = {"node": "selective", "key": key, "rounds": rounds, "digest": digest(key, rounds)}
+    return json.dumps(answer).encode()
 
 
 async def main(port: int, mode: str) -> None:

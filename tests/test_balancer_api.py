@@ -80,7 +80,8 @@ def site(group: ServiceGroup) -> Site:
     second = group.start("backend", "--no-simulation", "--node-id", "second", *quiet)
     balancer = group.start(
         "balancer", "--backend", first, "--admin-token", TOKEN, "--max-body-bytes", "100",
-        "--policy", "trust", "--window", "2", "--health-interval", "0.2", *quiet,
+        "--policy", "trust", "--window", "2", "--health-interval", "0.2", "--backend-header",
+        *quiet,
         # the routing shares these tests expect are the documented heuristic's
         "--model", "heuristic",
     )  # fmt: skip

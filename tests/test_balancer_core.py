@@ -21,6 +21,7 @@ from twlb.balancer.core import FLEET_SETTLED_S, Balancer
 from twlb.balancer.settings import BalancerSettings
 from twlb.balancer.upstream import (
     UpstreamConnectError,
+    UpstreamOverBudget,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamTooLarge,
@@ -30,6 +31,7 @@ from twlb.outcome import Outcome
 from twlb.spec import PolicyName
 
 HONEST, LIAR, STALL, DROP, HUGE = "honest", "liar", "stall", "drop", "huge"
+BIG = "big"  # an honest backend whose answers the memory budget has no room for
 
 
 @dataclass
@@ -75,6 +77,8 @@ class FakeUpstream:
             raise UpstreamConnectError("backend closed the connection")
         if kind == HUGE:
             raise UpstreamTooLarge("answer body over 16777216 bytes")
+        if kind == BIG:
+            raise UpstreamOverBudget("the balancer's memory budget is spent")
         self.fleet.clock.now += 0.002
         # Honest backends name themselves in `node` (ignored by audits) and agree on the
         # result; a liar's result differs (its own, so two liars never agree).
@@ -241,25 +245,78 @@ async def test_a_quorum_larger_than_the_fleet_up_is_refused_without_a_try() -> N
     assert fleet.sent == []
 
 
-async def test_hop_and_balancer_headers_stay_here_and_the_client_joins_x_forwarded_for() -> None:
+async def test_a_try_the_memory_budget_gave_up_is_retried_and_teaches_nothing() -> None:
+    parts, fleet, (big, good) = fake_fleet([BIG, HONEST])
+    app = BalancerApp(parts.pop("settings"), **parts)
+    b = app.balancer
+    for i in range(6):
+        reply = await app.forward("GET", b"/work", f"key={i}".encode(), [], None, b"")
+        assert reply.status == 200
+    assert fleet.tries_of(big) >= 3  # every other first try, each retried on `good`
+    counters = b.metrics.backends[big]
+    assert sum(counters.outcomes.values()) == 0  # not counted against the backend ...
+    assert b.up == [big, good]  # ... nor taken out by passive health
+    assert b.policy.inflight.get(big, 0) == 0
+    parts, fleet, _ = fake_fleet([BIG, BIG])
+    app = BalancerApp(parts.pop("settings"), **parts)
+    reply = await app.forward("GET", b"/work", b"key=x", [], None, b"")
+    assert reply.status == 503  # no backend's answer fitted: the client is told why
+    assert "memory budget" in orjson.loads(reply.body)["error"]
+    assert app.balancer.metrics.requests["over_budget"] == 1
+
+
+CLIENT_HEADERS = [
+    (b"host", b"lb.example:8080"),
+    (b"connection", b"keep-alive, x-secret-hop"),
+    (b"x-secret-hop", b"for this hop only"),
+    (b"keep-alive", b"timeout=5"),
+    (b"x-twlb-key", b"k1"),
+    (b"x-twlb-anything", b"internal"),
+    (b"x-forwarded-for", b"203.0.113.7"),
+    (b"forwarded", b"for=203.0.113.7;proto=https"),
+    (b"x-real-ip", b"203.0.113.7"),
+    (b"accept", b"application/json"),
+]
+
+
+async def test_hop_and_balancer_headers_stay_here_and_forwarding_headers_are_the_balancers() -> (
+    None
+):
     parts, fleet, _ = fake_fleet([HONEST])
     app = BalancerApp(parts.pop("settings"), **parts)
-    headers = [
-        (b"connection", b"keep-alive, x-secret-hop"),
-        (b"x-secret-hop", b"for this hop only"),
-        (b"keep-alive", b"timeout=5"),
-        (b"x-twlb-key", b"k1"),
-        (b"x-twlb-anything", b"internal"),
-        (b"x-forwarded-for", b"203.0.113.7"),
-        (b"accept", b"application/json"),
-    ]
-    reply = await app.forward("GET", b"/work", b"key=1", headers, "127.0.0.9", b"")
+    reply = await app.forward("GET", b"/work", b"key=1", CLIENT_HEADERS, "127.0.0.9", b"")
     assert reply.status == 200
     (sent,) = fleet.headers
+    # A client's own forwarding headers are claims anyone can write: replaced.
     assert sent == [
         (b"accept", b"application/json"),
-        (b"x-forwarded-for", b"203.0.113.7, 127.0.0.9"),
+        (b"x-forwarded-for", b"127.0.0.9"),
+        (b"forwarded", b'for=127.0.0.9;host="lb.example:8080";proto=http'),
     ]
+
+
+async def test_a_trusted_proxys_forwarding_chains_are_kept_and_extended() -> None:
+    parts, fleet, _ = fake_fleet([HONEST], trusted_proxies=("127.0.0.0/8", "::1"))
+    app = BalancerApp(parts.pop("settings"), **parts)
+    await app.forward("GET", b"/work", b"key=1", CLIENT_HEADERS, "127.0.0.9", b"")
+    await app.forward("GET", b"/work", b"key=2", CLIENT_HEADERS, "::1", b"")
+    await app.forward("GET", b"/work", b"key=3", CLIENT_HEADERS, "10.1.2.3", b"")
+    trusted_v4, trusted_v6, untrusted = fleet.headers
+    assert trusted_v4 == [
+        (b"x-real-ip", b"203.0.113.7"),
+        (b"accept", b"application/json"),
+        (b"x-forwarded-for", b"203.0.113.7, 127.0.0.9"),
+        (
+            b"forwarded",
+            b'for=203.0.113.7;proto=https, for=127.0.0.9;host="lb.example:8080";proto=http',
+        ),
+    ]
+    assert trusted_v6[-1] == (
+        b"forwarded",
+        b'for=203.0.113.7;proto=https, for="[::1]";host="lb.example:8080";proto=http',
+    )
+    assert (b"x-forwarded-for", b"10.1.2.3") in untrusted
+    assert (b"x-real-ip", b"203.0.113.7") not in untrusted
 
 
 async def test_failing_health_checks_take_a_backend_out_and_passing_ones_keep_the_rest() -> None:

@@ -4,6 +4,7 @@ stream, its bounds, and the control token never leaving the server."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -103,6 +104,56 @@ def test_streams_beyond_the_bound_get_503(running, monkeypatch):
     monkeypatch.setattr(dashboard_server, "MAX_STREAMS", 0)
     r = httpx.get(page.url + "api/events", timeout=5.0)
     assert r.status_code == 503
+
+
+def _silent_streams(page_url: str, count: int, source: str) -> list[socket.socket]:
+    """`count` event streams opened from `source` that never read a byte."""
+    host, port = page_url.split("//")[1].rstrip("/").split(":")
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0))
+        sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: page\r\n\r\n")
+        held.append(sock)
+    return held
+
+
+def _streams(page_url: str) -> int:
+    return httpx.get(page_url + "healthz", timeout=5).json()["streams"]
+
+
+def test_streams_that_never_read_cannot_keep_a_page_out(running):
+    _, page = running
+    url = page.url + "api/events"
+    # A full house of streams that read nothing, from the page's own address: a new page
+    # takes the place of the oldest of them.
+    silent = _silent_streams(page.url, dashboard_server.MAX_STREAMS, "127.0.0.1")
+    try:
+        deadline = time.monotonic() + 10
+        while _streams(page.url) < dashboard_server.MAX_STREAMS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _streams(page.url) == dashboard_server.MAX_STREAMS
+        assert [e for e, _ in _sse_events(url, 2)] == ["snapshot", "frame"]
+    finally:
+        for sock in silent:
+            sock.close()
+    # From another address they displace their own oldest, never a page of this one.
+    silent = _silent_streams(page.url, dashboard_server.MAX_STREAMS - 1, "127.0.0.2")
+    try:
+        with httpx.stream("GET", url, timeout=10.0) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("event: ")) == "event: snapshot"
+            more = _silent_streams(page.url, 8, "127.0.0.2")
+            silent += more
+            frames = 0
+            for line in lines:  # the page still gets its frames
+                frames += line == "event: frame"
+                if frames == 3:
+                    break
+            assert frames == 3
+            assert _streams(page.url) == dashboard_server.MAX_STREAMS
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 def test_the_page_follows_a_fault_switched_through_the_runtime(running):

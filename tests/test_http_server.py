@@ -24,36 +24,66 @@ from twlb.balancer.http_server import (
     ServerLimits,
     json_reply,
 )
+from twlb.balancer.memory import MemoryBudget
+from twlb.balancer.settings import BalancerSettings
+
+#: The body of GET /big.
+BIG = 1 << 20
 
 
 class Echo:
-    """A handler that answers 200 with what it was asked."""
+    """A handler that answers 200 with what it was asked; /block waits for `gate`, /big
+    answers BIG bytes."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes, bytes]] = []
+        self.gate = asyncio.Event()
 
     async def handle(self, method, path, query, headers, client, server, body) -> Reply:  # noqa: ANN001
         self.calls.append((method, path, body))
-        payload = json.dumps({"method": method, "path": path.decode(), "n": len(body)}).encode()
+        if path == b"/block":
+            await self.gate.wait()
+        if path == b"/big":
+            payload = b"x" * BIG
+        else:
+            payload = json.dumps({"method": method, "path": path.decode(), "n": len(body)}).encode()
         return Reply(200, [(b"content-length", str(len(payload)).encode())], payload)
+
+    def paths(self, path: bytes) -> int:
+        return sum(1 for _, p, _ in self.calls if p == path)
 
     def too_large(self) -> Reply:
         return json_reply(413, "request body over the limit")
 
+    def over_budget(self, why: str) -> Reply:
+        return json_reply(503, why)
 
-LIMITS = ServerLimits(
-    max_body_bytes=1000,
-    max_head_bytes=8192,
-    max_headers=50,
-    head_timeout_s=1.0,
-    max_connections=8,
-)
+
+def limits(**settings: object) -> ServerLimits:
+    """The server's limits as `twlb balancer` builds them from its settings."""
+    base: dict[str, object] = {
+        "max_body_bytes": 1000,
+        "max_head_bytes": 8192,
+        "max_request_headers": 50,
+        "head_timeout_s": 1.0,
+        "body_timeout_s": 1.0,
+        "max_connections": 8,
+        "memory_budget_bytes": 1 << 20,
+        "upstream_max_body_bytes": 4096,
+        "model": "heuristic",
+    }
+    return BalancerSettings.model_validate(base | settings).server_limits
+
+
+LIMITS = limits()
 
 
 @contextlib.asynccontextmanager
-async def running(limits: ServerLimits = LIMITS) -> AsyncIterator[tuple[HttpServer, Echo, int]]:
+async def running(
+    limits: ServerLimits = LIMITS, budget: MemoryBudget | None = None
+) -> AsyncIterator[tuple[HttpServer, Echo, int]]:
     handler = Echo()
-    server = HttpServer(handler, limits)
+    server = HttpServer(handler, limits, budget or MemoryBudget(1 << 20))
     await server.start("127.0.0.1", 0)
     try:
         assert server.sockname is not None
@@ -76,6 +106,25 @@ async def exchange(port: int, *chunks: bytes, pause: float = 0.0, read_s: float 
         return await asyncio.wait_for(reader.read(), read_s)
     finally:
         writer.close()
+
+
+async def trickle(port: int, head: bytes, pieces: bytes, pause: float) -> tuple[bytes, float]:
+    """Send `head`, then `pieces` a byte every `pause` s until the server answers; return
+    everything read until it closes, and the seconds from the first byte."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = loop.time()
+    writer.write(head)
+    with contextlib.suppress(ConnectionError):
+        for byte in pieces:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(pause)
+            if reader._buffer or reader.at_eof():  # noqa: SLF001 (the answer arrived)
+                break
+    raw = await asyncio.wait_for(reader.read(), 5)  # and then the connection closes
+    writer.close()
+    return raw, loop.time() - start
 
 
 def statuses(raw: bytes) -> list[int]:
@@ -124,23 +173,11 @@ async def test_too_many_header_lines_get_431_whatever_their_size() -> None:
 
 async def test_slowloris_is_closed_by_the_head_deadline_whatever_it_trickles() -> None:
     async with running() as (_, handler, port):
-        loop = asyncio.get_running_loop()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        start = loop.time()
-        raw = b""
-        with contextlib.suppress(ConnectionError):
-            for byte in b"GET / HTTP/1.1\r\nX-Slow: " + b"z" * 100:
-                writer.write(bytes([byte]))
-                await writer.drain()
-                await asyncio.sleep(0.1)
-                if reader._buffer or reader.at_eof():  # noqa: SLF001
-                    break
-        raw = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
+        raw, took = await trickle(port, b"", b"GET / HTTP/1.1\r\nX-Slow: " + b"z" * 100, 0.1)
         # Deadline 1 s, checked by the server's once-a-second tick: answered within ~2 s
         # of the first byte; 6 s of margin for a loaded machine, far below 10 s of trickle.
         assert statuses(raw) == [408]
-        assert loop.time() - start < 8
+        assert took < 8
         assert handler.calls == []
 
 
@@ -156,6 +193,14 @@ async def test_slowloris_is_closed_by_the_head_deadline_whatever_it_trickles() -
             "malformed",
         ),
         (b"NOT HTTP AT ALL\r\n\r\n", 400, "malformed"),
+        # Strict framing: exactly one Host for HTTP/1.1 (at most one for 1.0), and only
+        # HTTP/1.0 and HTTP/1.1 on the request line.
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "needs a Host header"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "at most one Host"),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400, "at most one Host"),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "HTTP/2.0 is not supported"),
+        (b"GET / HTTP/2.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", 505, "HTTP/2.0"),
+        (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505, "HTTP/0.9 is not supported"),
     ],
 )
 async def test_malformed_or_unsupported_requests_get_a_4xx_with_a_json_reason(
@@ -204,26 +249,188 @@ async def test_an_early_413_reaches_a_client_still_sending_its_body() -> None:
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async with running() as (_, handler, port):
         raw = await exchange(
-            port, b"".join(f"GET /{i} HTTP/1.1\r\n\r\n".encode() for i in range(20))
+            port, b"".join(f"GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(20))
         )
         assert statuses(raw) == [200] * 20
         assert [c[1] for c in handler.calls] == [f"/{i}".encode() for i in range(20)]
 
 
-async def test_connections_over_the_cap_get_503_and_earlier_ones_are_served() -> None:
-    async with running() as (_, _, port):
-        held = [
-            await asyncio.open_connection("127.0.0.1", port) for _ in range(LIMITS.max_connections)
-        ]
-        raw = await exchange(port, b"GET / HTTP/1.1\r\n\r\n")
-        assert statuses(raw) == [503]
-        reader, writer = held[0]
-        writer.write(b"GET /still HTTP/1.1\r\n\r\n")
+async def test_past_the_cap_a_new_connection_takes_the_place_of_the_longest_waiting() -> None:
+    async with running() as (server, _, port):
+        held = []
+        for _ in range(LIMITS.max_connections):
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.01)  # in this order they start waiting for their client
+        slow_reader, slow_writer = held[0]
+        slow_writer.write(b"GET /never HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # a head, unfinished
+        await slow_writer.drain()
+        raw = await exchange(port, b"GET /new HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert statuses(raw) == [200]  # served: it took the place of the slow head
+        evicted = await asyncio.wait_for(slow_reader.read(), 5)
+        assert statuses(evicted) == [408]
+        assert server.evicted == 1
+        reader, writer = held[1]  # the others are still served
+        writer.write(b"GET /still HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), 5)
         assert line.startswith(b"HTTP/1.1 200")
         for _, w in held:
             w.close()
+
+
+async def test_past_the_cap_with_every_connection_being_answered_a_new_one_gets_503() -> None:
+    async with running() as (_, handler, port):
+        held = []
+        for _ in range(LIMITS.max_connections):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append((reader, writer))
+        while handler.paths(b"/block") < LIMITS.max_connections:  # all of them busy
+            await asyncio.sleep(0.01)
+        raw = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert statuses(raw) == [503]
+        assert "too many connections" in json_body(raw)["error"]
+        handler.gate.set()
+        for reader, writer in held:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            assert line.startswith(b"HTTP/1.1 200")
+            writer.close()
+
+
+async def test_a_trickled_body_gets_408_at_its_deadline_and_the_connection_closes() -> None:
+    async with running() as (_, handler, port):
+        head = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        raw, took = await trickle(port, head, b"z" * 100, 0.1)  # 100 s for the whole body
+        # Deadline 1 s after the head, checked by the once-a-second tick.
+        assert statuses(raw) == [408]
+        assert "body not complete within 1.0 s" in json_body(raw)["error"]
+        assert took < 8
+        assert handler.calls == []
+
+
+async def test_after_a_413_the_connection_closes_instead_of_reading_the_body() -> None:
+    async with running() as (_, handler, port):
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        start = loop.time()
+        sent = 0
+        raw = b""
+        with contextlib.suppress(ConnectionError):
+            while loop.time() - start < 20:  # 100 MB at 6.4 MB/s: about 16 s if it were read
+                writer.write(b"x" * 65536)
+                await writer.drain()
+                sent += 65536
+                await asyncio.sleep(0.01)
+                raw = raw or bytes(reader._buffer)  # noqa: SLF001 (the answer, once it came)
+        closed_after = loop.time() - start
+        writer.close()
+        assert statuses(raw) == [413]
+        # Refused at the head; the lingering close ends LINGER_S (2 s) later, however fast
+        # the client goes on sending: it is not read to the end at the sender's pace.
+        assert closed_after < 10, f"still read after {closed_after:.1f} s ({sent} bytes)"
+        assert handler.calls == []
+
+
+async def test_a_pipelined_flood_on_one_connection_does_not_hold_up_another() -> None:
+    async with running(limits(max_connections=100)) as (_, handler, port):
+        _, flood = await asyncio.open_connection("127.0.0.1", port)
+        flood.write(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)  # one write, never read
+        await flood.drain()
+        while not handler.paths(b"/f"):
+            await asyncio.sleep(0)
+        raw = await exchange(port, b"GET /good HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert statuses(raw) == [200]
+        # Answered one per loop turn, the flood had a few dozen answers by then, not its
+        # 2,000 (which the server once answered without yielding).
+        served = handler.paths(b"/f")
+        assert served < 200, served
+        flood.close()
+
+
+async def test_a_client_that_reads_no_answer_stops_being_served_and_is_dropped() -> None:
+    budget = MemoryBudget(64 << 20)
+    async with running(limits(send_timeout_s=1.0), budget) as (server, handler, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 16)  # never read
+        await writer.drain()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not reader.at_eof() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+            if handler.paths(b"/big") and budget.used:
+                charged = budget.used  # its unread answers are held against the budget
+        # Served until its write buffer was full (the kernel's socket buffers take a few
+        # MiB first), then nothing more; dropped at the send deadline, its memory given back.
+        assert handler.paths(b"/big") < 16
+        assert charged > 0
+        assert not server.connections
+        assert budget.used == 0
+        writer.close()
+
+
+async def test_a_body_the_memory_budget_has_no_room_for_gets_503_with_the_reason() -> None:
+    budget = MemoryBudget(1500)
+    async with running(LIMITS, budget) as (_, handler, port):
+        held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
+        held_writer.write(
+            b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"a" * 900
+        )
+        while not handler.paths(b"/block"):
+            await asyncio.sleep(0.01)
+        assert budget.used == 900  # held until it is answered
+        post = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"b" * 900
+        raw = await exchange(port, post)
+        assert statuses(raw) == [503]
+        assert "memory budget is spent (900 of 1500 bytes" in json_body(raw)["error"]
+        chunked = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        raw = await exchange(port, chunked + b"259\r\n" + b"c" * 601 + b"\r\n0\r\n\r\n")
+        assert statuses(raw) == [503]  # counted as it arrives, without a length
+        handler.gate.set()
+        assert (await asyncio.wait_for(held_reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+        held_writer.close()
+        assert budget.used == 0
+        raw = await exchange(port, post)
+        assert statuses(raw) == [200]
+        assert budget.used == 0
+
+
+async def test_a_chunked_body_in_two_byte_chunks_arrives_whole() -> None:
+    async with running() as (_, handler, port):
+        head = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        raw = await exchange(port, head + b"2\r\nab\r\n" * 450 + b"0\r\n\r\n")
+        assert statuses(raw) == [200]
+        assert handler.calls == [("POST", b"/up", b"ab" * 450)]
+
+
+async def test_shutdown_answers_503_to_what_it_cannot_finish() -> None:
+    handler = Echo()
+    server = HttpServer(handler, LIMITS, MemoryBudget(1 << 20))
+    await server.start("127.0.0.1", 0)
+    assert server.sockname is not None
+    port = server.sockname[1]
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_writer.write(
+        b"GET /block HTTP/1.1\r\nHost: x\r\n\r\nGET /queued HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    half_reader, half_writer = await asyncio.open_connection("127.0.0.1", port)
+    half_writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    while not handler.paths(b"/block") or len(server.connections) < 3:
+        await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await server.stop(grace_s=0.5)
+    assert loop.time() - started < 3
+    busy = await asyncio.wait_for(busy_reader.read(), 5)
+    assert statuses(busy) == [503, 503]  # cut at the grace, and the one queued behind it
+    assert busy.count(b"shutting down") == 2 and busy.endswith(b"}")
+    assert b"connection: close" in busy.split(b"HTTP/1.1 503")[-1]
+    half = await asyncio.wait_for(half_reader.read(), 5)
+    assert statuses(half) == [503]  # its body will not be read to the end now
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # idle: closed
+    assert handler.paths(b"/queued") == 0 and handler.paths(b"/up") == 0
+    for w in (busy_writer, half_writer, idle_writer):
+        w.close()
 
 
 _TOKENS = st.sampled_from(
@@ -267,7 +474,7 @@ def test_fuzzed_request_bytes_never_get_a_5xx_or_a_dead_connection(parts: list[b
         async with running() as (_, _, port):
             raw = await exchange(port, b"".join(parts), read_s=5.0)  # EOF within 5 s: not dead
             assert all(s < 500 for s in statuses(raw)), raw[:200]
-            ok = await exchange(port, b"GET /after HTTP/1.1\r\n\r\n")
+            ok = await exchange(port, b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
             assert statuses(ok) == [200]
 
     asyncio.run(run())

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
+from twlb.balancer.settings import BalancerSettings
 from twlb.balancer.upstream import (
     BackendPool,
     BackendURLError,
@@ -113,7 +114,7 @@ async def forgetful() -> AsyncIterator[ForgetfulServer]:
 async def test_a_post_is_not_resent_after_a_stale_keep_alive_connection(
     forgetful: ForgetfulServer,
 ) -> None:
-    pool = BackendPool(forgetful.url)
+    pool = BackendPool(forgetful.url, BalancerSettings(model="heuristic").upstream_limits)
     try:
         first = await pool.request("GET", b"/work", [], b"", timeout=10.0)
         assert (first.status, first.body) == (200, b"ok")
@@ -130,7 +131,7 @@ async def test_a_post_is_not_resent_after_a_stale_keep_alive_connection(
 async def test_a_get_is_resent_once_on_a_fresh_connection_after_a_stale_one(
     forgetful: ForgetfulServer,
 ) -> None:
-    pool = BackendPool(forgetful.url)
+    pool = BackendPool(forgetful.url, BalancerSettings(model="heuristic").upstream_limits)
     try:
         await pool.request("GET", b"/work", [], b"", timeout=10.0)
         again = await pool.request("GET", b"/work?key=2", [], b"", timeout=10.0)

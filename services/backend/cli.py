@@ -1,11 +1,11 @@
-"""`twlb backend`: run one backend node (uvicorn) from flags or TWLB_BACKEND_* variables."""
+"""`twlb backend`: run one backend node (uvicorn, services/backend/server.py) from flags or
+TWLB_BACKEND_* variables."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
 
 import click
 from twlb.backend.settings import BackendSettings
@@ -13,26 +13,6 @@ from twlb.backend.settings import BackendSettings
 from twlb.exits import bound_socket
 from twlb.options import build, click_options, field_values
 from twlb.spec import FaultSpec, GossipSpec
-
-if TYPE_CHECKING:
-    import uvicorn
-
-
-def server_config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Config:
-    """How a node is served: one uvicorn worker on uvloop and httptools, no access log."""
-    import uvicorn  # here, so listing `twlb` commands does not import the server
-
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level=log_level,
-        lifespan="auto",
-        timeout_graceful_shutdown=5,
-    )
 
 
 def _option_named(ctx: click.Context, name: str) -> click.Parameter:
@@ -73,8 +53,10 @@ def command(ctx: click.Context, **options: object) -> None:
     )
     # uvicorn handles SIGTERM and SIGINT itself: stop accepting, finish in-flight requests.
     import uvicorn
+    from twlb.backend.server import server_config
 
-    server = uvicorn.Server(server_config(create_app(settings), host, port, log_level))
+    app = create_app(settings)
+    server = uvicorn.Server(server_config(app, host, port, log_level, settings.head_limits))
     # Everything imported and built so far lives as long as the process: keep it out of the
     # cyclic collector's generations so collections on the /work path stay short.
     gc.freeze()

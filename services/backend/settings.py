@@ -8,14 +8,16 @@ click options through twlb/options.py.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from twlb.options import Flag
 from twlb.spec import FaultSpec, GossipSpec
 from twlb.vocabulary import Probability
 
 if TYPE_CHECKING:
+    from twlb.backend.server import HeadLimits
     from twlb.gossip.service import GossipRun
 
 
@@ -45,6 +47,25 @@ class BackendSettings(BaseModel):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )
+    # Limits on a request head (services/backend/server.py), above the balancer's own on
+    # what a client sends it, since the balancer adds its forwarding headers.
+    max_head_bytes: int = Field(
+        80 * 1024,
+        ge=1024,
+        le=1 << 24,
+        description="Largest request line plus headers, counted as bytes arrive; more get 431.",
+    )
+    max_headers: int = Field(
+        128, ge=1, le=10_000, description="Most header lines in a request; more get 431."
+    )
+    head_timeout_s: Annotated[float, Flag("--head-timeout")] = Field(
+        10.0,
+        gt=0.0,
+        le=600.0,
+        description="Seconds from a connection's opening, or a request head's first byte, to "
+        "the head's end (trickled bytes do not extend it); later: 408 and the connection "
+        "closes.",
+    )
     # Gossip failure detection (twlb.gossip): the TrustCluster's `gossip` section, plus
     # where this node is and whom it joins through.
     gossip: GossipSpec = Field(default_factory=GossipSpec, description="Gossip settings.")
@@ -66,6 +87,13 @@ class BackendSettings(BaseModel):
         for address in (value,) if isinstance(value, str) else value or ():
             split_address(address)  # a ValueError names the malformed one
         return value
+
+    @property
+    def head_limits(self) -> HeadLimits:
+        """The limits of the node's HTTP server on a request head."""
+        from twlb.backend.server import HeadLimits
+
+        return HeadLimits(self.max_head_bytes, self.max_headers, self.head_timeout_s)
 
     def gossip_run(self) -> GossipRun | None:
         """This node's gossip, or None when it is off (--no-gossip)."""

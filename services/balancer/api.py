@@ -130,6 +130,9 @@ def build_api(balancer: Balancer) -> FastAPI:
         openapi_url="/admin/openapi.json",
     )
     api.state.balancer = balancer
+    # No redirect from /admin/backends/ to /admin/backends: Starlette would build its
+    # Location from the client's Host header, an address the client chose.
+    api.router.redirect_slashes = False
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
@@ -154,7 +157,8 @@ def build_api(balancer: Balancer) -> FastAPI:
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics(b: LiveBalancer) -> Response:
-        return Response(b.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        # Rendered a slice of the fleet per loop turn, and shared by the scrapes of a second.
+        return Response(await b.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/trust")
     async def trust(b: LiveBalancer) -> Response:

@@ -8,15 +8,24 @@ the lean keep-alive pool of `upstream.py`; the balancer's own paths (`/healthz`,
 of `api.py` through a minimal ASGI bridge, and that app's lifespan starts and stops the
 balancer's background loops around the listening time. Two apps in one process share
 nothing.
+
+Between client and backend the balancer is one hop (RFC 9110 7.6): hop-by-hop headers,
+and those a Connection header names, are dropped both ways; it writes the `Forwarded`
+(RFC 7239) and `X-Forwarded-For` headers itself, keeping and extending a client's own
+only when the client is a proxy it was told to trust (`--trusted-proxy`); a backend's
+`Location` into the fleet becomes a path on the balancer; backend addresses reach a
+client only with `--backend-header`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
+import resource
 import signal
-from collections.abc import Awaitable, Iterable, MutableMapping
+from collections.abc import Awaitable, Container, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -35,7 +44,13 @@ from twlb.balancer.settings import (
     RESERVED_PATHS,
     BalancerSettings,
 )
-from twlb.balancer.upstream import REQUEST_DROPPED, RESPONSE_DROPPED, UpstreamResponse
+from twlb.balancer.upstream import (
+    REQUEST_DROPPED,
+    RESPONSE_DROPPED,
+    BackendURLError,
+    UpstreamResponse,
+    normalize_backend_url,
+)
 
 from twlb.outcome import Outcome
 
@@ -63,19 +78,109 @@ MAX_QUORUM = 5
 #: Response headers dropped when no body follows (HEAD, 304): Content-Length stays.
 BODYLESS_DROPPED = RESPONSE_DROPPED - {b"content-length"}
 
+#: Forwarding headers: kept (and extended) only from a trusted proxy, else replaced by
+#: the balancer's own `Forwarded` and `X-Forwarded-For`.
+FORWARDING: frozenset[bytes] = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
+)
 
-def upstream_reply(backend: str, response: UpstreamResponse, method: str) -> Reply:
-    """A backend's answer as the client gets it: hop-by-hop headers dropped, length set."""
+#: Request headers `forward` does not pass on as they are (one look-up per header).
+_SPECIAL = REQUEST_DROPPED | FORWARDING
+
+
+def upstream_reply(
+    backend: str,
+    response: UpstreamResponse,
+    method: str,
+    named: bool = False,
+    fleet: Container[str] = (),
+) -> Reply:
+    """A backend's answer as the client gets it: hop-by-hop headers (and those its
+    Connection header names) dropped, a Location into `fleet` made a path on the
+    balancer, length set, the backend named when `named`."""
     status_code = response.status
     if method == "HEAD" or status_code == 304:
         # No body follows; the length the backend declared (that of the full answer) stays.
         headers = [h for h in response.headers if h[0] not in BODYLESS_DROPPED]
+        if response.noted:
+            headers = _noted(response.headers, headers, fleet)
     else:
         headers = [h for h in response.headers if h[0] not in RESPONSE_DROPPED]
+        if response.noted:
+            headers = _noted(response.headers, headers, fleet)
         if status_code != 204:
             headers.append((b"content-length", b"%d" % len(response.body)))
-    headers.append(_backend_header(backend))
+    if named:
+        headers.append(_backend_header(backend))
     return Reply(status_code, headers, response.body)
+
+
+def _noted(
+    received: list[tuple[bytes, bytes]], kept: list[tuple[bytes, bytes]], fleet: Container[str]
+) -> list[tuple[bytes, bytes]]:
+    """The slow path of an answer with a Connection, Location or Content-Location header."""
+    listed: set[bytes] = set()
+    for name, value in received:
+        if name == b"connection":
+            listed.update(t.strip().lower() for t in value.split(b","))
+    out = []
+    for name, value in kept:
+        if name in listed:
+            continue  # named by the backend's Connection header: this hop only
+        if name == b"location" or name == b"content-location":
+            value = _balancer_location(value, fleet)
+        out.append((name, value))
+    return out
+
+
+def _balancer_location(value: bytes, fleet: Container[str]) -> bytes:
+    """A Location (or Content-Location) pointing at a backend of the fleet, as a path on
+    the balancer (a relative reference, which the client resolves against the balancer's
+    address it asked); any other value as it is."""
+    if value[:7].lower() != b"http://":
+        return value
+    rest = value[7:]
+    end = len(rest)
+    for sep in (b"/", b"?", b"#"):
+        at = rest.find(sep)
+        if 0 <= at < end:
+            end = at
+    try:
+        origin = normalize_backend_url("http://" + rest[:end].decode("latin-1"))
+    except BackendURLError:
+        return value
+    if origin not in fleet:
+        return value
+    path = rest[end:]
+    return path if path[:1] == b"/" else b"/" + path
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_node(client_host: str | None) -> tuple[bytes, bytes]:
+    """A client address as X-Forwarded-For's item and as Forwarded's `for=` parameter."""
+    if not client_host:
+        return b"unknown", b"for=unknown"
+    address = client_host.encode("latin-1")
+    if ":" in client_host:  # IPv6: bracketed and quoted (RFC 7239 section 6)
+        return address, b'for="[' + address + b']"'
+    return address, b"for=" + address
+
+
+def _host_and_proto(host: bytes) -> bytes:
+    """Forwarded's `host` and `proto` parameters for a request's Host header (the few
+    short Host values clients send are remembered; a long one, which only a hostile
+    client sends, is not)."""
+    return _host_param(host) if len(host) <= 255 else _quoted_host(host)
+
+
+def _quoted_host(host: bytes) -> bytes:
+    if not host:
+        return b";proto=http"
+    quoted = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    return b';host="' + quoted + b'";proto=http'
+
+
+_host_param = functools.lru_cache(maxsize=256)(_quoted_host)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -98,13 +203,21 @@ class BalancerApp:
         self.balancer = Balancer(settings, **core)
         self.api = build_api(self.balancer)
         self._max_body = settings.max_body_bytes
-        self.limits = ServerLimits(
-            max_body_bytes=settings.max_body_bytes,
-            max_head_bytes=settings.max_head_bytes,
-            max_headers=settings.max_request_headers,
-            head_timeout_s=settings.head_timeout_s,
-            max_connections=settings.max_connections,
-        )
+        self.limits: ServerLimits = settings.server_limits
+        self.budget = self.balancer.memory
+        self._named = settings.backend_header
+        self._trusted = tuple(ipaddress.ip_network(n) for n in settings.trusted_proxies)
+        self._trusts = functools.lru_cache(maxsize=4096)(self._is_trusted)
+
+    def _is_trusted(self, client_host: str | None) -> bool:
+        """Whether a peer is one of the configured trusted proxies."""
+        if not client_host:
+            return False
+        try:
+            address = ipaddress.ip_address(client_host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
 
     @staticmethod
     def is_own_path(path: str) -> bool:
@@ -115,6 +228,11 @@ class BalancerApp:
         """The 413 answer to a body over --max-body-bytes (counted)."""
         self.balancer.metrics.requests["too_large"] += 1
         return json_reply(413, f"request body over the limit of {self._max_body} bytes")
+
+    def over_budget(self, why: str) -> Reply:
+        """The 503 answer to a request the memory budget has no room for (counted)."""
+        self.balancer.metrics.requests["over_budget"] += 1
+        return json_reply(503, why)
 
     async def forward(
         self,
@@ -134,14 +252,27 @@ class BalancerApp:
         key: str | None = None
         quorum_header: bytes | None = None
         listed: set[bytes] | None = None
+        host = b""
+        # The forwarding chains a trusted proxy sent; from anyone else they are dropped.
+        trusted = bool(self._trusted) and self._trusts(client_host)
         chain: list[bytes] = []
+        elements: list[bytes] = []
         for header in headers:
             name, value = header
-            if name in REQUEST_DROPPED:
-                if name == b"connection":
+            if name in _SPECIAL:
+                if name == b"host":
+                    host = value
+                elif name == b"connection":
                     if listed is None:
                         listed = set()
                     listed.update(t.strip().lower() for t in value.split(b","))
+                elif trusted and name in FORWARDING:
+                    if name == b"x-forwarded-for":
+                        chain.append(value)
+                    elif name == b"forwarded":
+                        elements.append(value)
+                    else:
+                        forwarded.append(header)
                 continue
             if name[:7] == b"x-twlb-":
                 # The balancer's own control headers are read here and never leak upstream.
@@ -149,9 +280,6 @@ class BalancerApp:
                     key = value.decode("latin-1")
                 elif name == b"x-twlb-quorum":
                     quorum_header = value
-                continue
-            if name == b"x-forwarded-for":
-                chain.append(value)
                 continue
             forwarded.append(header)
         if listed is not None:
@@ -164,16 +292,23 @@ class BalancerApp:
             forwarded = [(n, v) for n, v in forwarded if n not in listed]
             if b"x-forwarded-for" in listed:
                 chain.clear()
+            if b"forwarded" in listed:
+                elements.clear()
             if b"x-twlb-key" in listed:
                 key = None
             if b"x-twlb-quorum" in listed:
                 quorum_header = None
-        if client_host:
-            chain.append(client_host.encode("latin-1"))
+        # This hop appended to the chains (as nginx's $proxy_add_x_forwarded_for).
+        address, node = _client_node(client_host)
+        element = node + _host_and_proto(host)
         if chain:
-            # The client's own chain, with its address appended (as nginx's
-            # $proxy_add_x_forwarded_for).
-            forwarded.append((b"x-forwarded-for", b", ".join(chain)))
+            chain.append(address)
+            address = b", ".join(chain)
+        if elements:
+            elements.append(element)
+            element = b", ".join(elements)
+        forwarded.append((b"x-forwarded-for", address))
+        forwarded.append((b"forwarded", element))
 
         target = raw_path
         if query:
@@ -191,18 +326,25 @@ class BalancerApp:
             return json_reply(503, why)
         response = result.response
         if response is None:
-            outcomes["failed"] += 1
-            if result.outcome is Outcome.TIMEOUT:
-                return json_reply(
-                    504, f"backend {result.backend} did not answer in time", backend=result.backend
-                )
-            why = result.detail or "could not be reached"
-            return json_reply(502, f"backend {result.backend}: {why}", backend=result.backend)
+            return self._no_answer(result, outcomes)
         outcomes["error" if response.status >= 500 else "success"] += 1
         if 200 <= response.status < 300:
             # Only spawns the audit task: it runs after this answer is on its way.
             balancer.maybe_audit(method, target, forwarded, result)
-        return upstream_reply(result.backend, response, method)
+        return upstream_reply(result.backend, response, method, self._named, balancer.pools)
+
+    def _no_answer(self, result: TryResult, outcomes: dict[str, int]) -> Reply:
+        """The error answer to a request whose last try got no answer."""
+        if result.over_budget:  # given up by the balancer: its memory budget
+            outcomes["over_budget"] += 1
+            return json_reply(503, result.detail)
+        outcomes["failed"] += 1
+        named = {"backend": result.backend} if self._named else {}
+        who = f"backend {result.backend}" if self._named else "the backend"
+        if result.outcome is Outcome.TIMEOUT:
+            return json_reply(504, f"{who} did not answer in time", **named)
+        why = result.detail or "could not be reached"
+        return json_reply(502, f"{who}: {why}", **named)
 
     async def _quorum(
         self,
@@ -228,7 +370,7 @@ class BalancerApp:
             balancer.metrics.requests["quorum_failed"] += 1
             return json_reply(502, why or "no answer")
         balancer.metrics.requests["success"] += 1
-        return upstream_reply(result.backend, result.response, method)
+        return upstream_reply(result.backend, result.response, method, self._named, balancer.pools)
 
     def handle(
         self,
@@ -332,13 +474,33 @@ async def serve(app: BalancerApp, host: str, port: int) -> int | None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     async with app.api.router.lifespan_context(app.api):
-        server = HttpServer(app, app.limits)
+        open_files_for(app.limits.max_connections)
+        server = HttpServer(app, app.limits, app.budget)
+        app.balancer.metrics.server = server
         await server.start(host, port)
         log.info("balancer listening on http://%s:%d", *(server.sockname or (host, port)))
         await stop.wait()
         log.info("balancer shutting down")
         await server.stop()
     return received[0] if received else None
+
+
+def open_files_for(connections: int) -> None:
+    """Raise this process's open-file limit (up to its hard limit) to what `connections`
+    clients need: one descriptor each, one for its upstream connection, and room for the
+    pools and health checks; warn when the hard limit is lower."""
+    wanted = 2 * connections + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning(
+            "open files limited to %d (hard limit): fewer than %d client connections can "
+            "be served with their upstream connections",
+            target,
+            connections,
+        )
 
 
 def create_app(settings: BalancerSettings, **core: Any) -> BalancerApp:

@@ -25,6 +25,7 @@ from twlb.balancer.audit import AuditResult, answers_split, compare_answers, wid
 from twlb.balancer.evidence import EvidenceRule
 from twlb.balancer.features import FleetWindows
 from twlb.balancer.health import HealthTracker
+from twlb.balancer.memory import MemoryBudget
 from twlb.balancer.metrics import BackendCounters, BalancerMetrics, LiveView
 from twlb.balancer.oracle import OracleTruthError, load_oracle_truth
 from twlb.balancer.policies import make_policy
@@ -36,6 +37,7 @@ from twlb.balancer.upstream import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamLimits,
+    UpstreamOverBudget,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamTooLarge,
@@ -84,6 +86,8 @@ class TryResult:
     response: UpstreamResponse | None
     latency_s: float
     detail: str = ""  # why there is no usable answer, when the caller should be told
+    # Given up by the balancer itself (its memory budget): says nothing of the backend.
+    over_budget: bool = False
 
 
 class Balancer:
@@ -116,7 +120,11 @@ class Balancer:
         # The clock every core is driven with, and the factory of one backend's upstream
         # connection pool: tests give a fake clock and a transport that lies, stalls, drops.
         self.clock = clock
-        self.transport = transport or partial(BackendPool, limits=settings.upstream_limits)
+        # Request and answer bytes in flight, for the whole process (memory.py).
+        self.memory = MemoryBudget(settings.memory_budget_bytes)
+        self.transport = transport or partial(
+            BackendPool, limits=settings.upstream_limits, budget=self.memory
+        )
         # Health checks go through pools of their own with small caps: a /healthz answer is
         # read to at most health_max_bytes under one deadline that trickled bytes cannot
         # extend (the pool's deadline covers connect, send and the whole answer).
@@ -170,7 +178,7 @@ class Balancer:
         self.rng = random.Random(settings.seed)
         self._ignore = frozenset(settings.audit_ignore_fields)
         self.features: dict[str, dict[str, float]] = {}
-        self.metrics = BalancerMetrics(self.live_view)
+        self.metrics = BalancerMetrics(self.live_view, self.memory)
         self.model: ModelReloader | None = None
         if settings.model is not None:
             from twlb.balancer.model_reload import ModelReloader
@@ -272,6 +280,7 @@ class Balancer:
         self.pools.pop(url).close()
         self.inflight.pop(url, None)
         self._counters.pop(url, None)
+        self.metrics.forget(url)
         self.features.pop(url, None)
         task = self._health_tasks.pop(url, None)
         if task is not None:
@@ -485,9 +494,15 @@ class Balancer:
         self.inflight[backend] += 1
         response = None
         detail = ""
+        learn = True
         try:
             response = await pool.request(method, target, headers, body, self._try_timeout_s)
             outcome = ERROR if response.status >= 500 else SUCCESS
+        except UpstreamOverBudget as err:
+            # The balancer's memory budget ran out while the answer arrived: the backend
+            # did nothing wrong, so no core learns from the try (another backend's answer
+            # may be smaller: it is retried as a failed try is).
+            outcome, detail, learn = ERROR, str(err), False
         except UpstreamTimeout:
             outcome = TIMEOUT
         except UpstreamTooLarge as err:
@@ -501,6 +516,9 @@ class Balancer:
                 self.inflight[backend] -= 1
         latency = end - start
         if backend in self.pools:
+            if not learn:  # the policy's count of tries in flight, and nothing else
+                self.policy.on_end(backend, end, SUCCESS, latency)
+                return TryResult(backend, outcome, None, latency, detail, over_budget=True)
             self.policy.on_end(backend, end, outcome, latency)
             self.health.on_passive(backend, outcome, end)
             if outcome is not SUCCESS:
@@ -508,7 +526,7 @@ class Balancer:
                 self._refresh_up()
             self.windows[backend].record_request(end, outcome, latency)
             self._counters[backend].observe(outcome, latency)
-        return TryResult(backend, outcome, response, latency, detail)
+        return TryResult(backend, outcome, response, latency, detail, over_budget=not learn)
 
     # ---------------------------------------------------------------- routing
     async def route(

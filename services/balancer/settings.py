@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import click
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from twlb.balancer.discovery import DiscoveryError, parse_selector
+from twlb.balancer.http_server import ServerLimits
 from twlb.balancer.upstream import (  # noqa: F401 (IDEMPOTENT_METHODS: re-exported)
     IDEMPOTENT_METHODS,
     BackendURLError,
@@ -23,6 +25,9 @@ from twlb.vocabulary import PolicyName, Probability
 RESERVED_PATHS: frozenset[str] = frozenset({"/healthz", "/metrics", "/trust"})
 #: Every path under this prefix is the balancer's admin API.
 ADMIN_PREFIX = "/admin/"
+
+#: Most header lines of a /healthz answer.
+HEALTH_MAX_HEADERS = 50
 
 #: `--model` keywords: the trust model that ships in ml/models/ (the default), or none.
 SHIPPED_MODEL = "shipped"
@@ -150,8 +155,13 @@ class BalancerSettings(BalancerTunables):
     max_tries: int = Field(
         3, ge=1, le=10, description="Tries per idempotent request, the first included."
     )
+    # ---- client-side limits: what one client connection may send or hold (the HTTP
+    # server of http_server.py takes them from here, `server_limits`)
     max_body_bytes: int = Field(
-        1 << 20, ge=0, le=1 << 30, description="Largest request body; larger ones get 413."
+        1 << 20,
+        ge=0,
+        le=1 << 30,
+        description="Largest request body; larger ones get 413 and the connection closes.",
     )
     max_request_headers: int = Field(
         100, ge=1, le=10_000, description="Most header lines in a request; more get 431."
@@ -169,9 +179,54 @@ class BalancerSettings(BalancerTunables):
         description="Seconds a client has from the first byte of a request head to its end "
         "(trickled bytes do not extend it); later: 408 and the connection closes.",
     )
-    max_connections: int = Field(
-        10_000, ge=1, le=1_000_000, description="Most open client connections; more get 503."
+    body_timeout_s: Annotated[float, Flag("--body-timeout")] = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds a client has from the end of a request head to the end of its "
+        "body, whatever it trickles; later: 408 and the connection closes.",
     )
+    keepalive_timeout_s: Annotated[float, Flag("--keepalive-timeout")] = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds an idle client connection stays open between requests.",
+    )
+    send_timeout_s: Annotated[float, Flag("--send-timeout")] = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds an answer may wait in the write buffer of a client that reads "
+        "none of it; then the connection is dropped.",
+    )
+    max_pipelined: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Requests of one connection read ahead of the one being answered; "
+        "beyond them the connection is not read until answers go out.",
+    )
+    max_connections: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Most open client connections; past it a new one takes the place of the "
+        "connection that has waited longest for its client (408), or gets 503 if none waits.",
+    )
+    trusted_proxies: Annotated[tuple[str, ...], Flag("--trusted-proxy", param="trusted_proxy")] = (
+        Field(
+            default=(),
+            description="Address or network (CIDR) of a proxy in front of the balancer whose "
+            "Forwarded and X-Forwarded-* headers are kept and extended (repeatable; "
+            "space-separated in the environment); from any other peer they are replaced.",
+        )
+    )
+    backend_header: bool = Field(
+        False,
+        description="Name the backend that answered in X-TWLB-Backend and in 502/504 errors "
+        "(its URL, an internal address: for debugging and tests).",
+    )
+    # ---- upstream limits: what one backend's answer may weigh (`upstream_limits`)
     upstream_max_head_bytes: int = Field(
         64 * 1024,
         ge=1024,
@@ -191,6 +246,14 @@ class BalancerSettings(BalancerTunables):
         le=1 << 30,
         description="Largest answer body a backend may send (buffered whole for audits); more "
         "fails the try as a bad upstream, never streamed to the client.",
+    )
+    memory_budget_bytes: int = Field(
+        256 << 20,
+        ge=1 << 20,
+        le=1 << 40,
+        description="Bytes of requests and answers the process may hold in flight (bodies "
+        "being received, answers being read from backends, answers a client has not read); "
+        "what would pass it is refused with 503.",
     )
     health_max_bytes: int = Field(
         4096,
@@ -231,15 +294,65 @@ class BalancerSettings(BalancerTunables):
                 out.append(norm)
         return tuple(out)
 
+    @field_validator("memory_budget_bytes")
+    @classmethod
+    def _budget_holds_one_largest_body(cls, value: int, info: ValidationInfo) -> int:
+        largest = max(
+            info.data.get("max_body_bytes", 0), info.data.get("upstream_max_body_bytes", 0)
+        )
+        if value < largest:
+            raise ValueError(
+                f"must hold at least the largest body the balancer admits, {largest} bytes "
+                "(max_body_bytes, upstream_max_body_bytes)"
+            )
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = value.split()
+        out: list[str] = []
+        for item in value or ():
+            try:
+                out.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+                ) from None
+        return tuple(out)
+
+    @property
+    def server_limits(self) -> ServerLimits:
+        """What one client connection may send or hold (the HTTP server's limits)."""
+        return ServerLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_head_bytes=self.max_head_bytes,
+            max_headers=self.max_request_headers,
+            head_timeout_s=self.head_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            keepalive_timeout_s=self.keepalive_timeout_s,
+            send_timeout_s=self.send_timeout_s,
+            max_pipelined=self.max_pipelined,
+            max_connections=self.max_connections,
+        )
+
     @property
     def upstream_limits(self) -> UpstreamLimits:
+        """What one backend's answer may weigh (the upstream pools' limits)."""
         return UpstreamLimits(
-            self.upstream_max_head_bytes, self.upstream_max_headers, self.upstream_max_body_bytes
+            max_head_bytes=self.upstream_max_head_bytes,
+            max_headers=self.upstream_max_headers,
+            max_body_bytes=self.upstream_max_body_bytes,
         )
 
     @property
     def health_limits(self) -> UpstreamLimits:
-        return UpstreamLimits(self.health_max_bytes, 50, self.health_max_bytes)
+        return UpstreamLimits(
+            max_head_bytes=self.health_max_bytes,
+            max_headers=HEALTH_MAX_HEADERS,
+            max_body_bytes=self.health_max_bytes,
+        )
 
     @field_validator("discover_services")
     @classmethod

@@ -5,7 +5,10 @@ because the proxy hot path measured clearly faster this way than through aiohttp
 ClientSession, and httpx's pool is slow under concurrency (docs/DESIGN.md, "The hot
 path"). Each try sends a fully buffered request and reads a fully buffered response (the
 balancer compares whole bodies in audits and quorum reads), under one deadline covering
-connect, send and receive.
+connect, send and receive. An answer's body is charged to the process's memory budget
+(`memory.MemoryBudget`) as it arrives and given back when the try ends; a try whose
+answer would pass the budget fails with `UpstreamOverBudget`, the balancer's own doing,
+not the backend's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from operator import attrgetter
 from urllib.parse import urlsplit
 
 import httptools
+from twlb.balancer.memory import MemoryBudget, grow
 
 #: Headers that belong to one connection and are never forwarded (RFC 9110 section 7.6.1).
 HOP_BY_HOP: frozenset[bytes] = frozenset(
@@ -64,17 +68,31 @@ class UpstreamTooLarge(UpstreamConnectError):
     upstream, never streamed to the client; the connection is dropped."""
 
 
+class UpstreamOverBudget(UpstreamError):
+    """The answer arrived while the balancer's memory budget was spent: the try was given
+    up by the balancer, not failed by the backend; the connection is dropped."""
+
+
+#: Why a parser callback stopped an answer (`_Connection._refused`).
+_TOO_LARGE, _OVER_BUDGET = "too large", "over budget"
+
+#: Answer headers whose presence `UpstreamResponse.noted` flags (the slow path of
+#: `app.upstream_reply`: tokens of Connection to drop, a Location to rewrite).
+NOTED_HEADERS: frozenset[bytes] = frozenset({b"connection", b"location", b"content-location"})
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamLimits:
-    """What one backend's answer may weigh before the try fails as a bad upstream.
+    """What one backend's answer may weigh before the try fails as a bad upstream (the
+    values come from `BalancerSettings.upstream_limits`, their one declaration).
 
     Every byte a backend sends is counted as it arrives, so memory stays bounded by these
     caps whatever the backend sends (an endless chunked body, a header line without end).
     """
 
-    max_head_bytes: int = 64 * 1024
-    max_headers: int = 100
-    max_body_bytes: int = 16 << 20
+    max_head_bytes: int
+    max_headers: int
+    max_body_bytes: int
 
 
 class BackendURLError(ValueError):
@@ -134,11 +152,12 @@ def normalize_backend_url(url: str) -> str:
 
 @dataclass(slots=True)
 class UpstreamResponse:
-    """A complete answer from one backend."""
+    """A complete answer from one backend; `noted`: it has one of NOTED_HEADERS."""
 
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    noted: bool = False
 
 
 class _Connection(asyncio.Protocol):
@@ -161,6 +180,9 @@ class _Connection(asyncio.Protocol):
         "_complete",
         "_limits",
         "_max_headers",
+        "_budget",
+        "_noted",
+        "_refused",
         "_head_bytes",
         "_body_bytes",
         "_in_head",
@@ -173,6 +195,7 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._limits = pool.limits
         self._max_headers = pool.limits.max_headers
+        self._budget = pool.budget
         # Watches the deadline, and keeps the connection when an answer ends it in step.
         self._pool = pool
         self.deadline = 0.0
@@ -184,7 +207,11 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
+        # The body as it arrives: its first piece, then one growing buffer (never one
+        # object per piece: an answer in 2-byte chunks would cost 28 times its size).
+        self._body: bytes | bytearray = b""
+        self._noted = False
+        self._refused: str | None = None  # why a callback stopped the parser
         self._head_only = False
         self._complete = False
         self.reusable = False
@@ -207,9 +234,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamConnectError("backend tried to upgrade the connection"))
         except httptools.HttpParserError as err:
-            if len(self._headers) >= self._limits.max_headers and self._in_head:
+            if self._refused is _OVER_BUDGET:
+                self._fail(UpstreamOverBudget(self._budget.refusal()))  # type: ignore[union-attr]
+            elif len(self._headers) >= self._limits.max_headers and self._in_head:
                 self._fail(UpstreamTooLarge(f"answer over {self._limits.max_headers} headers"))
-            elif self._body_bytes > self._limits.max_body_bytes:
+            elif self._refused is _TOO_LARGE:
                 self._fail(
                     UpstreamTooLarge(f"answer body over {self._limits.max_body_bytes} bytes")
                 )
@@ -238,7 +267,10 @@ class _Connection(asyncio.Protocol):
         headers = self._headers
         if len(headers) >= self._max_headers:
             raise ValueError("too many headers")  # the parser raises HttpParserError
-        headers.append((name.lower(), value))
+        name = name.lower()
+        headers.append((name, value))
+        if name in NOTED_HEADERS:
+            self._noted = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -249,10 +281,16 @@ class _Connection(asyncio.Protocol):
             self._finish(reuse=False)
 
     def on_body(self, body: bytes) -> None:
-        self._body_bytes += len(body)
-        if self._body_bytes > self._limits.max_body_bytes:
+        n = len(body)
+        size = self._body_bytes + n
+        if size > self._limits.max_body_bytes:
+            self._refused = _TOO_LARGE
             raise ValueError("body too large")  # the parser raises HttpParserError
-        self._body.append(body)
+        if self._budget is not None and not self._budget.take(n, size):
+            self._refused = _OVER_BUDGET
+            raise ValueError("over the memory budget")
+        self._body_bytes = size
+        self._body = grow(self._body, body)
 
     def on_message_complete(self) -> None:
         if not self._complete:
@@ -267,12 +305,23 @@ class _Connection(asyncio.Protocol):
         self._waiter = None
         return waiter if waiter is not None and not waiter.done() else None
 
+    def _release(self) -> None:
+        """Give the body's charge back to the budget (once)."""
+        if self._budget is not None and self._body_bytes > 0:
+            self._budget.used -= self._body_bytes
+        self._body_bytes = 0
+
     def _finish(self, reuse: bool = False) -> None:
         self._complete = True
         waiter = self._settle()
         self.reusable = reuse and not self.closed and waiter is not None
+        body = self._body
+        self._body = b""
+        self._release()
         if waiter is not None:
-            waiter.set_result(UpstreamResponse(self._status, self._headers, b"".join(self._body)))
+            if type(body) is bytearray:
+                body = bytes(body)
+            waiter.set_result(UpstreamResponse(self._status, self._headers, body, self._noted))
         if not self.reusable:
             self._abort()
         else:
@@ -280,6 +329,8 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         self.reusable = False
+        self._body = b""
+        self._release()
         waiter = self._settle()
         if waiter is not None:
             waiter.set_exception(exc)
@@ -294,11 +345,16 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
-    def send(self, request: bytes, head_only: bool, deadline: float) -> asyncio.Future:
-        """Write one request; the returned future resolves to its answer or fails."""
+    def send(
+        self, request: bytes | tuple[bytes, bytes], head_only: bool, deadline: float
+    ) -> asyncio.Future:
+        """Write one request (whole, or head and a large body); the returned future
+        resolves to its answer or fails."""
         self._status = 0
         self._headers = []
-        self._body = []
+        self._body = b""
+        self._noted = False
+        self._refused = None
         self._complete = False
         self._head_bytes = 0
         self._body_bytes = 0
@@ -309,7 +365,10 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         self.deadline = deadline
         self._pool._watch(self)
-        self.transport.write(request)  # type: ignore[union-attr]
+        if type(request) is bytes:
+            self.transport.write(request)  # type: ignore[union-attr]
+        else:
+            self.transport.writelines(request)  # type: ignore[union-attr]
         return waiter
 
     def cancel(self) -> None:
@@ -321,16 +380,28 @@ class _Connection(asyncio.Protocol):
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
+#: Request bodies up to this size are joined with the head into one write.
+_JOINED_BODY_BYTES = 64 * 1024
+
 #: How early a try's deadline may be declared passed (the event loop's timer resolution).
 DEADLINE_RESOLUTION_S = 0.001
 
 
 class BackendPool:
-    """Idle keep-alive connections to one backend, reused last-in first-out."""
+    """Idle keep-alive connections to one backend, reused last-in first-out; answers are
+    charged to `budget` when one is given (the health and gossip pools, capped small, go
+    without)."""
 
-    def __init__(self, url: str, max_idle: int = 128, limits: UpstreamLimits | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        limits: UpstreamLimits,
+        max_idle: int = 128,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.url = url
-        self.limits = limits or UpstreamLimits()
+        self.limits = limits
+        self.budget = budget
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
@@ -417,9 +488,14 @@ class BackendPool:
         if body or method not in _BODYLESS_METHODS:
             parts += (b"\r\ncontent-length: ", b"%d" % len(body))
         parts.append(b"\r\n\r\n")
-        if body:
-            parts.append(body)
-        raw = b"".join(parts)
+        raw: bytes | tuple[bytes, bytes]
+        if len(body) > _JOINED_BODY_BYTES:
+            # A large body goes out as a second buffer: not copied into each try's request.
+            raw = (b"".join(parts), body)
+        else:
+            if body:
+                parts.append(body)
+            raw = b"".join(parts)
         head_only = method == "HEAD"
         while True:
             if conn is None:
@@ -430,7 +506,7 @@ class BackendPool:
             except asyncio.CancelledError:
                 conn.cancel()
                 raise
-            except UpstreamTooLarge:
+            except (UpstreamTooLarge, UpstreamOverBudget):
                 raise
             except UpstreamConnectError:
                 # A kept-alive connection the backend had already closed (a race every

@@ -11,8 +11,9 @@ import statistics
 import orjson
 import pytest
 from twlb.backend.faults import FaultAction, FaultInjector
-from twlb.balancer.audit import compare_answers, widen
+from twlb.balancer.audit import VOTE_WEIGHT, Auditor, compare_answers, widen
 from twlb.balancer.evidence import EvidenceBook, EvidenceRule, Standing, Verdict
+from twlb.balancer.fleet import Fleet
 from twlb.balancer.scoring import HeuristicScorer
 from twlb.balancer.trust import (
     ChangeKind,
@@ -86,7 +87,7 @@ def test_two_mismatches_prove_a_liar_and_one_makes_it_suspect() -> None:
         3.0,
         3.0 + RULE.backoff_s,
     )
-    assert b.vote_weight("b0") == 0.0 and b.record("b0", True, 4.0) is Verdict.NONE
+    assert VOTE_WEIGHT[b.standing("b0")] == 0.0 and b.record("b0", True, 4.0) is Verdict.NONE
 
 
 def test_the_suspects_are_one_set_for_good_whatever_the_fleet_does() -> None:
@@ -289,16 +290,24 @@ def test_collusion_group_is_a_backend_flag() -> None:
 # -- audit where it pays -------------------------------------------------------------------
 
 
+def auditor(e: TrustEngine, fraction: float = 0.1) -> Auditor:
+    fleet = Fleet(window_s=10.0, resolution_s=0.25)
+    for b in FLEET:
+        fleet.add(b, None, None, up=True)
+    rates = dict(probation_fraction=0.5, suspect_fraction=1.0, by_standing=True)
+    return Auditor(fleet, e, random.Random(0), fraction=fraction, **rates)
+
+
 def test_a_suspect_is_audited_at_the_suspect_fraction_until_cleared_or_proven() -> None:
     e = engine()
     e.update({}, 0.0)
-    rates = dict(base=0.1, probation=0.5, suspect=1.0)
-    assert e.audit_fraction("b1", **rates) == 0.5  # new backends start in probation
+    a = auditor(e)
+    assert a.fraction_of("b1") == 0.5  # new backends start in probation
     e.apply("b1", TrustEvent.HIGH, 0.5)
-    assert e.audit_fraction("b1", **rates) == 0.1
+    assert a.fraction_of("b1") == 0.1
     e.record_audit("b1", True, 1.0)
-    assert e.audit_fraction("b1", **rates) == 1.0
-    assert e.audit_fraction("b1", base=0.0, probation=0.5, suspect=1.0) == 0.0  # audits off
+    assert a.fraction_of("b1") == 1.0
+    assert auditor(e, fraction=0.0).fraction_of("b1") == 0.0  # audits off
 
 
 def test_a_split_audit_widens_to_the_backends_not_asked_yet_up_to_the_limit() -> None:

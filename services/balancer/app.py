@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from twlb.balancer.api import build_api
-from twlb.balancer.core import AUDITED_METHODS, Balancer, TryResult, answer_digest
+from twlb.balancer.audit import AUDITED_METHODS, answer_digest
+from twlb.balancer.core import Balancer, TryResult
 from twlb.balancer.http_server import (
     HttpServer,
     Reply,

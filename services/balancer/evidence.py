@@ -318,17 +318,6 @@ class EvidenceBook:
     def proven(self) -> list[str]:
         return [b for b, e in self._backends.items() if e.standing is Standing.PROVEN]
 
-    def vote_weight(self, backend: str) -> float:
-        """How much `backend`'s answer counts in an audit: a proven liar's not at all, a
-        suspect's half, a clear backend's fully."""
-        match self.standing(backend):
-            case Standing.PROVEN:
-                return 0.0
-            case Standing.SUSPECT:
-                return 0.5
-            case _:
-                return 1.0
-
     def _stand(self, backend: str, e: BackendEvidence, standing: Standing) -> None:
         e.standing = standing
         if standing is Standing.SUSPECT:

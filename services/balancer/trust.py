@@ -87,11 +87,6 @@ class TrustState(StrEnum):
     EJECTED = "ejected"
 
 
-#: Read on every audited answer: module constants (a member read off an enum class goes
-#: through `EnumType.__getattr__` on Python 3.11).
-_PROBATION, _SUSPECT = TrustState.PROBATION, Standing.SUSPECT
-
-
 class TrustEvent(StrEnum):
     HIGH = "high"  # weight >= readmit_above
     MID = "mid"  # eject_below <= weight < readmit_above
@@ -388,22 +383,6 @@ class TrustEngine:
                 self._move(backend, b, TrustEvent.LOW, now, EjectionReason.PROVEN_LIAR)
             self._refresh(now)
         return verdict
-
-    def audit_fraction(self, backend: str, base: float, probation: float, suspect: float) -> float:
-        """The share of `backend`'s answers to audit (with audits on, `base` > 0): `suspect`
-        while an audit has found it the odd one out and the evidence has not cleared or
-        proven it, `probation` while in PROBATION, else `base`."""
-        if not base:
-            return 0.0
-        if self.evidence.standing(backend) is _SUSPECT:
-            return max(base, suspect)
-        if self.state(backend) is _PROBATION:
-            return max(base, probation)
-        return base
-
-    def vote_weights(self, backends: Iterable[str]) -> dict[str, float]:
-        """How much each backend's answer counts in an audit (its evidence standing)."""
-        return {b: self.evidence.vote_weight(b) for b in backends}
 
     def import_evidence(self, doc: Any, now: float) -> list[str]:
         """Put an evidence document (`EvidenceBook.export`) in force for the backends of

@@ -10,12 +10,20 @@ figure is what the balancer's Python costs per request, and what is left of a pr
 CPU per request is the HTTP parsing, the sockets and the loop. CPU time of this process,
 best of `--repeats`. Printed and written to reports/bench/core_path.json.
 
+CPU time on a shared machine moves with the load. `--calls` also counts the function
+calls (Python and built-in, by cProfile) per request over one more run of `--requests`:
+the same for the same code whatever else the machine does, so two builds compared by it
+differ only by what they do per request.
+
     .venv/bin/python bench/core_path.py
+    .venv/bin/python bench/core_path.py --calls
 """
 
 from __future__ import annotations
 
 import asyncio
+import cProfile
+import pstats
 import time
 from pathlib import Path
 
@@ -69,7 +77,10 @@ async def drive(app: BalancerApp, n: int) -> None:
             await asyncio.gather(*balancer._background)
 
 
-def per_request_us(policy: str, audits: float, requests: int, repeats: int) -> float:
+def per_request_us(
+    policy: str, audits: float, requests: int, repeats: int, calls: bool = False
+) -> tuple[float, float | None]:
+    """Best CPU microseconds per request, and (with `calls`) function calls per request."""
     settings = BalancerSettings(
         backends=tuple(f"http://127.0.0.1:{20000 + i}" for i in range(3)),
         policy=PolicyName(policy),
@@ -78,6 +89,7 @@ def per_request_us(policy: str, audits: float, requests: int, repeats: int) -> f
     )
     app = BalancerApp(settings, transport=InstantUpstream, health_transport=InstantUpstream)
     best = float("inf")
+    counted: float | None = None
 
     async def run() -> float:
         balancer = app.balancer
@@ -87,15 +99,22 @@ def per_request_us(policy: str, audits: float, requests: int, repeats: int) -> f
         states = {balancer.engine.state(b).value for b in balancer.backends}
         if policy == "trust" and states != {"trusted"}:
             raise click.ClickException(f"the fleet should be trusted by now, is {states}")
-        nonlocal best
+        nonlocal best, counted
         for _ in range(repeats):
             began = time.process_time()
             await drive(app, requests)
             best = min(best, (time.process_time() - began) / requests * 1e6)
+        if calls:
+            profile = cProfile.Profile()
+            profile.enable()
+            await drive(app, requests)
+            profile.disable()
+            counted = pstats.Stats(profile).total_calls / requests  # type: ignore[attr-defined]
         return best
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as the balancer runs
-        return runner.run(run())
+        runner.run(run())
+    return best, counted
 
 
 @click.command()
@@ -103,19 +122,27 @@ def per_request_us(policy: str, audits: float, requests: int, repeats: int) -> f
 @click.option("--repeats", default=5, type=click.IntRange(1, 50), show_default=True)
 @click.option("--out", default=REPORT_DIR / "core_path.json", type=click.Path(path_type=Path),
               show_default=True)  # fmt: skip
-def main(requests: int, repeats: int, out: Path) -> None:
+@click.option("--calls", is_flag=True, help="Also count function calls per request (cProfile).")
+def main(requests: int, repeats: int, out: Path, calls: bool) -> None:
     """CPU microseconds per request through the balancer's request path, in memory."""
     rows = []
     for policy, audits in CASES:
-        us = per_request_us(policy, audits, requests, repeats)
-        rows.append({"policy": policy, "audit_fraction": audits, "cpu_us_per_request": us})
+        us, n = per_request_us(policy, audits, requests, repeats, calls)
+        row = {"policy": policy, "audit_fraction": audits, "cpu_us_per_request": us}
+        if n is not None:
+            row["calls_per_request"] = n
+        rows.append(row)
     table = Table(title=f"in-memory request path, best of {repeats} x {requests:,} requests")
-    for col in ("policy", "audit fraction", "CPU us / request", "vs round-robin"):
+    columns = ["policy", "audit fraction", "CPU us / request", "vs round-robin"]
+    for col in columns + (["calls / request"] if calls else []):
         table.add_column(col, justify="left" if col == "policy" else "right")
     base = rows[0]["cpu_us_per_request"]
     for r in rows:
         us = r["cpu_us_per_request"]
-        table.add_row(r["policy"], f"{r['audit_fraction']:g}", f"{us:.1f}", f"{us / base:.2f}x")
+        cells = [r["policy"], f"{r['audit_fraction']:g}", f"{us:.1f}", f"{us / base:.2f}x"]
+        if calls:
+            cells.append(f"{r['calls_per_request']:.2f}")
+        table.add_row(*cells)
     Console().print(table)
     path = write_json(out, {"benchmark": "core_path", "rows": rows, "machine": machine()})
     Console().print(f"wrote {path}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
+from twlb.balancer.metrics import EXPOSITION_MAX_AGE_S
 from twlb.processes.managed import ManagedProcess, free_port, pid_alive, twlb_argv
 
 from twlb.cli import main
@@ -196,7 +197,10 @@ def test_proxy_forwards_path_and_query_and_passes_backend_answers_through(site: 
 
 
 def _sample(client: httpx.Client, name: str, labels: str) -> float:
-    """One sample's value from the balancer's /metrics (0 if absent)."""
+    """One sample's value from the balancer's /metrics (0 if absent), read once any
+    rendering made before the call has aged out (metrics.py reuses one for at most
+    EXPOSITION_MAX_AGE_S)."""
+    time.sleep(EXPOSITION_MAX_AGE_S + 0.05)
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(f"{name}{{{labels}}} "):
             return float(line.rsplit(" ", 1)[1])

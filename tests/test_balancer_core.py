@@ -1,9 +1,12 @@
-"""The balancer's core in memory: routing, retries, audits and quorum reads, no sockets.
+"""The balancer's core in memory: routing, retries, audits, quorum reads, health and
+gossip decisions, the loops that feed them, and evidence moved between balancers; no
+sockets.
 
 A `Balancer` is given a fake clock and a fake upstream transport whose backends answer
 honestly, lie (a wrong body, so a wrong digest), stall (no answer until the try timeout,
-which the fake clock jumps over), drop (the connection fails) or answer over the caps;
-every try is recorded, so what each backend was sent is known exactly.
+which the fake clock jumps over), drop (the connection fails) or answer over the caps,
+and serve gossip views; every try is recorded, so what each backend was sent is known
+exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from twlb.balancer.app import BalancerApp
 from twlb.balancer.cli import refreeze
 from twlb.balancer.core import FLEET_SETTLED_S, Balancer
 from twlb.balancer.settings import BalancerSettings
+from twlb.balancer.trust import EjectionReason
 from twlb.balancer.upstream import (
     UpstreamConnectError,
     UpstreamOverBudget,
@@ -54,6 +58,13 @@ class FakeFleet:
     def transport(self, url: str) -> FakeUpstream:
         return FakeUpstream(self, url)
 
+    dead: set[str] = field(default_factory=set)  # backends every other's gossip calls dead
+
+    def gossip_view(self, url: str) -> dict:
+        """`url`'s GET /gossip: members are named by URL; the others see `dead` dead."""
+        states = {m: "dead" if m in self.dead and m != url else "alive" for m in self.behaviour}
+        return {"self": url, "members": [{"node": m, "state": s} for m, s in states.items()]}
+
     def tries_of(self, backend: str, method: str | None = None) -> int:
         return sum(1 for b, m, _ in self.sent if b == backend and method in (None, m))
 
@@ -80,6 +91,8 @@ class FakeUpstream:
         if kind == BIG:
             raise UpstreamOverBudget("the balancer's memory budget is spent")
         self.fleet.clock.now += 0.002
+        if target == b"/gossip":
+            return UpstreamResponse(200, [], orjson.dumps(self.fleet.gossip_view(self.url)))
         # Honest backends name themselves in `node` (ignored by audits) and agree on the
         # result; a liar's result differs (its own, so two liars never agree).
         result = target.decode() if kind == HONEST else f"lie from {self.url}"
@@ -106,6 +119,7 @@ def fake_fleet(kinds: list[str], **settings: object) -> tuple[dict, FakeFleet, l
         "clock": clock,
         "transport": fleet.transport,
         "health_transport": fleet.transport,
+        "gossip_transport": fleet.transport,
     }
     return parts, fleet, urls
 
@@ -333,6 +347,108 @@ async def test_failing_health_checks_take_a_backend_out_and_passing_ones_keep_th
         assert b.up == [good]
         checks = [u for u, _, target in fleet.sent if target == b"/healthz"]
         assert good in checks and dropping in checks
+    finally:
+        await b.stop()
+
+
+def test_health_check_results_take_a_backend_out_and_back_in_memory() -> None:
+    b, fleet, (good, bad) = make_balancer([HONEST, HONEST], unhealthy_threshold=2)
+    now = b.clock()
+    for t in (1.0, 2.0):
+        assert b.on_health_check(good, True, now + t)
+        assert b.on_health_check(bad, False, now + t)
+    assert b.up == [good]
+    assert b.metrics.backend(bad).ejections[EjectionReason.HEALTH] == 1
+    assert b.on_health_check(bad, True, now + 3.0) and b.up == [good]  # one pass: not yet
+    assert b.on_health_check(bad, True, now + 4.0) and b.up == [good, bad]
+    assert b.metrics.backend(bad).readmissions == 1
+    assert b.remove_backend(bad)
+    assert not b.on_health_check(bad, True, now + 5.0)  # not in the fleet: its checks end
+
+
+async def test_a_backend_added_while_running_is_checked_and_one_removed_no_longer() -> None:
+    b, fleet, (first,) = make_balancer([HONEST], health_interval_s=0.02)
+    added = "http://10.0.0.9:8000"
+    fleet.behaviour[added] = HONEST
+
+    def checks(url: str) -> int:
+        return sum(1 for u, _, target in fleet.sent if u == url and target == b"/healthz")
+
+    await b.start()
+    try:
+        assert b.add_backend(added)
+        for _ in range(500):  # bounded wait: checks every 20 ms
+            if checks(added) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert checks(added) >= 2
+        assert b.remove_backend(added)
+        await asyncio.sleep(0)
+        seen, others = checks(added), checks(first)
+        await asyncio.sleep(0.1)  # five intervals
+        assert checks(added) == seen  # its checks ended with it
+        assert checks(first) > others  # the rest go on
+    finally:
+        await b.stop()
+
+
+async def test_a_liar_proven_by_one_balancer_is_out_of_another_that_imports_the_evidence() -> None:
+    first, _, urls = make_balancer(
+        [HONEST, HONEST, HONEST, LIAR], policy=PolicyName.TRUST, audit_fraction=1.0
+    )
+    liar = urls[3]
+    for i in range(60):
+        answered, _ = await first.route("GET", f"/work?key={i}".encode(), [], b"", None)
+        assert answered is not None
+        first.maybe_audit("GET", f"/work?key={i}".encode(), [], answered)
+        await asyncio.gather(*first._background)
+        if first.engine.is_proven(liar):
+            break
+    assert first.engine.is_proven(liar)
+    doc = orjson.loads(orjson.dumps(first.export_evidence(first.clock())))
+
+    second, fleet, _ = make_balancer([HONEST, HONEST, HONEST, LIAR], policy=PolicyName.TRUST)
+    assert second.import_evidence(doc, second.clock()) == urls
+    assert second.engine.is_ejected(liar)
+    assert second.metrics.backend(liar).ejections[EjectionReason.PROVEN_LIAR] == 1
+    for i in range(30):
+        await second.route("GET", f"/work?key={i}".encode(), [], b"", None)
+    assert fleet.tries_of(liar) == 0
+    with pytest.raises(ValueError, match="evidence format"):
+        second.import_evidence({"format": 0}, second.clock())
+
+
+async def test_an_answer_seen_in_other_traffic_is_audited_by_asking_other_backends() -> None:
+    b, fleet, (h1, h2, h3, liar) = make_balancer([HONEST] * 3 + [LIAR], audit_fraction=1.0)
+    lie = UpstreamResponse(200, [], orjson.dumps({"node": liar, "result": "made up"}))
+    for k in range(2):
+        assert b.audit_observed("GET", f"/work?key={k}".encode(), [], liar, lie)
+        await asyncio.gather(*b._background)
+    assert fleet.tries_of(liar) == 0  # its answer was seen, not asked for
+    assert fleet.tries_of(h1) + fleet.tries_of(h2) + fleet.tries_of(h3) >= 4
+    assert b.metrics.backend(liar).mismatches == 2 and b.engine.is_proven(liar)
+    assert not b.audit_observed("POST", b"/work", [], h1, lie)  # only safe methods
+
+
+async def test_the_gossip_loop_takes_out_a_backend_every_other_member_calls_dead() -> None:
+    b, fleet, (a, c, victim) = make_balancer(
+        [HONEST] * 3, gossip_poll_s=0.02, health_interval_s=60.0
+    )
+    fleet.dead.add(victim)
+    await b.start()
+    try:
+        for _ in range(500):  # bounded wait: a round every 20 ms
+            if victim not in b.up:
+                break
+            await asyncio.sleep(0.01)
+        assert b.up == [a, c]
+        assert b.trust_report()["backends"][2]["gossip"]["verdict"] == "dead"
+        fleet.dead.clear()  # the members take it back
+        for _ in range(500):
+            if victim in b.up:
+                break
+            await asyncio.sleep(0.01)
+        assert b.up == [a, c, victim]
     finally:
         await b.stop()
 

@@ -1,6 +1,6 @@
 """Proof of lies, sans-IO: the SPRT's rule, its bound on wrong answers, proven liars in the
-trust engine (ejected first, held out by back-off, not forgiven for quiet), weighted votes
-and the colluding fault."""
+trust engine (ejected first, held out by back-off, not forgiven for quiet), weighted votes,
+the colluding fault, and evidence exported and imported."""
 
 from __future__ import annotations
 
@@ -8,12 +8,21 @@ import math
 import random
 import statistics
 
+import orjson
 import pytest
 from twlb.backend.faults import FaultAction, FaultInjector
-from twlb.balancer.audit import compare_answers, widen
+from twlb.balancer.audit import VOTE_WEIGHT, Auditor, compare_answers, widen
 from twlb.balancer.evidence import EvidenceBook, EvidenceRule, Standing, Verdict
+from twlb.balancer.fleet import Fleet
 from twlb.balancer.scoring import HeuristicScorer
-from twlb.balancer.trust import ChangeKind, EjectionReason, TrustEngine, TrustEvent, TrustState
+from twlb.balancer.trust import (
+    ChangeKind,
+    EjectionReason,
+    TrustChange,
+    TrustEngine,
+    TrustEvent,
+    TrustState,
+)
 
 from twlb.spec import FaultSpec, FaultType, NodeClass
 
@@ -78,7 +87,18 @@ def test_two_mismatches_prove_a_liar_and_one_makes_it_suspect() -> None:
         3.0,
         3.0 + RULE.backoff_s,
     )
-    assert b.vote_weight("b0") == 0.0 and b.record("b0", True, 4.0) is Verdict.NONE
+    assert VOTE_WEIGHT[b.standing("b0")] == 0.0 and b.record("b0", True, 4.0) is Verdict.NONE
+
+
+def test_the_suspects_are_one_set_for_good_whatever_the_fleet_does() -> None:
+    b = book()
+    suspects = b.suspects
+    b.record("b0", True, 0.0)
+    b.record("b1", True, 0.0)
+    b.set_backends(FLEET[1:])  # b0 leaves the fleet
+    assert b.suspects is suspects == {"b1"}  # readers may keep it
+    b.record("b1", True, 1.0)  # proven: no longer a suspect
+    assert suspects == set()
 
 
 def test_agreement_banks_no_credit_a_liar_could_spend() -> None:
@@ -160,17 +180,21 @@ def prove(e: TrustEngine, backend: str, now: float) -> None:
     assert e.record_audit(backend, True, now) is Verdict.PROVEN
 
 
+def ejected_on_proof(e: TrustEngine, backend: str) -> list[TrustChange]:
+    """Assert `backend` is out on proof and the one change since the last drain says so."""
+    assert e.is_ejected(backend) and e.is_proven(backend) and backend not in e.admitted
+    changes = e.drain_changes()
+    assert [(c.kind, c.backend, c.reason) for c in changes] == [
+        (ChangeKind.EJECTION, backend, EjectionReason.PROVEN_LIAR)
+    ]
+    return changes
+
+
 def test_a_proven_liar_is_ejected_at_once_whatever_its_weight() -> None:
     e = engine()
     e.drain_changes()
     prove(e, "b3", 1.0)
-    assert e.is_ejected("b3") and e.is_proven("b3") and "b3" not in e.admitted
-    [change] = e.drain_changes()
-    assert (change.kind, change.backend, change.reason) == (
-        ChangeKind.EJECTION,
-        "b3",
-        EjectionReason.PROVEN_LIAR,
-    )
+    [change] = ejected_on_proof(e, "b3")
     assert change.as_record()["event"] == "ejection" and change.as_record()["proven"]
     # a perfect score does not bring it back; only the end of its back-off does
     e.apply("b3", TrustEvent.HIGH, 2.0)
@@ -266,19 +290,121 @@ def test_collusion_group_is_a_backend_flag() -> None:
 # -- audit where it pays -------------------------------------------------------------------
 
 
+def auditor(e: TrustEngine, fraction: float = 0.1) -> Auditor:
+    fleet = Fleet(window_s=10.0, resolution_s=0.25)
+    for b in FLEET:
+        fleet.add(b, None, None, up=True)
+    rates = dict(probation_fraction=0.5, suspect_fraction=1.0, by_standing=True)
+    return Auditor(fleet, e, random.Random(0), fraction=fraction, **rates)
+
+
 def test_a_suspect_is_audited_at_the_suspect_fraction_until_cleared_or_proven() -> None:
     e = engine()
     e.update({}, 0.0)
-    rates = dict(base=0.1, probation=0.5, suspect=1.0)
-    assert e.audit_fraction("b1", **rates) == 0.5  # new backends start in probation
+    a = auditor(e)
+    assert a.fraction_of("b1") == 0.5  # new backends start in probation
     e.apply("b1", TrustEvent.HIGH, 0.5)
-    assert e.audit_fraction("b1", **rates) == 0.1
+    assert a.fraction_of("b1") == 0.1
     e.record_audit("b1", True, 1.0)
-    assert e.audit_fraction("b1", **rates) == 1.0
-    assert e.audit_fraction("b1", base=0.0, probation=0.5, suspect=1.0) == 0.0  # audits off
+    assert a.fraction_of("b1") == 1.0
+    assert auditor(e, fraction=0.0).fraction_of("b1") == 0.0  # audits off
 
 
 def test_a_split_audit_widens_to_the_backends_not_asked_yet_up_to_the_limit() -> None:
     assert widen(["a", "b", "c"], ["a", "d", "b", "e", "f"]) == ["d", "e", "f"]
     assert widen(["a", "b", "c"], [f"n{i}" for i in range(20)]) == [f"n{i}" for i in range(6)]
     assert widen(["a", "b"], ["c", "d"], limit=3) == ["c"]
+
+
+# -- evidence that outlives its balancer ---------------------------------------------------
+
+
+def test_exported_evidence_reads_back_with_its_times_moved_to_the_readers_clock() -> None:
+    b = book()
+    b.record("b0", True, 0.0)
+    b.record("b0", True, 1.0)  # proven at 1: out until 1 + backoff
+    b.record("b1", True, 2.0)  # a suspect
+    doc = orjson.loads(orjson.dumps(b.export(11.0)))  # JSON through and through
+    assert doc["format"] == 1 and doc["backends"]["b0"]["backoff_left_s"] == RULE.backoff_s - 10
+    assert doc["backends"]["b0"]["proven_s_ago"] == 10.0
+    parsed = book().parse(doc, 1000.0)
+    assert parsed["b0"].proven_at == 990.0 and parsed["b0"].out_until == 990.0 + RULE.backoff_s
+    assert (parsed["b1"].standing, parsed["b1"].llr) == (Standing.SUSPECT, b["b1"].llr)
+    assert parsed["b2"] == b["b2"]
+    other = book()
+    for backend, evidence in parsed.items():
+        other.restore(backend, evidence)
+    assert other.is_proven("b0") and other.suspects == {"b1"}
+    assert other.tick(990.0 + RULE.backoff_s - 0.001) == []
+    assert other.tick(990.0 + RULE.backoff_s) == ["b0"]
+    assert other.suspects == {"b0", "b1"}
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda d: d.update(format=2), "evidence format must be 1"),
+        (lambda d: d["rule"].update(liar_rate=0.5), "gathered under rule"),
+        (lambda d: d.update(backends=[]), "'backends' must be an object"),
+        (lambda d: d["backends"].update(b0=7), "evidence of b0: must be an object"),
+        (lambda d: d["backends"]["b0"].update(standing="guilty"), "evidence of b0: standing"),
+        (lambda d: d["backends"]["b0"].update(llr=float("nan")), "b0: llr must be a finite"),
+        (lambda d: d["backends"]["b0"].update(backoff_left_s=None), "b0: a proven backend"),
+        (lambda d: d["backends"]["b0"].update(backoff_left_s=-1), "b0: backoff_left_s must be"),
+        (lambda d: d["backends"]["b1"].update(llr=50.0), "b1: a suspect needs"),
+        (lambda d: d["backends"]["b2"].update(llr=1.0), "b2: a clear backend"),
+        (lambda d: d["backends"]["b2"].update(audits=-1), "b2: audits must be an integer"),
+        (lambda d: d["backends"]["b2"].update(mismatches=3), r"b2: mismatches \(3\) exceed"),
+    ],
+)
+def test_evidence_that_this_rule_could_not_have_produced_is_refused_by_name(
+    change, error: str
+) -> None:
+    b = book()
+    b.record("b0", True, 0.0)
+    b.record("b0", True, 1.0)
+    b.record("b1", True, 2.0)
+    doc = b.export(3.0)
+    change(doc)
+    with pytest.raises(ValueError, match=error):
+        book().parse(doc, 10.0)
+
+
+def test_an_imported_back_off_is_cut_to_this_books_longest() -> None:
+    b = book()
+    b.record("b0", True, 0.0)
+    b.record("b0", True, 1.0)
+    doc = b.export(1.0)
+    doc["backends"]["b0"]["backoff_left_s"] = 1e12
+    assert book().parse(doc, 5.0)["b0"].out_until == 5.0 + RULE.max_backoff_s
+
+
+def test_a_liar_proven_by_one_engine_is_out_of_another_that_imports_the_evidence() -> None:
+    first = engine()
+    prove(first, "b3", 1.0)
+    doc = first.evidence.export(2.0)
+    doc["backends"]["not-here"] = doc["backends"]["b0"]
+    second = engine()
+    second.update({}, 0.0)
+    second.drain_changes()
+    assert second.import_evidence(doc, 100.0) == FLEET  # not-here is not in this fleet
+    ejected_on_proof(second, "b3")
+    # out for what was left of its back-off, counted on the importer's clock
+    second.tick(100.0 + RULE.backoff_s - 1.0 - 0.001)
+    assert second.is_ejected("b3")
+    second.tick(100.0 + RULE.backoff_s - 1.0)
+    assert second.state("b3") is TrustState.PROBATION
+
+
+def test_evidence_that_clears_a_backend_readmits_it_and_bad_evidence_changes_nothing() -> None:
+    e = engine()
+    prove(e, "b3", 1.0)
+    clean = engine().evidence.export(2.0)
+    broken = {**clean, "backends": {**clean["backends"], "b5": {"standing": "proven"}}}
+    with pytest.raises(ValueError, match="evidence of b5"):
+        e.import_evidence(broken, 3.0)
+    assert e.is_proven("b3") and e.evidence.is_proven("b3")  # nothing changed
+    e.drain_changes()
+    e.import_evidence(clean, 3.0)
+    assert e.state("b3") is TrustState.PROBATION and not e.is_proven("b3")
+    assert [c.kind for c in e.drain_changes()] == [ChangeKind.READMISSION]

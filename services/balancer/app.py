@@ -30,7 +30,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from twlb.balancer.api import build_api
-from twlb.balancer.core import AUDITED_METHODS, Balancer, TryResult, answer_digest
+from twlb.balancer.audit import AUDITED_METHODS, answer_digest
+from twlb.balancer.core import Balancer, TryResult
 from twlb.balancer.http_server import (
     HttpServer,
     Reply,
@@ -331,7 +332,7 @@ class BalancerApp:
         if 200 <= response.status < 300:
             # Only spawns the audit task: it runs after this answer is on its way.
             balancer.maybe_audit(method, target, forwarded, result)
-        return upstream_reply(result.backend, response, method, self._named, balancer.pools)
+        return upstream_reply(result.backend, response, method, self._named, balancer.fleet.records)
 
     def _no_answer(self, result: TryResult, outcomes: dict[str, int]) -> Reply:
         """The error answer to a request whose last try got no answer."""
@@ -370,7 +371,9 @@ class BalancerApp:
             balancer.metrics.requests["quorum_failed"] += 1
             return json_reply(502, why or "no answer")
         balancer.metrics.requests["success"] += 1
-        return upstream_reply(result.backend, result.response, method, self._named, balancer.pools)
+        return upstream_reply(
+            result.backend, result.response, method, self._named, balancer.fleet.records
+        )
 
     def handle(
         self,

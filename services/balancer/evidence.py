@@ -44,12 +44,19 @@ A proven backend is out of rotation for a back-off that doubles with each proven
 (`backoff_s` * 2**(offences - 1), capped at `max_backoff_s`), counted from its conviction;
 when it ends the backend comes back SUSPECT with its statistic one half-mismatch below A,
 so a single further audited lie proves it again.
+
+Evidence outlives the process that gathered it: `EvidenceBook.export` writes every
+backend's as one JSON-ready document, its times relative to the moment of export, and
+`parse` reads one back under the same rule, refusing data the rule could not have
+produced (the trust engine's `import_evidence` puts it in force: a backend proven
+elsewhere is ejected here). Deciding whose evidence to take (a restarted balancer's own,
+a replica's) is the caller's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -162,6 +169,14 @@ def _check_fractions(audit_fraction: float, suspect_fraction: float) -> None:
         )
 
 
+#: Version of the evidence document (`EvidenceBook.export`, `EvidenceBook.parse`).
+EVIDENCE_FORMAT = 1
+
+#: The rule's fields an imported statistic depends on: evidence gathered under other
+#: hypotheses or error rates cannot be read against this book's thresholds.
+_RULE_FIELDS = ("honest_mismatch_rate", "liar_rate", "false_proof", "missed_liar")
+
+
 @dataclass
 class BackendEvidence:
     """The audit evidence against one backend."""
@@ -188,6 +203,88 @@ class BackendEvidence:
             "backoff_until": self.out_until,
         }
 
+    def export(self, now: float) -> dict[str, Any]:
+        """This evidence as JSON-ready data, its times relative to `now` (a clock's
+        readings mean nothing to another process or after a restart)."""
+        return {
+            "standing": self.standing.value,
+            "llr": self.llr,
+            "audits": self.audits,
+            "mismatches": self.mismatches,
+            "offences": self.offences,
+            "proven_s_ago": None if self.proven_at is None else max(0.0, now - self.proven_at),
+            "backoff_left_s": None if self.out_until is None else max(0.0, self.out_until - now),
+        }
+
+    @classmethod
+    def imported(cls, doc: Any, now: float, rule: EvidenceRule) -> BackendEvidence:
+        """Evidence from `export`'s data, its times made absolute at `now`; ValueError
+        naming the field when the data is not evidence this rule could have produced. A
+        back-off is cut to the rule's longest (`max_backoff_s`)."""
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"must be an object, not {type(doc).__name__}")
+        try:
+            standing = Standing(doc.get("standing"))
+        except ValueError:
+            raise ValueError(
+                f"standing must be one of {[s.value for s in Standing]}, "
+                f"not {doc.get('standing')!r}"
+            ) from None
+        llr = _number(doc, "llr")
+        audits, mismatches, offences = (
+            _count(doc, k) for k in ("audits", "mismatches", "offences")
+        )
+        if mismatches > audits:
+            raise ValueError(f"mismatches ({mismatches}) exceed audits ({audits})")
+        proven_ago = _number(doc, "proven_s_ago", optional=True)
+        backoff_left = _number(doc, "backoff_left_s", optional=True)
+        match standing:
+            case Standing.PROVEN:
+                if llr < rule.prove_at or offences < 1 or backoff_left is None:
+                    raise ValueError(
+                        f"a proven backend needs llr >= {rule.prove_at:.4f}, offences >= 1 "
+                        f"and backoff_left_s, got {llr}, {offences}, {backoff_left}"
+                    )
+            case Standing.SUSPECT:
+                if not rule.clear_at < llr < rule.prove_at or backoff_left is not None:
+                    raise ValueError(
+                        f"a suspect needs {rule.clear_at:.4f} < llr < {rule.prove_at:.4f} "
+                        f"and no backoff_left_s, got {llr}, {backoff_left}"
+                    )
+            case _:
+                if llr != 0.0 or backoff_left is not None:
+                    raise ValueError(
+                        f"a clear backend has llr 0 and no backoff_left_s, got {llr}, {backoff_left}"
+                    )
+        return cls(
+            llr=llr,
+            standing=standing,
+            audits=audits,
+            mismatches=mismatches,
+            offences=offences,
+            proven_at=None if proven_ago is None else now - proven_ago,
+            out_until=None if backoff_left is None else now + min(backoff_left, rule.max_backoff_s),
+        )
+
+
+def _number(doc: Mapping[str, Any], name: str, optional: bool = False) -> Any:
+    """`doc[name]` as a float (None when `optional` and absent)."""
+    value = doc.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    if optional and value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+    return float(value)
+
+
+def _count(doc: Mapping[str, Any], name: str) -> int:
+    value = doc.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+    return value
+
 
 @dataclass
 class EvidenceBook:
@@ -195,12 +292,15 @@ class EvidenceBook:
 
     rule: EvidenceRule = field(default_factory=EvidenceRule)
     _backends: dict[str, BackendEvidence] = field(default_factory=dict)
+    #: the backends in SUSPECT standing (read on every audited answer: one set lookup)
+    suspects: set[str] = field(default_factory=set)
 
     def set_backends(self, backends: Iterable[str]) -> None:
         """The full backend list; known ones keep their evidence (a removed backend's is
         forgotten only when it leaves the fleet)."""
         old = self._backends
         self._backends = {b: old.get(b) or BackendEvidence() for b in backends}
+        self.suspects.intersection_update(self._backends)  # in place: one set for good
 
     def __getitem__(self, backend: str) -> BackendEvidence:
         return self._backends[backend]
@@ -218,16 +318,12 @@ class EvidenceBook:
     def proven(self) -> list[str]:
         return [b for b, e in self._backends.items() if e.standing is Standing.PROVEN]
 
-    def vote_weight(self, backend: str) -> float:
-        """How much `backend`'s answer counts in an audit: a proven liar's not at all, a
-        suspect's half, a clear backend's fully."""
-        match self.standing(backend):
-            case Standing.PROVEN:
-                return 0.0
-            case Standing.SUSPECT:
-                return 0.5
-            case _:
-                return 1.0
+    def _stand(self, backend: str, e: BackendEvidence, standing: Standing) -> None:
+        e.standing = standing
+        if standing is Standing.SUSPECT:
+            self.suspects.add(backend)
+        else:
+            self.suspects.discard(backend)
 
     def record(self, backend: str, mismatch: bool, now: float) -> Verdict:
         """One audit verdict on `backend` (odd one out, or in the majority)."""
@@ -245,16 +341,16 @@ class EvidenceBook:
             e.llr += rule.agree_step
         if e.llr >= rule.prove_at:
             e.offences += 1
-            e.standing = Standing.PROVEN
+            self._stand(backend, e, Standing.PROVEN)
             e.proven_at = now
             e.out_until = now + rule.backoff(e.offences)
             return Verdict.PROVEN
         if e.llr <= rule.clear_at:
             e.llr = 0.0
-            e.standing = Standing.CLEAR
+            self._stand(backend, e, Standing.CLEAR)
             return Verdict.CLEARED
         if e.standing is Standing.CLEAR:
-            e.standing = Standing.SUSPECT
+            self._stand(backend, e, Standing.SUSPECT)
             return Verdict.SUSPECTED
         return Verdict.NONE
 
@@ -263,7 +359,7 @@ class EvidenceBook:
         released = []
         for b, e in self._backends.items():
             if e.standing is Standing.PROVEN and e.out_until is not None and now >= e.out_until:
-                e.standing = Standing.SUSPECT
+                self._stand(b, e, Standing.SUSPECT)
                 e.llr = self.rule.readmit_llr
                 e.out_until = None
                 released.append(b)
@@ -272,3 +368,47 @@ class EvidenceBook:
     def describe(self, backend: str) -> dict[str, Any]:
         e = self._backends.get(backend) or BackendEvidence()
         return e.describe(self.rule)
+
+    # -- export and import ---------------------------------------------------------------
+
+    def export(self, now: float) -> dict[str, Any]:
+        """Every backend's evidence as one JSON-ready document, times relative to `now`:
+        what a restarted balancer or another replica reads back with `parse`."""
+        rule = self.rule
+        return {
+            "format": EVIDENCE_FORMAT,
+            "rule": {name: getattr(rule, name) for name in _RULE_FIELDS},
+            "backends": {b: e.export(now) for b, e in self._backends.items()},
+        }
+
+    def parse(self, doc: Any, now: float) -> dict[str, BackendEvidence]:
+        """The evidence of an `export` document, by backend, times made absolute at `now`;
+        ValueError naming what is wrong (nothing is put in force here: see `restore`)."""
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"an evidence document is an object, not {type(doc).__name__}")
+        if doc.get("format") != EVIDENCE_FORMAT:
+            raise ValueError(
+                f"evidence format must be {EVIDENCE_FORMAT}, not {doc.get('format')!r}"
+            )
+        theirs = doc.get("rule")
+        ours = {name: getattr(self.rule, name) for name in _RULE_FIELDS}
+        if theirs != ours:
+            raise ValueError(f"evidence gathered under rule {theirs!r}, this book's is {ours!r}")
+        backends = doc.get("backends")
+        if not isinstance(backends, Mapping):
+            raise ValueError("evidence 'backends' must be an object of backend URL to evidence")
+        parsed: dict[str, BackendEvidence] = {}
+        for backend, data in backends.items():
+            try:
+                parsed[str(backend)] = BackendEvidence.imported(data, now, self.rule)
+            except ValueError as err:
+                raise ValueError(f"evidence of {backend}: {err}") from None
+        return parsed
+
+    def restore(self, backend: str, evidence: BackendEvidence) -> None:
+        """Put `evidence` in force for `backend`, a backend of the book (KeyError if not):
+        the trust engine's `import_evidence` calls this and acts on proof it carries."""
+        if backend not in self._backends:
+            raise KeyError(backend)
+        self._backends[backend] = evidence
+        self._stand(backend, evidence, evidence.standing)

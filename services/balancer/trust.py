@@ -24,7 +24,8 @@ tick). The weight then drives an explicit state machine (`TRANSITIONS`):
   book's back-off ends (not the model's timer, not a HIGH score), and comes back in
   PROBATION. Proven liars are exempt from the floor and count against it first: the
   model may eject only the room they leave, so the floor never keeps a liar in rotation
-  while it ejects a node whose failures a client can see and retry;
+  while it ejects a node whose failures a client can see and retry. Evidence gathered
+  elsewhere (`import_evidence`: a restart, a replica) is acted on as proof here would be;
 - a backend held by the floor is routed at weight 0, the least its state allows (the
   policy's minimum trickle, which keeps fresh evidence coming);
 - every ejection (with its reason), readmission and hold is queued as a `TrustChange`
@@ -84,11 +85,6 @@ class TrustState(StrEnum):
     PROBATION = "probation"
     TRUSTED = "trusted"
     EJECTED = "ejected"
-
-
-#: Read on every audited answer: module constants (a member read off an enum class goes
-#: through `EnumType.__getattr__` on Python 3.11).
-_PROBATION, _SUSPECT = TrustState.PROBATION, Standing.SUSPECT
 
 
 class TrustEvent(StrEnum):
@@ -388,21 +384,27 @@ class TrustEngine:
             self._refresh(now)
         return verdict
 
-    def audit_fraction(self, backend: str, base: float, probation: float, suspect: float) -> float:
-        """The share of `backend`'s answers to audit (with audits on, `base` > 0): `suspect`
-        while an audit has found it the odd one out and the evidence has not cleared or
-        proven it, `probation` while in PROBATION, else `base`."""
-        if not base:
-            return 0.0
-        if self.evidence.standing(backend) is _SUSPECT:
-            return max(base, suspect)
-        if self.state(backend) is _PROBATION:
-            return max(base, probation)
-        return base
-
-    def vote_weights(self, backends: Iterable[str]) -> dict[str, float]:
-        """How much each backend's answer counts in an audit (its evidence standing)."""
-        return {b: self.evidence.vote_weight(b) for b in backends}
+    def import_evidence(self, doc: Any, now: float) -> list[str]:
+        """Put an evidence document (`EvidenceBook.export`) in force for the backends of
+        this fleet it names; returns those. A backend it shows proven is ejected now (as
+        a proof here would eject it, until the back-off it carries ends); one proven here
+        that it shows not proven comes back in PROBATION. ValueError (naming what is
+        wrong) before anything changes when the document is not valid evidence."""
+        parsed = self.evidence.parse(doc, now)
+        taken = [url for url in parsed if url in self._backends]
+        for url in taken:
+            evidence = parsed[url]
+            self.evidence.restore(url, evidence)
+            b = self._backends[url]
+            if evidence.standing is Standing.PROVEN and not b.proven:
+                if b.state is TrustState.EJECTED:
+                    b.proven = True
+                else:
+                    self._move(url, b, TrustEvent.LOW, now, EjectionReason.PROVEN_LIAR)
+            elif evidence.standing is not Standing.PROVEN and b.proven:
+                self._move(url, b, TrustEvent.RETRY_DUE, now)
+        self._refresh(now)
+        return taken
 
     def ejection_time(self, backend: str) -> float:
         """How long the current (or next) model ejection of `backend` lasts, seconds."""

@@ -106,8 +106,10 @@ def step(state: Any, f: str, arg: Any, output: Any) -> tuple[bool, Any]:
 
 # -- compiled form --------------------------------------------------------------------
 
-# Operation kinds of the compiled model. READ and CAS_FAIL only observe the state.
-READ, CAS_FAIL, WRITE, CAS_OK, CAS_ANY, APPEND = range(6)
+# Operation kinds of the compiled model. READ and CAS_FAIL only observe the state; the
+# _PLAIN kinds are the same operations searched without the observer reduction (as
+# Porcupine searches them: the benchmark's reference).
+READ, CAS_FAIL, WRITE, CAS_OK, CAS_ANY, APPEND, READ_PLAIN, CAS_FAIL_PLAIN = range(8)
 
 
 def _intern_key(value: Any) -> tuple[type, Any]:
@@ -161,7 +163,7 @@ class KeySearch:
     """The resumable search over one key's operations: `run(steps)` advances it by at most
     `steps` steps and returns True (linearizable), False (not), or None (not yet)."""
 
-    def __init__(self, ops: Sequence[Op]) -> None:
+    def __init__(self, ops: Sequence[Op], reduce_observers: bool = True) -> None:
         self.ops = list(ops)
         n = self.n = len(self.ops)
         _check_append_values(self.ops)
@@ -186,6 +188,8 @@ class KeySearch:
                 expected, new = op.value
                 a[i], b[i] = self._intern(_norm(expected)), self._intern(_norm(new))
                 kind[i] = CAS_ANY if op.output is None else CAS_OK if op.output else CAS_FAIL
+            if not reduce_observers and kind[i] in (READ, CAS_FAIL):
+                kind[i] = READ_PLAIN if kind[i] == READ else CAS_FAIL_PLAIN
         self.kind, self.a, self.b, self.suffix = kind, a, b, suffix
         # Entries 1..2n in time order; 0 is the list head. A completion sorts after every
         # invocation at its position; unknown completions sort after everything, in
@@ -330,6 +334,10 @@ class KeySearch:
                     new_state = ids_get(text)
                     if new_state is None:
                         new_state = self._intern(text)
+                elif (k == READ_PLAIN and state == a[i]) or (
+                    k == CAS_FAIL_PLAIN and state != a[i]
+                ):
+                    new_state = state
                 else:  # an observer, illegal here (the arrival scan took legal ones)
                     e = nxt[e]
                     continue
@@ -570,9 +578,11 @@ def search(
     *,
     max_memory: int | None = DEFAULT_MAX_MEMORY,
     time_limit: float | None = None,
+    reduce_observers: bool = True,
 ) -> Search:
     """Decide one key's history. `ops` carry start/end positions in one time order."""
-    runner = _Schedule({None: KeySearch(ops)}, max_states, max_memory, time_limit, None)
+    key = KeySearch(ops, reduce_observers)
+    runner = _Schedule({None: key}, max_states, max_memory, time_limit, None)
     runner.run()
     return runner.searches[None].outcome()
 
@@ -599,7 +609,7 @@ class _Schedule:
 
     def progress(self) -> Progress:
         keys = [_key_progress(k, s, self.status[k]) for k, s in self.searches.items()]
-        live = sum(s.memory() for s in self.searches.values())
+        live = sum(s.memory() for s in self.searches.values() if s.result is None)
         self.peak_memory = max(self.peak_memory, live)
         return Progress(keys, time.perf_counter() - self.started, live, self.peak_memory)
 
@@ -608,11 +618,17 @@ class _Schedule:
         for key, s in self.searches.items():
             if s.result is not None:
                 self.status[key] = "linearizable"
+        held = dict.fromkeys(live, 0)  # bytes each live search held after its last slice
+        total = 0
         next_report = self.started + self.progress_every
         while live:
             for key in list(live):
                 s = self.searches[key]
                 result = s.run(SLICE)
+                used = s.memory()
+                total += used - held[key]
+                held[key] = used
+                self.peak_memory = max(self.peak_memory, total)
                 if result is None:
                     if self.max_states is not None and s.explored > self.max_states:
                         self._give_up(
@@ -620,37 +636,32 @@ class _Schedule:
                             f"more than {self.max_states} configurations of key "
                             f"{_name(key)} explored",
                         )
-                    continue
-                live.remove(key)
-                self.peak_memory = max(self.peak_memory, self._live_memory() + s.memory())
-                s.release()
-                if result:
-                    self.status[key] = "linearizable"
                 else:
-                    self.status[key] = "not linearizable"
-                    self.failing, self.failed = key, True
-                    for other in live:
-                        self.status[other] = "stopped"
-                        self.searches[other].release()
-                    return
-            memory = self._live_memory()
-            self.peak_memory = max(self.peak_memory, memory)
-            if self.max_memory is not None and memory > self.max_memory:
-                self._give_up(
-                    MemoryBudgetExceeded,
-                    f"the memory budget of {format_bytes(self.max_memory)} was reached",
-                )
-            now = time.perf_counter()
-            if self.time_limit is not None and now - self.started > self.time_limit:
-                self._give_up(
-                    TimeBudgetExceeded, f"the time limit of {self.time_limit:g} s was reached"
-                )
-            if self.on_progress is not None and now >= next_report:
-                next_report = now + self.progress_every
-                self.on_progress(self.progress())
-
-    def _live_memory(self) -> int:
-        return sum(s.memory() for s in self.searches.values() if s.result is None)
+                    live.remove(key)
+                    total -= held.pop(key)
+                    s.release()
+                    if not result:
+                        self.status[key] = "not linearizable"
+                        self.failing, self.failed = key, True
+                        for other in live:
+                            self.status[other] = "stopped"
+                            self.searches[other].release()
+                        return
+                    self.status[key] = "linearizable"
+                if self.max_memory is not None and total > self.max_memory:
+                    self._give_up(
+                        MemoryBudgetExceeded,
+                        f"the memory budget of {format_bytes(self.max_memory)} was reached",
+                    )
+                now = time.perf_counter()
+                if self.time_limit is not None and now - self.started > self.time_limit:
+                    self._give_up(
+                        TimeBudgetExceeded,
+                        f"the time limit of {self.time_limit:g} s was reached",
+                    )
+                if self.on_progress is not None and now >= next_report:
+                    next_report = now + self.progress_every
+                    self.on_progress(self.progress())
 
     def _give_up(self, kind: type[SearchBudgetExceeded], reason: str) -> None:
         progress = self.progress()
@@ -672,6 +683,7 @@ def check_history(
     max_memory: int | None = DEFAULT_MAX_MEMORY,
     time_limit: float | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    reduce_observers: bool = True,
 ) -> Verdict:
     """Check a whole history, its keys interleaved; on failure, the failing key's prefix
     up to the completion that cannot be placed.
@@ -679,7 +691,9 @@ def check_history(
     Budgets: `max_states` configurations of any one key, `max_memory` bytes held by the
     searches at once (None: no bound), `time_limit` seconds; past any of them
     `SearchBudgetExceeded` (with `.progress`) is raised. `on_progress` gets a `Progress`
-    about once a second while the check runs."""
+    about once a second while the check runs. `reduce_observers=False` searches as
+    Porcupine does, without the observer reduction (same verdicts, more configurations:
+    the benchmark's reference)."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
     events = list(history)
@@ -690,7 +704,7 @@ def check_history(
     keys = sorted(by_key, key=lambda k: (k is not None, str(k)))
     for key in keys:
         _check_model(by_key[key], model)
-    searches = {key: KeySearch(by_key[key]) for key in keys}
+    searches = {key: KeySearch(by_key[key], reduce_observers) for key in keys}
     schedule = _Schedule(searches, max_states, max_memory, time_limit, on_progress)
     schedule.run()
     verdicts = []

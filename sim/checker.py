@@ -334,9 +334,7 @@ class KeySearch:
                     new_state = ids_get(text)
                     if new_state is None:
                         new_state = self._intern(text)
-                elif (k == READ_PLAIN and state == a[i]) or (
-                    k == CAS_FAIL_PLAIN and state != a[i]
-                ):
+                elif (k == READ_PLAIN and state == a[i]) or (k == CAS_FAIL_PLAIN and state != a[i]):
                     new_state = state
                 else:  # an observer, illegal here (the arrival scan took legal ones)
                     e = nxt[e]

@@ -58,7 +58,7 @@ MODELS: dict[str, frozenset[str]] = {
 }
 
 #: The memory a check may use for its searches unless told otherwise (bytes).
-DEFAULT_MAX_MEMORY = 2 * 1024**3
+DEFAULT_MAX_MEMORY = 1024**3
 #: Search steps one key runs before the next key's turn (and between budget checks).
 SLICE = 20_000
 
@@ -67,9 +67,12 @@ class SearchBudgetExceeded(RuntimeError):
     """The search reached a budget before a verdict: undecided. `progress` says how far
     it got (see `Progress`)."""
 
-    def __init__(self, message: str, progress: Progress | None = None) -> None:
+    def __init__(
+        self, message: str, progress: Progress | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.progress = progress
+        self.reason = reason or message  # the budget reached, without the progress
 
 
 class MemoryBudgetExceeded(SearchBudgetExceeded):
@@ -214,18 +217,27 @@ class KeySearch:
             prv[e] = e - 1
             nxt[e - 1] = e
         nxt[size - 1] = -1
-        self.bit = [1 << i for i in range(n)]
-        # Search state.
+        # Search state. The set of linearized operations is `base` (every operation
+        # invoked before the base-th is linearized) and `window` (a bitset of the ones
+        # from the base on): the window holds only the operations still in play, so a
+        # configuration costs memory for what is concurrent, not for the whole history.
         self.state = 0
-        self.linearized = 0
+        self.base = 0
+        self.window = 0
         self.cache: set[int] = set()
-        self.stack: list[tuple[int, int, bool]] = []  # (call entry, state before, forced)
+        self.cache_digits = 0  # 30-bit digits of the integers in the cache
+        # The stack of linearized calls, as linked frames (call entry, state before,
+        # base before, window before, forced, the frame below): the linearization at
+        # any moment is kept by holding its top frame.
+        self.top: tuple | None = None
+        self.depth = 0
         self.entry = 0  # where the scan resumes
         self.arriving = True  # at a configuration not scanned yet
         self.explored = 0
         self.steps = 0
         self.best = 0  # furthest completion entry reached
-        self.best_order: list[int] = []
+        self.best_top: tuple | None = None  # the linearization that reached it
+        self.best_depth = 0
         self.result: bool | None = None if n else True
         self.peak_memory = 0
         self.seconds = 0.0
@@ -241,31 +253,41 @@ class KeySearch:
 
     # -- accounting ---------------------------------------------------------------------
     def memory(self) -> int:
-        """Bytes held by the search's growing structures: the configuration set, the
-        interned states, the stack (the linked list is fixed and small)."""
+        """Bytes held by the search's growing structures: the configuration set (its
+        table and its integers), the interned states, the stack (the linked list is
+        fixed, the size of the history)."""
         if self.result is not None and not self.cache:
             return 0
-        bits = self.n + max(1, len(self.values)).bit_length()
-        entry = sys.getsizeof(1 << bits)
         return (
             sys.getsizeof(self.cache)
-            + len(self.cache) * entry
+            + 24 * len(self.cache)
+            + 4 * self.cache_digits
             + sys.getsizeof(self.values)
             + sys.getsizeof(self.ids)
             + self.values_bytes
-            + sys.getsizeof(self.stack)
-            + len(self.stack) * 64
+            + 100 * self.depth
         )
 
     def release(self) -> None:
         """Drop what only a running search needs (called once it has a verdict)."""
         self.peak_memory = max(self.peak_memory, self.memory())
         self.cache = set()
+        self.cache_digits = 0
         self.ids = {}
 
+    @staticmethod
+    def _order(top: tuple | None) -> list[int]:
+        entries = []
+        while top is not None:
+            entries.append(top[0])
+            top = top[5]
+        entries.reverse()
+        return entries
+
     @property
-    def linearized_count(self) -> int:
-        return len(self.stack)
+    def best_order(self) -> list[int]:
+        """The operations of the linearization that reached furthest, in order."""
+        return [self.op_of[entry] for entry in self._order(self.best_top)]
 
     def frontier_op(self) -> int | None:
         """The operation whose completion is the furthest any linearization reached."""
@@ -274,17 +296,22 @@ class KeySearch:
         return self.op_of[self.best]
 
     # -- the search -------------------------------------------------------------------
-    def run(self, steps: int) -> bool | None:
+    def run(self, steps: int, max_states: int | None = None) -> bool | None:
+        """Advance by at most `steps` steps, stopping early once more than `max_states`
+        configurations have been explored."""
         if self.result is not None:
             return self.result
         started = time.perf_counter()
         nxt, prv, is_call, op_of = self.nxt, self.prv, self.is_call, self.op_of
-        ret_entry, bit, kind, a, b = self.ret_entry, self.bit, self.kind, self.a, self.b
-        cache, stack, n = self.cache, self.stack, self.n
+        ret_entry, kind, a, b = self.ret_entry, self.kind, self.a, self.b
+        cache = self.cache
         values, suffix, ids_get = self.values, self.suffix, self.ids.get
-        cache_add, push, pop = cache.add, stack.append, stack.pop
-        state, linearized, e, arriving = self.state, self.linearized, self.entry, self.arriving
-        explored, best = self.explored, self.best
+        cache_add = cache.add
+        n1 = self.n + 1
+        state, base, window = self.state, self.base, self.window
+        top, depth, e, arriving = self.top, self.depth, self.entry, self.arriving
+        explored, best, digits = self.explored, self.best, self.cache_digits
+        cap = (1 << 62) if max_states is None else max_states
         result: bool | None = None
         left = steps
         while left > 0:
@@ -301,12 +328,19 @@ class KeySearch:
                     i = op_of[e]
                     k = kind[i]
                     if (k == READ and state == a[i]) or (k == CAS_FAIL and state != a[i]):
-                        marked = linearized | bit[i]
-                        config = marked | (state << n)
+                        new_state = state
+                        new_window = window | (1 << (i - base))
+                        new_base = base
+                        if i == base:  # the window's low end is complete: move the base
+                            t = (new_window ^ (new_window + 1)).bit_length() - 1
+                            new_window >>= t
+                            new_base += t
+                        wl = new_window.bit_length()
+                        config = (((state << wl) | new_window) * n1 + wl) * n1 + new_base
                         if config in cache:
                             fail = True
                         else:
-                            take, forced, new_state = e, True, state
+                            take, forced = e, True
                         break
                     e = nxt[e]
                 if not fail and not take:
@@ -314,8 +348,7 @@ class KeySearch:
                         result = True
                         break
                     if e > best:
-                        best = e
-                        self.best_order = [op_of[entry] for entry, _s, _f in stack]
+                        best, self.best_top, self.best_depth = e, top, depth
                     e = nxt[0]
             if not fail and not take and is_call[e]:
                 i = op_of[e]
@@ -339,8 +372,14 @@ class KeySearch:
                 else:  # an observer, illegal here (the arrival scan took legal ones)
                     e = nxt[e]
                     continue
-                marked = linearized | bit[i]
-                config = marked | (new_state << n)
+                new_window = window | (1 << (i - base))
+                new_base = base
+                if i == base:
+                    t = (new_window ^ (new_window + 1)).bit_length() - 1
+                    new_window >>= t
+                    new_base += t
+                wl = new_window.bit_length()
+                config = (((new_state << wl) | new_window) * n1 + wl) * n1 + new_base
                 if config in cache:
                     e = nxt[e]
                     continue
@@ -348,27 +387,30 @@ class KeySearch:
             if take:
                 # Linearize: lift the invocation and its completion out of the list.
                 cache_add(config)
+                digits += config.bit_length() // 30 + 1
                 explored += 1
-                push((e, state, forced))
+                if explored > cap:
+                    left = 0
+                top = (e, state, base, window, forced, top)
+                depth += 1
                 nxt[prv[e]] = nxt[e]
                 prv[nxt[e]] = prv[e]
                 r = ret_entry[i]
                 nxt[prv[r]] = nxt[r]
                 if nxt[r] != -1:
                     prv[nxt[r]] = prv[r]
-                state, linearized = new_state, marked
+                state, base, window = new_state, new_base, new_window
                 arriving = True
                 continue
             # Backtrack: a completion whose operation is not linearized (or a configuration
             # known to fail). A forced step's failure is its parent's failure.
             while True:
-                if not stack:
+                if top is None:
                     result = False
                     break
-                e, state, forced = pop()
-                i = op_of[e]
-                linearized ^= bit[i]
-                r = ret_entry[i]
+                e, state, base, window, forced, top = top
+                depth -= 1
+                r = ret_entry[op_of[e]]
                 nxt[prv[r]] = r
                 if nxt[r] != -1:
                     prv[nxt[r]] = r
@@ -379,8 +421,9 @@ class KeySearch:
             if result is not None:
                 break
             e = nxt[e]
-        self.state, self.linearized, self.entry, self.arriving = state, linearized, e, arriving
-        self.explored, self.best = explored, best
+        self.state, self.base, self.window = state, base, window
+        self.top, self.depth, self.entry, self.arriving = top, depth, e, arriving
+        self.explored, self.best, self.cache_digits = explored, best, digits
         self.steps += steps - left
         self.seconds += time.perf_counter() - started
         if result is not None:
@@ -389,7 +432,7 @@ class KeySearch:
 
     def outcome(self) -> Search:
         linearizable = bool(self.result)
-        order = [self.op_of[entry] for entry, _s, _f in self.stack] if linearizable else []
+        order = [self.op_of[entry] for entry in self._order(self.top)] if linearizable else []
         return Search(
             linearizable,
             self.explored,
@@ -478,7 +521,7 @@ def _key_progress(key: str | None, search: KeySearch, status: str) -> KeyProgres
         search.n,
         status,
         search.explored,
-        len(search.best_order),
+        search.best_depth,
         line,
         search.memory(),
     )
@@ -622,7 +665,7 @@ class _Schedule:
         while live:
             for key in list(live):
                 s = self.searches[key]
-                result = s.run(SLICE)
+                result = s.run(SLICE, self.max_states)
                 used = s.memory()
                 total += used - held[key]
                 held[key] = used
@@ -665,7 +708,7 @@ class _Schedule:
         progress = self.progress()
         for s in self.searches.values():
             s.release()
-        raise kind(f"{reason}: {progress.describe()}", progress)
+        raise kind(f"{reason}: {progress.describe()}", progress, reason)
 
 
 def _name(key: str | None) -> str:

@@ -251,7 +251,7 @@ class Size(click.ParamType):
     "--max-memory",
     type=Size(),
     default=DEFAULT_MAX_MEMORY,
-    show_default="2GiB",
+    show_default="1GiB",
     help="Give up (exit 3) when the searches hold more than this (e.g. 512MiB, 8GiB).",
 )
 @click.option(
@@ -322,7 +322,7 @@ def check_command(
         if html_path is not None:
             write_page(html_path, history, model, None, err.progress, source=str(history_file))
         if as_json:
-            out = {"model": model, "linearizable": None, "undecided": str(err).split(":")[0]}
+            out = {"model": model, "linearizable": None, "undecided": err.reason}
             out["progress"] = err.progress.as_dict() if err.progress else None
             click.echo(json.dumps(out, indent=2))
         click.echo(f"undecided: {history_file}: {err}", err=True)

@@ -43,6 +43,7 @@ string values); both start with no value, and the empty string reads as no value
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import defaultdict
@@ -162,6 +163,9 @@ class Search:
     seconds: float = 0.0
 
 
+_EMPTY_SET = sys.getsizeof(set())
+
+
 class KeySearch:
     """The resumable search over one key's operations: `run(steps)` advances it by at most
     `steps` steps and returns True (linearizable), False (not), or None (not yet)."""
@@ -258,8 +262,14 @@ class KeySearch:
         fixed, the size of the history)."""
         if self.result is not None and not self.cache:
             return 0
+        table = sys.getsizeof(self.cache)
+        slots = max(8, (table - _EMPTY_SET) // 16)
+        if len(self.cache) >= 0.54 * slots:
+            # Within a tenth of the next resize, which holds the old table and a new one
+            # twice (below 50,000 entries four times) its size at once: counted ahead.
+            table += (2 if len(self.cache) > 50_000 else 4) * slots * 16
         return (
-            sys.getsizeof(self.cache)
+            table
             + 24 * len(self.cache)
             + 4 * self.cache_digits
             + sys.getsizeof(self.values)
@@ -446,6 +456,17 @@ class KeySearch:
 
 # -- budgets --------------------------------------------------------------------------
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux's /proc/self/statm), None elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
 
 @dataclass(slots=True)
 class KeyProgress:
@@ -464,14 +485,16 @@ class Progress:
 
     keys: list[KeyProgress]
     seconds: float
-    memory: int  # bytes the live searches hold now
-    peak_memory: int
+    memory: int  # bytes held now: the larger of the searches' structures and the growth
+    peak_memory: int  # the most `memory` has been
+    structures: int = 0  # bytes the live searches' structures hold now (counted)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "seconds": round(self.seconds, 3),
             "memory_bytes": self.memory,
             "peak_memory_bytes": self.peak_memory,
+            "search_structures_bytes": self.structures,
             "keys": [
                 {
                     "key": k.key,
@@ -497,7 +520,7 @@ class Progress:
                 name = "(one register)" if k.key is None else repr(k.key)
                 where = f", up to line {k.furthest_line}" if k.furthest_line else ""
                 lines.append(
-                    f"key {name}: {k.operations} operations, {k.states} configurations "
+                    f"key {name}: {k.operations} operations, {k.states:,} configurations "
                     f"explored, furthest linearization placed {k.furthest}{where}, "
                     f"{format_bytes(k.memory)}"
                 )
@@ -557,7 +580,8 @@ class Verdict:
     stuck: int | None = None
     orders: dict[str | None, list[int]] = field(default_factory=dict)
     operations_by_key: dict[str | None, list[Op]] = field(default_factory=dict)
-    peak_memory: int = 0
+    peak_memory: int = 0  # what the budget bounds (see `_Schedule.peak_memory`)
+    search_memory: int = 0  # the searches' own structures at their peak (deterministic)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -567,7 +591,7 @@ class Verdict:
             "keys_decided": sum(k.linearizable is not None for k in self.keys),
             "operations": sum(k.operations for k in self.keys),
             "states_explored": sum(k.states for k in self.keys),
-            "peak_memory_bytes": self.peak_memory,
+            "search_memory_bytes": self.search_memory,
             "seconds": round(self.seconds, 6),
             "failing_key": self.failing_key,
             "failing_prefix_events": len(self.prefix),
@@ -640,19 +664,39 @@ class _Schedule:
     on_progress: Callable[[Progress], None] | None
     progress_every: float = 1.0
     status: dict[str | None, str] = field(default_factory=dict)
-    peak_memory: int = 0
+    peak_structures: int = 0  # the searches' own structures, counted (deterministic)
+    peak_growth: int = 0  # the process's resident memory above what it was at the start
     started: float = field(default_factory=time.perf_counter)
+    resident_at_start: int | None = field(default_factory=resident_bytes)
+    growth: int = 0
+    growth_read_at: float = 0.0
     failing: str | None = None
     failed: bool = False
 
     def __post_init__(self) -> None:
         self.status = {key: "searching" for key in self.searches}
 
+    @property
+    def peak_memory(self) -> int:
+        """What the budget bounds: the larger of the two measures."""
+        return max(self.peak_structures, self.peak_growth)
+
+    def read_growth(self, now: float) -> int:
+        """The process's resident growth, read at most every 50 ms (it is a file read)."""
+        if self.resident_at_start is not None and now - self.growth_read_at >= 0.05:
+            self.growth_read_at = now
+            resident = resident_bytes()
+            if resident is not None:
+                self.growth = max(0, resident - self.resident_at_start)
+                self.peak_growth = max(self.peak_growth, self.growth)
+        return self.growth
+
     def progress(self) -> Progress:
         keys = [_key_progress(k, s, self.status[k]) for k, s in self.searches.items()]
         live = sum(s.memory() for s in self.searches.values() if s.result is None)
-        self.peak_memory = max(self.peak_memory, live)
-        return Progress(keys, time.perf_counter() - self.started, live, self.peak_memory)
+        self.peak_structures = max(self.peak_structures, live)
+        memory = max(live, self.read_growth(time.perf_counter()))
+        return Progress(keys, time.perf_counter() - self.started, memory, self.peak_memory, live)
 
     def run(self) -> None:
         live = [key for key, s in self.searches.items() if s.result is None]
@@ -669,7 +713,9 @@ class _Schedule:
                 used = s.memory()
                 total += used - held[key]
                 held[key] = used
-                self.peak_memory = max(self.peak_memory, total)
+                self.peak_structures = max(self.peak_structures, total)
+                now = time.perf_counter()
+                memory = max(total, self.read_growth(now))
                 if result is None:
                     if self.max_states is not None and s.explored > self.max_states:
                         self._give_up(
@@ -689,12 +735,11 @@ class _Schedule:
                             self.searches[other].release()
                         return
                     self.status[key] = "linearizable"
-                if self.max_memory is not None and total > self.max_memory:
+                if self.max_memory is not None and memory > self.max_memory:
                     self._give_up(
                         MemoryBudgetExceeded,
                         f"the memory budget of {format_bytes(self.max_memory)} was reached",
                     )
-                now = time.perf_counter()
                 if self.time_limit is not None and now - self.started > self.time_limit:
                     self._give_up(
                         TimeBudgetExceeded,
@@ -768,6 +813,7 @@ def check_history(
         0.0,
         operations_by_key=dict(by_key),
         peak_memory=schedule.peak_memory,
+        search_memory=schedule.peak_structures,
     )
     if schedule.failed:
         key = schedule.failing

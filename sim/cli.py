@@ -291,15 +291,22 @@ def check_command(
     """
     started = time.perf_counter()
 
+    # Progress on stderr once a check has run 2 s: rewritten in place each second on a
+    # terminal, a line every PROGRESS_EVERY_S seconds otherwise (logs, pipes).
+    terminal = sys.stderr.isatty()
+    shown = [0.0]
+
     def progress(p) -> None:
-        if p.seconds >= 2:
-            decided = sum(k.status == "linearizable" for k in p.keys)
-            states = sum(k.states for k in p.keys)
-            click.echo(
-                f"checking {history_file}: {decided} of {len(p.keys)} key(s) decided, "
-                f"{states:,} configurations, {format_bytes(p.memory)}, {p.seconds:.0f} s",
-                err=True,
-            )
+        if p.seconds < 2 or (not terminal and p.seconds - shown[0] < PROGRESS_EVERY_S):
+            return
+        shown[0] = p.seconds
+        decided = sum(k.status == "linearizable" for k in p.keys)
+        states = sum(k.states for k in p.keys)
+        line = (
+            f"checking {history_file}: {decided} of {len(p.keys)} key(s) decided, "
+            f"{states:,} configurations, {format_bytes(p.memory)}, {p.seconds:.0f} s"
+        )
+        click.echo(f"\r{line}\x1b[K" if terminal else line, err=True, nl=not terminal)
 
     try:
         history = read_history(history_file)
@@ -319,20 +326,28 @@ def check_command(
         click.echo(f"error: {history_file}: {err}", err=True)
         sys.exit(2)
     except SearchBudgetExceeded as err:
+        if terminal and shown[0]:
+            click.echo(err=True)
         if html_path is not None:
             write_page(html_path, history, model, None, err.progress, source=str(history_file))
         if as_json:
             out = {"model": model, "linearizable": None, "undecided": err.reason}
             out["progress"] = err.progress.as_dict() if err.progress else None
+            out["process_peak_rss_bytes"] = process_peak_rss()
             click.echo(json.dumps(out, indent=2))
         click.echo(f"undecided: {history_file}: {err}", err=True)
         if html_path is not None:
             click.echo(f"page: {html_path}", err=True)
         sys.exit(3)
+    if terminal and shown[0]:
+        click.echo(err=True)
     if html_path is not None:
         write_page(html_path, history, model, verdict, None, source=str(history_file))
     if as_json:
-        click.echo(json.dumps(verdict.as_dict(), indent=2))
+        out = verdict.as_dict()
+        out["peak_memory_bytes"] = verdict.peak_memory
+        out["process_peak_rss_bytes"] = process_peak_rss()
+        click.echo(json.dumps(out, indent=2))
     else:
         print_verdict(history_file, model, verdict, time.perf_counter() - started)
     if html_path is not None:
@@ -340,6 +355,21 @@ def check_command(
     sys.exit(0 if verdict.linearizable else 1)
 
 
+def process_peak_rss() -> int | None:
+    """This process's peak resident memory since it started (Linux's VmHWM, which, unlike
+    getrusage's maximum, does not carry over what the parent had when it forked us)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+#: Seconds between progress lines when stderr is not a terminal.
+PROGRESS_EVERY_S = 10.0
 #: Events of a failing prefix printed; --json has them all.
 PREFIX_SHOWN = 12
 

@@ -483,39 +483,45 @@ def test_progress_is_reported_while_the_search_runs():
 
 
 #: The exploding history stops at a 64 MiB budget after about 12 CPU seconds on this
-#: (shared, 2-core) machine; the bound leaves room for a busy machine.
+#: machine: the stated bound is 40 CPU seconds (the machine is shared, so wall time says
+#: more about the other work than about the checker; it is only bounded, at 300 s).
 EXPLODE_BUDGET = "64MiB"
-EXPLODE_STATED_S = 90.0
+EXPLODE_STATED_CPU_S = 40.0
+EXPLODE_WALL_LIMIT_S = 300.0
 
 
 def test_a_history_built_to_explode_stops_at_the_budget_with_exit_3(tmp_path):
     path = tmp_path / "explode.edn"
     History(exploding_history(40)).write_edn(path)
-    argv = twlb_argv("sim", "check", str(path), "--model", "register")
+    argv = twlb_argv("sim", "check", str(path), "--model", "register", "--json")
     argv += ["--max-memory", EXPLODE_BUDGET]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = started + EXPLODE_STATED_S
+        deadline = started + EXPLODE_WALL_LIMIT_S
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"still running after {EXPLODE_STATED_S} s")
+                pytest.fail(f"still running after {EXPLODE_WALL_LIMIT_S} s")
             time.sleep(0.2)
     finally:
         if proc.returncode is None and not pid:
             os.kill(proc.pid, signal.SIGKILL)
             os.waitpid(proc.pid, 0)
-    stderr = proc.stderr.read()
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
     proc.stdout.close()
     proc.stderr.close()
     assert os.waitstatus_to_exitcode(status) == 3, stderr
     assert "undecided" in stderr and "memory budget of 64.0 MiB was reached" in stderr
     assert "furthest linearization placed 40" in stderr
-    # The whole process, interpreter and imports included, stays near the budget.
-    assert usage.ru_maxrss * 1024 < 64 * 1024**2 + 160 * 1024**2, usage.ru_maxrss
+    assert usage.ru_utime + usage.ru_stime < EXPLODE_STATED_CPU_S, usage
+    # The whole process stays within the budget above what it held before the search
+    # (the interpreter, the imports and the history: about 70 MiB).
+    report = json.loads(stdout)
+    assert report["undecided"] == "the memory budget of 64.0 MiB was reached"
+    assert report["process_peak_rss_bytes"] < (64 + 100) * 1024**2, report
 
 
 # -- the command line -----------------------------------------------------------------

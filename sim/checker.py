@@ -6,8 +6,10 @@ invocations and completions form a linked list in time order; the search lineari
 earliest pending invocation whose model step is legal, lifts it and its completion out
 of the list, and backtracks when it meets a completion whose operation is not linearized
 yet. A configuration (set of linearized operations, model state) seen once is never
-explored again: the set is an integer bitset and the state an interned integer, so a
-configuration is one integer in a set. An operation whose outcome is unknown (`info`, or
+explored again. The set is a base (every operation invoked before it is linearized) and
+a bitset window from there, the state an interned integer, and the configuration one
+integer built from them: it costs memory for what is still open, not for the length of
+the history (Porcupine keeps a bitset of the whole history in each). An operation whose outcome is unknown (`info`, or
 never completed) gets its completion after everything else: it may take effect at any
 point after its invocation, and taking effect at the very end is the same as never to
 every observer.
@@ -33,9 +35,10 @@ linearized (the linearization that got there is kept); the operation completing 
 cannot be placed after any of them. The failing prefix reported is the key's events up
 to and including that completion, at no extra cost.
 
-Budgets: every search is bounded in memory (the configurations it keeps), and optionally
-in configurations per key and in time; past one, `SearchBudgetExceeded` says how far the
-search got, and the verdict is "undecided" (exit 3 on the command line).
+Budgets: every check is bounded in memory (the larger of its structures, counted, and
+the process's resident growth since it began), and optionally in configurations per key
+and in time; past one, `SearchBudgetExceeded` says how far the search got, and the
+verdict is "undecided" (exit 3 on the command line).
 
 Models: `register` (read, write, cas) and `kv` (register operations plus append, on
 string values); both start with no value, and the empty string reads as no value.
@@ -824,15 +827,11 @@ def check_history(
         verdict.stuck = outcome.stuck
         if shortest_prefix and outcome.stuck is not None:
             end = by_key[key][outcome.stuck].end
-            verdict.prefix = [e for p, e in enumerate(events) if p <= end and _event_key(e) == key]
+            verdict.prefix = [e for p, e in enumerate(events) if p <= end and e.key == key]
     else:
         verdict.orders = {key: searches[key].outcome().order for key in keys}
     verdict.seconds = time.perf_counter() - started
     return verdict
-
-
-def _event_key(event: HistoryEvent) -> str | None:
-    return event.key
 
 
 def shortest_failing_prefix(

@@ -1,5 +1,5 @@
-"""Client histories: what simulated clients did and saw, in Jepsen's terms, and the two
-file forms they are read from and written to.
+"""Client histories: what simulated clients did and saw, in Jepsen's terms, and the file
+forms they are read from and written to.
 
 A history is a list of `HistoryEvent`s in real-time order: each operation is an
 `invoke` by a client process followed by its completion, `ok` (it happened, with this
@@ -7,10 +7,13 @@ result), `fail` (it certainly did not take effect) or `info` (unknown: it may ta
 at any time after its invocation, or never). As in Jepsen, a process whose operation
 timed out is not reused: the client continues under a fresh process number.
 
-Forms read and written:
-- Jepsen's EDN log, one map a line: `{:process 0, :type :invoke, :f :cas, :key "k",
-  :value [1 2]}` (`to_edn`, `parse_edn`);
-- the jepsen-etcd `INFO jepsen.util - P<TAB>:TYPE<TAB>:F<TAB>VALUE` log (`parse_etcd_log`).
+Forms read and written (`read_history` chooses by the content; docs/checker.md):
+- Jepsen's EDN history, one map a line, maybe inside a vector: `{:process 0, :type
+  :invoke, :f :cas, :key "k", :value [1 2]}` (`to_edn`, `parse_edn`); Porcupine's kv
+  logs are this form with `:get`/`:put`/`:append`; `:nemesis` operations are skipped;
+- the jepsen-etcd log, `INFO jepsen.util - P :TYPE :F VALUE` with its columns separated
+  by any whitespace (`parse_etcd_log`).
+Anything else is refused with a `HistoryError` naming the line.
 For `cas`, `fail` without an `:error` means "the value was not FROM" (a completed
 compare that constrains the register), as in Jepsen's etcd test; a `fail` with an
 `:error` (a redirect, an unavailable leader) means the operation was never applied.

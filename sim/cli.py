@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -12,7 +13,14 @@ from pathlib import Path
 
 import click
 from twlb.balancer.policies import parse_policy_name
-from twlb.sim.checker import MODELS, SearchBudgetExceeded, check_history
+from twlb.sim.check_page import describe_operation, write_page
+from twlb.sim.checker import (
+    DEFAULT_MAX_MEMORY,
+    MODELS,
+    SearchBudgetExceeded,
+    check_history,
+    format_bytes,
+)
 from twlb.sim.history import HistoryError, Workload, read_history
 from twlb.sim.lb import LbScenario, ServerFault, compare
 from twlb.sim.paxos import PAXOS_BUGS
@@ -224,6 +232,30 @@ def print_report(report: dict) -> None:
         click.echo(f"fault not applied: {error}")
 
 
+def parse_size(text: str) -> int:
+    """A memory size: bytes, or a number with K/M/G/T (powers of 1024; `iB`/`B` optional)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?B)?\s*", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (e.g. 512MiB, 4GiB, 1000000)")
+    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[m.group(2).lower()]
+    size = int(float(m.group(1)) * scale)
+    if size < 1024**2:
+        raise ValueError(f"{text!r} is below the smallest budget, 1MiB")
+    return size
+
+
+class Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
 @command.command("check")
 @click.argument("history_file", type=click.Path(path_type=Path))
 @click.option(
@@ -231,45 +263,159 @@ def print_report(report: dict) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 @click.option(
+    "--max-memory",
+    type=Size(),
+    default=DEFAULT_MAX_MEMORY,
+    show_default="1GiB",
+    help="Give up (exit 3) when the searches hold more than this (e.g. 512MiB, 8GiB).",
+)
+@click.option(
+    "--time-limit",
+    type=FiniteFloat(min=0.001),
+    default=None,
+    help="Give up (exit 3) after this many seconds.",
+)
+@click.option(
     "--max-states",
     type=click.IntRange(min=1),
     default=None,
     help="Give up (exit 3) after exploring this many configurations of one key.",
 )
-def check_command(history_file: Path, model: str, as_json: bool, max_states: int | None) -> None:
-    """Check a recorded history for linearizability (Jepsen EDN or jepsen-etcd log).
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write a self-contained page drawing the history and, when it is not "
+    "linearizable, the longest linearizable prefix and the operation that cannot be placed.",
+)
+def check_command(
+    history_file: Path,
+    model: str,
+    as_json: bool,
+    max_memory: int,
+    time_limit: float | None,
+    max_states: int | None,
+    html_path: Path | None,
+) -> None:
+    """Check a recorded history for linearizability: a Jepsen EDN history, a Porcupine kv
+    log or a jepsen-etcd log (see docs/checker.md).
 
-    Exit status: 0 linearizable, 1 not linearizable, 2 the file cannot be read,
-    3 undecided within --max-states configurations.
+    Exit status: 0 linearizable, 1 not linearizable, 2 the file cannot be read or does
+    not fit the model, 3 undecided within the budgets (memory, time, configurations).
     """
+    started = time.perf_counter()
+
+    # Progress on stderr once a check has run 2 s: rewritten in place each second on a
+    # terminal, a line every PROGRESS_EVERY_S seconds otherwise (logs, pipes).
+    terminal = sys.stderr.isatty()
+    shown = [0.0]
+
+    def progress(p) -> None:
+        if p.seconds < 2 or (not terminal and p.seconds - shown[0] < PROGRESS_EVERY_S):
+            return
+        shown[0] = p.seconds
+        decided = sum(k.status == "linearizable" for k in p.keys)
+        states = sum(k.states for k in p.keys)
+        line = (
+            f"checking {history_file}: {decided} of {len(p.keys)} key(s) decided, "
+            f"{states:,} configurations, {format_bytes(p.memory)}, {p.seconds:.0f} s"
+        )
+        click.echo(f"\r{line}\x1b[K" if terminal else line, err=True, nl=not terminal)
+
     try:
         history = read_history(history_file)
-        verdict = check_history(history, model, max_states=max_states)
+    except HistoryError as err:
+        click.echo(f"error: {history_file}: {err}", err=True)
+        sys.exit(2)
+    try:
+        verdict = check_history(
+            history,
+            model,
+            max_states=max_states,
+            max_memory=max_memory,
+            time_limit=time_limit,
+            on_progress=progress,
+        )
     except HistoryError as err:
         raise UsageFailure(f"{history_file}: {err}") from None
     except SearchBudgetExceeded as err:
-        click.echo(f"undecided: {history_file}: the search explored {err}", err=True)
+        if terminal and shown[0]:
+            click.echo(err=True)
+        if html_path is not None:
+            write_page(html_path, history, model, None, err.progress, source=str(history_file))
+        if as_json:
+            out = {"model": model, "linearizable": None, "undecided": err.reason}
+            out["progress"] = err.progress.as_dict() if err.progress else None
+            out["process_peak_rss_bytes"] = process_peak_rss()
+            click.echo(json.dumps(out, indent=2))
+        click.echo(f"undecided: {history_file}: {err}", err=True)
+        if html_path is not None:
+            click.echo(f"page: {html_path}", err=True)
         sys.exit(3)
+    if terminal and shown[0]:
+        click.echo(err=True)
+    if html_path is not None:
+        write_page(html_path, history, model, verdict, None, source=str(history_file))
     if as_json:
-        click.echo(json.dumps(verdict.as_dict(), indent=2))
+        out = verdict.as_dict()
+        out["peak_memory_bytes"] = verdict.peak_memory
+        out["process_peak_rss_bytes"] = process_peak_rss()
+        click.echo(json.dumps(out, indent=2))
     else:
-        ops = sum(k.operations for k in verdict.keys)
-        states = sum(k.states for k in verdict.keys)
-        word = "linearizable" if verdict.linearizable else "NOT linearizable"
-        click.echo(
-            f"{history_file}: {word} ({model} model, {ops} operations on {len(verdict.keys)} "
-            f"key(s), {states} configurations explored, {verdict.seconds:.3f} s)"
-        )
-        if not verdict.linearizable:
-            key = "" if verdict.failing_key is None else f" of key {verdict.failing_key!r}"
-            last = verdict.prefix[-1].line if verdict.prefix else None
-            where = f" (ends at line {last})" if last else ""
-            click.echo(
-                f"shortest prefix{key} that cannot be linearized: {len(verdict.prefix)} events{where}"
-            )
-            for event in verdict.prefix:
-                click.echo(f"  {event.to_edn()}")
+        print_verdict(history_file, model, verdict, time.perf_counter() - started)
+    if html_path is not None:
+        click.echo(f"page: {html_path}", err=as_json)
     sys.exit(0 if verdict.linearizable else 1)
+
+
+def process_peak_rss() -> int | None:
+    """This process's peak resident memory since it started (Linux's VmHWM, which, unlike
+    getrusage's maximum, does not carry over what the parent had when it forked us)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+#: Seconds between progress lines when stderr is not a terminal.
+PROGRESS_EVERY_S = 10.0
+#: Events of a failing prefix printed; --json has them all.
+PREFIX_SHOWN = 12
+
+
+def print_verdict(history_file: Path, model: str, verdict, wall: float) -> None:
+    ops = sum(k.operations for k in verdict.keys)
+    states = sum(k.states for k in verdict.keys)
+    word = "linearizable" if verdict.linearizable else "NOT linearizable"
+    click.echo(
+        f"{history_file}: {word} ({model} model, {ops} operations on {len(verdict.keys)} "
+        f"key(s), {states:,} configurations explored, peak memory "
+        f"{format_bytes(verdict.peak_memory)}, {wall:.3f} s)"
+    )
+    if verdict.linearizable or verdict.stuck is None:
+        return
+    key = "" if verdict.failing_key is None else f" of key {verdict.failing_key!r}"
+    ops_of_key = verdict.failing_operations
+    stuck = ops_of_key[verdict.stuck]
+    click.echo(
+        f"longest linearizable prefix{key}: {len(verdict.longest)} operations placed; "
+        f"no linearization places this operation:"
+    )
+    click.echo(f"  {describe_operation(stuck)}")
+    prefix = verdict.prefix
+    if prefix:
+        last = prefix[-1].line
+        where = f" (ends at line {last})" if last else ""
+        click.echo(f"failing prefix{key}: {len(prefix)} events{where}")
+        if len(prefix) > PREFIX_SHOWN:
+            click.echo(f"  ... {len(prefix) - PREFIX_SHOWN} earlier events (--json lists them)")
+        for event in prefix[-PREFIX_SHOWN:]:
+            click.echo(f"  {event.to_edn()}")
 
 
 @command.command("sweep")

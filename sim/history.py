@@ -1,5 +1,5 @@
-"""Client histories: what simulated clients did and saw, in Jepsen's terms, and the two
-file forms they are read from and written to.
+"""Client histories: what simulated clients did and saw, in Jepsen's terms, and the file
+forms they are read from and written to.
 
 A history is a list of `HistoryEvent`s in real-time order: each operation is an
 `invoke` by a client process followed by its completion, `ok` (it happened, with this
@@ -7,10 +7,13 @@ result), `fail` (it certainly did not take effect) or `info` (unknown: it may ta
 at any time after its invocation, or never). As in Jepsen, a process whose operation
 timed out is not reused: the client continues under a fresh process number.
 
-Forms read and written:
-- Jepsen's EDN log, one map a line: `{:process 0, :type :invoke, :f :cas, :key "k",
-  :value [1 2]}` (`to_edn`, `parse_edn`);
-- the jepsen-etcd `INFO jepsen.util - P<TAB>:TYPE<TAB>:F<TAB>VALUE` log (`parse_etcd_log`).
+Forms read and written (`read_history` chooses by the content; docs/checker.md):
+- Jepsen's EDN history, one map a line, maybe inside a vector: `{:process 0, :type
+  :invoke, :f :cas, :key "k", :value [1 2]}` (`to_edn`, `parse_edn`); Porcupine's kv
+  logs are this form with `:get`/`:put`/`:append`; `:nemesis` operations are skipped;
+- the jepsen-etcd log, `INFO jepsen.util - P :TYPE :F VALUE` with its columns separated
+  by any whitespace (`parse_etcd_log`).
+Anything else is refused with a `HistoryError` naming the line.
 For `cas`, `fail` without an `:error` means "the value was not FROM" (a completed
 compare that constrains the register), as in Jepsen's etcd test; a `fail` with an
 `:error` (a redirect, an unavailable leader) means the operation was never applied.
@@ -22,14 +25,15 @@ them here.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import edn_format
-from edn_format import ImmutableList, Keyword
+from edn_format import Keyword
+from twlb.sim import edn
 
 from twlb.protocol import ClientReply, ClientRequest, Operation, OpKind
 
@@ -134,106 +138,164 @@ class History:
 
 # -- reading ------------------------------------------------------------------------
 
+#: A jepsen-etcd log line: Jepsen's `jepsen.util` logger printing one operation, its
+#: columns separated by tabs or by runs of spaces, after whatever prefix the log layout
+#: puts first (a level, a timestamp, a thread).
 _ETCD_LINE = re.compile(
-    r"^INFO\s+jepsen\.util\s+-\s+(\d+)\t:(invoke|ok|fail|info)\t:(\w[\w-]*)\t(.*?)\s*$"
+    r"jepsen\.util\s*[-:]?\s+(?P<process>\S+)\s+:(?P<type>[\w-]+)\s+:(?P<f>[\w-]+)(?P<rest>.*)$"
 )
 
 
-def _value(text: str, line: int) -> Any:
-    """An EDN value: the common cases by hand (fast), the rest by edn_format."""
-    text = text.strip()
-    if text == "nil":
-        return None
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
+def _event(
+    number: int, process: Any, kind: Any, f: Any, value: Any, **extra: Any
+) -> HistoryEvent | None:
+    """One event from a parsed line; None for a line of a process that is not a client
+    (Jepsen's `:nemesis`, which the checker ignores)."""
+    if isinstance(process, edn.Kw):
+        return None  # :nemesis and other named processes are not clients
+    if not isinstance(process, int) or isinstance(process, bool):
+        raise HistoryError(
+            f"line {number}: :process must be an integer or a keyword, got {process!r}"
+        )
     try:
-        value = edn_format.loads(text)
-    except Exception as err:  # edn_format raises its own and ply's errors
-        raise HistoryError(f"line {line}: unreadable value {text!r}: {err}") from None
-    return _plain(value)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Keyword):
-        return value.name
-    if isinstance(value, list | tuple | ImmutableList):
-        return tuple(_plain(v) for v in value)
-    return value
+        event_type = EventType(kind)
+    except ValueError:
+        raise HistoryError(
+            f"line {number}: unknown :type {kind!r} (expected invoke, ok, fail or info)"
+        ) from None
+    if f not in F_ALIASES:
+        raise HistoryError(
+            f"line {number}: unknown operation :{f} (the checker knows "
+            f"{', '.join(sorted(F_ALIASES))})"
+        )
+    return HistoryEvent(process, event_type, F_ALIASES[f], value, line=number, **extra)
 
 
 def parse_etcd_log(text: str) -> History:
-    """The jepsen-etcd log form; lines that are not operations are ignored."""
+    """The jepsen-etcd log form: `INFO jepsen.util - P :TYPE :F VALUE`, columns separated
+    by any whitespace; lines of other loggers are ignored, a `jepsen.util` operation line
+    that cannot be read is an error naming its line."""
     history = History()
     for number, raw in enumerate(text.splitlines(), 1):
-        m = _ETCD_LINE.match(raw)
+        m = _ETCD_LINE.search(raw)
         if not m:
             continue
-        process, kind, f, value_text = m.groups()
-        if f not in F_ALIASES:
-            raise HistoryError(f"line {number}: unknown operation :{f}")
-        value = _value(value_text, number)
+        rest = m.group("rest").strip()
+        try:
+            value, tail = edn.read_prefix(rest) if rest else (None, "")
+        except edn.EdnError as err:
+            raise HistoryError(f"line {number}: unreadable value {rest!r}: {err}") from None
         error = None
-        if value == "timed-out":
+        tail = tail.strip()
+        if tail:  # newer Jepsen logs print the error in a fifth column
+            error = tail.lstrip(":")
+        if value == "timed-out" and error is None:
             value, error = None, "timed-out"
-        history.append(
-            HistoryEvent(
-                int(process), EventType(kind), F_ALIASES[f], value, error=error, line=number
-            )
-        )
+        process = m.group("process")
+        if process.startswith(":"):
+            process = edn.Kw(process[1:])
+        elif re.fullmatch(r"-?\d+", process):
+            process = int(process)
+        event = _event(number, process, m.group("type"), m.group("f"), value, error=error)
+        if event is not None:
+            history.append(event)
     if not history.events:
-        raise HistoryError("no operations found (not a jepsen-etcd log?)")
+        raise HistoryError(_not_a_history(text))
     return history
 
 
+def _not_a_history(text: str) -> str:
+    first = next(
+        ((n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()),
+        None,
+    )
+    if first is None:
+        return "the file is empty: no operations found"
+    number, line = first
+    return (
+        f"no operations found: line {number} ({line[:60]!r}) is not a Jepsen EDN map, "
+        f"a Porcupine kv line or a jepsen-etcd log line (INFO jepsen.util - P :type :f value)"
+    )
+
+
 def parse_edn(text: str) -> History:
-    """Jepsen's EDN history, one map a line (blank lines and `;` comments ignored)."""
+    """Jepsen's EDN history and Porcupine's kv logs: one operation map a line (blank lines
+    and `;` comments ignored), optionally inside a vector (`[` first, `]` last, as
+    Knossos's files are). Operations of non-client processes (`:nemesis`) are skipped."""
     history = History()
-    for number, raw in enumerate(text.splitlines(), 1):
-        raw = raw.strip()
-        if not raw or raw.startswith(";"):
+    lines = text.splitlines()
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(";"):
+            continue
+        if not history.events and line.startswith("["):
+            line = line[1:].strip()
+        if line.endswith("]") and _is_last(lines, number):
+            line = line[:-1].strip()
+        if not line:
             continue
         try:
-            fields = edn_format.loads(raw)
-        except Exception as err:
-            raise HistoryError(f"line {number}: not an EDN map: {err}") from None
-        if not isinstance(fields, Mapping):
-            raise HistoryError(f"line {number}: not an EDN map: {raw[:80]!r}")
-        get = {k.name if isinstance(k, Keyword) else str(k): v for k, v in fields.items()}
-        try:
-            process = get["process"]
-            kind = EventType(_plain(get["type"]))
-            f = F_ALIASES[_plain(get["f"])]
-        except (KeyError, ValueError) as err:
-            raise HistoryError(f"line {number}: missing or unknown field {err}") from None
-        if not isinstance(process, int):
-            raise HistoryError(f"line {number}: :process must be an integer, got {process!r}")
-        time = get.get("time")
-        error = get.get("error")
-        history.append(
-            HistoryEvent(
-                process,
-                kind,
-                f,
-                _plain(get.get("value")),
-                key=None if get.get("key") is None else str(get["key"]),
-                time=None if time is None else time / 1e9,
-                error=None if error is None else str(_plain(error)),
-                line=number,
+            fields = edn.read(line)
+        except edn.EdnError as err:
+            raise HistoryError(
+                f"line {number}: not an EDN map (one operation a line): {err}"
+            ) from None
+        if not isinstance(fields, dict):
+            raise HistoryError(
+                f"line {number}: not an EDN map (one operation a line): {line[:80]!r}"
             )
+        missing = [k for k in ("process", "type", "f") if k not in fields]
+        if missing:
+            raise HistoryError(
+                f"line {number}: the map has no {', '.join(':' + k for k in missing)}"
+            )
+        time = fields.get("time")
+        if time is not None and not isinstance(time, int | float):
+            raise HistoryError(f"line {number}: :time must be a number, got {time!r}")
+        error = fields.get("error")
+        key = fields.get("key")
+        event = _event(
+            number,
+            fields["process"],
+            fields["type"],
+            fields["f"],
+            fields.get("value"),
+            key=None if key is None else str(key),
+            time=None if time is None else time / 1e9,
+            error=None if error is None else str(error),
         )
+        if event is not None:
+            history.append(event)
     if not history.events:
         raise HistoryError("no operations found (empty EDN history)")
     return history
 
 
+def _is_last(lines: list[str], number: int) -> bool:
+    return all(not line.strip() or line.strip().startswith(";") for line in lines[number:])
+
+
 def read_history(path: Path) -> History:
-    """Read either form, chosen by the content (an EDN history starts with `{`)."""
+    """Read any of the forms, chosen by the content: an EDN history (or Porcupine kv log)
+    starts with `{` or `[`; anything else is read as a jepsen-etcd log."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise HistoryError(f"cannot read {path}: {err}") from None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    if first.startswith("{"):
+    return parse_history(text)
+
+
+def parse_history(text: str) -> History:
+    """`read_history` on text."""
+    first = next(
+        (
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.strip().startswith(";")
+        ),
+        "",
+    )
+    if first.startswith(("{", "[")):
         return parse_edn(text)
     return parse_etcd_log(text)
 
@@ -253,6 +315,8 @@ class Op:
     start: int  # position of the invocation in the history
     end: int | None  # position of the completion; None: unknown outcome
     outcome: EventType  # ok, fail or info
+    line: int | None = None  # the invocation's line in the file it was read from
+    end_line: int | None = None  # the completion's line
 
 
 def pair_operations(events: Sequence[HistoryEvent]) -> list[Op]:
@@ -278,68 +342,57 @@ def pair_operations(events: Sequence[HistoryEvent]) -> list[Op]:
             raise HistoryError(
                 f"{where}: process {event.process} invoked :{invoke.f} but completed :{event.f}"
             )
+        if invoke.key != event.key:
+            raise HistoryError(
+                f"{where}: process {event.process} invoked on key {invoke.key!r} but "
+                f"completed on key {event.key!r}"
+            )
         value = _argument(invoke, event)
         if event.type is EventType.OK:
             output = event.value if invoke.f == "read" else True
-            ops.append(
-                Op(
-                    event.process,
-                    invoke.f,
-                    invoke.key,
-                    value,
-                    output,
-                    start,
-                    position,
-                    EventType.OK,
-                )
-            )
         elif event.type is EventType.FAIL:
             if invoke.f == "cas" and event.error is None:
-                ops.append(
-                    Op(
-                        event.process,
-                        "cas",
-                        invoke.key,
-                        value,
-                        False,
-                        start,
-                        position,
-                        EventType.FAIL,
-                    )
-                )
-            elif invoke.f == "read" and event.error == "timed-out":
-                continue  # an unanswered read constrains nothing
-            # any other fail: the operation was not applied
+                output = False  # completed: the value was not FROM
+            else:
+                continue  # not applied (or an unanswered read): constrains nothing
+        elif invoke.f == "read":
+            continue  # a read with an unknown outcome constrains nothing
         else:
-            if invoke.f != "read":
-                ops.append(
-                    Op(
-                        event.process,
-                        invoke.f,
-                        invoke.key,
-                        value,
-                        None,
-                        start,
-                        None,
-                        EventType.INFO,
-                    )
-                )
+            ops.append(_unknown(invoke, value, start))
+            continue
+        ops.append(
+            Op(
+                event.process,
+                invoke.f,
+                invoke.key,
+                value,
+                output,
+                start,
+                position,
+                event.type,
+                invoke.line,
+                event.line,
+            )
+        )
     for start, invoke in open_ops.values():
         if invoke.f != "read":
-            ops.append(
-                Op(
-                    invoke.process,
-                    invoke.f,
-                    invoke.key,
-                    invoke.value,
-                    None,
-                    start,
-                    None,
-                    EventType.INFO,
-                )
-            )
+            ops.append(_unknown(invoke, _argument(invoke, invoke), start))
     ops.sort(key=lambda op: op.start)
     return ops
+
+
+def _unknown(invoke: HistoryEvent, value: Any, start: int) -> Op:
+    return Op(
+        invoke.process,
+        invoke.f,
+        invoke.key,
+        value,
+        None,
+        start,
+        None,
+        EventType.INFO,
+        invoke.line,
+    )
 
 
 def _argument(invoke: HistoryEvent, completion: HistoryEvent) -> Any:
@@ -362,6 +415,7 @@ __all__ = [
     "Op",
     "parse_edn",
     "parse_etcd_log",
+    "parse_history",
     "read_history",
     "pair_operations",
 ]

@@ -326,8 +326,7 @@ def check_command(
     try:
         history = read_history(history_file)
     except HistoryError as err:
-        click.echo(f"error: {history_file}: {err}", err=True)
-        sys.exit(2)
+        raise UsageFailure(f"{history_file}: {err}") from None
     try:
         verdict = check_history(
             history,

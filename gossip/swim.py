@@ -21,7 +21,7 @@ Serf's reconnect to failed members, remembered after the view forgets them).
 
 Beyond memberlist, a slow member is not convicted for being slow (docs/gossip-safety.md
 argues it): a node announces its own health multiplier with its incarnation when it
-rises, its probers wait that many more intervals for its ack, its suspicion window is
+rises (Lifeguard's signals, and its own timers firing late), its probers wait that many more intervals for its ack, its suspicion window is
 scaled by it and never under memberlist's once it is above 1, and only accusers that
 were healthy themselves confirm a suspicion. A node that finds it was stopped (no event
 for `stall_after` intervals: SIGSTOP, a long GC pause) moves every pending deadline on by
@@ -114,6 +114,7 @@ class SwimConfig:
     join_seeds: int = 3
     join_retry: float = 0.5  # an unanswered join is retried after this, doubling each time
     stall_after: float = 2.0  # probe intervals without any event: we were stopped
+    late_timer: float = 0.5  # a timer handled this late (s) counts against our health
     incarnation: int = 0
     max_members: int = 16384  # living members never grow past this, whatever peers send
 
@@ -287,6 +288,10 @@ class SwimNode:
     def on_timer(self, now: float) -> Effects:
         effects = Effects()
         self._observe(now, effects)
+        if self._timers and now - self._timers[0][0] >= self.config.late_timer:
+            # woken late by a probe timeout or more (an overloaded process: its timers
+            # are late as well as its reading): a fault of ours, as a failed probe is
+            self._adjust_awareness(1, effects)
         while self._timers and self._timers[0][0] <= now and not self._left:
             _, _, kind, arg = heapq.heappop(self._timers)
             getattr(self, "_on_" + kind.replace("-", "_"))(arg, now, effects)

@@ -62,8 +62,9 @@ def _member_events(effects) -> list[tuple[str, str, int]]:
 
 
 #: Cores driven by hand see no timer between the steps, which a running node would read
-#: as a stall of its own (tests/test_gossip_safety.py tests that reading).
-BY_HAND = {"stall_after": math.inf}
+#: as a stall of its own and its timers as late (tests/test_gossip_safety.py tests both).
+BY_HAND = {"stall_after": math.inf, "late_timer": math.inf}
+BEAT_BY_HAND = {"stall_after": math.inf}
 
 
 def test_swim_core_walks_alive_suspect_dead_rejoined_left() -> None:
@@ -106,7 +107,7 @@ def test_swim_core_refutes_an_accusation_with_a_higher_incarnation() -> None:
 
 
 def test_heartbeat_core_walks_suspect_dead_rejoined_left() -> None:
-    cfg = HeartbeatConfig(interval=1.0, fail_mult=1.0, fail_slack=4, **BY_HAND)
+    cfg = HeartbeatConfig(interval=1.0, fail_mult=1.0, fail_slack=4, **BEAT_BY_HAND)
     node = HeartbeatNode("a", ["b"], random.Random(1), cfg, "round-robin")
     node.start(0.0)
     t_fail = node.fail_after()
@@ -336,7 +337,7 @@ def _swim_cluster(n: int, config: SwimConfig | None = None) -> dict[str, SwimNod
 
 
 def test_slotted_probes_with_agreeing_views_reach_every_live_member_once_a_slot() -> None:
-    nodes = _swim_cluster(9)
+    nodes = _swim_cluster(9, SwimConfig(**BY_HAND))
     for node in nodes.values():  # m04 is dead in every view
         node.on_message("m01", Ping(1, "x", (Update("m04", S.DEAD, 0, "m01"),)), 0.5)
     live = sorted(n for n in nodes if n != "m04")

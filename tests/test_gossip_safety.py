@@ -35,7 +35,10 @@ from twlb.sim.gossip import Scenario, run_scenario, summarize
 from twlb.sim.gossip_cli import command
 
 S = MemberState
-BY_HAND = {"stall_after": math.inf}  # driven step by step: no timer runs in between
+#: driven step by step: no timer runs in between, which a running node would read as a
+#: stall of its own (and its timers as late)
+BY_HAND = {"stall_after": math.inf, "late_timer": math.inf}
+BEAT_BY_HAND = {"stall_after": math.inf}
 
 
 def _members(effects) -> list[tuple[str, str]]:
@@ -101,6 +104,24 @@ def test_a_slow_node_announces_its_health_as_soon_as_its_own_probes_fail() -> No
     held = [n.members.get(slow).health for i, n in net.nodes.items() if i != slow]
     assert min(held) >= 2
     assert net.watch.false_positives == [] and not net.bad_transitions
+
+
+def test_timers_handled_late_count_against_ones_own_health() -> None:
+    """An overloaded process is late with its timers as well as its reading: its own
+    probes can then look answered in time, so the lateness itself raises its multiplier
+    (announced at once), as a failed probe would."""
+    node = SwimNode("a", ["b", "c"], random.Random(1), SwimConfig(join_seeds=0))
+    wake = node.start(0.0).wake_at
+    while wake < 1.4:  # every timer on time; the first probe answered at once
+        effects = node.on_timer(wake)
+        for dst, m in effects.send:
+            if isinstance(m, Ping):
+                effects = node.on_message(dst, Ack(m.seq), wake + 0.001)
+        assert node.awareness == 0 and not [e for e in effects.events if e[0] == "health"]
+        wake = effects.wake_at
+    late = node.on_timer(wake + 0.7)  # the next timer, handled 0.7 s late
+    assert node.awareness == 1 and ("health", 2, 1) in late.events
+    assert node.announced_health() == 2 and node.incarnation == 1
 
 
 def test_memberlist_profile_sets_memberlists_values() -> None:
@@ -336,7 +357,7 @@ def test_consensus_is_reached_by_every_live_node_and_declared_by_none_alone() ->
 
 
 def test_consensus_merges_the_suspect_matrix_row_by_row_and_waits_for_everyone() -> None:
-    cfg = HeartbeatConfig(interval=1.0, join_seeds=0, **BY_HAND)
+    cfg = HeartbeatConfig(interval=1.0, join_seeds=0, **BEAT_BY_HAND)
     node = HeartbeatNode("a", ["b", "c", "d"], random.Random(1), cfg, "consensus")
     node.start(0.0)
 
@@ -361,7 +382,7 @@ def test_consensus_merges_the_suspect_matrix_row_by_row_and_waits_for_everyone()
 
 
 def test_a_verdict_is_accepted_unless_the_receiver_holds_newer_life() -> None:
-    cfg = HeartbeatConfig(interval=1.0, join_seeds=0, **BY_HAND)
+    cfg = HeartbeatConfig(interval=1.0, join_seeds=0, **BEAT_BY_HAND)
     node = HeartbeatNode("a", ["b", "c"], random.Random(1), cfg, "consensus")
     node.start(0.0)
     node.on_message("b", HeartbeatTable("b", 5, (HeartbeatEntry("b", 1, 5),)), 0.5)

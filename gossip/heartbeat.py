@@ -17,8 +17,9 @@ Every `interval` a node bumps its own heartbeat and sends its whole table to one
                       consensus instead of each node's own timeout: every row carries its
                       node's suspect list (the suspect matrix, merged row by row with
                       the heartbeat that versions it), a node declares a failure only once
-                      every member it does not suspect suspects it too, and sends the
-                      verdict to every member (who accepts it unless it holds newer life).
+                      every member it does not suspect suspects it too (with nobody else
+                      unsuspected, after T_fail), and sends the verdict to every member
+                      (who accepts it unless it holds newer life).
 A member whose heartbeat has not grown for `suspect_fraction` of T_fail is suspect, for
 T_fail dead (not under consensus). T_fail scales with how many rounds a table takes to
 reach everyone at the current N (`dissemination_rounds`), as van Renesse et al. choose
@@ -213,7 +214,8 @@ class HeartbeatNode:
             return effects
         self._observe(now, effects)
         if isinstance(message, Verdict):
-            self._on_verdict(message, now, effects)
+            if self.protocol == "consensus":  # no other protocol takes a peer's verdict
+                self._on_verdict(message, now, effects)
             return effects
         if not isinstance(message, HeartbeatTable):
             return effects
@@ -558,15 +560,19 @@ class HeartbeatNode:
     # -- consensus ----------------------------------------------------------------------
     def _seek_consensus(self, now: float, effects: Effects) -> None:
         """Declare each member we suspect failed once every member we do not suspect
-        suspects it too (as its latest row we hold says), and tell everyone."""
+        suspects it too (as its latest row we hold says), and tell everyone. With nobody
+        left to agree with (every other member suspected or down), our own suspicion is
+        all there is: then it takes T_fail's silence, as the other protocols do."""
         mine = [n for n, r in self.rows.items() if r.state is MemberState.SUSPECT]
         if not mine:
             return
         unsuspected = [
             r for n, r in self.rows.items() if n != self.node_id and r.state is MemberState.ALIVE
         ]
+        t_fail = self.fail_after()
         for node in sorted(mine):
-            if all(node in r.suspects for r in unsuspected):
+            alone = not unsuspected and now - self.rows[node].updated_at < t_fail
+            if not alone and all(node in r.suspects for r in unsuspected):
                 row = self.rows[node]
                 self._change(node, row, MemberEvent.TIMEOUT, now, effects)
                 verdict = Verdict(self.node_id, node, row.generation, row.heartbeat)

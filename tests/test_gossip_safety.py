@@ -34,6 +34,8 @@ from twlb.gossip.wire import WireError, decode, encode
 from twlb.sim.gossip import Scenario, run_scenario, summarize
 from twlb.sim.gossip_cli import command
 
+from twlb.protocol import Effects
+
 S = MemberState
 #: driven step by step: no timer runs in between, which a running node would read as a
 #: stall of its own (and its timers as late)
@@ -379,6 +381,25 @@ def test_consensus_merges_the_suspect_matrix_row_by_row_and_waits_for_everyone()
     assert ("d", "dead") in _members(effects)
     sent = [(dst, m) for dst, m in effects.send if isinstance(m, Verdict)]
     assert {dst for dst, _ in sent} == {"b", "c"} and sent[0][1].node == "d"
+
+
+def test_with_nobody_left_to_agree_consensus_waits_for_t_fail() -> None:
+    """Two survivors of a cluster of four: each one's suspicion of the other is all the
+    consensus there is, so it takes T_fail's silence, as round robin's verdict does (a
+    tick of the scheduler must not make a lone survivor condemn the other)."""
+    cfg = HeartbeatConfig(interval=1.0, join_seeds=0, **BEAT_BY_HAND)
+    node = HeartbeatNode("a", ["b", "c", "d"], random.Random(1), cfg, "consensus")
+    node.start(0.0)
+    for other in ("c", "d"):
+        node.rows[other].state = S.DEAD
+    node.on_message("b", HeartbeatTable("b", 1, (HeartbeatEntry("b", 1, 1),)), 1.0)
+    t_fail = node.fail_after()
+    node.rows["b"].state = S.SUSPECT  # silent since 1.0
+    node._seek_consensus(1.0 + t_fail - 0.1, Effects())
+    assert node.rows["b"].state is S.SUSPECT
+    effects = Effects()
+    node._seek_consensus(1.0 + t_fail, effects)
+    assert node.rows["b"].state is S.DEAD and ("declared", "b", (1, 1)) in effects.events
 
 
 def test_a_verdict_is_accepted_unless_the_receiver_holds_newer_life() -> None:

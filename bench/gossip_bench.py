@@ -13,8 +13,11 @@ Sections (all by default; `--sections a,b` picks some), each printed and written
               3 seeds; N = 100 with 10% of nodes 2-3 s late, 120 s), for this project's
               settings, memberlist's, and the shortened rule without health windows;
   lag         how late a slow node may read before it is declared dead: N = 10, one slow
-              node, 5% loss, 5 seeds of 600 s, lags from 0.5-1 s to 6-8 s (and lags that
-              straddle the probe interval), both profiles;
+              node, 5% loss, 5 seeds of 600 s, lags from 0.5-1 s to 6-8 s, and lags
+              that straddle the probe interval at 5% and 20% loss, both profiles;
+  fallback    false suspicions per probe at N = 1,000 and 5% loss (60 s), with the direct
+              ping retransmitted twice (this project) and not at all (memberlist over
+              UDP alone), and the messages per node per second each costs;
   load        messages and bytes per node per second at 5% loss, N = 10, 100, 1,000
               (target: within 20% of each other), both profiles;
   sequence    round robin, sequence-check and consensus on the same kills at N = 10, 32,
@@ -129,17 +132,21 @@ def slow_section(scale: float, _: argparse.Namespace) -> dict[str, Any]:
 
 
 LAGS = ((0.5, 1.0), (0.8, 1.2), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 6.0), (6.0, 8.0))
+STRADDLING = ((0.8, 1.2), (0.9, 1.1), (0.95, 1.05))
 
 
 def lag_section(scale: float, _: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    for lag in LAGS:
+    plan = [(lag, 0.05) for lag in LAGS] + [(lag, 0.2) for lag in STRADDLING]
+    plan.insert(2, ((0.9, 1.1), 0.05))
+    plan.insert(3, ((0.95, 1.05), 0.05))
+    for lag, loss in plan:
         for profile in PROFILES:
             row = point(
                 "swim",
                 10,
                 max(1, round(5 * scale)),
-                loss=0.05,
+                loss=loss,
                 fail=0,
                 slow_fraction=0.1,
                 slow_lag_s=lag,
@@ -148,10 +155,43 @@ def lag_section(scale: float, _: argparse.Namespace) -> dict[str, Any]:
             )
             rows.append(row)
             print(
-                f"lag {lag[0]}-{lag[1]} s swim/{profile}: {row['false_positives']} false death "
-                f"verdicts ({row['runs_with_false_positives']} of {row['runs']} runs)",
+                f"lag {lag[0]}-{lag[1]} s, {loss:.0%} loss, swim/{profile}: "
+                f"{row['false_positives']} false death verdicts "
+                f"({row['runs_with_false_positives']} of {row['runs']} runs)",
                 flush=True,
             )
+    return {"rows": rows}
+
+
+def fallback_section(scale: float, _: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for pings in (2, 0):
+        r = run_scenario(
+            Scenario(
+                "swim",
+                1000,
+                loss=0.05,
+                fail=0,
+                duration=60.0,
+                overrides=(("fallback_pings", pings),),
+            )
+        )
+        probes = 1000 * 60
+        refutes = r.extra["events"].get("refute", 0)
+        row = {
+            "fallback_pings": pings,
+            "probes": probes,
+            "refutations": refutes,
+            "refutations_per_probe": refutes / probes,
+            "messages_per_node_s": r.messages / probes,
+            "cpu_s": r.cpu_s,
+        }
+        rows.append(row)
+        print(
+            f"fallback {pings} direct pings again: {refutes} refuted suspicions in {probes} "
+            f"probes; {row['messages_per_node_s']:.2f} msg/node/s; CPU {r.cpu_s:.1f} s",
+            flush=True,
+        )
     return {"rows": rows}
 
 
@@ -269,6 +309,7 @@ SECTIONS: dict[str, Callable[[float, argparse.Namespace], dict[str, Any]]] = {
     "bound": bound_section,
     "slow": slow_section,
     "lag": lag_section,
+    "fallback": fallback_section,
     "load": load_section,
     "sequence": sequence_section,
     "hour": hour_section,
@@ -286,6 +327,9 @@ def main() -> None:
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}"
     )
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other sections already in --out"
+    )
     args = parser.parse_args()
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]
@@ -294,12 +338,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.plots.mkdir(parents=True, exist_ok=True)
     scale = 0.25 if args.quick else 1.0
-    out: dict[str, Any] = {
-        "machine": platform.platform(),
-        "python": platform.python_version(),
-        "command": "python bench/gossip_bench.py --sections " + ",".join(chosen),
-        "quick": args.quick,
-    }
+    out: dict[str, Any] = (
+        json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
+    )
+    out.update(machine=platform.platform(), python=platform.python_version(), quick=args.quick)
+    out.setdefault("commands", []).append(
+        "python bench/gossip_bench.py --sections " + ",".join(chosen)
+    )
     for name in chosen:
         started, cpu = time.perf_counter(), time.process_time()
         out[name] = SECTIONS[name](scale, args)

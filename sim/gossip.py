@@ -17,6 +17,7 @@ import heapq
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -254,6 +255,7 @@ def run_scenario(scn: Scenario) -> RunResult:
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu
     watch = replay(ids, kernel.events, kernel.network.log)
+    kinds = Counter(event[0] for _, _, event in kernel.events)  # refutations, stalls, ...
     return RunResult(
         scenario={**asdict(scn), "overrides": dict(scn.overrides), "slow": sorted(slow)},
         failures=watch.report(),
@@ -272,6 +274,7 @@ def run_scenario(scn: Scenario) -> RunResult:
         fail_after_s=cfg.fail_after(scn.protocol, scn.nodes)
         if isinstance(cfg, HeartbeatConfig)
         else None,
+        extra={"events": dict(kinds)},
     )
 
 
@@ -317,6 +320,11 @@ def summarize(results: Sequence[RunResult]) -> dict[str, Any]:
         for f in failures
         if f["agreement_s"] is not None and f["first_suspicion_s"] is not None
     ]
+    spread = [  # from the first death verdict to the last live member's
+        f["agreement_s"] - f["first_detection_s"]
+        for f in failures
+        if f["agreement_s"] is not None and f["first_detection_s"] is not None
+    ]
     readmitted = [f["readmitted_s"] for f in failures if f["readmitted_s"] is not None]
     # a death verdict before every live member suspected the node: one node's own call
     alone = [
@@ -344,6 +352,7 @@ def summarize(results: Sequence[RunResult]) -> dict[str, Any]:
         "agreement_median_s": quantile(agreed, 0.5),
         "agreement_p99_s": quantile(agreed, 0.99),
         "agreement_after_first_suspicion_p99_s": quantile(from_suspicion, 0.99),
+        "agreement_after_first_verdict_p99_s": quantile(spread, 0.99),
         "readmitted_median_s": quantile(readmitted, 0.5),
         "false_positives": sum(r.false_positives for r in results),
         "runs_with_false_positives": sum(1 for r in results if r.false_positives),

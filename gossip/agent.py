@@ -4,7 +4,8 @@ beside a backend's HTTP server in the same event loop.
 The agent owns the socket, the clock (the loop's monotonic time) and one timer; the core
 decides everything else. SWIM's probe slots are counted in wall-clock time (the core is
 given the offset from the loop's clock at start), so that members on different hosts
-agree on them as closely as NTP keeps their clocks. Whatever a peer sends, memory and work stay bounded: datagrams
+agree on them as closely as NTP keeps their clocks (sequence-check and consensus count
+their rounds the same way). Whatever a peer sends, memory and work stay bounded: datagrams
 over `max_datagram` bytes or with more than `max_entries` entries are refused by the
 codec, each source address may send `peer_rate` datagrams a second (a token bucket;
 at most `MAX_SOURCES` sources are tracked) and all sources together `total_rate`; what
@@ -27,7 +28,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twlb.gossip.membership import MemberState
 from twlb.gossip.nodes import GossipNode, describe, states_by_count
-from twlb.gossip.swim import SwimNode
 from twlb.gossip.wire import MAX_DATAGRAM, WireError, decode, encode
 
 from twlb.protocol import Effects, NodeId
@@ -181,8 +181,9 @@ class GossipAgent:
         self.transport, _ = await loop.create_datagram_endpoint(
             lambda: _Endpoint(self), local_addr=self.bind
         )
-        if isinstance(self.node, SwimNode):
-            self.node.clock_offset = time.time() - loop.time()
+        # probe slots (swim) and shared rounds (sequence-check, consensus) are counted in
+        # wall-clock time, which hosts keep in step; the core is fed the loop's clock
+        self.node.clock_offset = time.time() - loop.time()
         self._apply(self.node.start(loop.time()))
 
     async def stop(self, leave: bool = True) -> None:

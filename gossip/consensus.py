@@ -3,9 +3,10 @@
 Fed the members' views (membership events from the cores in the simulator and the
 tests, polled `GET /gossip` answers on real processes) and the ground truth (which nodes
 were killed and restarted, and when), a `FailureWatch` reports per failure the first
-suspicion, the first death verdict and full agreement (every live member marks the node
-dead or left), per return the time every live member has it alive again, and false
-positives: a death verdict about a node that was not down.
+suspicion, the time every live member first held it suspect or down at once, the first
+death verdict and full agreement (every live member marks the node dead or left), per
+return the time every live member has it alive again, and false positives: a death
+verdict about a node that was not down.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Failure:
     node: str
     failed_at: float
     first_suspect: float | None = None
+    all_suspect: float | None = None  # every live member held it suspect or down
     first_dead: float | None = None
     agreed: float | None = None
     restarted_at: float | None = None
@@ -49,6 +51,7 @@ class Failure:
             "verdict": "dead" if self.agreed is not None else "undecided",
             "failed_at": self.failed_at,
             "first_suspicion_s": since(self.first_suspect, self.failed_at),
+            "all_suspect_s": since(self.all_suspect, self.failed_at),
             "first_detection_s": since(self.first_dead, self.failed_at),
             "agreement_s": since(self.agreed, self.failed_at),
             "readmitted_s": since(self.readmitted, self.restarted_at),
@@ -130,13 +133,11 @@ class FailureWatch:
 
     def _check(self, f: Failure, now: float) -> None:
         observers = self._live_observers(f.node)
-        if (
-            f.agreed is None
-            and f.node in self.down
-            and observers > 0
-            and self._held_down.get(f.node, 0) == observers
-        ):
-            f.agreed = now
+        if observers > 0 and f.node in self.down:
+            if f.all_suspect is None and self._not_alive.get(f.node, 0) == observers:
+                f.all_suspect = now
+            if f.agreed is None and self._held_down.get(f.node, 0) == observers:
+                f.agreed = now
         if (
             f.restarted_at is not None
             and f.readmitted is None

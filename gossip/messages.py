@@ -2,9 +2,11 @@
 on the wire (`twlb.gossip.wire` encodes them, bounded).
 
 Heartbeat protocols send a `HeartbeatTable` (the whole table: O(N) per message, as in
-van Renesse et al. 1998). SWIM sends small probes (`Ping`, `PingReq`, `Ack`, `Nack`)
-that carry `Update`s piggybacked, plus a rare full-state `Sync` (memberlist's push-pull)
-for joins and healed partitions.
+van Renesse et al. 1998); under `consensus` each row also carries its node's suspect
+list (a row of Ranganathan et al.'s suspect matrix) and a declared failure goes to every
+member as a `Verdict`. SWIM sends small probes (`Ping`, `PingReq`, `Ack`, `Nack`) that
+carry `Update`s piggybacked, plus a rare full-state `Sync` (memberlist's push-pull) for
+joins and healed partitions.
 """
 
 from __future__ import annotations
@@ -24,24 +26,44 @@ class HeartbeatEntry:
     generation: int
     heartbeat: int
     left: bool = False
+    #: consensus: the members `node` suspected at this heartbeat (its row of the matrix)
+    suspects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatTable:
     sender: str
-    round: int  # the sender's round number; sequence-check reads the gaps
+    round: int  # the sender's round number (its sequence number; sequence-check reads it)
     entries: tuple[HeartbeatEntry, ...]
+    join: bool = False  # a (re)started node asks the receiver for its table at once
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """consensus: `sender` found every member it does not suspect suspecting `node` at
+    (generation, heartbeat), and declares it failed (the paper's broadcast)."""
+
+    sender: str
+    node: str
+    generation: int
+    heartbeat: int
 
 
 @dataclass(frozen=True, slots=True)
 class Update:
     """SWIM's disseminated facts: alive/suspect/dead/left about `node` at `incarnation`,
-    said by `source` (the accuser, for Lifeguard's independent confirmations)."""
+    said by `source` (the accuser, for Lifeguard's independent confirmations).
+
+    `health` is a local health multiplier (Lifeguard's LHM, 1 = healthy): in an alive
+    fact, the one `node` announced with this incarnation (it raises its incarnation to
+    announce a new one, as memberlist's UpdateNode does for metadata); in a suspicion,
+    the accuser's own when it accused."""
 
     node: str
     state: MemberState
     incarnation: int
     source: str
+    health: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,4 +110,4 @@ class Sync:
 
 
 SwimMessage = Ping | PingReq | Ack | Nack | Gossip | Sync
-Message = HeartbeatTable | SwimMessage
+Message = HeartbeatTable | Verdict | SwimMessage

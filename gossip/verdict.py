@@ -18,7 +18,9 @@ from typing import Any
 from twlb.gossip.consensus import agreed_down
 from twlb.gossip.membership import MemberState
 
-MAX_MEMBERS = 512  # members read from one answer, whatever a backend sends
+#: members read from one answer, whatever a backend sends: a live view holds at most 512
+#: living members and as many tombstones of members it forgot (listed as dead or left)
+MAX_MEMBERS = 1024
 
 
 @dataclass

@@ -10,6 +10,14 @@ so they cost O(k), not O(N). The slotted probe order needs the live members in i
 the roster sorts its ids once for the whole cluster and each view keeps only the ids it
 holds down (and any members learned beyond the roster) in `SortedList`s, so a member's
 live rank and the member at a live rank cost O(log^2 N).
+
+Dead and left members are forgotten (`reap`) once they have been down long enough
+(memberlist's GossipToTheDeadTime), and sooner when a newcomer needs the room: the cap
+`max_members` counts the living, and a full view makes room by forgetting the member
+down the longest. What a view forgot is kept as a tombstone (its last state and
+incarnation, at most `max_members` of them, oldest dropped first): a stale fact about
+an older life cannot bring it back, and the tombstones of the dead are who Serf's
+reconnect still tries after a partition.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -62,6 +71,7 @@ class Member:
     state: MemberState
     incarnation: int
     changed_at: float
+    health: int = 1  # the local health multiplier it announced with this incarnation
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,14 @@ class _Seeded:
     state: MemberState = MemberState.ALIVE
     incarnation: int = 0
     changed_at: float = 0.0
+    health: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    state: MemberState
+    incarnation: int
+    at: float  # when it was forgotten
 
 
 SEEDED = _Seeded()
@@ -84,6 +102,8 @@ class MemberView:
         self.max_members = max_members
         self.own: dict[NodeId, Member] = {}
         self.extra: list[NodeId] = []  # members not on the roster, in the order learned
+        self._gone: set[NodeId] = set()  # roster members forgotten
+        self.tombstones: OrderedDict[NodeId, Tombstone] = OrderedDict()
         self._order_len = 0
         self._order_at = 0
         self._stride = 1
@@ -93,13 +113,20 @@ class MemberView:
         self._known: SortedList | None = None
 
     def __len__(self) -> int:
+        """Members known now (alive, suspect, and down ones not yet forgotten)."""
+        return len(self.roster) + len(self.extra) - len(self._gone)
+
+    def slots(self) -> int:
+        """Positions `at` reads (a forgotten roster member keeps its position, empty)."""
         return len(self.roster) + len(self.extra)
 
     def get(self, node: NodeId) -> Member | _Seeded | None:
         member = self.own.get(node)
         if member is not None:
             return member
-        return SEEDED if node in self.roster.index else None
+        if node in self.roster.index and node not in self._gone:
+            return SEEDED
+        return None
 
     def record(self, node: NodeId) -> Member | None:
         """This node's own, writable record of a known member (None if unknown)."""
@@ -110,16 +137,75 @@ class MemberView:
         return member
 
     def add(self, node: NodeId, member: Member) -> bool:
+        """Learn a member. At the cap, the member down the longest is forgotten to make
+        room; a view full of living members refuses the newcomer."""
         if self.get(node) is None:
             if len(self) >= self.max_members:
-                return False
-            self.extra.append(node)
-            if self._known is None:
-                self._known = SortedList(self.roster.index)
-            self._known.add(node)
+                oldest = self.longest_down()
+                if oldest is None:
+                    return False
+                self.reap(oldest, member.changed_at)
+            known = self._materialize()
+            if node in self._gone:
+                self._gone.discard(node)
+            else:
+                self.extra.append(node)
+            known.add(node)
+            self.tombstones.pop(node, None)
         self.own[node] = member
         self._mark(node, member.state)
         return True
+
+    def _materialize(self) -> SortedList:
+        """The known ids as this view's own list, once it differs from the roster's."""
+        if self._known is None:
+            self._known = SortedList(n for n in self.roster.index if n not in self._gone)
+        return self._known
+
+    def longest_down(self) -> NodeId | None:
+        best: tuple[float, NodeId] | None = None
+        for node in self._down:
+            if node == self.me:
+                continue
+            member = self.get(node)
+            if member is not None and (best is None or member.changed_at < best[0]):
+                best = (member.changed_at, node)
+        return None if best is None else best[1]
+
+    def down_since(self, before: float) -> list[NodeId]:
+        """Members dead or left since before `before` (what is due to be forgotten)."""
+        out = []
+        for node in self._down:
+            member = self.get(node)
+            if node != self.me and member is not None and member.changed_at <= before:
+                out.append(node)
+        return out
+
+    def reap(self, node: NodeId, now: float) -> None:
+        """Forget a member that is down; keep its tombstone."""
+        member = self.get(node)
+        if member is None or node == self.me:
+            return
+        self.tombstones[node] = Tombstone(member.state, member.incarnation, now)
+        self.tombstones.move_to_end(node)
+        while len(self.tombstones) > self.max_members:
+            self.tombstones.popitem(last=False)
+        known = self._materialize()
+        self.own.pop(node, None)
+        if node in self._down:
+            self._down.remove(node)
+        known.discard(node)
+        if node in self.roster.index:
+            self._gone.add(node)
+        else:
+            self.extra.remove(node)
+
+    def forget_tombstones(self, before: float) -> None:
+        while self.tombstones:
+            node, stone = next(iter(self.tombstones.items()))
+            if stone.at > before:
+                return
+            del self.tombstones[node]
 
     def set_state(self, node: NodeId, member: Member, state: MemberState) -> None:
         """Every state change of a known member goes through here (the down index)."""
@@ -138,11 +224,11 @@ class MemberView:
         return self.roster.ids[i] if i < cut else self.extra[i - cut]
 
     def items(self) -> Iterator[tuple[NodeId, Member | _Seeded]]:
-        for i in range(len(self)):
+        for i in range(self.slots()):
             node = self.at(i)
             member = self.get(node)
-            assert member is not None
-            yield node, member
+            if member is not None:
+                yield node, member
 
     def live_count(self) -> int:
         """Members alive or suspect, ourselves included."""
@@ -201,7 +287,7 @@ class MemberView:
     ) -> list[NodeId]:
         """Up to k distinct members other than ourselves that `accept` takes, uniformly;
         by rejection while most are taken, by a scan when few are."""
-        size = len(self)
+        size = self.slots()
         chosen: list[NodeId] = []
         for _ in range(4 * k + 16):
             if len(chosen) >= k or size == 0:
@@ -228,7 +314,7 @@ class MemberView:
             while self._order_at < self._order_len:
                 i = (self._stride * self._order_at + self._offset) % self._order_len
                 self._order_at += 1
-                if i >= len(self):
+                if i >= self.slots():
                     continue
                 node = self.at(i)
                 if node == self.me:
@@ -236,7 +322,7 @@ class MemberView:
                 member = self.get(node)
                 if member is not None and member.state in LIVE:
                     return node
-            size = len(self)
+            size = self.slots()
             self._order_len, self._order_at = size, 0
             self._offset = rng.randrange(max(1, size))
             self._stride = 1

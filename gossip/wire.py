@@ -2,8 +2,11 @@
 checked and every size bounded, whatever a peer sends.
 
 A datagram over `max_bytes`, of an unknown type, with a field of the wrong type, an id
-over 255 characters, a number outside 0..2^63, or more entries than allowed is refused
-with a `WireError` naming what is wrong; the agent counts it and drops it.
+over 255 characters, a number outside 0..2^63 (a health multiplier outside 1..255), or
+more entries than allowed (in a table, in a row's suspect list, or in an update list) is
+refused with a `WireError` naming what is wrong; the agent counts it and drops it.
+Optional fields (an update's health, a row's suspects, a table's join flag) are left out
+when they hold their default, so that the common messages stay as small as before.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from twlb.gossip.messages import (
     PingReq,
     Sync,
     Update,
+    Verdict,
 )
 
 #: memberlist's UDP buffer is 1,400 bytes; whole heartbeat tables and full-state syncs
@@ -30,6 +34,7 @@ from twlb.gossip.messages import (
 MAX_DATAGRAM = 65_000
 MAX_ID = 255
 MAX_INT = 2**63 - 1
+MAX_HEALTH = 255
 STATE_CODE = {
     MemberState.ALIVE: "a",
     MemberState.SUSPECT: "s",
@@ -44,7 +49,19 @@ class WireError(ValueError):
 
 
 def _updates(updates: tuple[Update, ...]) -> list[list[Any]]:
-    return [[u.node, STATE_CODE[u.state], u.incarnation, u.source] for u in updates]
+    return [
+        [u.node, STATE_CODE[u.state], u.incarnation, u.source]
+        if u.health == 1
+        else [u.node, STATE_CODE[u.state], u.incarnation, u.source, u.health]
+        for u in updates
+    ]
+
+
+def _entry(e: HeartbeatEntry) -> list[Any]:
+    row: list[Any] = [e.node, e.generation, e.heartbeat, int(e.left)]
+    if e.suspects:
+        row.append(list(e.suspects))
+    return row
 
 
 def encode(message: Message) -> bytes:
@@ -53,7 +70,17 @@ def encode(message: Message) -> bytes:
             "t": "hb",
             "s": message.sender,
             "r": message.round,
-            "e": [[e.node, e.generation, e.heartbeat, int(e.left)] for e in message.entries],
+            "e": [_entry(e) for e in message.entries],
+        }
+        if message.join:
+            body["j"] = True
+    elif isinstance(message, Verdict):
+        body = {
+            "t": "vd",
+            "s": message.sender,
+            "n": message.node,
+            "g": message.generation,
+            "h": message.heartbeat,
         }
     elif isinstance(message, Ping):
         body = {"t": "ping", "q": message.seq, "g": message.target, "u": _updates(message.updates)}
@@ -78,9 +105,10 @@ def _id(value: Any, what: str) -> str:
     return value
 
 
-def _int(value: Any, what: str, low: int = 0) -> int:
-    if type(value) is not int or not low <= value <= MAX_INT:
-        raise WireError(f"{what} must be an integer in {low}..2^63-1")
+def _int(value: Any, what: str, low: int = 0, high: int = MAX_INT) -> int:
+    if type(value) is not int or not low <= value <= high:
+        top = "2^63-1" if high == MAX_INT else str(high)
+        raise WireError(f"{what} must be an integer in {low}..{top}")
     return value
 
 
@@ -96,15 +124,30 @@ def _list(body: dict[str, Any], key: str, limit: int) -> list[Any]:
 def _decode_updates(body: dict[str, Any], limit: int) -> tuple[Update, ...]:
     out = []
     for row in _list(body, "u", limit):
-        if not isinstance(row, list) or len(row) != 4:
-            raise WireError("an update must be [node, state, incarnation, source]")
+        if not isinstance(row, list) or len(row) not in (4, 5):
+            raise WireError("an update must be [node, state, incarnation, source, health?]")
         state = CODE_STATE.get(row[1]) if isinstance(row[1], str) else None
         if state is None:
             raise WireError(f"unknown member state {row[1]!r}")
+        health = _int(row[4], "health", 1, MAX_HEALTH) if len(row) == 5 else 1
         out.append(
-            Update(_id(row[0], "node"), state, _int(row[2], "incarnation"), _id(row[3], "source"))
+            Update(
+                _id(row[0], "node"),
+                state,
+                _int(row[2], "incarnation"),
+                _id(row[3], "source"),
+                health,
+            )
         )
     return tuple(out)
+
+
+def _suspects(value: Any, limit: int) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise WireError("a row's suspects must be a list")
+    if len(value) > limit:
+        raise WireError(f"a row names {len(value)} suspects, at most {limit} allowed")
+    return tuple(_id(v, "suspect") for v in value)
 
 
 def decode(data: bytes, *, max_bytes: int = MAX_DATAGRAM, max_entries: int = 1024) -> Message:
@@ -121,18 +164,31 @@ def decode(data: bytes, *, max_bytes: int = MAX_DATAGRAM, max_entries: int = 102
     if kind == "hb":
         entries = []
         for row in _list(body, "e", max_entries):
-            if not isinstance(row, list) or len(row) != 4 or row[3] not in (0, 1):
-                raise WireError("an entry must be [node, generation, heartbeat, left 0|1]")
+            if not isinstance(row, list) or len(row) not in (4, 5) or row[3] not in (0, 1):
+                raise WireError(
+                    "an entry must be [node, generation, heartbeat, left 0|1, suspects?]"
+                )
             entries.append(
                 HeartbeatEntry(
                     _id(row[0], "node"),
                     _int(row[1], "generation", -1),
                     _int(row[2], "heartbeat", -1),
                     bool(row[3]),
+                    _suspects(row[4], max_entries) if len(row) == 5 else (),
                 )
             )
+        join = body.get("j", False)
+        if not isinstance(join, bool):
+            raise WireError("field 'j' must be true or false")
         return HeartbeatTable(
-            _id(body.get("s"), "sender"), _int(body.get("r"), "round"), tuple(entries)
+            _id(body.get("s"), "sender"), _int(body.get("r"), "round"), tuple(entries), join
+        )
+    if kind == "vd":
+        return Verdict(
+            _id(body.get("s"), "sender"),
+            _id(body.get("n"), "node"),
+            _int(body.get("g"), "generation", -1),
+            _int(body.get("h"), "heartbeat", -1),
         )
     if kind in ("ping", "preq"):
         cls = Ping if kind == "ping" else PingReq

@@ -1,13 +1,14 @@
 """Gossip at scale on the simulator's kernel (`twlb.sim.kernel`): the same cores as the
 live agent, in virtual time, deterministic by seed.
 
-A `Scenario` starts N nodes of one protocol over a network with loss and latency, makes
-a fraction of them slow (they read every message late, Lifeguard's overloaded node),
-kills K nodes in the round after `fail_at` (each at a random phase) and optionally
-restarts them, then reads the kernel's event
-log through a `FailureWatch`: time to first detection and to full agreement per failure,
-false positives (a death verdict about a node that was not down) per node-hour, and
-messages and bytes sent per node per second (bytes as `twlb.gossip.wire` encodes them).
+A `Scenario` starts N nodes of one protocol (and, for swim, one profile: this project's
+or memberlist's) over a network with loss and latency, makes a fraction of them slow
+(they read every message `slow_lag_s` late, Lifeguard's overloaded node), skews their
+clocks if asked, kills K nodes in the round after `fail_at` (each at a random phase) and
+optionally restarts them, then reads the kernel's event log through a `FailureWatch`:
+time to first detection and to full agreement per failure, false positives (a death
+verdict about a node that was not down) per node-hour, and messages and bytes sent per
+node per second (bytes as `twlb.gossip.wire` encodes them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import heapq
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -143,9 +145,7 @@ class GossipAlgorithm:
         return [p for p in self.roster if p != node_id]
 
     def __call__(self, node_id: NodeId, _peers: Any, rng: random.Random, _: Any) -> SimMember:
-        config = self.config
-        if isinstance(config, SwimConfig):
-            config = replace(config, join_seeds=0)  # the run starts from a formed cluster
+        config = replace(self.config, join_seeds=0)  # the run starts from a formed cluster
         core = make_node(self.protocol, node_id, self._peers(node_id), rng, config)
         return self._wrap(core, rng)
 
@@ -171,15 +171,20 @@ class Scenario:
     fail_at: float = 20.0
     duration: float | None = None  # default: long enough for the slowest verdict
     overrides: tuple[tuple[str, Any], ...] = ()
+    profile: str = "twlb"  # swim: "twlb" or "memberlist"
+    clock_skew_s: float = 0.0  # each node's clock off by up to this, either way
+    clock_drift: float = 0.0  # and running fast or slow by up to this fraction
 
     def config(self) -> Any:
-        return default_config(self.protocol, **dict(self.overrides))
+        return default_config(self.protocol, self.profile, **dict(self.overrides))
 
     def verdict_bound(self) -> float:
         """An upper bound on time from failure to agreement, to size the run."""
         cfg = self.config()
         if isinstance(cfg, SwimConfig):
-            return cfg.suspicion_max(self.nodes) + 5 * cfg.probe_interval
+            worst = cfg.awareness_max_multiplier
+            low, high = cfg.suspicion_window(self.nodes, worst)
+            return max(low, high) + (worst + 5) * cfg.probe_interval
         assert isinstance(cfg, HeartbeatConfig)
         d = dissemination_rounds(self.protocol, self.nodes)
         return cfg.fail_after(self.protocol, self.nodes) + 3 * d * cfg.interval + 5 * cfg.interval
@@ -225,6 +230,11 @@ def run_scenario(scn: Scenario) -> RunResult:
     meter = Meter()
     algorithm = GossipAlgorithm(scn.protocol, cfg, meter, slow, scn.slow_lag_s, Roster(ids))
     first_round = scn.interval()
+    if scn.clock_skew_s or scn.clock_drift:
+        for node_id in ids:
+            offset = choose.uniform(-scn.clock_skew_s, scn.clock_skew_s)
+            rate = 1.0 + choose.uniform(-scn.clock_drift, scn.clock_drift)
+            kernel.network.set_clock_skew(node_id, offset, rate)
     for node_id in ids:
         kernel.call_at(choose.uniform(0, first_round), kernel.spawn, algorithm, node_id, (), None)
     healthy = [n for n in ids if n not in slow]
@@ -245,6 +255,7 @@ def run_scenario(scn: Scenario) -> RunResult:
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu
     watch = replay(ids, kernel.events, kernel.network.log)
+    kinds = Counter(event[0] for _, _, event in kernel.events)  # refutations, stalls, ...
     return RunResult(
         scenario={**asdict(scn), "overrides": dict(scn.overrides), "slow": sorted(slow)},
         failures=watch.report(),
@@ -263,6 +274,7 @@ def run_scenario(scn: Scenario) -> RunResult:
         fail_after_s=cfg.fail_after(scn.protocol, scn.nodes)
         if isinstance(cfg, HeartbeatConfig)
         else None,
+        extra={"events": dict(kinds)},
     )
 
 
@@ -308,25 +320,42 @@ def summarize(results: Sequence[RunResult]) -> dict[str, Any]:
         for f in failures
         if f["agreement_s"] is not None and f["first_suspicion_s"] is not None
     ]
+    spread = [  # from the first death verdict to the last live member's
+        f["agreement_s"] - f["first_detection_s"]
+        for f in failures
+        if f["agreement_s"] is not None and f["first_detection_s"] is not None
+    ]
     readmitted = [f["readmitted_s"] for f in failures if f["readmitted_s"] is not None]
+    # a death verdict before every live member suspected the node: one node's own call
+    alone = [
+        f
+        for f in failures
+        if f["first_detection_s"] is not None
+        and (f["all_suspect_s"] is None or f["all_suspect_s"] > f["first_detection_s"])
+    ]
     node_s = sum(r.node_hours for r in results) * 3600.0
     first = results[0]
     out = {
         "protocol": first.scenario["protocol"],
+        "profile": first.scenario.get("profile", "twlb"),
         "nodes": first.scenario["nodes"],
         "loss": first.scenario["loss"],
         "slow_fraction": first.scenario["slow_fraction"],
+        "slow_lag_s": list(first.scenario["slow_lag_s"]),
         "runs": len(results),
         "failures": len(failures),
         "agreed": len(agreed),
+        "declared_before_all_suspected": len(alone),
         "first_suspicion_median_s": quantile(suspected, 0.5),
         "first_detection_median_s": quantile(detected, 0.5),
         "first_detection_p99_s": quantile(detected, 0.99),
         "agreement_median_s": quantile(agreed, 0.5),
         "agreement_p99_s": quantile(agreed, 0.99),
         "agreement_after_first_suspicion_p99_s": quantile(from_suspicion, 0.99),
+        "agreement_after_first_verdict_p99_s": quantile(spread, 0.99),
         "readmitted_median_s": quantile(readmitted, 0.5),
         "false_positives": sum(r.false_positives for r in results),
+        "runs_with_false_positives": sum(1 for r in results if r.false_positives),
         "false_positives_per_node_hour": sum(r.false_positives for r in results)
         / (node_s / 3600.0),
         "messages_per_node_s": sum(r.messages for r in results) / node_s,

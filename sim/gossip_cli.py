@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from twlb.gossip.heartbeat import HEARTBEAT_PROTOCOLS
 from twlb.gossip.nodes import PROTOCOLS
+from twlb.gossip.swim import SWIM_PROFILES
 from twlb.sim.gossip import Scenario, run_scenario, summarize
 
 from twlb.options import FiniteFloat, OutputPath
@@ -63,7 +64,8 @@ def plot(rows: Sequence[dict[str, Any]], x: str, path: Path, title: str) -> None
         if x == "nodes":
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -72,6 +74,7 @@ def plot(rows: Sequence[dict[str, Any]], x: str, path: Path, title: str) -> None
 
 SUMMARY_COLUMNS = (
     "protocol",
+    "profile",
     "nodes",
     "loss",
     "slow_fraction",
@@ -81,6 +84,8 @@ SUMMARY_COLUMNS = (
     "first_detection_p99_s",
     "agreement_median_s",
     "agreement_p99_s",
+    "false_positives",
+    "runs_with_false_positives",
     "false_positives_per_node_hour",
     "messages_per_node_s",
     "bytes_per_node_s",
@@ -93,6 +98,8 @@ HEADERS = {
     "first_detection_p99_s": "detect p99 s",
     "agreement_median_s": "agree p50 s",
     "agreement_p99_s": "agree p99 s",
+    "false_positives": "false verdicts",
+    "runs_with_false_positives": "runs with false verdicts",
     "false_positives_per_node_hour": "false pos per node-h",
     "messages_per_node_s": "msgs per node s",
     "bytes_per_node_s": "bytes per node s",
@@ -141,13 +148,41 @@ ROUNDS_COLUMNS = (
     default=(1.0, 5.0),
     help="One-way latency LOW HIGH in ms.",
 )
+@click.option(
+    "--gossip-profile",
+    "profile",
+    type=click.Choice(SWIM_PROFILES),
+    default="twlb",
+    help="swim: this project's settings or memberlist's exact DefaultLANConfig.",
+)
 @click.option("--fail", type=click.IntRange(0, 1000), default=1, help="Nodes killed at --fail-at.")
+@click.option(
+    "--no-fail", is_flag=True, help="Kill nobody (the same as --fail 0): false positives alone."
+)
 @click.option("--rejoin", is_flag=True, help="Restart the killed nodes once the verdict is due.")
 @click.option(
     "--slow-nodes",
     type=FiniteFloat(0.0, 0.5),
     default=0.0,
-    help="Fraction of nodes that read every message 0.2-0.8 s late.",
+    help="Fraction of nodes (rounded) that read every message late by --slow-lag.",
+)
+@click.option(
+    "--slow-lag",
+    type=(FiniteFloat(0.0, 60.0), FiniteFloat(0.0, 60.0)),
+    default=(0.2, 0.8),
+    help="LOW HIGH seconds a slow node reads each message late (uniform).",
+)
+@click.option(
+    "--clock-skew",
+    type=FiniteFloat(0.0, 3600.0),
+    default=0.0,
+    help="Each node's clock off by up to this many seconds, either way.",
+)
+@click.option(
+    "--clock-drift",
+    type=FiniteFloat(0.0, 0.1),
+    default=0.0,
+    help="Each node's clock fast or slow by up to this fraction (1e-4: 100 ppm).",
 )
 @click.option("--seed", type=int, default=1)
 @click.option(
@@ -174,9 +209,14 @@ def sim_command(
     node_counts: tuple[int, ...],
     losses: tuple[float, ...],
     latency: tuple[float, float],
+    profile: str,
     fail: int,
+    no_fail: bool,
     rejoin: bool,
     slow_nodes: float,
+    slow_lag: tuple[float, float],
+    clock_skew: float,
+    clock_drift: float,
     seed: int,
     runs: int,
     fail_at: float,
@@ -184,12 +224,17 @@ def sim_command(
     out: Path,
 ) -> None:
     """Simulate each protocol at each N and loss; report time to first detection and to
-    full agreement (median, p99), false positives per node-hour, messages and bytes
-    per node per second, and rounds to agreement beside the analytic expectation."""
-    if latency[0] > latency[1]:
-        raise click.BadParameter(
-            f"LOW {latency[0]} is above HIGH {latency[1]}", param_hint="--latency"
-        )
+    full agreement (median, p99), false death verdicts (in all, in how many runs, per
+    node-hour), messages and bytes per node per second, and rounds to agreement beside
+    the analytic expectation."""
+    for name, (low, high) in (("--latency", latency), ("--slow-lag", slow_lag)):
+        if low > high:
+            raise click.BadParameter(f"LOW {low} is above HIGH {high}", param_hint=name)
+    if no_fail:
+        given = click.get_current_context().get_parameter_source("fail")
+        if fail and given is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--no-fail kills nobody, but --fail asked for {fail}")
+        fail = 0
     for protocol in protocols:
         for n in node_counts:
             if n > MAX_NODES[protocol]:
@@ -215,9 +260,13 @@ def sim_command(
                         fail=fail,
                         rejoin=rejoin,
                         slow_fraction=slow_nodes,
+                        slow_lag_s=slow_lag,
                         seed=seed + run,
                         fail_at=fail_at,
                         duration=duration,
+                        profile=profile,
+                        clock_skew_s=clock_skew,
+                        clock_drift=clock_drift,
                     )
                     results.append(run_scenario(scn))
                 summary = summarize(results)
@@ -225,7 +274,8 @@ def sim_command(
                 raw.extend(r.as_dict() for r in results)
                 click.echo(
                     f"{protocol} N={n} loss={loss}: agreement p99 {cell(summary['agreement_p99_s'])} s, "
-                    f"fp/node-h {cell(summary['false_positives_per_node_hour'])}, "
+                    f"false verdicts {summary['false_positives']} "
+                    f"({summary['runs_with_false_positives']} of {runs} runs), "
                     f"{cell(summary['messages_per_node_s'])} msg/node/s, CPU {summary['cpu_s']:.1f} s",
                     err=True,
                 )

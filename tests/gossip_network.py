@@ -1,6 +1,8 @@
 """A tiny deterministic in-memory network for the gossip cores' unit tests (as
 etcd-io/raft tests its core): virtual time, one seeded random source, loss, latency,
-partitions, slow nodes, crashes and restarts. Every membership change is checked against
+partitions, slow nodes, crashes and restarts, stopped processes (`pause`: nothing is
+handled until it resumes, then everything at once), members that join later and leave,
+and a filter that drops chosen messages. Every membership change is checked against
 the one transition table and fed to a `FailureWatch`.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 from typing import Any
 
 from twlb.gossip.consensus import FailureWatch
@@ -53,6 +56,8 @@ class InMemoryNetwork:
         self.bad_transitions: list[tuple[str, str, MemberState | None, MemberState]] = []
         self.sent = self.dropped = 0
         self.events: list[tuple[float, str, tuple[Any, ...]]] = []
+        self.paused: dict[str, float] = {}  # node -> when it resumes
+        self.drop: Callable[[str, str, Any], bool] | None = None  # (src, dst, message)
         for node_id in self.ids:
             node = make_node(protocol, node_id, self._peers(node_id), self._node_rng(), config)
             self.nodes[node_id] = node
@@ -84,6 +89,22 @@ class InMemoryNetwork:
             del self.last_state[key]
         self._apply(node_id, self.nodes[node_id].start(self.now))
 
+    def pause(self, node_id: str, seconds: float) -> None:
+        """SIGSTOP for `seconds`: its messages and timers wait, then all arrive at once."""
+        self.paused[node_id] = self.now + seconds
+
+    def add_node(self, node_id: str, seeds: list[str], config: GossipConfig | None = None) -> None:
+        """A member that was not in the seed list joins now through `seeds`."""
+        node = make_node(self.protocol, node_id, seeds, self._node_rng(), config or self.config)
+        self.nodes[node_id] = node
+        self.ids.append(node_id)
+        self.watch.views.setdefault(node_id, {})
+        self._apply(node_id, node.start(self.now))
+
+    def leave(self, node_id: str) -> None:
+        self._apply(node_id, self.nodes[node_id].leave(self.now))
+        self.crashed.add(node_id)  # it falls silent (no crash for the watch: it left)
+
     def partition(self, *groups: set[str]) -> None:
         self.groups = [set(g) for g in groups]
 
@@ -102,6 +123,11 @@ class InMemoryNetwork:
             self.now = t
             if dst in self.crashed:
                 continue
+            if self.paused.get(dst, 0.0) > t:  # stopped: handled when it resumes
+                if kind == "timer" and self._wake.get(dst) == t:
+                    self._wake[dst] = self.paused[dst]
+                self._push(self.paused[dst], kind, dst, payload)
+                continue
             node = self.nodes[dst]
             if kind == "start":
                 effects = node.start(t)
@@ -118,7 +144,11 @@ class InMemoryNetwork:
     def _apply(self, src: str, effects: Effects) -> None:
         for dst, message in effects.send:
             self.sent += 1
-            if self.rng.random() < self.loss or not self._reachable(src, dst):
+            if (
+                self.rng.random() < self.loss
+                or not self._reachable(src, dst)
+                or (self.drop is not None and self.drop(src, dst, message))
+            ):
                 self.dropped += 1
                 continue
             delay = self.rng.uniform(*self.latency)

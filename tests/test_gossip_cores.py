@@ -61,8 +61,14 @@ def _member_events(effects) -> list[tuple[str, str, int]]:
     return [(e[1], e[2], e[3]) for e in effects.events if e[0] == "member"]
 
 
+#: Cores driven by hand see no timer between the steps, which a running node would read
+#: as a stall of its own and its timers as late (tests/test_gossip_safety.py tests both).
+BY_HAND = {"stall_after": math.inf, "late_timer": math.inf}
+BEAT_BY_HAND = {"stall_after": math.inf}
+
+
 def test_swim_core_walks_alive_suspect_dead_rejoined_left() -> None:
-    node = SwimNode("a", ["b", "c", "d", "e"], random.Random(1), SwimConfig())
+    node = SwimNode("a", ["b", "c", "d", "e"], random.Random(1), SwimConfig(**BY_HAND))
     node.start(0.0)
     seen = []
 
@@ -96,11 +102,12 @@ def test_swim_core_refutes_an_accusation_with_a_higher_incarnation() -> None:
     assert ("refute", 1) in effects.events
     assert node.incarnation == 1 and node.awareness == 1  # Lifeguard: accused, less sure
     ack = effects.send[0][1]
-    assert ack.updates[0] == Update("a", S.ALIVE, 1, "a")
+    # the refutation announces the raised health multiplier with the new incarnation
+    assert ack.updates[0] == Update("a", S.ALIVE, 1, "a", health=2)
 
 
 def test_heartbeat_core_walks_suspect_dead_rejoined_left() -> None:
-    cfg = HeartbeatConfig(interval=1.0, fail_mult=1.0, fail_slack=4)
+    cfg = HeartbeatConfig(interval=1.0, fail_mult=1.0, fail_slack=4, **BEAT_BY_HAND)
     node = HeartbeatNode("a", ["b"], random.Random(1), cfg, "round-robin")
     node.start(0.0)
     t_fail = node.fail_after()
@@ -183,7 +190,10 @@ def test_swim_has_no_false_positive_at_20_percent_loss_over_an_hour() -> None:
 
 
 def test_partitioned_swim_nodes_are_declared_dead_then_refute_on_healing() -> None:
-    cfg = default_config("swim", reconnect_interval=5.0, push_pull_interval=10.0)
+    # healed before the dead are forgotten (tests/test_gossip_safety.py heals after)
+    cfg = default_config(
+        "swim", reconnect_interval=5.0, push_pull_interval=10.0, gossip_to_the_dead=120.0
+    )
     net = InMemoryNetwork("swim", 10, seed=3, config=cfg)
     net.run_until(10)
     minority = {"n0000", "n0001"}
@@ -327,7 +337,7 @@ def _swim_cluster(n: int, config: SwimConfig | None = None) -> dict[str, SwimNod
 
 
 def test_slotted_probes_with_agreeing_views_reach_every_live_member_once_a_slot() -> None:
-    nodes = _swim_cluster(9)
+    nodes = _swim_cluster(9, SwimConfig(**BY_HAND))
     for node in nodes.values():  # m04 is dead in every view
         node.on_message("m01", Ping(1, "x", (Update("m04", S.DEAD, 0, "m01"),)), 0.5)
     live = sorted(n for n in nodes if n != "m04")
@@ -350,7 +360,7 @@ def test_slotted_probes_with_agreeing_views_reach_every_live_member_once_a_slot(
 
 
 def test_a_lone_accuser_waits_the_maximum_and_confirmations_bring_the_minimum() -> None:
-    cfg = SwimConfig()
+    cfg = SwimConfig(**BY_HAND)
     n = 6
     assert cfg.suspicion_min(n) == 2.0 and cfg.suspicion_max(n) == 24.0  # 6 x memberlist's 4 s
     lone = SwimNode("a", ["b", "c", "d", "e", "f"], random.Random(1), cfg)

@@ -30,6 +30,7 @@ FAST = {
     "round-robin": {"intervalS": 0.1},
     "binary-round-robin": {"intervalS": 0.1},
     "sequence-check": {"intervalS": 0.1},
+    "consensus": {"intervalS": 0.1},
 }
 DEADLINE_S = 30.0
 

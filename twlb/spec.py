@@ -230,7 +230,10 @@ def balancer_args(balancer: BaseModel) -> list[str]:
     return to_args(balancer, exclude={"model_config_map"})
 
 
-GossipProtocol = Literal["swim", "random", "round-robin", "binary-round-robin", "sequence-check"]
+GossipProtocol = Literal[
+    "swim", "random", "round-robin", "binary-round-robin", "sequence-check", "consensus"
+]
+GossipProfile = Literal["twlb", "memberlist"]
 
 
 class GossipSpec(_Model):
@@ -245,6 +248,10 @@ class GossipSpec(_Model):
     )
     protocol: Annotated[GossipProtocol, Flag("--gossip-protocol", param="gossip_protocol")] = Field(
         "swim", description="The gossip protocol."
+    )
+    profile: Annotated[GossipProfile, Flag("--gossip-profile", param="gossip_profile")] = Field(
+        "twlb",
+        description="swim: this project's settings, or memberlist's exact DefaultLANConfig (shuffled probes, a confirmed suspicion's minimum of suspicionMult x max(1, log10 N) intervals, no health-scaled windows).",
     )
     interval_s: Annotated[float | None, Flag("--gossip-interval", param="gossip_interval")] = Field(
         None,
@@ -261,13 +268,21 @@ class GossipSpec(_Model):
         4,
         ge=1,
         le=100,
-        description="swim: memberlist's SuspicionMult; a lone accuser waits 6x this, in probe intervals x log10 N (a suspicion two others confirmed, 2).",
+        description="swim: memberlist's SuspicionMult; a lone accuser waits 6x this, in probe intervals x log10 N (profile twlb: a suspicion two healthy members confirmed about a member that announces itself healthy, 2).",
     )
     dissemination_interval_s: Annotated[
         float | None, Flag("--gossip-dissemination-interval", param="gossip_dissemination_interval")
     ] = Field(None, ge=0.005, le=60, description="swim: gossip to 3 members this often (0.2 s).")
     fail_mult: Annotated[float, Flag("--gossip-fail-mult", param="gossip_fail_mult")] = Field(
         3.0, ge=0.5, le=100, description="Heartbeat protocols: T_fail in dissemination rounds."
+    )
+    forget_after_s: Annotated[
+        float | None, Flag("--gossip-forget-after", param="gossip_forget_after")
+    ] = Field(
+        None,
+        ge=0.1,
+        le=86_400,
+        description="Dead and left members are forgotten this long after their verdict (memberlist's GossipToTheDeadTime; default 30 probe intervals for swim, 60 rounds for the others).",
     )
     port: Annotated[int | None, Flag("--gossip-port", param="gossip_port")] = Field(
         None,

@@ -27,7 +27,7 @@ def test_schedules_stay_in_window_and_never_crash_more_than_tolerated():
     for seed in range(200):
         rng = random.Random(seed)
         episodes = random_schedule(
-            rng, NODES, "raft", ["partition", "crash", "loss", "pause", "skew"], 1.0, 19.0, 6
+            rng, NODES, 2, ["partition", "crash", "loss", "pause", "skew"], 1.0, 19.0, 6
         )
         intervals = []
         for episode in episodes:

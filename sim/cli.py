@@ -59,6 +59,17 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def check_budget(fn: Callable) -> Callable:
+    """--max-check-states: the linearizability search's budget per key; a run that
+    exhausts it is undecided (exit 3), not a violation."""
+    return click.option(
+        "--max-check-states",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Configurations the linearizability search may explore per key before the run is undecided (exit 3).",
+    )(fn)
+
+
 @click.group(invoke_without_command=True)
 @click.option("--nodes", type=click.IntRange(1, 1000), default=5, help="Cluster size.")
 @click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="raft")
@@ -135,6 +146,7 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
     default=None,
     help="START END seconds the message-sequence chart shows (default 0 3; narrowed to 300 messages).",
 )
+@check_budget
 @click.pass_context
 def command(ctx: click.Context, **options) -> None:
     """Simulate consensus protocols under faults, and check every run.
@@ -168,6 +180,8 @@ def run_once(**o) -> None:
             progress_within=o["progress_within"],
             trace=o["visualize"],
         )
+        if o["max_check_states"]:
+            config.max_check_states = o["max_check_states"]
         window = o["msc_window"]
         if window is not None and not window[0] < window[1]:
             raise ValueError(f"--msc-window needs START < END, got {window[0]:g} {window[1]:g}")
@@ -323,6 +337,7 @@ def seeds_in_parallel(fn: Callable) -> Callable:
     metavar="NAME[,NAME]",
     help="With the byzantine nemesis: what the Byzantine replicas do (default: any the algorithm offers).",
 )
+@check_budget
 def sweep_command(**o) -> None:
     """Run many seeds with random fault schedules; shrink and print any violation.
 
@@ -365,6 +380,7 @@ def sweep_command(**o) -> None:
             protocol={"bug": o["bug"]} if o["bug"] else {},
             byzantine_behaviours=behaviours,
             mix=o["mix"],
+            max_check_states=o["max_check_states"],
         )
         load_algorithm(o["algorithm"])
         Simulation(settings.config(o["first_seed"])[0])  # builds the nodes: checks --bug
@@ -524,6 +540,7 @@ def write_sweep(o: dict, data: dict) -> None:
 @click.option("--keys", type=click.IntRange(1, 1000), default=6)
 @click.option("--bug", default=None, help="Sweep a deliberately broken variant of the table.")
 @seeds_in_parallel
+@check_budget
 def dht_command(**o) -> None:
     """Sweep seeds of the replicated hash table under faults; every run checked.
 
@@ -552,6 +569,7 @@ def dht_command(**o) -> None:
             episodes=o["episodes"],
             mix=o["mix"],
             bug=o["bug"],
+            max_check_states=o["max_check_states"],
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None

@@ -467,6 +467,7 @@ class DhtSweepSettings:
     episodes: int = 4
     mix: bool = False
     bug: str | None = None
+    max_check_states: int | None = None
 
     def __post_init__(self) -> None:
         self.nemeses = check_nemeses(self.nemeses)
@@ -493,7 +494,11 @@ class DhtSweepSettings:
             max(2.0, self.duration - 1.0),
             self.episodes,
         )
+        budget = (
+            {} if self.max_check_states is None else {"max_check_states": self.max_check_states}
+        )
         return DhtRunConfig(
+            **budget,
             nodes=self.nodes,
             replication=self.replication,
             write_quorum=self.write_quorum,

@@ -163,6 +163,7 @@ class SweepSettings:
     byzantine_behaviours: tuple[str, ...] = ()
     protocol: dict[str, Any] = field(default_factory=dict)
     mix: bool = False
+    max_check_states: int | None = None  # the linearizability search's budget (SimConfig's)
 
     def __post_init__(self) -> None:
         self.nemeses = check_nemeses(self.nemeses)
@@ -188,7 +189,11 @@ class SweepSettings:
         if "byzantine" in self.nemeses and self.byzantine_behaviours:
             for node in rng.sample(ids, tolerated(self.algorithm, self.nodes)):
                 byzantine[node] = rng.choice(self.byzantine_behaviours)
+        budget = (
+            {} if self.max_check_states is None else {"max_check_states": self.max_check_states}
+        )
         return SimConfig(
+            **budget,
             algorithm=self.algorithm,
             nodes=self.nodes,
             seed=seed,
@@ -251,6 +256,8 @@ def replay_command(config: SimConfig) -> str:
         parts.append(f"--byzantine {node}={mode}")
     if config.protocol.get("bug"):
         parts.append(f"--bug {config.protocol['bug']}")
+    if config.max_check_states != SimConfig().max_check_states:
+        parts.append(f"--max-check-states {config.max_check_states}")
     parts.append(f"--faults '{faults}'")
     return " ".join(parts)
 

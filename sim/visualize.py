@@ -62,9 +62,10 @@ def _steps_down(event: tuple[Any, ...]) -> bool:
 
 
 def leader_intervals(sim: Simulation) -> list[tuple[str, float, float, Any]]:
-    """(node, from, to, term or view) for each leadership, ended by the first of: the
-    leader stepping down (`STEP_DOWN_EVENTS`, or Raft's role changing), its crash, the
-    next leadership, the end of the run."""
+    """(node, from, to, term or view) for each leadership, ended by the leader's own
+    stepping down (`STEP_DOWN_EVENTS`, Raft's role changing, a PBFT primary entering
+    another view), its crash, or the end of the run. A leader cut off from the others
+    may lead on in its own eyes after a successor is elected: both bars show."""
     n = len(sim.node_ids)
     starts = []
     if sim.config.algorithm == "pbft":
@@ -74,20 +75,22 @@ def leader_intervals(sim: Simulation) -> list[tuple[str, float, float, Any]]:
         if ev[0] in ("view", "new_view", "view_change") and isinstance(term, int):
             node = sim.node_ids[term % n]  # PBFT: the primary of view v is replica v mod n
         starts.append((t, node, term))
-    ends: dict[str, list[float]] = {}
+    own: dict[str, list[tuple[float, tuple[Any, ...]]]] = {}
     for t, node, ev in sim.kernel.events:
-        if _steps_down(ev):
-            ends.setdefault(node, []).append(t)
+        if _steps_down(ev) or (ev and ev[0] == "view"):
+            own.setdefault(node, []).append((t, ev))
     for t, action, detail in sim.network.log:
         if action in ("crash", "crash-stop"):
-            ends.setdefault(detail, []).append(t)
+            own.setdefault(detail, []).append((t, ("crash",)))
     end = sim.config.duration
     out = []
-    for i, (t, node, term) in enumerate(starts):
-        stop = starts[i + 1][0] if i + 1 < len(starts) else end
-        # A step-down at the very instant of election belongs to an earlier role.
-        gone = min((x for x in ends.get(node, ()) if x > t), default=stop)
-        out.append((node, t, min(stop, gone, end), term))
+    for t, node, term in starts:
+        gone = [
+            x
+            for x, ev in own.get(node, ())
+            if x > t and (ev[0] != "view" or ev[1] != term)  # its own entry into its view
+        ]
+        out.append((node, t, min([end, *gone]), term))
     return out
 
 

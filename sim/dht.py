@@ -334,6 +334,9 @@ class DhtNode:
         self.hints: dict[NodeId, dict[str, Siblings]] = {}  # home -> key -> records
         self.counter = 0  # this node's entry in the clocks of the writes it coordinates
         self.left = False
+        # Bumped at every recovery: operation ids never repeat across crashes, so a late
+        # answer to an operation of a dead incarnation is never taken for a new one's.
+        self.incarnation = 0
         # Volatile state.
         self.suspected: set[NodeId] = set()
         self._ops = 0
@@ -411,7 +414,7 @@ class DhtNode:
             return fx
         self._clamp(now)
         self._ops += 1
-        op_id = f"{self.node_id}:{self._ops}"
+        op_id = f"{self.node_id}:{self.incarnation}:{self._ops}"
         homes = list(self.preference(op.key))
         p = _Pending(request, kind, op.key, homes, now + self.config.request_timeout)
         self._pending[op_id] = p
@@ -851,6 +854,7 @@ class DhtNode:
             "counter": self.counter,
             "members": sorted(self.members),
             "left": self.left,
+            "incarnation": self.incarnation,
         }
 
     @classmethod
@@ -867,6 +871,7 @@ class DhtNode:
         node.hints = {n: dict(b) for n, b in state["hints"].items()}
         node.counter = state["counter"]
         node.left = state["left"]
+        node.incarnation = state["incarnation"] + 1
         return node
 
 

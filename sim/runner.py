@@ -92,6 +92,16 @@ class Fault:
         if self.action not in ACTIONS and self.action not in TARGETED:
             known = ", ".join(sorted(ACTIONS | set(TARGETED)))
             raise ValueError(f"unknown fault action {self.action!r}; known: {known}")
+        if self.aims and not (
+            len(self.args) == 2
+            and isinstance(self.args[0], int | float)
+            and isinstance(self.args[1], int)
+            and self.args[0] > self.at
+        ):
+            raise ValueError(
+                f"{self.action} at {self.at:g}: expected [UNTIL, SEED] with UNTIL after the "
+                f"start and SEED an integer, got {list(self.args)}"
+            )
 
     @property
     def aims(self) -> bool:

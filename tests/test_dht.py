@@ -443,3 +443,21 @@ def test_keys_are_handed_off_on_join_and_on_leave() -> None:
     _placed_as_the_ring_says(dht, KEYS)
     for k, v in written.items():
         assert dht["node-5"].get(k) == v
+
+
+def test_a_late_answer_to_an_operation_of_a_crashed_incarnation_is_not_taken_for_a_new_one():
+    from twlb.sim.dht import DhtNode, StoreAck
+
+    from twlb.protocol import ClientRequest, Operation, OpKind
+
+    config = {"replication_factor": 3}
+    peers = ["b", "c", "d"]
+    node = DhtNode("a", peers, random.Random(0), config)
+    fx = node.on_request(ClientRequest("cl", 1, Operation(OpKind.GET, "k")), 0.0)
+    old_ids = {m.op_id for _dst, m in fx.send}
+    again = DhtNode.recover("a", peers, random.Random(0), config, node.persistent_state())
+    fx = again.on_request(ClientRequest("cl", 2, Operation(OpKind.GET, "k")), 1.0)
+    new_ids = {m.op_id for _dst, m in fx.send}
+    assert old_ids and new_ids and not old_ids & new_ids
+    late = again.on_message("b", StoreAck(next(iter(old_ids)), "k"), 1.01)
+    assert not late.replies

@@ -222,6 +222,10 @@ def test_an_unknown_episode_or_nemesis_is_refused_clearly() -> None:
     arena = Arena(raft_sim([]).kernel, ["node_0"], 0)
     with pytest.raises(ValueError, match="expected \\[until, seed\\]"):
         start_episode(arena, "leader-crash", 1.0, (2.0,))
+    with pytest.raises(ValueError, match="expected \\[UNTIL, SEED\\]"):
+        Fault(3.0, "leader-crash", (2.0, 1))
+    bad_row = CliRunner().invoke(command, ["--faults", '[[1,"leader-crash",[5]]]'])
+    assert bad_row.exit_code == 2 and "expected [UNTIL, SEED]" in bad_row.output
     result = CliRunner().invoke(command, ["sweep", "--nemesis", "leader-explode", "--runs", "1"])
     assert result.exit_code == 2 and "unknown nemesis leader-explode" in result.output
 

@@ -16,6 +16,7 @@ AIMING = (
 )
 CONSENSUS = ["--duration", "20", "--progress-within", "8", "--no-shrink"]
 DHT = ["dht", "--nemesis", "crash,ack-crash,partition,bridge,ring,skew,clock", "--mix"]
+DHT += ["--episodes", "6"]
 
 
 def consensus(algorithm: str, nodes: int, *nemesis: str) -> list[str]:
@@ -32,6 +33,11 @@ CASES = [
     (consensus("raft", 5, AIMING) + CONSENSUS, "vote-without-log-check", 20, "invariants"),
     (consensus("raft", 5, AIMING) + CONSENSUS, "forget-vote", 37, "invariants"),
     (consensus("paxos", 5, AIMING) + CONSENSUS, "no-phase1", 0, "invariants"),
+    (PBFT + CONSENSUS, "weak-quorums", 0, "invariants"),
+    (PBFT + CONSENSUS, "commit-2f", 30, "invariants"),
+    (DHT, "stand-in-acks", 6, "linearizability"),
+    (DHT, "wall-clock-versions", 1, "stale_reads"),
+    (DHT, "no-anti-entropy", 13, "convergence"),
 ]
 
 

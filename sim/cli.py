@@ -1,5 +1,5 @@
-"""`twlb sim`: run a checked simulation, check a recorded history, sweep seeds, compare
-load-balancing policies on simulated servers."""
+"""`twlb sim`: run a checked simulation, check a recorded history, sweep seeds, sweep the
+replicated hash table, compare load-balancing policies on simulated servers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from twlb.sim.runner import ALGORITHMS, Fault, SimConfig, Simulation, load_algor
 from twlb.sim.sweep import (
     NEMESES,
     SweepSettings,
+    exit_status,
     failed_checks,
     flatten,
     replay_command,
@@ -76,6 +78,17 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"expected NODE=BEHAVIOUR, got {value!r}")
         out[node] = mode
     return out
+
+
+def check_budget(fn: Callable) -> Callable:
+    """--max-check-states: the linearizability search's budget per key; a run that
+    exhausts it is undecided (exit 3), not a violation."""
+    return click.option(
+        "--max-check-states",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Configurations the linearizability search may explore per key before the run is undecided (exit 3).",
+    )(fn)
 
 
 @click.group(invoke_without_command=True)
@@ -150,13 +163,21 @@ def parse_byzantine(values: tuple[str, ...]) -> dict[str, str]:
     default=Path("sim-figures"),
     help="Where --visualize writes.",
 )
+@click.option(
+    "--msc-window",
+    type=(FiniteFloat(min=0), FiniteFloat(min=0)),
+    default=None,
+    help="START END seconds the message-sequence chart shows (default 0 3; narrowed to 300 messages).",
+)
+@check_budget
 @click.pass_context
 def command(ctx: click.Context, **options) -> None:
     """Simulate consensus protocols under faults, and check every run.
 
     `twlb sim --nodes 5 --algorithm raft --duration 60` runs one checked simulation;
     `twlb sim check FILE`, `twlb sim sweep` and `twlb sim lb` are the other tools.
-    Exit status of a run: 0 every check passed, 1 a check found a violation, 2 bad input.
+    Exit status of a run: 0 every check passed, 1 a check found a violation, 2 bad input,
+    3 undecided (the linearizability search ran out of its budget, no violation found).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -182,6 +203,11 @@ def run_once(**o) -> None:
             progress_within=o["progress_within"],
             trace=o["visualize"],
         )
+        if o["max_check_states"]:
+            config.max_check_states = o["max_check_states"]
+        window = o["msc_window"]
+        if window is not None and not window[0] < window[1]:
+            raise ValueError(f"--msc-window needs START < END, got {window[0]:g} {window[1]:g}")
         sim = Simulation(config)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
@@ -197,9 +223,9 @@ def run_once(**o) -> None:
     if o["visualize"]:
         from twlb.sim.visualize import draw_all
 
-        for path in draw_all(sim, o["figures"]):
+        for path in draw_all(sim, o["figures"], o["msc_window"]):
             click.echo(f"figure: {path}")
-    sys.exit(0 if report["passed"] else 1)
+    sys.exit({"passed": 0, "violation": 1, "undecided": 3}[report["outcome"]])
 
 
 def print_report(report: dict) -> None:
@@ -417,12 +443,38 @@ def print_verdict(history_file: Path, model: str, verdict, wall: float) -> None:
             click.echo(f"  {event.to_edn()}")
 
 
+def seeds_in_parallel(fn: Callable) -> Callable:
+    """The options every sweep takes: --workers, --time-limit, --output."""
+    for option in (
+        click.option(
+            "--output",
+            type=OutputPath(),
+            default=None,
+            help="Write every run and the summary as JSON.",
+        ),
+        click.option(
+            "--time-limit",
+            type=FiniteFloat(min=1),
+            default=None,
+            help="Stop starting runs after this many wall seconds.",
+        ),
+        click.option("--workers", type=click.IntRange(1, 64), default=1, help="Processes."),
+    ):
+        fn = option(fn)
+    return fn
+
+
 @command.command("sweep")
 @click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="raft")
 @click.option("--runs", type=click.IntRange(1, 1_000_000), default=100, help="How many seeds.")
 @click.option("--first-seed", type=int, default=0)
 @click.option(
-    "--nemesis", default="partition,loss,crash", help=f"Comma-separated: {','.join(NEMESES)}."
+    "--nemesis",
+    default="partition,loss,crash",
+    help=f"Comma-separated, spread over the seeds (seed s takes the (s mod k)-th): {','.join(NEMESES)}.",
+)
+@click.option(
+    "--mix", is_flag=True, help="Draw every episode's nemesis from all named, in every seed."
 )
 @click.option("--nodes", type=click.IntRange(1, 100), default=5)
 @click.option(
@@ -433,45 +485,31 @@ def print_verdict(history_file: Path, model: str, verdict, wall: float) -> None:
 @click.option("--packet-loss", type=FiniteFloat(0, 1), default=0.0)
 @click.option("--clients", type=click.IntRange(0, 100), default=3)
 @click.option("--progress-within", type=FiniteFloat(min=0.1), default=10.0)
-@click.option("--workers", type=click.IntRange(1, 64), default=1, help="Processes.")
-@click.option(
-    "--time-limit",
-    type=FiniteFloat(min=1),
-    default=None,
-    help="Stop starting runs after this many wall seconds.",
-)
-@click.option(
-    "--output",
-    type=OutputPath(),
-    default=None,
-    help="Write every run and the summary as JSON.",
-)
+@seeds_in_parallel
 @click.option(
     "--no-shrink", is_flag=True, help="Report violations without shrinking their schedules."
 )
 @click.option(
     "--bug", default=None, help=f"Sweep a deliberately broken variant of the protocol: {BUGS_HELP}."
 )
+@click.option(
+    "--byzantine-behaviours",
+    default=None,
+    metavar="NAME[,NAME]",
+    help="With the byzantine nemesis: what the Byzantine replicas do (default: any the algorithm offers).",
+)
+@check_budget
 def sweep_command(**o) -> None:
     """Run many seeds with random fault schedules; shrink and print any violation.
 
-    Exit status: 0 no violation, 1 a violation was found, 2 bad input.
+    Exit status: 0 no violation, 1 a violation was found, 2 bad input, 3 no violation
+    but a run the linearizability checker could not decide.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     nemeses = tuple(n.strip() for n in o["nemesis"].split(",") if n.strip())
     unknown = sorted(set(nemeses) - set(NEMESES))
-    if unknown:
+    if unknown or not nemeses:
         raise click.BadParameter(
-            f"unknown nemesis {', '.join(unknown)}; choose from {', '.join(NEMESES)}",
+            f"unknown nemesis {', '.join(unknown) or '(none named)'}; choose from {', '.join(NEMESES)}",
             param_hint="--nemesis",
         )
     if o["duration"] <= o["progress_within"] + 2:
@@ -481,6 +519,15 @@ def sweep_command(**o) -> None:
         )
     try:
         behaviours = byzantine_behaviours(o["algorithm"]) if "byzantine" in nemeses else ()
+        if o["byzantine_behaviours"]:
+            chosen = tuple(b.strip() for b in o["byzantine_behaviours"].split(",") if b.strip())
+            unknown_behaviours = sorted(set(chosen) - set(byzantine_behaviours(o["algorithm"])))
+            if unknown_behaviours or "byzantine" not in nemeses:
+                raise ValueError(
+                    "--byzantine-behaviours needs the byzantine nemesis and names from "
+                    f"{', '.join(byzantine_behaviours(o['algorithm']))}"
+                )
+            behaviours = chosen
         settings = SweepSettings(
             algorithm=o["algorithm"],
             nodes=o["nodes"],
@@ -493,54 +540,43 @@ def sweep_command(**o) -> None:
             episodes=o["episodes"],
             protocol={"bug": o["bug"]} if o["bug"] else {},
             byzantine_behaviours=behaviours,
+            mix=o["mix"],
+            max_check_states=o["max_check_states"],
         )
-        settings.config(o["first_seed"])
         load_algorithm(o["algorithm"])
+        Simulation(settings.config(o["first_seed"])[0])  # builds the nodes: checks --bug
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    console = Console(stderr=True)
     seeds = range(o["first_seed"], o["first_seed"] + o["runs"])
-    started = time.perf_counter()
-    with Progress(
-        TextColumn(f"[bold]{o['algorithm']}[/] sweep"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("violations: {task.fields[bad]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("runs", total=len(seeds), bad=0)
-        bad = [0]
-
-        def tick(result: dict) -> None:
-            bad[0] += not result["passed"]
-            progress.update(task, advance=1, bad=bad[0])
-
-        results = sweep(
+    results, wall = with_progress(
+        f"[bold]{o['algorithm']}[/] sweep",
+        len(seeds),
+        lambda tick: sweep(
             settings, seeds, workers=o["workers"], on_result=tick, time_limit=o["time_limit"]
-        )
-    wall = time.perf_counter() - started
+        ),
+    )
     summary = summarise(results, wall)
-    columns = ("runs", "passed", "violations", "ops ok", "leader changes", "faults", "wall s",
-               "s/run")  # fmt: skip
-    table = tables.table(
-        [(c, "right") for c in columns],
-        title=f"twlb sim sweep: {o['algorithm']}, {o['nodes']} nodes, nemesis {','.join(nemeses)}",
+    print_table(
+        f"twlb sim sweep: {o['algorithm']}, {o['nodes']} nodes, nemesis {','.join(nemeses)}",
+        {
+            "runs": summary["runs"],
+            "passed": summary["passed"],
+            "violations": summary["violations"],
+            "undecided": summary["undecided"],
+            "ops ok": summary["operations_ok"],
+            "leader changes": summary["leader_changes"],
+            "faults": summary["faults_injected"],
+            "wall s": f"{summary['wall_seconds']:.1f}",
+            "s/run": f"{summary['mean_wall_per_run'] or 0:.3f}",
+        },
     )
-    table.add_row(
-        str(summary["runs"]),
-        str(summary["passed"]),
-        str(summary["violations"]),
-        str(summary["operations_ok"]),
-        str(summary["leader_changes"]),
-        str(summary["faults_injected"]),
-        f"{summary['wall_seconds']:.1f}",
-        f"{summary['mean_wall_per_run'] or 0:.3f}",
-    )
-    Console().print(table)
-    if summary["runs"] < o["runs"]:
-        click.echo(f"time limit reached: {summary['runs']} of {o['runs']} runs done")
+    if len(summary["by_nemesis"]) > 1:
+        for name, row in summary["by_nemesis"].items():
+            click.echo(
+                f"  {name}: {row['runs']} runs, {row['violations']} violations, "
+                f"{row['undecided']} undecided"
+            )
+    report_limits(summary, o["runs"])
     violations = []
     for seed in summary["failing_seeds"][:5]:
         config, schedule = settings.config(seed)
@@ -563,22 +599,186 @@ def sweep_command(**o) -> None:
                 "replay": replay_command(replay),
             }
         )
+    write_sweep(o, {"summary": summary, "violations": violations, "runs": results})
+    sys.exit(exit_status(summary))
+
+
+def with_progress(label: str, total: int, run: Callable[[Callable[[dict], None]], list]) -> tuple:
+    """`run(tick)` under a progress bar on stderr counting runs and violations; the
+    results and the wall seconds."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    started = time.perf_counter()
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("violations: {task.fields[bad]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as progress:
+        task = progress.add_task("runs", total=total, bad=0)
+        bad = [0]
+
+        def tick(result: dict) -> None:
+            bad[0] += result["outcome"] == "violation"
+            progress.update(task, advance=1, bad=bad[0])
+
+        results = run(tick)
+    return results, time.perf_counter() - started
+
+
+def print_table(title: str, row: dict) -> None:
+    from rich.console import Console
+
+    table = tables.table([(column, "right") for column in row], title=title)
+    table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+
+
+def report_limits(summary: dict, asked: int) -> None:
+    if summary["undecided"]:
+        seeds = ", ".join(str(s) for s in summary["undecided_seeds"][:10])
+        click.echo(f"UNDECIDED (checker's search budget ran out, not a violation): seeds {seeds}")
+    if summary["runs"] < asked:
+        click.echo(f"time limit reached: {summary['runs']} of {asked} runs done")
+
+
+def write_sweep(o: dict, data: dict) -> None:
     if o["output"]:
         o["output"].parent.mkdir(parents=True, exist_ok=True)
-        o["output"].write_text(
-            json.dumps(
-                {
-                    "settings": {**o, "output": str(o["output"])},
-                    "summary": summary,
-                    "violations": violations,
-                    "runs": results,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+        body = {"settings": {**o, "output": str(o["output"])}, **data}
+        o["output"].write_text(json.dumps(body, indent=2, default=str))
         click.echo(f"results: {o['output']}")
-    sys.exit(1 if summary["violations"] else 0)
+
+
+@command.command("dht")
+@click.option("--runs", type=click.IntRange(1, 1_000_000), default=100, help="How many seeds.")
+@click.option("--first-seed", type=int, default=0)
+@click.option("--nodes", type=click.IntRange(1, 100), default=6)
+@click.option("--replication", type=click.IntRange(1, 100), default=3, help="N: homes per key.")
+@click.option(
+    "--write-quorum", type=click.IntRange(1, 100), default=None, help="W (majority of N)."
+)
+@click.option(
+    "--read-quorum", type=click.IntRange(1, 100), default=None, help="Rq (majority of N)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["strict", "sloppy"]),
+    default="strict",
+    help="strict: quorums of the key's homes, linearizable; sloppy: stand-ins count.",
+)
+@click.option(
+    "--nemesis",
+    default="crash,partition,skew",
+    help="Comma-separated, spread over the seeds: " + ",".join(sorted(set(NEMESES))) + ".",
+)
+@click.option("--mix", is_flag=True, help="Draw every episode's nemesis from all named.")
+@click.option("--episodes", type=click.IntRange(0, 100), default=4, help="Fault episodes per run.")
+@click.option(
+    "--duration", type=FiniteFloat(min=3.0), default=20.0, help="Simulated seconds of load."
+)
+@click.option(
+    "--settle",
+    type=FiniteFloat(min=0),
+    default=10.0,
+    help="Seconds after healing for hand-off and anti-entropy.",
+)
+@click.option("--clients", type=click.IntRange(1, 100), default=4)
+@click.option("--keys", type=click.IntRange(1, 1000), default=6)
+@click.option("--bug", default=None, help="Sweep a deliberately broken variant of the table.")
+@seeds_in_parallel
+@check_budget
+def dht_command(**o) -> None:
+    """Sweep seeds of the replicated hash table under faults; every run checked.
+
+    Each run: clients put, get and delete keys through random nodes while the nemesis
+    crashes (at most N-1 nodes down at once), partitions and skews clocks; then the
+    cluster heals and repairs, and every key is read. Checks: linearizability (strict
+    mode), no acknowledged write lost, no stale read (strict), replicas converged,
+    final reads answered. Exit status: 0 no violation, 1 a violation, 2 bad input,
+    3 no violation but a run the linearizability checker could not decide.
+    """
+    from twlb.sim.dht_run import DhtSweepSettings, dht_sweep, summarise_dht
+
+    nemeses = tuple(n.strip() for n in o["nemesis"].split(",") if n.strip())
+    try:
+        settings = DhtSweepSettings(
+            nodes=o["nodes"],
+            replication=o["replication"],
+            write_quorum=o["write_quorum"],
+            read_quorum=o["read_quorum"],
+            mode=o["mode"],
+            duration=o["duration"],
+            settle=o["settle"],
+            clients=o["clients"],
+            keys=o["keys"],
+            nemeses=nemeses,
+            episodes=o["episodes"],
+            mix=o["mix"],
+            bug=o["bug"],
+            max_check_states=o["max_check_states"],
+        )
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    seeds = range(o["first_seed"], o["first_seed"] + o["runs"])
+    results, wall = with_progress(
+        f"[bold]dht {o['mode']}[/] sweep",
+        len(seeds),
+        lambda tick: dht_sweep(
+            settings, seeds, workers=o["workers"], on_result=tick, time_limit=o["time_limit"]
+        ),
+    )
+    summary = summarise_dht(results, wall)
+    quorums = settings.config(o["first_seed"])[0].table_config()
+    print_table(
+        f"twlb sim dht: {o['mode']}, {o['nodes']} nodes, N={o['replication']} "
+        f"W={quorums.w} Rq={quorums.rq}, nemesis {','.join(nemeses)}"
+        + (" (mixed)" if o["mix"] else ""),
+        {
+            "runs": summary["runs"],
+            "violations": summary["violations"],
+            "undecided": summary["undecided"],
+            "writes acked": summary["writes_acknowledged"],
+            "lost": summary["lost_writes"],
+            "reads ok": summary["reads_ok"],
+            "stale reads": summary["stale_reads"],
+            "faults": summary["faults_injected"],
+            "wall s": summary["wall_seconds"],
+        },
+    )
+    if o["mode"] == "sloppy" and summary["stale_reads"]:
+        click.echo(
+            "sloppy quorums promise no lost write, not fresh reads: stale reads counted, not violations"
+        )
+    for result in [r for r in results if r["outcome"] == "violation"][:5]:
+        click.echo(f"VIOLATION seed {result['seed']}: {', '.join(result['failed_checks'])}")
+        click.echo(f"  replay: {dht_replay_command(o, result['seed'])}")
+    report_limits(summary, o["runs"])
+    write_sweep(o, {"summary": summary, "runs": results})
+    sys.exit(exit_status(summary))
+
+
+def dht_replay_command(o: dict, seed: int) -> str:
+    parts = ["twlb sim dht", f"--first-seed {seed}", "--runs 1"]
+    for name in ("nodes", "replication", "write_quorum", "read_quorum", "mode", "nemesis", "bug"):
+        if o[name] is not None:
+            parts.append(f"--{name.replace('_', '-')} {o[name]}")
+    for name in ("episodes", "duration", "settle", "clients", "keys"):
+        parts.append(f"--{name} {o[name]:g}")
+    if o["mix"]:
+        parts.append("--mix")
+    return " ".join(parts)
 
 
 def byzantine_behaviours(algorithm: str) -> tuple[str, ...]:

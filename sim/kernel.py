@@ -36,7 +36,8 @@ last `Effects.wake_at` asked (an alarm that fired is cleared), and `on_request(r
 now)` for client operations sent with `send_request`. `Effects.send` goes through the
 network model (`twlb.sim.network`), `Effects.replies` travel back to the client that
 registered with `register_client`, and `Effects.events` are appended to
-`kernel.events` as `(time, node_id, event)` for the checkers and the timeline. A node's
+`kernel.events` as `(time, node_id, event)` for the checkers and the timeline (and
+handed to `kernel.watchers`, so a nemesis can strike in the instant after an event). A node's
 `now` is its own clock: `network.set_clock_skew` shifts it, and its `wake_at` is read
 on that clock.
 """
@@ -122,6 +123,9 @@ class Kernel:
         self._next_seq = itertools.count().__next__
         self._alarm: dict[NodeId, int] = {}  # node -> seq of its live TIMER event
         self._clients: dict[str, ReplyHandler] = {}
+        # Called as watch(node_id, events) right after a step that emitted events, before
+        # anything else happens: a nemesis reacts to a protocol event in that instant.
+        self.watchers: list[Callable[[NodeId, list[tuple[Any, ...]]], None]] = []
         self.network = Network(self, network or NetworkConfig())
 
     # -- building the world -------------------------------------------------------
@@ -197,6 +201,9 @@ class Kernel:
         if effects.events:
             now = self.now
             self.events.extend((now, node_id, event) for event in effects.events)
+            if self.watchers:
+                for watch in tuple(self.watchers):
+                    watch(node_id, effects.events)
 
     def cancel_alarm(self, node_id: NodeId) -> None:
         self._alarm.pop(node_id, None)

@@ -15,6 +15,9 @@ Events for `twlb.sim.invariants`:
   ("start", recovered)  ("request", client, seq, operation)  ("leader", ballot)
   ("accepted", slot, ballot, value)  ("commit", slot, value)  ("apply", slot, value)
 A value is a `ClientRequest` or None (a no-op); a ballot is (round, node_id).
+Also ("promise", ballot) when the acceptor promises another proposer (its vote: the
+nemesis crashes a node in the instant after it), and ("stand-down", ballot) when a
+leader or candidate gives up its ballot (the timeline ends its bar there).
 
 Deliberately broken variant (config `bug="no-phase1"`): a new leader skips phase 1 and
 proposes at the slots it believes free, so it can overwrite a value already chosen.
@@ -172,6 +175,10 @@ class MultiPaxos:
             "max_round": self.max_round,
         }
 
+    def leadership(self) -> Ballot | None:
+        """The ballot this node leads with, if it believes it leads."""
+        return self.ballot if self.leading else None
+
     def start(self, now: float) -> Effects:
         self._reset_deadline(now)
         return Effects(events=[("start", self.recovered)], wake_at=self.deadline)
@@ -183,7 +190,7 @@ class MultiPaxos:
                 self._heartbeat(eff)
                 self.deadline = now + self.config.heartbeat
             else:  # cut off from a majority: stand down so clients look elsewhere
-                self._stand_down()
+                self._stand_down(eff)
                 self._reset_deadline(now)
         elif now + TIMER_SLACK >= self.deadline:
             self._campaign(now, eff)
@@ -220,7 +227,7 @@ class MultiPaxos:
         elif isinstance(message, Nack):
             self._see_round(message.promised[0])
             if message.promised > self.ballot and (self.leading or self.preparing):
-                self._stand_down()
+                self._stand_down(eff)
                 self.leader = message.promised[1]
                 self._reset_deadline(now)
                 eff.wake_at = self.deadline
@@ -254,14 +261,16 @@ class MultiPaxos:
     def _follow(self, ballot: Ballot, now: float, eff: Effects) -> None:
         self._see_round(ballot[0])
         if ballot[1] != self.node_id and (self.leading or self.preparing):
-            self._stand_down()
+            self._stand_down(eff)
         self.leader = ballot[1]
         self._reset_deadline(now)
         eff.wake_at = self.deadline
 
-    def _stand_down(self) -> None:
+    def _stand_down(self, eff: Effects) -> None:
         # Proposals in flight may still be chosen by a later leader: their outcome is
         # unknown here, so clients time out and retry (de-duplicated by (client, seq)).
+        if self.leading or self.preparing:
+            eff.events.append(("stand-down", self.ballot))
         self.leading = self.preparing = False
         self.leader = None
         self.waiting.clear()
@@ -299,11 +308,12 @@ class MultiPaxos:
             self.promises[self.node_id] = promise
         else:
             if self.leading or self.preparing:
-                self._stand_down()
+                self._stand_down(eff)
             self.leader = None
             # Give the candidate a full timeout to finish phase 1 before competing.
             self._reset_deadline(now)
             eff.wake_at = self.deadline
+            eff.events.append(("promise", message.ballot))
             eff.send.append((src, promise))
 
     def _on_promise(self, src: NodeId, message: Promise, now: float, eff: Effects) -> None:
@@ -367,7 +377,7 @@ class MultiPaxos:
         self._see_round(message.ballot[0])
         if message.ballot < self.promised:
             if src == self.node_id:  # our own acceptor promised a higher ballot meanwhile
-                self._stand_down()
+                self._stand_down(eff)
             else:
                 eff.send.append((src, Nack(self.promised)))
             return

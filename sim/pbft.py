@@ -41,15 +41,19 @@ Byzantine behaviour per replica (config `byzantine`: the behaviour's name, or a 
                   as a backup, sends prepares and commits with a wrong digest to half;
   "silent"        sends nothing and answers nobody;
   "wrong-answer"  follows the protocol but replies to clients with wrong results.
-Deliberately broken variant (config `bug="weak-quorums"`): prepared with f prepares and
-committed with f+1 commits, as if faults were crashes, so an equivocating primary splits
-the correct replicas.
+Deliberately broken variants (config `bug`):
+  "weak-quorums"  prepared with f prepares and committed with f+1 commits, as if faults
+                  were crashes, so an equivocating primary splits the correct replicas;
+  "commit-2f"     committed with 2f matching commits instead of 2f+1, so a request can
+                  execute at one replica without being prepared at f+1 correct ones,
+                  and a view change can give its sequence number to another request.
 
 Events for `twlb.sim.invariants`:
   ("start", recovered, last_executed)  ("request", client, seq, operation)
   ("view-change", v)  ("view", v)  ("commit", seq, view, request)
   ("execute", seq, request, (ok, value) | None)  ("checkpoint", seq, digest)
   ("state-transfer", seq)  ("rejected", src, reason)
+  ("pre-prepare", seq, view, request)  (the primary assigned a sequence number)
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from twlb.protocol import (
 )
 
 BYZANTINE_BEHAVIOURS = ("equivocate", "silent", "wrong-answer")
-PBFT_BUGS = frozenset({"weak-quorums"})
+PBFT_BUGS = frozenset({"weak-quorums", "commit-2f"})
 # A node's clock may be skewed, and the kernel converts its wake time to global time and
 # back in floating point: a timer can fire a hair before the deadline it was set for.
 TIMER_SLACK = 1e-9
@@ -315,6 +319,8 @@ class PBFT:
         weak = self.config.bug == "weak-quorums"
         self.prepare_quorum = self.f if weak else 2 * self.f
         self.commit_quorum = self.f + 1 if weak else 2 * self.f + 1
+        if self.config.bug == "commit-2f":
+            self.commit_quorum = 2 * self.f
         self.keys = Keyring(self.config.auth_seed, self.replicas)
         self.recovered = False
         self.view = 0
@@ -399,6 +405,10 @@ class PBFT:
             self.vc_deadline = float("inf")
             self._announce_view_change(eff)
         return self._out(eff)
+
+    def leadership(self) -> int | None:
+        """The view this replica leads as its primary, if it is in that view."""
+        return self.view if self.primary() == self.node_id and not self.in_view_change else None
 
     def primary(self, view: int | None = None) -> NodeId:
         return self.replicas[(self.view if view is None else view) % self.n]
@@ -524,6 +534,7 @@ class PBFT:
         self.assigned.add(key)
         seq = self.next_seq
         self.next_seq += 1
+        eff.events.append(("pre-prepare", seq, self.view, request))
         if self.config.byzantine == "equivocate":
             self._equivocate(seq, request, now, eff)
             return

@@ -15,10 +15,17 @@ Events for the checkers (`twlb.sim.invariants`), without the node id the kernel 
   ("truncate", from_index)        ("append", index, term, request|None)
   ("commit", index, term, request|None)   ("apply", index, request|None)
 
+Also ("vote", term, candidate) when a real (not pre-) vote is granted: the nemesis
+(`twlb.sim.nemesis`) crashes a node in the instant after it voted.
+
 Deliberately broken variants (config `bug`), to show the checkers can fail:
   "double-vote"      grants a vote to every candidate of a term, not only the first;
   "commit-old-term"  commits any entry stored on a majority, whatever its term, and
-                     appends no no-op on election (Figure 8 of the Raft paper).
+                     appends no no-op on election (Figure 8 of the Raft paper);
+  "vote-without-log-check"  grants votes and pre-votes without the check that the
+                     candidate's log is at least as up to date (§5.4.1);
+  "forget-vote"      comes back from a crash without the vote it had persisted, so it
+                     may vote twice in one term.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from twlb.protocol import (
     quorum,
 )
 
-RAFT_BUGS = frozenset({"double-vote", "commit-old-term"})
+RAFT_BUGS = frozenset({"double-vote", "commit-old-term", "vote-without-log-check", "forget-vote"})
 # A node's clock may be skewed, and the kernel converts its wake time to global time and
 # back in floating point: a timer can fire a hair before the deadline it was set for.
 TIMER_SLACK = 1e-9
@@ -163,13 +170,17 @@ class Raft:
     ) -> Raft:
         node = cls(node_id, peers, rng, config)
         node.term = state["term"]
-        node.voted_for = state["voted_for"]
+        node.voted_for = None if node.config.bug == "forget-vote" else state["voted_for"]
         node.log = list(state["log"])
         node.recovered = True
         return node
 
     def persistent_state(self) -> Mapping[str, Any]:
         return {"term": self.term, "voted_for": self.voted_for, "log": tuple(self.log)}
+
+    def leadership(self) -> int | None:
+        """The term this node leads, if it believes it leads (for a nemesis that aims)."""
+        return self.term if self.role is Role.LEADER else None
 
     def start(self, now: float) -> Effects:
         eff = Effects(events=[("start", self.recovered), ("role", self.role.value, self.term)])
@@ -297,6 +308,8 @@ class Raft:
         self._ask_votes(self.term, False, eff)
 
     def _log_ok(self, message: RequestVote) -> bool:
+        if self.config.bug == "vote-without-log-check":
+            return True
         last_index, last_term = self._last()
         return (message.last_term, message.last_index) >= (last_term, last_index)
 
@@ -313,6 +326,7 @@ class Raft:
         granted = message.term == self.term and free and self._log_ok(message)
         if granted:
             self.voted_for = src
+            eff.events.append(("vote", self.term, src))
             self._reset_election_timer(now)
             eff.wake_at = self.election_deadline
         eff.send.append((src, VoteReply(self.term, granted)))

@@ -32,7 +32,10 @@ from typing import Any
 from twlb.sim.checker import SearchBudgetExceeded, check_history
 from twlb.sim.history import History, ProcessNumbers, SimClient, Workload
 from twlb.sim.kernel import Kernel
+from twlb.sim.nemesis import TARGETED, Arena, start_episode
 from twlb.sim.network import Network, NetworkConfig
+
+from twlb.protocol import bft_faults, quorum
 
 #: The --algorithm names; their classes come from `twlb.sim.algorithms.ALGORITHMS`.
 ALGORITHMS: tuple[str, ...] = ("raft", "paxos", "pbft")
@@ -53,18 +56,64 @@ def load_algorithm(name: str) -> Any:
     return AVAILABLE[name]
 
 
+#: Plain fault actions (fixed targets); the aiming ones are `twlb.sim.nemesis.TARGETED`.
+ACTIONS = frozenset(
+    {
+        "partition",
+        "cut",
+        "heal",
+        "crash",
+        "crash-stop",
+        "recover",
+        "pause",
+        "loss",
+        "duplicate",
+        "reorder",
+        "skew",
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """One scheduled fault: at virtual time `at`, `action` with `args` on the network."""
+    """One scheduled fault: at virtual time `at`, `action` with `args` on the network.
+
+    Plain actions: partition [SIDE_A, SIDE_B]; cut [[A, B], ...] (single links, both
+    ways); heal; crash, crash-stop, recover [NODE]; pause [NODE, SECONDS]; loss,
+    duplicate, reorder [PROBABILITY]; skew [NODE, OFFSET, RATE]. An aiming episode of
+    `twlb.sim.nemesis` is `[at, NAME, [UNTIL, SEED]]`: it picks its targets as the run
+    goes."""
 
     at: float
-    action: str  # partition | heal | crash | crash-stop | recover | pause | loss | skew
+    action: str
     args: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS and self.action not in TARGETED:
+            known = ", ".join(sorted(ACTIONS | set(TARGETED)))
+            raise ValueError(f"unknown fault action {self.action!r}; known: {known}")
+        if self.aims and not (
+            len(self.args) == 2
+            and isinstance(self.args[0], int | float)
+            and isinstance(self.args[1], int)
+            and self.args[0] > self.at
+        ):
+            raise ValueError(
+                f"{self.action} at {self.at:g}: expected [UNTIL, SEED] with UNTIL after the "
+                f"start and SEED an integer, got {list(self.args)}"
+            )
+
+    @property
+    def aims(self) -> bool:
+        return self.action in TARGETED
 
     def apply(self, network: Network) -> None:
         a = self.args
         if self.action == "partition":
             network.create_partition(set(a[0]), set(a[1]))
+        elif self.action == "cut":
+            for x, y in a:
+                network.create_partition({x}, {y})
         elif self.action == "heal":
             network.heal()
         elif self.action == "crash":
@@ -84,25 +133,61 @@ class Fault:
         elif self.action == "skew":
             network.set_clock_skew(a[0], a[1], a[2] if len(a) > 2 else 1.0)
         else:
-            raise ValueError(f"unknown fault action {self.action!r}")
+            raise ValueError(f"{self.action} aims at its targets: it runs in a Simulation")
 
     def describe(self) -> str:
         if self.action == "partition":
             return f"{self.at:g}s partition {','.join(sorted(self.args[0]))} | {','.join(sorted(self.args[1]))}"
+        if self.action == "cut":
+            return f"{self.at:g}s cut {' '.join(f'{x}-{y}' for x, y in self.args)}"
+        if self.aims:
+            return (
+                f"{self.at:g}s {self.action} until {self.args[0]:g}s (episode seed {self.args[1]})"
+            )
         return f"{self.at:g}s {self.action} {' '.join(str(x) for x in self.args)}".rstrip()
 
     def as_json(self) -> list[Any]:
-        args = [
-            sorted(x) if isinstance(x, set | frozenset | tuple | list) else x for x in self.args
-        ]
+        args = [_jsonable(x) for x in self.args]
         return [self.at, self.action, args]
 
     @classmethod
     def from_json(cls, row: Sequence[Any]) -> Fault:
         at, action, args = row
-        return cls(
-            float(at), str(action), tuple(tuple(x) if isinstance(x, list) else x for x in args)
-        )
+        return cls(float(at), str(action), tuple(_frozen(x) for x in args))
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def apply_fault(fault: Fault, arena: Arena) -> None:
+    """Apply a scheduled fault now, or begin its aiming episode; one that does not apply
+    (recovering a node that is up, say) goes to `arena.errors`, it does not stop the run."""
+    try:
+        if fault.aims:
+            start_episode(arena, fault.action, fault.at, fault.args)
+        else:
+            fault.apply(arena.kernel.network)
+    except ValueError as err:
+        arena.errors.append(f"{fault.describe()}: {err}")
+
+
+def tolerated(algorithm: str, n: int) -> int:
+    """Nodes that may be down at once with the protocol still safe and live: f of
+    n = 3f + 1 for PBFT, a minority for the others."""
+    return bft_faults(n) if algorithm == "pbft" else n - quorum(n)
+
+
+def planned_crashes(faults: Sequence[Fault]) -> list[tuple[float, float]]:
+    """(crash, recovery) times of the crashes a schedule fixes."""
+    out, open_at = [], {}
+    for fault in sorted(faults, key=lambda f: f.at):
+        if fault.action == "crash":
+            open_at[fault.args[0]] = fault.at
+        elif fault.action == "recover" and fault.args[0] in open_at:
+            out.append((open_at.pop(fault.args[0]), fault.at))
+    out.extend((start, float("inf")) for start in open_at.values())
+    return out
 
 
 @dataclass(slots=True)
@@ -208,13 +293,18 @@ class Simulation:
         for fault in config.faults:
             self.kernel.call_at(fault.at, self._apply_fault, fault)
         self.fault_errors: list[str] = []
+        self.arena = Arena(
+            self.kernel,
+            self.node_ids,
+            self._tolerated(),
+            frozenset(config.byzantine),
+            planned_crashes(config.faults),
+            self.fault_errors,
+        )
         self.wall_seconds = 0.0
 
     def _apply_fault(self, fault: Fault) -> None:
-        try:
-            fault.apply(self.network)
-        except ValueError as err:  # e.g. recovering a node that is up: recorded, not fatal
-            self.fault_errors.append(f"{fault.describe()}: {err}")
+        apply_fault(fault, self.arena)
 
     def run_until(self, until: float) -> None:
         started = time.perf_counter()
@@ -308,8 +398,7 @@ class Simulation:
         }
 
     def _tolerated(self) -> int:
-        n = self.config.nodes
-        return (n - 1) // 3 if self.config.algorithm == "pbft" else (n - 1) // 2
+        return tolerated(self.config.algorithm, self.config.nodes)
 
     # -- report ---------------------------------------------------------------------
     def leadership(self) -> list[tuple[float, str, tuple[Any, ...]]]:
@@ -358,10 +447,20 @@ class Simulation:
             "faults": [[t, action, _jsonable(d)] for t, action, d in self.network.log],
             "fault_errors": self.fault_errors,
             "checks": checks,
-            "passed": all(
-                c["verdict"] in ("ok", "not-applicable", "unavailable") for c in checks.values()
-            ),
+            "outcome": outcome(checks),
+            "passed": outcome(checks) == "passed",
         }
+
+
+def outcome(checks: Mapping[str, Mapping[str, Any]]) -> str:
+    """ "violation" when a check found one; else "undecided" when a check could not
+    decide (the linearizability search ran out of its budget); else "passed"."""
+    verdicts = {c["verdict"] for c in checks.values()}
+    if "violation" in verdicts:
+        return "violation"
+    if "unknown" in verdicts:
+        return "undecided"
+    return "passed"
 
 
 def percentiles(samples: Sequence[float]) -> dict[str, float | int | None]:
@@ -392,8 +491,13 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
+    "ACTIONS",
     "ALGORITHMS",
+    "apply_fault",
     "Fault",
+    "outcome",
+    "planned_crashes",
+    "tolerated",
     "SimConfig",
     "Simulation",
     "load_algorithm",

@@ -1,6 +1,9 @@
 """Figures of one simulation (`twlb sim --visualize`): the cluster topology with roles,
-partitions and failed nodes (networkx + matplotlib); a timeline of leaders or views,
-faults and commits; and, for short runs, a message-sequence chart from the trace."""
+partitions and failed nodes (networkx + matplotlib); a timeline of leaders or views
+(each bar ends when its leader steps down, crashes or is succeeded), faults and commits;
+and a message-sequence chart of every message sent in a window of the run (delivered
+ones as arrows, lost ones marked), the window narrowed to what the chart can hold and
+named exactly in its title."""
 
 from __future__ import annotations
 
@@ -48,9 +51,21 @@ def network_state_at(
     return down, partitions
 
 
+#: Events by which a leader gives up: Raft's step to another role, Multi-Paxos's
+#: stand-down, a PBFT primary's own view change.
+STEP_DOWN_EVENTS = frozenset({"stand-down", "view-change"})
+
+
+def _steps_down(event: tuple[Any, ...]) -> bool:
+    kind = event[0] if event else None
+    return kind in STEP_DOWN_EVENTS or (kind == "role" and event[1] != "leader")
+
+
 def leader_intervals(sim: Simulation) -> list[tuple[str, float, float, Any]]:
-    """(node, from, to, term or view) for each leadership, ended by the next one, by the
-    leader's crash, or by the end of the run."""
+    """(node, from, to, term or view) for each leadership, ended by the leader's own
+    stepping down (`STEP_DOWN_EVENTS`, Raft's role changing, a PBFT primary entering
+    another view), its crash, or the end of the run. A leader cut off from the others
+    may lead on in its own eyes after a successor is elected: both bars show."""
     n = len(sim.node_ids)
     starts = []
     if sim.config.algorithm == "pbft":
@@ -60,13 +75,22 @@ def leader_intervals(sim: Simulation) -> list[tuple[str, float, float, Any]]:
         if ev[0] in ("view", "new_view", "view_change") and isinstance(term, int):
             node = sim.node_ids[term % n]  # PBFT: the primary of view v is replica v mod n
         starts.append((t, node, term))
-    crashes = [(t, d) for t, a, d in sim.network.log if a in ("crash", "crash-stop")]
+    own: dict[str, list[tuple[float, tuple[Any, ...]]]] = {}
+    for t, node, ev in sim.kernel.events:
+        if _steps_down(ev) or (ev and ev[0] == "view"):
+            own.setdefault(node, []).append((t, ev))
+    for t, action, detail in sim.network.log:
+        if action in ("crash", "crash-stop"):
+            own.setdefault(detail, []).append((t, ("crash",)))
     end = sim.config.duration
     out = []
-    for i, (t, node, term) in enumerate(starts):
-        stop = starts[i + 1][0] if i + 1 < len(starts) else end
-        crash = min((ct for ct, d in crashes if d == node and ct >= t), default=stop)
-        out.append((node, t, min(stop, crash), term))
+    for t, node, term in starts:
+        gone = [
+            x
+            for x, ev in own.get(node, ())
+            if x > t and (ev[0] != "view" or ev[1] != term)  # its own entry into its view
+        ]
+        out.append((node, t, min([end, *gone]), term))
     return out
 
 
@@ -183,59 +207,93 @@ def draw_timeline(sim: Simulation, path: Path) -> Path:
     return path
 
 
-def draw_message_sequence(sim: Simulation, path: Path) -> Path | None:
-    trace = sim.kernel.trace
-    if not trace:
-        return None
-    horizon = min(sim.config.duration, MSC_MAX_SECONDS)
-    sends: dict[tuple[str, str, Any], list[float]] = {}
-    arrows = []
+def message_window(
+    sim: Simulation, window: tuple[float, float] | None = None
+) -> tuple[float, float, list[tuple[float, float | None, str, str, str]]]:
+    """Every message sent in a window of virtual time, as (sent, delivered or None when
+    it was lost, source, destination, type): the window asked (default the first
+    `MSC_MAX_SECONDS`), narrowed from its end when it holds more than
+    `MSC_MAX_MESSAGES` sends, so that the chart shows all of the window it names."""
+    trace = sim.kernel.trace or []
+    start, stop = window if window is not None else (0.0, MSC_MAX_SECONDS)
+    stop = min(stop, sim.config.duration)
+    sent_at = [entry[0] for entry in trace if entry[1] == "send" and start <= entry[0] <= stop]
+    if len(sent_at) > MSC_MAX_MESSAGES:
+        stop = sent_at[MSC_MAX_MESSAGES - 1]
+        while sum(1 for at in sent_at if at <= stop) > MSC_MAX_MESSAGES and stop > start:
+            stop = max(at for at in sent_at if at < stop)  # several sends at one instant
+    pending: dict[tuple[str, str, int], list[int]] = {}
+    rows: list[list[Any]] = []
     for entry in trace:
         at, kind = entry[0], entry[1]
-        if at > horizon or len(arrows) >= MSC_MAX_MESSAGES:
-            break
-        if kind == "send":
-            sends.setdefault((entry[2], entry[3], id(entry[4])), []).append(at)
+        if kind == "send" and start <= at <= stop:
+            pending.setdefault((entry[2], entry[3], id(entry[4])), []).append(len(rows))
+            rows.append([at, None, entry[2], entry[3], type(entry[4]).__name__])
         elif kind == "deliver":
-            queue = sends.get((entry[2], entry[3], id(entry[4])))
+            queue = pending.get((entry[2], entry[3], id(entry[4])))
             if queue:
-                arrows.append((queue.pop(0), at, entry[2], entry[3], type(entry[4]).__name__))
+                rows[queue.pop(0)][1] = at
+    return start, stop, [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+def draw_message_sequence(
+    sim: Simulation, path: Path, window: tuple[float, float] | None = None
+) -> Path | None:
+    if not sim.kernel.trace:
+        return None
+    start, stop, rows = message_window(sim, window)
     col = {node: i for i, node in enumerate(sim.node_ids)}
+    delivered = [r for r in rows if r[1] is not None]
+    bottom = max([stop, *(r[1] for r in delivered)])
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(col), 10))
     for node, x in col.items():
-        ax.plot([x, x], [0, horizon], color="#999999", linewidth=0.8)
-        ax.text(x, -0.02 * horizon, node, ha="center", va="bottom", fontsize=8)
-    names = sorted({a[4] for a in arrows})
+        ax.plot([x, x], [start, bottom], color="#999999", linewidth=0.8)
+        ax.text(x, start - 0.02 * (bottom - start), node, ha="center", va="bottom", fontsize=8)
+    ax.axhline(stop, color="#999999", linestyle="dotted", linewidth=0.8)
+    names = sorted({r[4] for r in rows})
     cmap = plt.get_cmap("tab10")
     colour = {name: cmap(i % 10) for i, name in enumerate(names)}
-    for sent, got, src, dst, name in arrows:
-        if src in col and dst in col:
+    for sent, got, src, dst, name in rows:
+        if src not in col or dst not in col:
+            continue
+        if got is not None:
             ax.annotate(
                 "",
                 xy=(col[dst], got),
                 xytext=(col[src], sent),
                 arrowprops={"arrowstyle": "->", "color": colour[name], "lw": 0.7},
             )
-    ax.set_ylim(horizon, -0.05 * horizon)
+        else:  # lost (loss, a cut link, a node down): a stub towards its destination
+            x = col[src] + 0.3 * (col[dst] - col[src])
+            ax.plot([col[src], x], [sent, sent], color=colour[name], lw=0.7, linestyle="dashed")
+            ax.plot([x], [sent], marker="x", color=colour[name], markersize=4)
+    span = bottom - start or 1.0
+    ax.set_ylim(bottom + 0.02 * span, start - 0.05 * span)
     ax.set_xlim(-0.5, len(col) - 0.5)
     ax.set_xticks([])
     ax.set_ylabel("virtual time (s)")
     handles = [plt.Line2D([], [], color=colour[n], label=n) for n in names]
+    handles.append(plt.Line2D([], [], color="black", marker="x", linestyle="dashed", label="lost"))
     ax.legend(handles=handles, fontsize=7, loc="lower right")
-    ax.set_title(f"messages in the first {horizon:g} s ({len(arrows)} shown)")
+    ax.set_title(
+        f"every message sent in {start:g}-{stop:.3f} s: {len(rows)} "
+        f"({len(delivered)} delivered, {len(rows) - len(delivered)} lost)"
+    )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def draw_all(sim: Simulation, directory: Path) -> list[Path]:
+def draw_all(
+    sim: Simulation, directory: Path, window: tuple[float, float] | None = None
+) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{sim.config.algorithm}-seed{sim.config.seed}"
     paths = [
         draw_topology(sim, directory / f"{stem}-topology.png"),
         draw_timeline(sim, directory / f"{stem}-timeline.png"),
     ]
-    msc = draw_message_sequence(sim, directory / f"{stem}-messages.png")
+    msc = draw_message_sequence(sim, directory / f"{stem}-messages.png", window)
     if msc is not None:
         paths.append(msc)
     return paths

@@ -167,3 +167,89 @@ def test_pbft_clients_accept_only_answers_vouched_for_by_f_plus_one_replicas():
     assert report["checks"]["linearizability"]["verdict"] == "ok"
     assert report["checks"]["invariants"]["verdict"] == "ok"
     assert report["operations"]["ok"] > 50
+
+
+def test_a_run_the_checker_cannot_decide_is_undecided_not_a_violation():
+    _sim, report = run(PrimaryKV, seed=1, max_check_states=1)
+    assert report["checks"]["linearizability"]["verdict"] == "unknown"
+    assert report["outcome"] == "undecided" and report["passed"] is False
+
+
+def test_the_timeline_ends_a_leaders_bar_when_it_steps_down():
+    from twlb.sim.visualize import STEP_DOWN_EVENTS, leader_intervals
+
+    # The leader is cut off alone: check-quorum makes it step down about 0.6 s later,
+    # after (or before) the majority elects another.
+    sim = Simulation(SimConfig(algorithm="raft", nodes=5, seed=2, duration=8.0))
+    sim.run_until(2.0)
+    leader = sim.arena.leader()
+    sim.network.isolate(leader)
+    sim.run_until(5.0)
+    sim.network.heal()
+    sim.finish()
+    intervals = leader_intervals(sim)
+    step_downs = {
+        node: sorted(
+            t
+            for t, n, e in sim.kernel.events
+            if n == node and (e[0] in STEP_DOWN_EVENTS or (e[0] == "role" and e[1] != "leader"))
+        )
+        for node in sim.node_ids
+    }
+    for node, start, stop, _term in intervals:
+        own = [t for t in step_downs[node] if t > start]
+        assert stop == min([sim.config.duration, *own[:1]])
+    cut_off = next(iv for iv in intervals if iv[0] == leader and iv[1] < 2.0)
+    successor = next(iv for iv in intervals if iv[1] > 2.0)
+    # It stepped down by itself (check-quorum), about when the others elected another.
+    assert cut_off[2] in step_downs[leader] and 2.0 < cut_off[2] < 3.5
+    assert successor[0] != leader and successor[2] > cut_off[2]
+
+
+def test_the_message_chart_shows_every_message_of_the_window_it_names(tmp_path):
+    from twlb.sim.visualize import MSC_MAX_MESSAGES, draw_message_sequence, message_window
+
+    sim = Simulation(SimConfig(algorithm="raft", nodes=5, seed=3, duration=4.0, trace=True))
+    sim.finish()
+    sends = [e for e in sim.kernel.trace if e[1] == "send"]
+    start, stop, rows = message_window(sim, (0.5, 1.0))
+    assert (start, stop) == (0.5, 1.0)
+    assert len(rows) == sum(1 for e in sends if 0.5 <= e[0] <= 1.0)
+    deliveries = {(e[0], e[2], e[3]) for e in sim.kernel.trace if e[1] == "deliver"}
+    arrows = [r for r in rows if r[1] is not None]
+    assert arrows and all((r[1], r[2], r[3]) in deliveries and r[1] > r[0] for r in arrows)
+    # A window holding more than the chart can show is narrowed, and named as narrowed.
+    start, stop, rows = message_window(sim, (0.0, 3.0))
+    assert len(sends) > MSC_MAX_MESSAGES and stop < 3.0
+    assert len(rows) <= MSC_MAX_MESSAGES
+    assert len(rows) == sum(1 for e in sends if 0.0 <= e[0] <= stop)
+    assert any(e[0] > stop for e in sends if e[0] <= 3.0)
+    path = draw_message_sequence(sim, tmp_path / "msc.png", (0.5, 1.0))
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cli_exits_3_for_an_undecided_run_and_1_stays_for_violations(tmp_path):
+    from click.testing import CliRunner
+    from twlb.sim.cli import command
+
+    args = ["--nodes", "3", "--duration", "5", "--seed", "1"]
+    undecided = CliRunner().invoke(command, [*args, "--max-check-states", "1"])
+    assert undecided.exit_code == 3, undecided.output
+    assert "check linearizability: unknown" in undecided.output
+    decided = CliRunner().invoke(command, args)
+    assert decided.exit_code == 0, decided.output
+    broken = CliRunner().invoke(
+        command,
+        [*args, "--bug", "double-vote", "--duration", "20", "--progress-within", "8"]
+        + ["--nodes", "5", "--faults", '[[1,"leader-crash",[9,0]]]', "--max-check-states", "1"],
+    )
+    assert broken.exit_code == 1, broken.output  # a violation outranks an undecided check
+
+
+def test_a_bad_message_chart_window_is_refused_in_one_line():
+    from click.testing import CliRunner
+    from twlb.sim.cli import command
+
+    result = CliRunner().invoke(command, ["--duration", "2", "--msc-window", "2", "1"])
+    assert result.exit_code == 2 and "--msc-window needs START < END" in result.output
+    assert "Traceback" not in result.output

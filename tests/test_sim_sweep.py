@@ -27,7 +27,7 @@ def test_schedules_stay_in_window_and_never_crash_more_than_tolerated():
     for seed in range(200):
         rng = random.Random(seed)
         episodes = random_schedule(
-            rng, NODES, "raft", ["partition", "crash", "loss", "pause", "skew"], 1.0, 19.0, 6
+            rng, NODES, 2, ["partition", "crash", "loss", "pause", "skew"], 1.0, 19.0, 6
         )
         intervals = []
         for episode in episodes:
@@ -103,3 +103,20 @@ def test_sweep_catches_a_raft_that_grants_two_votes_in_one_term_within_ten_seeds
     minimal, report = shrink(config, schedule, budget=6)
     assert failed_checks(report)
     assert "--bug double-vote" in replay_command(replace(config, faults=[]))
+
+
+def test_undecided_runs_are_counted_apart_and_exit_3():
+    from click.testing import CliRunner
+    from twlb.sim.cli import command
+
+    result = CliRunner().invoke(
+        command,
+        ["sweep", "--runs", "2", "--duration", "12", "--progress-within", "4"]
+        + ["--max-check-states", "1", "--no-shrink"],
+    )
+    assert result.exit_code == 3, result.output
+    assert "UNDECIDED" in result.output and "VIOLATION" not in result.output
+    settings = SweepSettings(duration=12.0, progress_within=4.0, max_check_states=1)
+    summary = summarise(sweep(settings, range(2)), 1.0)
+    assert (summary["violations"], summary["undecided"]) == (0, 2)
+    assert summary["undecided_seeds"] == [0, 1] and summary["failing_seeds"] == []

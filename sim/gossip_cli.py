@@ -91,6 +91,19 @@ SUMMARY_COLUMNS = (
     "bytes_per_node_s",
     "cpu_s",
 )
+#: The columns the terminal shows (summary.md and the JSON keep every one).
+TERMINAL_COLUMNS = (
+    "protocol",
+    "profile",
+    "nodes",
+    "loss",
+    "slow_fraction",
+    "agreed",
+    "first_detection_p99_s",
+    "agreement_p99_s",
+    "false_positives",
+    "messages_per_node_s",
+)
 #: Terminal headers of the columns, short words that wrap (the files keep the keys).
 HEADERS = {
     "slow_fraction": "slow",
@@ -280,7 +293,7 @@ def sim_command(
                     err=True,
                 )
     console = Console()
-    console.print(rows_table(summaries, SUMMARY_COLUMNS, headers=HEADERS))
+    console.print(rows_table(summaries, TERMINAL_COLUMNS, headers=HEADERS))
     rounds = [s for s in summaries if s["protocol"] in ("round-robin", "binary-round-robin")]
     if rounds:
         console.print(

@@ -8,7 +8,7 @@ Sections (all by default; `--sections a,b` picks some), each printed and written
               first death verdict and to full agreement, beside memberlist's suspicion
               timeout at that N plus one probe interval (4 x max(1, log10 N) + 1 s), and
               memberlist's profile on the same kills;
-  slow        the false-positive table of docs/gossip-safety.md (issue rows: N = 10 with
+  slow        the false-positive table of docs/gossip.md (its rows: N = 10 with
               one node 1-2 s late at 5% and 20% loss, 5 seeds, 600 s; N = 30 with three,
               3 seeds; N = 100 with 10% of nodes 2-3 s late, 120 s), for this project's
               settings, memberlist's, and the shortened rule without health windows;

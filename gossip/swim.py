@@ -19,7 +19,7 @@ towards min as independent accusers confirm it. Joins (retried with back-off unt
 seed answers) and healed partitions use a full-state `Sync` (memberlist's push-pull;
 Serf's reconnect to failed members, remembered after the view forgets them).
 
-Beyond memberlist, a slow member is not convicted for being slow (docs/gossip-safety.md
+Beyond memberlist, a slow member is not convicted for being slow (docs/DESIGN.md
 argues it): a node announces its own health multiplier with its incarnation when it
 rises (Lifeguard's signals, and its own timers firing late), its probers wait that many more intervals for its ack, its suspicion window is
 scaled by it and never under memberlist's once it is above 1, and only accusers that
@@ -82,7 +82,7 @@ class SwimConfig:
       intervals to three members) and rides piggybacked on probes for the rest of its
       retransmit limit, so that messages per node stay flat in N under loss.
     With memberlist's values, agreement from the kill cannot beat memberlist's suspicion
-    timeout plus one probe interval; docs/gossip-safety.md has the figures and the
+    timeout plus one probe interval; docs/gossip.md has the figures and docs/DESIGN.md the
     argument that the shorter window convicts no slow member memberlist would spare.
     """
 

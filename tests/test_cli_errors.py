@@ -1,6 +1,6 @@
 """Every `twlb` command fails alike: one line on stderr naming the problem (and the
 environment variable a bad value came from), exit status 2, never a traceback
-(twlb/exits.py, docs/cli.md). Each case runs the real command as a process."""
+(twlb/exits.py, docs/manual.md "The `twlb` command"). Each case runs the real command as a process."""
 
 from __future__ import annotations
 

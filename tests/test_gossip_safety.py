@@ -1,5 +1,5 @@
 """Gossip that never kills a slow node, forgets the dead, and runs the paper's consensus
-(docs/gossip-safety.md): the health-scaled suspicion windows, memberlist's profile,
+(docs/gossip.md; the argument in docs/DESIGN.md): the health-scaled suspicion windows, memberlist's profile,
 forgetting dead and left members under a member cap, joins retried until answered, no
 verdict after one's own pause, sequence-check's missed sequence numbers, the suspect
 matrix's consensus, the slotted schedule under clock skew, and `twlb gossip sim`'s

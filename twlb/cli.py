@@ -3,7 +3,7 @@
 Subcommands are imported lazily, so `twlb backend` does not pay for onnxruntime or
 kopf. Every option is also an environment variable through `auto_envvar_prefix="TWLB"`
 (`twlb backend --fault-type` reads `TWLB_BACKEND_FAULT_TYPE`). Every error is one line
-and every exit status means the same in every subcommand (twlb/exits.py, docs/cli.md).
+and every exit status means the same in every subcommand (twlb/exits.py, docs/manual.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exit statuses and one-line errors, the same for every `twlb` command (docs/cli.md).
+"""Exit statuses and one-line errors, the same for every `twlb` command (docs/manual.md).
 
 - 0: done;
 - 1: the command ran and what it checks failed (`twlb chaos check`: a steady state not

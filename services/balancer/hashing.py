@@ -3,10 +3,10 @@
 Pure functions and small objects with no clock and no I/O. The balancer's hashing policies
 (`policies.py`) and the replicated hash table (`twlb.sim.dht`) use the same `HashRing`, and
 `twlb hashing` measures all of them. Every structure keeps its promise while nodes come
-and go: a join or a leave moves about 1/N of the keys (docs/hashing-under-change.md). Every key and node name is hashed with a named
-algorithm (sha256 or md5: the first 8 bytes of the digest, big-endian), so a key lands on
-the same node in every process; `SlotRing` is the baseline design's 512-slot ring
-(docs/hashing.md), kept for comparison only.
+and go: a join or a leave moves about 1/N of the keys (docs/hashing.md). Every key and
+node name is hashed with a named algorithm (sha256 or md5: the first 8 bytes of the
+digest, big-endian), so a key lands on the same node in every process; `SlotRing` is the
+baseline design's 512-slot ring (docs/hashing.md), kept for comparison only.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ the limits that keep one client from stalling or exhausting the balancer.
 `HttpServer(handler, limits, budget)` serves any `Handler`: each complete request within
 the limits is handed to `handler.handle(...)` and its `Reply` goes out in one transport
 write. Chosen by measurement over uvicorn for the proxy path (no ASGI scope, no Request
-objects, no routing). What one client can take is bounded (docs/hostile-clients.md):
+objects, no routing). What one client can take is bounded (docs/manual.md, docs/DESIGN.md):
 
 - work: a connection's requests are answered one at a time, in order, one per turn of
   the event loop when they were pipelined; at most `max_pipelined` are read ahead; its

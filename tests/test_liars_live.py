@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from test_balancer_api import ServiceGroup, group  # noqa: F401 (the module fixture)
+from test_balancer_api import ServiceGroup, _sample, group  # noqa: F401 (the module fixture)
 from twlb.balancer.evidence import EvidenceRule
 
 from twlb.work import digest
@@ -45,10 +45,8 @@ def _trust(balancer: str) -> dict[str, dict]:
 
 
 def _metric(balancer: str, name: str, labels: str) -> float:
-    for line in httpx.get(balancer + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(f"{name}{{{labels}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    with httpx.Client(base_url=balancer, timeout=5) as client:
+        return _sample(client, name, labels)
 
 
 async def _drive(

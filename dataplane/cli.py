@@ -63,7 +63,7 @@ class EnvoySettings(BaseModel):
         description="File the audit evidence is kept in and read back from at start, so a "
         "restarted control plane keeps proven liars out.",
     )
-    envoy: Annotated[bool, Flag("--envoy/--no-envoy")] = Field(
+    envoy: bool = Field(
         True, description="Start Envoy as a child process (off: control plane only)."
     )
     envoy_concurrency: int = Field(1, ge=1, le=64, description="Envoy's worker threads.")

@@ -71,6 +71,8 @@ RUNTIME_LAYER = "twlb"
 #: The runtime key holding the share of GET requests sampled for audits (per million).
 SAMPLE_KEY = "twlb.audit.sample"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+#: Seconds Envoy keeps an ext_proc stream open after its request ended.
+EXT_PROC_CLOSE_S = 0.1
 #: The attribute Envoy reports with a sampled answer: the host that gave it.
 UPSTREAM_ADDRESS = "upstream.address"
 
@@ -163,11 +165,26 @@ def _grpc(cluster: str, timeout_s: float | None = None) -> dict[str, Any]:
     return service
 
 
+#: Circuit breakers high enough never to refuse a sample or a log stream to TW-LB (the
+#: defaults, 1,024 requests in flight, would drop samples at a high share).
+_OPEN_BREAKERS = {
+    "thresholds": [
+        {
+            "priority": "DEFAULT",
+            "max_connections": 100_000,
+            "max_pending_requests": 100_000,
+            "max_requests": 100_000,
+        }
+    ]
+}
+
+
 def _static_cluster(name: str, at: Address, http2: bool = False) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC" if _is_ip(at.host) else "STRICT_DNS",
         "connect_timeout": "1s",
+        "circuit_breakers": _OPEN_BREAKERS,
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": at.socket()}}]}],
@@ -373,6 +390,11 @@ def listener(layout: Layout) -> listener_pb2.Listener:
             # is not held; a control plane that is down loses samples, never requests.
             "observability_mode": True,
             "failure_mode_allow": True,
+            # How long Envoy keeps a sample's stream open after its request ended (by
+            # default 5 s: at a high sample share, thousands of idle streams). The
+            # control plane must not end the stream itself: Envoy then resets the
+            # client's request (seen with Envoy 1.40).
+            "deferred_close_timeout": _duration(EXT_PROC_CLOSE_S),
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SEND",

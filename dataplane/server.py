@@ -501,6 +501,5 @@ class _ExtProc(ext_grpc.ExternalProcessorServicer):
                 # Everything is here: audit now, and end the stream (in observability
                 # mode Envoy would otherwise hold it open until its deferred close).
                 self.plane._observed_answer(head, status, bytes(body), upstream)
-                return
         return
         yield  # an async generator that answers nothing (observability mode)

@@ -184,8 +184,8 @@ def test_plain_envoy_delivers_what_round_robin_does(fleet: Fleet, tmp_path: Path
 
 def test_trust_steered_envoy_delivers_at_most_0_2_percent_wrong(
     fleet: Fleet,
-    group: ServiceGroup,
-    tmp_path: Path,  # noqa: F811
+    group: ServiceGroup,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     ports = {k: free_port() for k in ("listen", "xds", "admin")}
     api = group.start(

@@ -50,6 +50,7 @@ from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 
+from twlb.spec import ENVOY_POLICIES
 from twlb.vocabulary import PolicyName
 
 #: Resource type URLs of the xDS protocol (ADS multiplexes them on one stream).
@@ -95,6 +96,7 @@ LB_POLICY: Mapping[PolicyName, str] = {
     PolicyName.P2C_EWMA: "LEAST_REQUEST",
     PolicyName.OUTLIER_EJECTION: "ROUND_ROBIN",
 }
+assert set(LB_POLICY) == ENVOY_POLICIES, "twlb/spec.py's ENVOY_POLICIES lists these policies"
 #: Endpoint weight of a trust weight of 1 (Envoy's weights are integers from 1).
 WEIGHT_SCALE = 1000
 MILLION = 1_000_000

@@ -95,26 +95,25 @@ def resolve(url: str) -> Target:
 
 
 def outcome_of(entry: Any) -> tuple[Outcome, float]:
-    """One upstream try as Envoy logged it: how it ended and how long it took."""
+    """One upstream try as Envoy logged it: how it ended and how long it took (from its
+    first byte sent to its last byte received; an unset time reads as zero)."""
     props = entry.common_properties
-    flags = props.response_flags
-    code = entry.response.response_code.value
     first = props.time_to_first_upstream_tx_byte
     last = props.time_to_last_upstream_rx_byte
-    latency = 0.0
-    if props.HasField("time_to_last_upstream_rx_byte"):
-        latency = last.ToTimedelta().total_seconds()
-        if props.HasField("time_to_first_upstream_tx_byte"):
-            latency -= first.ToTimedelta().total_seconds()
-    if flags.upstream_request_timeout:
-        return TIMEOUT, latency
-    if (
-        flags.upstream_connection_failure
-        or flags.upstream_remote_reset
-        or flags.upstream_connection_termination
-        or code == 0
-    ):
-        return CONNECT_ERROR, latency
+    latency = last.seconds + last.nanos * 1e-9 - first.seconds - first.nanos * 1e-9
+    code = entry.response.response_code.value
+    flags = props.response_flags
+    if flags.ByteSize():  # any flag set (rare): which one
+        if flags.upstream_request_timeout:
+            return TIMEOUT, max(0.0, latency)
+        if (
+            flags.upstream_connection_failure
+            or flags.upstream_remote_reset
+            or flags.upstream_connection_termination
+        ):
+            return CONNECT_ERROR, max(0.0, latency)
+    if code == 0:
+        return CONNECT_ERROR, max(0.0, latency)
     return (ERROR if code >= 500 else SUCCESS), max(0.0, latency)
 
 
@@ -281,14 +280,18 @@ class ControlPlane:
             log.warning("cannot write the evidence file %s: %s", path, err)
 
     # ---------------------------------------------------------------- what Envoy sends
-    def _observe_entry(self, entry: Any, now: float) -> None:
-        addr = entry.common_properties.upstream_remote_address.socket_address
-        url = self.backend_at.get(f"{addr.address}:{addr.port_value}")
-        if url is None:
-            return  # TW-LB's own paths, or a backend removed since
-        outcome, latency = outcome_of(entry)
-        self.logged += 1
-        self.balancer.observe_try(url, outcome, latency, now)
+    def observe_entries(self, entries: Any, now: float) -> None:
+        """Envoy's log of upstream tries, fed to the balancer as tries of its own."""
+        backend_at = self.backend_at
+        observe = self.balancer.observe_try
+        for entry in entries:
+            addr = entry.common_properties.upstream_remote_address.socket_address
+            url = backend_at.get(f"{addr.address}:{addr.port_value}")
+            if url is None:
+                continue  # TW-LB's own paths, or a backend removed since
+            outcome, latency = outcome_of(entry)
+            observe(url, outcome, latency, now)
+        self.logged += len(entries)
 
     def _observed_answer(
         self,
@@ -456,9 +459,7 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):
         plane = self.plane
         clock = plane.balancer.clock
         async for message in request_iterator:
-            now = clock()
-            for entry in message.http_logs.log_entry:
-                plane._observe_entry(entry, now)
+            plane.observe_entries(message.http_logs.log_entry, clock())
         return als_pb2.StreamAccessLogsResponse()
 
 

@@ -71,6 +71,8 @@ ENVOY_ADMIN = "envoy_admin"
 RUNTIME_LAYER = "twlb"
 #: The runtime key holding the share of GET requests sampled for audits (per million).
 SAMPLE_KEY = "twlb.audit.sample"
+#: The runtime key holding the share of upstream tries Envoy logs to TW-LB.
+LOG_SAMPLE_KEY = "twlb.log.sample"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 #: Seconds Envoy keeps an ext_proc stream open after its request ended.
 EXT_PROC_CLOSE_S = 0.1
@@ -370,6 +372,15 @@ def listener(layout: Layout) -> listener_pb2.Listener:
     }
     upstream_log = {
         "name": "envoy.access_loggers.http_grpc",
+        # Every try while a backend gets few; a share once it gets more (the control plane
+        # sets the share through the runtime layer, so its cost is bounded at any rate).
+        "filter": {
+            "runtime_filter": {
+                "runtime_key": LOG_SAMPLE_KEY,
+                "percent_sampled": {"numerator": MILLION, "denominator": "MILLION"},
+                "use_independent_randomness": True,
+            }
+        },
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
             "HttpGrpcAccessLogConfig",
@@ -498,13 +509,16 @@ def endpoints(items: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:
     return _message(endpoint_pb2.ClusterLoadAssignment, doc)
 
 
-def runtime(sample: float) -> rtds_pb2.Runtime:
-    """The `twlb` runtime layer: the share of GET requests sampled for audits."""
-    if not 0.0 <= sample <= 1.0:
-        raise EnvoyConfigError(f"sample must be in [0, 1], got {sample}")
-    # A FractionalPercent in struct form (a plain number would be read as a percentage).
-    share = {"numerator": round(sample * MILLION), "denominator": "MILLION"}
-    doc = {"name": RUNTIME_LAYER, "layer": {SAMPLE_KEY: share}}
+def runtime(sample: float, log_sample: float = 1.0) -> rtds_pb2.Runtime:
+    """The `twlb` runtime layer: the share of GET requests sampled for audits, and the
+    share of upstream tries logged."""
+    layer = {}
+    for key, share in ((SAMPLE_KEY, sample), (LOG_SAMPLE_KEY, log_sample)):
+        if not 0.0 <= share <= 1.0:
+            raise EnvoyConfigError(f"{key} must be in [0, 1], got {share}")
+        # A FractionalPercent in struct form (a plain number would be read as a percentage).
+        layer[key] = {"numerator": round(share * MILLION), "denominator": "MILLION"}
+    doc = {"name": RUNTIME_LAYER, "layer": layer}
     return _message(rtds_pb2.Runtime, doc)
 
 

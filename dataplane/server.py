@@ -63,6 +63,11 @@ WATCH_S = 0.02
 RAMP_PUSH_S = 0.25
 #: Seconds between writes of the evidence file while nothing is proven anew.
 EVIDENCE_WRITE_S = 1.0
+#: Upstream tries a second per backend Envoy logs to TW-LB (the top of the request rates
+#: the shipped model was trained on is 43 a second per node); above it Envoy logs a share.
+LOG_TARGET_PER_S = 50.0
+#: Seconds over which the logged rate is measured before the share is set again.
+LOG_RATE_S = 1.0
 #: Most bytes of one sampled answer kept for its audit (larger answers are not audited).
 MAX_SAMPLED_BODY = 1 << 20
 
@@ -145,6 +150,9 @@ class ControlPlane:
         self.sampled = 0  # answers ext_proc showed
         self.audited = 0  # of which audits started
         self.logged = 0  # upstream tries logged
+        self.log_sample = 1.0  # the share of upstream tries Envoy logs
+        self._log_counts: dict[str, int] = {}
+        self._log_since: float | None = None
         self._seen: tuple[Any, ...] = ()
         self._last_ramp_push = 0.0
         self._written_proven: frozenset[str] | None = None
@@ -209,9 +217,14 @@ class ControlPlane:
         sample = self.wanted_sample()
         if sample != self.sample or force:
             self.sample = sample
-        changed |= self.snapshot.set(
-            res.RUNTIME_TYPE, {res.RUNTIME_LAYER: res.packed(res.runtime(self.sample))}
-        )
+        log_sample = self.wanted_log_sample(now)
+        if log_sample is not None and (
+            (log_sample == 1.0) != (self.log_sample == 1.0)
+            or abs(log_sample - self.log_sample) > 0.2 * self.log_sample
+        ):
+            self.log_sample = log_sample  # changed by more than a fifth: pushed
+        layer = res.runtime(self.sample, self.log_sample)
+        changed |= self.snapshot.set(res.RUNTIME_TYPE, {res.RUNTIME_LAYER: res.packed(layer)})
         if changed:
             for queue in self.streams.values():
                 queue.put_nowait(None)
@@ -225,20 +238,25 @@ class ControlPlane:
         self.snapshot.set(res.CLUSTER_TYPE, {res.BACKENDS: res.packed(cluster)})
 
     async def _watch(self) -> None:
-        """Push whenever the rotation or the weights change (new objects each time)."""
+        """Push whenever the rotation or the weights change (new objects each time), while
+        slow-start ramps run (every RAMP_PUSH_S), and when the logged share is due."""
         b = self.balancer
         engine = b.engine
         while True:
             now = b.clock()
             seen = (b.fleet.up, engine.admitted, engine.evidence.suspects.copy())
-            ramping = bool(engine.probation) and now - self._last_ramp_push >= RAMP_PUSH_S
-            if ramping:
+            due = bool(engine.probation) and now - self._last_ramp_push >= RAMP_PUSH_S
+            if due:
                 self._last_ramp_push = now
+            since = self._log_since
+            due |= since is None or now - since >= LOG_RATE_S
+            old = self._seen
             if (
-                ramping
-                or seen[0] is not self._seen[0]
-                or seen[1] is not self._seen[1]
-                or (seen[2] != self._seen[2])
+                due
+                or not old
+                or seen[0] is not old[0]
+                or seen[1] is not old[1]
+                or seen[2] != old[2]
             ):
                 self._seen = seen
                 self.refresh(now)
@@ -284,6 +302,7 @@ class ControlPlane:
         """Envoy's log of upstream tries, fed to the balancer as tries of its own."""
         backend_at = self.backend_at
         observe = self.balancer.observe_try
+        counts = self._log_counts
         for entry in entries:
             addr = entry.common_properties.upstream_remote_address.socket_address
             url = backend_at.get(f"{addr.address}:{addr.port_value}")
@@ -291,7 +310,24 @@ class ControlPlane:
                 continue  # TW-LB's own paths, or a backend removed since
             outcome, latency = outcome_of(entry)
             observe(url, outcome, latency, now)
+            counts[url] = counts.get(url, 0) + 1
         self.logged += len(entries)
+
+    def wanted_log_sample(self, now: float) -> float | None:
+        """The share of tries Envoy should log so that the busiest backend's are about
+        LOG_TARGET_PER_S a second (every try below that); None until a rate is measured."""
+        since = self._log_since
+        if since is None:
+            self._log_since = now
+            return None
+        if now - since < LOG_RATE_S:
+            return None
+        busiest = max(self._log_counts.values(), default=0) / (now - since) / self.log_sample
+        self._log_counts.clear()
+        self._log_since = now
+        if busiest <= LOG_TARGET_PER_S:
+            return 1.0
+        return LOG_TARGET_PER_S / busiest
 
     def _observed_answer(
         self,
@@ -389,6 +425,7 @@ class ControlPlane:
         return {
             "ready": self.ready.is_set(),
             "sample": self.sample,
+            "log_sample": self.log_sample,
             "sampled_answers": self.sampled,
             "audits_started": self.audited,
             "upstream_tries_logged": self.logged,

@@ -96,6 +96,7 @@ class EmbeddedCluster:
     control_plane_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     #: With `dataPlane: envoy`: the control plane's API and gRPC ports, Envoy's admin port.
     envoy_ports: dict[str, int] = field(default_factory=dict, init=False)
+    data_plane_override: DataPlane | None = field(default=None, init=False)
     prometheus_server: LocalPrometheus | None = field(default=None, init=False)
     balancer_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     lock: threading.RLock = field(default_factory=threading.RLock, init=False)
@@ -129,7 +130,9 @@ class EmbeddedCluster:
 
     @property
     def data_plane(self) -> DataPlane:
-        return self.cluster.spec.data_plane
+        """What routes the traffic: the spec's choice, unless `restart_balancer` was given
+        another (the demo runs one phase on Envoy)."""
+        return self.data_plane_override or self.cluster.spec.data_plane
 
     @property
     def control_plane_url(self) -> str | None:
@@ -316,14 +319,22 @@ class EmbeddedCluster:
             self.control_plane.kill()
             return pid
 
-    def restart_balancer(self, policy: str | None = None, ready_timeout: float = 30.0) -> None:
-        """Stop the balancer and start it again, fresh, optionally with another policy (with
-        an Envoy data plane: the control plane and Envoy, the evidence forgotten)."""
+    def restart_balancer(
+        self,
+        policy: str | None = None,
+        ready_timeout: float = 30.0,
+        data_plane: DataPlane | None = None,
+    ) -> None:
+        """Stop the balancer and start it again, fresh, optionally with another policy or
+        data plane (with Envoy: the control plane and Envoy, the evidence forgotten)."""
         with self.lock:
             for proc in (self.balancer, self.control_plane):
                 if proc is not None:
                     proc.stop()
+            self.control_plane = None
             self.evidence_file.unlink(missing_ok=True)
+            if data_plane is not None:
+                self.data_plane_override = data_plane
             if policy is not None:
                 self.policy = policy
             self.write_truth()

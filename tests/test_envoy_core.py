@@ -146,8 +146,11 @@ def test_a_policy_envoy_cannot_run_is_refused_by_name() -> None:
 def test_weights_keep_the_minimum_trickle_and_the_sample_is_a_fraction_per_million() -> None:
     assert res.endpoint_weight(0.0) == 10 and res.endpoint_weight(1.0) == 1000
     assert res.endpoint_weight(0.5) == 500 and res.endpoint_weight(7.0) == 1000
-    layer = json_format.MessageToDict(res.runtime(0.05))["layer"]
-    assert layer == {res.SAMPLE_KEY: {"numerator": 50000.0, "denominator": "MILLION"}}
+    layer = json_format.MessageToDict(res.runtime(0.05, 0.25))["layer"]
+    assert layer == {
+        res.SAMPLE_KEY: {"numerator": 50000.0, "denominator": "MILLION"},
+        res.LOG_SAMPLE_KEY: {"numerator": 250000.0, "denominator": "MILLION"},
+    }
     with pytest.raises(res.EnvoyConfigError):
         res.runtime(1.5)
 
@@ -271,3 +274,42 @@ async def test_a_verdict_is_pushed_to_every_envoy_within_one_watch() -> None:
     hosts = {e.endpoint.address.socket_address.port_value for e in cla.endpoints[0].lb_endpoints}
     assert len(cla.endpoints[0].lb_endpoints) == 3 and pushed.version_info != first.version_info
     assert hosts == {8000}
+
+
+def test_envoy_logs_every_try_of_a_quiet_fleet_and_a_share_of_a_busy_ones() -> None:
+    """The logged share keeps the busiest backend's logged tries near LOG_TARGET_PER_S."""
+    from twlb.envoy.server import LOG_RATE_S, LOG_TARGET_PER_S
+
+    plane, _, urls = _plane([HONEST, HONEST])
+    bal = plane.balancer
+    assert plane.wanted_log_sample(bal.clock()) is None  # starts measuring
+
+    def entries(n: int, url: str) -> list:
+        out = []
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(n):
+            e = entry_pb2.HTTPAccessLogEntry()
+            e.response.response_code.value = 200
+            addr = e.common_properties.upstream_remote_address.socket_address
+            addr.address, addr.port_value = host, int(port)
+            out.append(e)
+        return out
+
+    plane.target(urls[0])
+    plane.target(urls[1])
+    plane.observe_entries(entries(20, urls[0]), bal.clock())
+    bal.clock.now += LOG_RATE_S
+    assert plane.wanted_log_sample(bal.clock()) == 1.0  # 20 a second: every try
+    plane.observe_entries(entries(int(4 * LOG_TARGET_PER_S), urls[0]), bal.clock())
+    plane.observe_entries(entries(10, urls[1]), bal.clock())
+    bal.clock.now += LOG_RATE_S
+    assert plane.refresh(bal.clock())  # the busiest at 4x the target: pushed
+    assert plane.log_sample == pytest.approx(0.25)
+    layer = json_format.MessageToDict(plane.snapshot.types[res.RUNTIME_TYPE].resources[
+        res.RUNTIME_LAYER])["layer"]  # fmt: skip
+    assert layer[res.LOG_SAMPLE_KEY]["numerator"] == 250000
+    # Measured at that share, the busiest backend's logged rate is its rate times 0.25.
+    plane.observe_entries(entries(int(LOG_TARGET_PER_S), urls[0]), bal.clock())
+    bal.clock.now += LOG_RATE_S
+    assert plane.wanted_log_sample(bal.clock()) == pytest.approx(0.25)
+    assert bal.fleet.get(urls[0]).counters.outcomes[Outcome.SUCCESS] > 0

@@ -78,6 +78,9 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 EXT_PROC_CLOSE_S = 0.1
 #: The attribute Envoy reports with a sampled answer: the host that gave it.
 UPSTREAM_ADDRESS = "upstream.address"
+#: What Envoy sends TW-LB with a sampled answer, as attributes of its body's first part.
+RESPONSE_CODE = "response.code"
+SAMPLE_ATTRIBUTES = (UPSTREAM_ADDRESS, RESPONSE_CODE)
 
 #: TW-LB's own paths, routed to the control plane (as the Python balancer answers them).
 OWN_PATHS = ("/healthz", "/metrics", "/trust")
@@ -408,15 +411,18 @@ def listener(layout: Layout) -> listener_pb2.Listener:
             # control plane must not end the stream itself: Envoy then resets the
             # client's request (seen with Envoy 1.40).
             "deferred_close_timeout": _duration(EXT_PROC_CLOSE_S),
+            # Two messages per sample where the answer comes in one piece: the request's
+            # head, then the answer's body with its status and upstream host as
+            # attributes (fewer messages: less of both sides' CPU).
             "processing_mode": {
                 "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
+                "response_header_mode": "SKIP",
                 "request_body_mode": "NONE",
                 "response_body_mode": "STREAMED",
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            "response_attributes": [UPSTREAM_ADDRESS],
+            "response_attributes": list(SAMPLE_ATTRIBUTES),
         },
     }
     router = {
@@ -512,12 +518,16 @@ def endpoints(items: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:
 def runtime(sample: float, log_sample: float = 1.0) -> rtds_pb2.Runtime:
     """The `twlb` runtime layer: the share of GET requests sampled for audits, and the
     share of upstream tries logged."""
-    layer = {}
     for key, share in ((SAMPLE_KEY, sample), (LOG_SAMPLE_KEY, log_sample)):
         if not 0.0 <= share <= 1.0:
             raise EnvoyConfigError(f"{key} must be in [0, 1], got {share}")
-        # A FractionalPercent in struct form (a plain number would be read as a percentage).
-        layer[key] = {"numerator": round(share * MILLION), "denominator": "MILLION"}
+    layer = {
+        # A route's runtime fraction reads a FractionalPercent in struct form (a plain
+        # number there would be a percentage); an access log's runtime filter reads a
+        # plain number, the numerator over its default's denominator (a million).
+        SAMPLE_KEY: {"numerator": round(sample * MILLION), "denominator": "MILLION"},
+        LOG_SAMPLE_KEY: round(log_sample * MILLION),
+    }
     doc = {"name": RUNTIME_LAYER, "layer": layer}
     return _message(rtds_pb2.Runtime, doc)
 

@@ -68,6 +68,8 @@ EVIDENCE_WRITE_S = 1.0
 LOG_TARGET_PER_S = 50.0
 #: Seconds over which the logged rate is measured before the share is set again.
 LOG_RATE_S = 1.0
+#: The smallest share of tries logged (at 1%, 5,000 tries a second per backend give 50).
+MIN_LOG_SAMPLE = 0.01
 #: Most bytes of one sampled answer kept for its audit (larger answers are not audited).
 MAX_SAMPLED_BODY = 1 << 20
 
@@ -327,7 +329,7 @@ class ControlPlane:
         self._log_since = now
         if busiest <= LOG_TARGET_PER_S:
             return 1.0
-        return LOG_TARGET_PER_S / busiest
+        return max(MIN_LOG_SAMPLE, LOG_TARGET_PER_S / busiest)
 
     def _observed_answer(
         self,
@@ -501,8 +503,8 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):
 
 
 class _ExtProc(ext_grpc.ExternalProcessorServicer):
-    """One stream per sampled request: its head, the answer's head and body, and the
-    upstream host; observability mode, so nothing is answered."""
+    """One stream per sampled request: its head, then the answer's body with its status
+    and upstream host as attributes; observability mode, so nothing is answered."""
 
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
@@ -514,30 +516,29 @@ class _ExtProc(ext_grpc.ExternalProcessorServicer):
         status = 0
         body = bytearray()
         upstream: str | None = None
+        too_large = False
         async for msg in request_iterator:
-            kind = msg.WhichOneof("request")
             if msg.attributes:
                 for attrs in msg.attributes.values():
-                    value = attrs.fields.get(res.UPSTREAM_ADDRESS)
+                    fields = attrs.fields
+                    value = fields.get(res.UPSTREAM_ADDRESS)
                     if value is not None and value.string_value:
                         upstream = value.string_value
-            complete = False
+                    code = fields.get(res.RESPONSE_CODE)
+                    if code is not None and not status:
+                        status = int(code.number_value)
+            kind = msg.WhichOneof("request")
             if kind == "request_headers":
                 head = msg.request_headers
-            elif kind == "response_headers":
-                for h in msg.response_headers.headers.headers:
-                    if h.key == ":status":
-                        status = int(h.raw_value or h.value)
-                complete = msg.response_headers.end_of_stream
             elif kind == "response_body":
-                if len(body) + len(msg.response_body.body) <= MAX_SAMPLED_BODY:
-                    body += msg.response_body.body
+                chunk = msg.response_body.body
+                if len(body) + len(chunk) <= MAX_SAMPLED_BODY:
+                    body += chunk
                 else:
-                    status = 0  # too large to audit: dropped
-                complete = msg.response_body.end_of_stream
-            if complete:
-                # Everything is here: audit now, and end the stream (in observability
-                # mode Envoy would otherwise hold it open until its deferred close).
-                self.plane._observed_answer(head, status, bytes(body), upstream)
+                    too_large = True  # not audited
+                if msg.response_body.end_of_stream and not too_large:
+                    # Everything is here: audit now. The stream is left for Envoy to
+                    # close (ended by the server, Envoy 1.40 resets the client's request).
+                    self.plane._observed_answer(head, status, bytes(body), upstream)
         return
         yield  # an async generator that answers nothing (observability mode)

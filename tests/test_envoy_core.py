@@ -149,7 +149,7 @@ def test_weights_keep_the_minimum_trickle_and_the_sample_is_a_fraction_per_milli
     layer = json_format.MessageToDict(res.runtime(0.05, 0.25))["layer"]
     assert layer == {
         res.SAMPLE_KEY: {"numerator": 50000.0, "denominator": "MILLION"},
-        res.LOG_SAMPLE_KEY: {"numerator": 250000.0, "denominator": "MILLION"},
+        res.LOG_SAMPLE_KEY: 250000.0,
     }
     with pytest.raises(res.EnvoyConfigError):
         res.runtime(1.5)
@@ -278,7 +278,7 @@ async def test_a_verdict_is_pushed_to_every_envoy_within_one_watch() -> None:
 
 def test_envoy_logs_every_try_of_a_quiet_fleet_and_a_share_of_a_busy_ones() -> None:
     """The logged share keeps the busiest backend's logged tries near LOG_TARGET_PER_S."""
-    from twlb.envoy.server import LOG_RATE_S, LOG_TARGET_PER_S
+    from twlb.envoy.server import LOG_RATE_S, LOG_TARGET_PER_S, MIN_LOG_SAMPLE
 
     plane, _, urls = _plane([HONEST, HONEST])
     bal = plane.balancer
@@ -307,9 +307,14 @@ def test_envoy_logs_every_try_of_a_quiet_fleet_and_a_share_of_a_busy_ones() -> N
     assert plane.log_sample == pytest.approx(0.25)
     layer = json_format.MessageToDict(plane.snapshot.types[res.RUNTIME_TYPE].resources[
         res.RUNTIME_LAYER])["layer"]  # fmt: skip
-    assert layer[res.LOG_SAMPLE_KEY]["numerator"] == 250000
+    assert layer[res.LOG_SAMPLE_KEY] == 250000
     # Measured at that share, the busiest backend's logged rate is its rate times 0.25.
     plane.observe_entries(entries(int(LOG_TARGET_PER_S), urls[0]), bal.clock())
     bal.clock.now += LOG_RATE_S
     assert plane.wanted_log_sample(bal.clock()) == pytest.approx(0.25)
     assert bal.fleet.get(urls[0]).counters.outcomes[Outcome.SUCCESS] > 0
+    # However busy the fleet, at least MIN_LOG_SAMPLE of tries are logged: a share of a
+    # thousand times the target would be 0.25/1000, below the floor.
+    plane.observe_entries(entries(int(250 * LOG_TARGET_PER_S), urls[0]), bal.clock())
+    bal.clock.now += LOG_RATE_S
+    assert plane.wanted_log_sample(bal.clock()) == MIN_LOG_SAMPLE

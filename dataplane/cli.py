@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from twlb.balancer.settings import BalancerSettings
 from twlb.envoy import resources as res
 
@@ -71,13 +72,32 @@ class EnvoySettings(BaseModel):
         None, description="Where Envoy's bootstrap and log go (default: a temporary directory)."
     )
     node_id: str = Field("twlb-envoy", min_length=1, description="Envoy's node id.")
+    xds_token: str | None = Field(
+        None,
+        description="Token Envoy shows the control plane on every gRPC stream (the "
+        "bootstrap carries it); calls without it are refused. Default with Envoy as a child "
+        "process: a random one; --no-envoy and --print-bootstrap need it (the same for both).",
+    )
     print_bootstrap: bool = Field(
         False, description="Print Envoy's bootstrap (JSON) for these settings and exit."
     )
 
+    @field_validator("xds_token")
+    @classmethod
+    def _a_usable_token(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            return res.check_xds_token(value)
+        except res.EnvoyConfigError as err:
+            raise ValueError(str(err)) from None
 
-def layout_of(settings: BalancerSettings, envoy: EnvoySettings) -> res.Layout:
-    """Envoy's layout from the two settings (EnvoyConfigError: a policy Envoy cannot run)."""
+
+def layout_of(
+    settings: BalancerSettings, envoy: EnvoySettings, xds_token: str | None = None
+) -> res.Layout:
+    """Envoy's layout from the two settings (EnvoyConfigError: a policy Envoy cannot run);
+    `xds_token` stands in for a token the settings do not give."""
     advertise = envoy.advertise_host or (
         "127.0.0.1" if envoy.xds_host in ("0.0.0.0", "::") else envoy.xds_host
     )
@@ -94,6 +114,7 @@ def layout_of(settings: BalancerSettings, envoy: EnvoySettings) -> res.Layout:
         max_tries=settings.max_tries,
         retry_budget=settings.retry_budget,
         sample=settings.audit_fraction,
+        xds_token=envoy.xds_token or xds_token,
     )
 
 
@@ -112,8 +133,16 @@ def command(ctx: click.Context, **options: object) -> None:
     """
     settings = build(BalancerSettings, ctx, field_values(BalancerSettings, options))
     envoy = build(EnvoySettings, ctx, field_values(EnvoySettings, options))
+    token = envoy.xds_token
+    if token is None:
+        if envoy.print_bootstrap or not envoy.envoy:
+            raise UsageFailure(
+                "--print-bootstrap and --no-envoy need --xds-token (or TWLB_ENVOY_XDS_TOKEN): "
+                "the Envoy started elsewhere shows it to the control plane"
+            )
+        token = secrets.token_urlsafe(24)  # Envoy is this command's child: nobody else needs it
     try:
-        layout = layout_of(settings, envoy)
+        layout = layout_of(settings, envoy, token)
     except res.EnvoyConfigError as err:
         raise click.BadParameter(str(err), ctx=ctx, param_hint="--policy") from None
     if envoy.print_bootstrap:

@@ -28,7 +28,7 @@ What Envoy gets:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Importing each message module registers its types in the descriptor pool, which
@@ -76,6 +76,12 @@ LOG_SAMPLE_KEY = "twlb.log.sample"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 #: Seconds Envoy keeps an ext_proc stream open after its request ended.
 EXT_PROC_CLOSE_S = 0.1
+#: The gRPC metadata entry in which Envoy shows the control plane its token, on every
+#: stream (ADS, the access logs, ext_proc): without it anyone who reaches the gRPC port
+#: could read the configuration or feed made-up tries and answers to the trust engine.
+XDS_TOKEN_HEADER = "x-twlb-xds-token"
+#: What a token may hold (it travels as a gRPC metadata value).
+XDS_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+/=")
 #: The attribute Envoy reports with a sampled answer: the host that gave it.
 UPSTREAM_ADDRESS = "upstream.address"
 #: What Envoy sends TW-LB with a sampled answer, as attributes of its body's first part.
@@ -143,6 +149,8 @@ class Layout:
     sample: float = 0.05
     #: How often Envoy flushes the upstream access logs to TW-LB.
     log_flush_s: float = 0.1
+    #: The token Envoy shows the control plane (XDS_TOKEN_HEADER); None: none shown.
+    xds_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.policy not in LB_POLICY:
@@ -153,6 +161,20 @@ class Layout:
             )
         if not 0.0 <= self.sample <= 1.0:
             raise EnvoyConfigError(f"sample must be in [0, 1], got {self.sample}")
+        if self.xds_token is not None:
+            check_xds_token(self.xds_token)
+
+
+def check_xds_token(token: str) -> str:
+    """`token` if it can be the control plane's token (EnvoyConfigError naming why not)."""
+    if len(token) < 16:
+        raise EnvoyConfigError(f"the xDS token must be at least 16 characters, got {len(token)}")
+    if not set(token) <= XDS_TOKEN_CHARS:
+        raise EnvoyConfigError(
+            "the xDS token may hold only letters, digits and - _ . ~ + / = "
+            "(it travels as a gRPC metadata value)"
+        )
+    return token
 
 
 def _duration(seconds: float) -> str:
@@ -165,8 +187,15 @@ def _message(kind: type[Message], doc: Mapping[str, Any]) -> Message:
     return json_format.ParseDict(doc, kind())
 
 
-def _grpc(cluster: str, timeout_s: float | None = None) -> dict[str, Any]:
+#: How soon Envoy opens its ADS stream again after losing the control plane: at most this
+#: long after a restarted control plane is back (Envoy's default backs off to 30 s).
+ADS_RETRY_BASE_S, ADS_RETRY_MAX_S = 0.25, 1.0
+
+
+def _grpc(cluster: str, token: str | None, timeout_s: float | None = None) -> dict[str, Any]:
     service: dict[str, Any] = {"envoy_grpc": {"cluster_name": cluster}}
+    if token is not None:
+        service["initial_metadata"] = [{"key": XDS_TOKEN_HEADER, "value": token}]
     if timeout_s is not None:
         service["timeout"] = _duration(timeout_s)
     return service
@@ -214,6 +243,18 @@ def _is_ip(host: str) -> bool:
     return ":" in host  # an IPv6 literal
 
 
+def _ads_service(token: str | None) -> dict[str, Any]:
+    """The control plane as Envoy's ADS server, reconnected to within ADS_RETRY_MAX_S."""
+    service = _grpc(CONTROL_PLANE, token)
+    service["envoy_grpc"]["retry_policy"] = {
+        "retry_back_off": {
+            "base_interval": _duration(ADS_RETRY_BASE_S),
+            "max_interval": _duration(ADS_RETRY_MAX_S),
+        }
+    }
+    return service
+
+
 def _ads() -> dict[str, Any]:
     return {"ads": {}, "resource_api_version": "V3"}
 
@@ -236,7 +277,7 @@ def bootstrap(layout: Layout) -> bootstrap_pb2.Bootstrap:
             "ads_config": {
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [_grpc(CONTROL_PLANE)],
+                "grpc_services": [_ads_service(layout.xds_token)],
                 "set_node_on_first_message_only": True,
             },
             "lds_config": _ads(),
@@ -389,7 +430,7 @@ def listener(layout: Layout) -> listener_pb2.Listener:
             "HttpGrpcAccessLogConfig",
             "common_config": {
                 "log_name": "twlb_upstream",
-                "grpc_service": _grpc(CONTROL_PLANE),
+                "grpc_service": _grpc(CONTROL_PLANE, layout.xds_token),
                 "transport_api_version": "V3",
                 "buffer_flush_interval": _duration(layout.log_flush_s),
                 "buffer_size_bytes": 65536,
@@ -401,7 +442,7 @@ def listener(layout: Layout) -> listener_pb2.Listener:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
             "ExternalProcessor",
-            "grpc_service": _grpc(CONTROL_PLANE, timeout_s=5.0),
+            "grpc_service": _grpc(CONTROL_PLANE, layout.xds_token, timeout_s=5.0),
             # Observability mode: Envoy sends and never waits, so the sampled request
             # is not held; a control plane that is down loses samples, never requests.
             "observability_mode": True,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -152,6 +153,7 @@ class ControlPlane:
         self.sampled = 0  # answers ext_proc showed
         self.audited = 0  # of which audits started
         self.logged = 0  # upstream tries logged
+        self.refused = 0  # gRPC calls refused for want of the token
         self.log_sample = 1.0  # the share of upstream tries Envoy logs
         self._log_counts: dict[str, int] = {}
         self._log_since: float | None = None
@@ -375,11 +377,13 @@ class ControlPlane:
             self.target(url)
         self.load_evidence()
         self._static()
+        token = self.layout.xds_token
         server = grpc.aio.server(
+            interceptors=[_TokenCheck(self, token)] if token is not None else None,
             options=[
                 ("grpc.max_receive_message_length", 16 << 20),
                 ("grpc.max_concurrent_streams", 10_000),
-            ]
+            ],
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(_AccessLogs(self), server)
@@ -431,10 +435,54 @@ class ControlPlane:
             "sampled_answers": self.sampled,
             "audits_started": self.audited,
             "upstream_tries_logged": self.logged,
+            "calls_refused": self.refused,
             "versions": {t: self.snapshot.version(t) for t in res.TYPE_ORDER},
             "envoys": [{"node": s.node_id, "types": s.status()} for s in self.streams],
             "pushes": self.pushes[-10:],
         }
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) every call that does not show the control plane's token
+    in the metadata entry `XDS_TOKEN_HEADER`: only the Envoy given the bootstrap reads the
+    configuration, logs tries or shows answers."""
+
+    def __init__(self, plane: ControlPlane, token: str) -> None:
+        self.plane = plane
+        self.token = token.encode()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        for key, value in details.invocation_metadata or ():
+            if key == res.XDS_TOKEN_HEADER:
+                shown = value if isinstance(value, bytes) else value.encode()
+                if hmac.compare_digest(shown, self.token):
+                    return handler
+        if handler is None:
+            return None  # an unknown method: gRPC answers UNIMPLEMENTED
+        self.plane.refused += 1
+        if self.plane.refused == 1:
+            log.warning("refused a gRPC call without the xDS token: %s", details.method)
+        return _refusing(handler)
+
+
+async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"no valid {res.XDS_TOKEN_HEADER}")
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that refuses the call."""
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return kind(
+        _refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):

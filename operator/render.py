@@ -8,6 +8,7 @@ and create, patch or delete. Every object carries an owner reference (with uid),
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ COMPONENT_ENVOY = "envoy"
 
 TOKENS_ADMIN_KEY = "admin-token"
 TOKENS_CONTROL_KEY = "control-token"
+#: With `dataPlane: envoy`: the token Envoy shows its control plane on every gRPC stream.
+TOKENS_XDS_KEY = "xds-token"
 MODEL_MOUNT = "/etc/twlb/model"
 #: The model ConfigMap's key, and so the file the balancer reads under MODEL_MOUNT (what
 #: `twlb train` writes is TRAINED_MODEL_FILE, services/balancer/settings.py).
@@ -568,15 +571,29 @@ def render_truth_config_map(owner: Owner, nodes: list[NodeAssignment]) -> dict[s
     }
 
 
-def render_tokens_secret(owner: Owner, admin_token: str, control_token: str) -> dict[str, Any]:
-    """The balancer's admin token and the nodes' fault-control token."""
+def render_tokens_secret(
+    owner: Owner, admin_token: str, control_token: str, xds_token: str | None = None
+) -> dict[str, Any]:
+    """The balancer's admin token, the nodes' fault-control token and, when given, the
+    token Envoy shows its control plane."""
+    values = {TOKENS_ADMIN_KEY: admin_token, TOKENS_CONTROL_KEY: control_token}
+    if xds_token is not None:
+        values[TOKENS_XDS_KEY] = xds_token
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": _metadata(owner, tokens_secret_name(owner), COMPONENT_TOKENS),
-        "stringData": {TOKENS_ADMIN_KEY: admin_token, TOKENS_CONTROL_KEY: control_token},
+        "stringData": values,
     }
+
+
+def secret_values(secret: dict[str, Any]) -> dict[str, str]:
+    """A Secret's values as text: its `data` (base64, as the API server keeps them) with
+    any `stringData` over them."""
+    out = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    out.update(secret.get("stringData") or {})
+    return out
 
 
 # ---- an Envoy data plane (dataPlane: envoy; docs/envoy.md) -------------------------------
@@ -591,7 +608,7 @@ def envoy_config_name(owner: Owner) -> str:
     return f"{owner.name}-envoy"
 
 
-def envoy_layout(owner: Owner, spec: TrustClusterSpec) -> Layout:
+def envoy_layout(owner: Owner, spec: TrustClusterSpec, xds_token: str | None = None) -> Layout:
     """Where Envoy and its control plane listen in the cluster: Envoy's traffic listener
     on the balancer's port, the control plane reached through its Service's name."""
     host = f"{control_plane_name(owner)}.{owner.namespace}.svc"
@@ -606,17 +623,25 @@ def envoy_layout(owner: Owner, spec: TrustClusterSpec) -> Layout:
         policy=spec.policy,
         retry_budget=spec.balancer.retry_budget,
         sample=spec.balancer.audit_fraction,
+        xds_token=xds_token,
     )
 
 
-def render_envoy_config_map(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
+def render_envoy_bootstrap_secret(
+    owner: Owner, spec: TrustClusterSpec, xds_token: str
+) -> dict[str, Any]:
     """Envoy's bootstrap: its node, admin on loopback, the control plane's Service as its
-    ADS server; everything else comes over ADS."""
+    ADS server and the token it shows there (so a Secret, not a ConfigMap); everything
+    else comes over ADS."""
+    bootstrap = bootstrap_json(envoy_layout(owner, spec, xds_token))
     return {
         "apiVersion": "v1",
-        "kind": "ConfigMap",
+        "kind": "Secret",
+        "type": "Opaque",
         "metadata": _metadata(owner, envoy_config_name(owner), COMPONENT_ENVOY),
-        "data": {ENVOY_BOOTSTRAP_FILE: bootstrap_json(envoy_layout(owner, spec))},
+        # As `data` (base64, as the API server keeps it), so the reconciler sees a spec
+        # change in it and nothing else.
+        "data": {ENVOY_BOOTSTRAP_FILE: base64.b64encode(bootstrap.encode()).decode()},
     }
 
 
@@ -643,7 +668,10 @@ def render_control_plane_deployment(
         "--evidence-file", f"{EVIDENCE_MOUNT}/evidence.json",
     ]  # fmt: skip
     container["name"] = COMPONENT_CONTROL_PLANE
-    container["env"] = [_secret_env("TWLB_ENVOY_ADMIN_TOKEN", owner, TOKENS_ADMIN_KEY)]
+    container["env"] = [
+        _secret_env("TWLB_ENVOY_ADMIN_TOKEN", owner, TOKENS_ADMIN_KEY),
+        _secret_env("TWLB_ENVOY_XDS_TOKEN", owner, TOKENS_XDS_KEY),
+    ]
     container["ports"].append({"name": "xds", "containerPort": XDS_PORT, "protocol": "TCP"})
     container["volumeMounts"].append({"name": "evidence", "mountPath": EVIDENCE_MOUNT})
     template["spec"]["volumes"].append({"name": "evidence", "emptyDir": {"sizeLimit": "16Mi"}})
@@ -713,7 +741,7 @@ def render_envoy_deployment(owner: Owner, spec: TrustClusterSpec) -> dict[str, A
             {"name": "envoy-config", "mountPath": ENVOY_CONFIG_MOUNT, "readOnly": True},
         ],
     }
-    volumes = [{"name": "envoy-config", "configMap": {"name": envoy_config_name(owner)}}]
+    volumes = [{"name": "envoy-config", "secret": {"secretName": envoy_config_name(owner)}}]
     annotations = {
         "prometheus.io/port": str(ENVOY_STATS_PORT),
         "prometheus.io/path": "/stats/prometheus",
@@ -735,12 +763,13 @@ def render_children(
     *,
     admin_token: str,
     control_token: str,
+    xds_token: str | None = None,
     node_port: int | None = None,
     model_ready: bool = False,
 ) -> list[dict[str, Any]]:
     """Everything a TrustCluster owns, in the order it should be created."""
     nodes = assign_faults(spec, owner.name)
-    out: list[dict[str, Any]] = [render_tokens_secret(owner, admin_token, control_token)]
+    out: list[dict[str, Any]] = [render_tokens_secret(owner, admin_token, control_token, xds_token)]
     model = render_model_config_map(owner, spec)
     if model is not None:
         out.append(model)
@@ -752,7 +781,9 @@ def render_children(
         out.append(render_gossip_service(owner, spec))
     out += render_balancer_account(owner)
     if spec.data_plane is DataPlane.ENVOY:
-        out.append(render_envoy_config_map(owner, spec))
+        if xds_token is None:
+            raise ValueError("dataPlane envoy needs the xDS token Envoy shows its control plane")
+        out.append(render_envoy_bootstrap_secret(owner, spec, xds_token))
         out.append(render_control_plane_deployment(owner, spec, model_ready))
         out.append(render_control_plane_service(owner))
         out.append(render_envoy_deployment(owner, spec))

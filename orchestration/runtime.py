@@ -84,6 +84,9 @@ class EmbeddedCluster:
     failure_mode: FailureMode = FailureMode.RESTART
     heartbeat: HeartbeatSettings = field(default_factory=lambda: HeartbeatSettings())
     runtime_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    #: With `dataPlane: envoy`: the token Envoy shows its control plane (in Envoy's
+    #: bootstrap, and the control plane's environment).
+    xds_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     replacements: list[dict[str, Any]] = field(default_factory=list, init=False)
     control_url: str | None = field(default=None, init=False)
     _replicas: ReplicaSet | None = field(default=None, init=False)
@@ -269,6 +272,7 @@ class EmbeddedCluster:
             policy=PolicyName(self.policy or spec.policy.value),
             retry_budget=spec.balancer.retry_budget,
             sample=spec.balancer.audit_fraction,
+            xds_token=self.xds_token,
         )
 
     def _start_control_plane(self) -> None:
@@ -295,7 +299,9 @@ class EmbeddedCluster:
             "--model", HEURISTIC_MODEL if self.model is None else str(self.model),
             *self.balancer_args,
         )  # fmt: skip
-        self.control_plane = ManagedProcess(argv, log_path=self._log("control-plane")).start()
+        self.control_plane = ManagedProcess(
+            argv, log_path=self._log("control-plane"), env={"TWLB_ENVOY_XDS_TOKEN": self.xds_token}
+        ).start()
         self.control_plane_restart.started(time.monotonic())
 
     def _start_envoy(self) -> None:

@@ -318,3 +318,81 @@ def test_envoy_logs_every_try_of_a_quiet_fleet_and_a_share_of_a_busy_ones() -> N
     plane.observe_entries(entries(int(250 * LOG_TARGET_PER_S), urls[0]), bal.clock())
     bal.clock.now += LOG_RATE_S
     assert plane.wanted_log_sample(bal.clock()) == MIN_LOG_SAMPLE
+
+
+# ------------------------------------------------------------------------- the token
+def _grpc_services(doc: object) -> list[dict]:
+    """Every gRPC service a piece of Envoy's configuration names."""
+    found = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key == "grpcService":
+                found.append(value)
+            elif key == "grpcServices":
+                found += value
+            else:
+                found += _grpc_services(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            found += _grpc_services(value)
+    return found
+
+
+def test_every_grpc_stream_envoy_opens_shows_the_token() -> None:
+    token = "t0-K" * 6
+    layout = res.Layout(**{**LAYOUT.__dict__, "xds_token": token})
+    services = _grpc_services(json_format.MessageToDict(res.bootstrap(layout)))
+    services += _grpc_services(json_format.MessageToDict(res.listener(layout)))
+    assert len(services) == 3  # ADS, the upstream access logs, ext_proc
+    for service in services:
+        assert service["initialMetadata"] == [{"key": res.XDS_TOKEN_HEADER, "value": token}]
+    assert token not in repr(layout)
+    for bad, why in (("short", "at least 16"), ("x" * 20 + " y", "only letters")):
+        with pytest.raises(res.EnvoyConfigError, match=why):
+            res.Layout(**{**LAYOUT.__dict__, "xds_token": bad})
+
+
+async def test_a_grpc_call_without_the_token_is_refused() -> None:
+    import grpc
+    from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+    token = "s3cret-" * 4
+    b, _, _ = make_balancer([HONEST, HONEST], policy=PolicyName.TRUST)
+    plane = ControlPlane(b, res.Layout(**{**LAYOUT.__dict__, "xds_token": token}), warmup_s=60)
+    port = await plane.start("127.0.0.1", 0)
+    message = als_pb2.StreamAccessLogsMessage()
+    message.identifier.log_name = "twlb_upstream"
+    message.http_logs.log_entry.add().response.response_code.value = 200
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = als_pb2_grpc.AccessLogServiceStub(channel)
+            for metadata in ((), ((res.XDS_TOKEN_HEADER, "s3cret-" * 3 + "x"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.StreamAccessLogs(iter([message]), metadata=metadata, timeout=10)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert plane.refused == 2 and plane.logged == 0
+            await stub.StreamAccessLogs(
+                iter([message]), metadata=((res.XDS_TOKEN_HEADER, token),), timeout=10
+            )
+            assert plane.logged == 1
+    finally:
+        await plane.stop()
+
+
+def test_an_envoy_started_elsewhere_needs_the_token_given() -> None:
+    from twlb.processes.managed import twlb_argv
+
+    base = twlb_argv("envoy", "--backend", "http://127.0.0.1:9", "--print-bootstrap")
+    run = subprocess.run(base, capture_output=True, text=True, timeout=60, env={"PATH": ""})
+    assert run.returncode == 2, run.stderr
+    assert "need --xds-token" in run.stderr and "Traceback" not in run.stderr
+    short = subprocess.run([*base, "--xds-token", "short"], capture_output=True, text=True,
+                           timeout=60, env={"PATH": ""})  # fmt: skip
+    assert short.returncode == 2 and "at least 16" in short.stderr, short.stderr
+    token = "given-" + "k" * 20
+    ok = subprocess.run(base, capture_output=True, text=True, timeout=60,
+                        env={"PATH": "", "TWLB_ENVOY_XDS_TOKEN": token})  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    ads = json_format.Parse(ok.stdout, bootstrap_pb2.Bootstrap()).dynamic_resources.ads_config
+    [meta] = ads.grpc_services[0].initial_metadata
+    assert (meta.key, meta.value) == (res.XDS_TOKEN_HEADER, token)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from kube_harness import (
-    CONFIGMAPS,
     DEPLOYMENTS,
     FAST_OPERATOR,
+    SECRETS,
     SERVICES,
     TRUSTCLUSTERS,
     running_operator,
@@ -23,13 +23,18 @@ from kube_harness import (
     wait_for,
 )
 from twlb.envoy.process import envoy_binary
+from twlb.envoy.resources import XDS_TOKEN_HEADER
 from twlb.operator.crd import PRINTER_COLUMNS
 from twlb.operator.render import (
     ENVOY_BOOTSTRAP_FILE,
     ENVOY_STATS_PORT,
+    TOKENS_ADMIN_KEY,
+    TOKENS_XDS_KEY,
     XDS_PORT,
     Owner,
     render_children,
+    render_tokens_secret,
+    secret_values,
 )
 
 from twlb.spec import TrustClusterSpec
@@ -60,9 +65,15 @@ async def test_the_operator_renders_envoy_and_its_control_plane(cluster):
         annotations = envoy["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(ENVOY_STATS_PORT)
         assert annotations["prometheus.io/path"] == "/stats/prometheus"
-        # Its bootstrap points at the control plane's Service.
-        config = cluster.get(CONFIGMAPS, NS, "edge-envoy")
-        boot = json.loads(config["data"][ENVOY_BOOTSTRAP_FILE])
+        # Its bootstrap (a Secret: it holds the xDS token) points at the control plane's
+        # Service and shows it the token kept in the cluster's tokens Secret.
+        boot = json.loads(
+            secret_values(cluster.get(SECRETS, NS, "edge-envoy"))[ENVOY_BOOTSTRAP_FILE]
+        )
+        token = secret_values(cluster.get(SECRETS, NS, "edge-tokens"))[TOKENS_XDS_KEY]
+        ads = boot["dynamicResources"]["adsConfig"]["grpcServices"][0]
+        assert ads["initialMetadata"] == [{"key": XDS_TOKEN_HEADER, "value": token}]
+        assert {"name": "envoy-config", "secret": {"secretName": "edge-envoy"}} in pod["volumes"]
         clusters = {c["name"]: c for c in boot["staticResources"]["clusters"]}
         xds = clusters["twlb_control_plane"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]
         address = xds["endpoint"]["address"]["socketAddress"]
@@ -74,6 +85,11 @@ async def test_the_operator_renders_envoy_and_its_control_plane(cluster):
         assert args[:2] == ["envoy", "--no-envoy"]
         assert "--discover-services" in args and "--evidence-file" in args
         assert plane["serviceAccountName"] == "edge-balancer"
+        env = {e["name"]: e for e in plane["containers"][0]["env"]}
+        assert env["TWLB_ENVOY_XDS_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "edge-tokens",
+            "key": TOKENS_XDS_KEY,
+        }
         ports = {
             p["name"]: p["port"] for p in cluster.get(SERVICES, NS, "edge-xds")["spec"]["ports"]
         }
@@ -91,13 +107,14 @@ async def test_the_operator_renders_envoy_and_its_control_plane(cluster):
 def test_the_rendered_bootstrap_passes_envoys_own_validation(tmp_path: Path) -> None:
     owner = Owner("edge", NS, "uid-1")
     objs = render_children(
-        owner, TrustClusterSpec.model_validate(SPEC), admin_token="a", control_token="c"
-    )
+        owner, TrustClusterSpec.model_validate(SPEC), admin_token="a", control_token="c",
+        xds_token="t" * 32,
+    )  # fmt: skip
     config = next(
-        o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "edge-envoy"
+        o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == "edge-envoy"
     )
     path = tmp_path / "bootstrap.json"
-    text = config["data"][ENVOY_BOOTSTRAP_FILE]
+    text = secret_values(config)[ENVOY_BOOTSTRAP_FILE]
     # The Service name resolves only in the cluster: validated with a loopback address.
     path.write_text(text.replace(f"edge-xds.{NS}.svc", "127.0.0.1"))
     out = subprocess.run(
@@ -105,3 +122,24 @@ def test_the_rendered_bootstrap_passes_envoys_own_validation(tmp_path: Path) -> 
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+async def test_a_cluster_from_before_the_xds_token_gets_one_and_keeps_its_tokens(cluster):
+    owner = Owner("old", NS, "uid-old")
+    await cluster.create(TRUSTCLUSTERS, trustcluster("old", NS, SPEC, uid=owner.uid))
+    # Its tokens Secret as an operator without the xDS token wrote it.
+    await cluster.create(SECRETS, render_tokens_secret(owner, "admin-" * 4, "control-" * 3))
+    async with running_operator([NS], FAST_OPERATOR):
+        await wait_for(lambda: cluster.get(SECRETS, NS, "old-envoy") is not None, timeout=10)
+
+        def tokens() -> dict[str, str]:
+            return secret_values(cluster.get(SECRETS, NS, "old-tokens"))
+
+        await wait_for(lambda: TOKENS_XDS_KEY in tokens(), timeout=10)
+        kept = tokens()
+        assert kept[TOKENS_ADMIN_KEY] == "admin-" * 4 and kept["control-token"] == "control-" * 3
+        boot = json.loads(
+            secret_values(cluster.get(SECRETS, NS, "old-envoy"))[ENVOY_BOOTSTRAP_FILE]
+        )
+        [meta] = boot["dynamicResources"]["adsConfig"]["grpcServices"][0]["initialMetadata"]
+        assert meta["value"] == kept[TOKENS_XDS_KEY]

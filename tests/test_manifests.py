@@ -46,6 +46,7 @@ def rendered_objects() -> list[tuple[str, dict[str, Any]]]:
             spec,
             admin_token="a",
             control_token="c",
+            xds_token="x" * 24,
             node_port=30080,
             model_ready=name == "own-model",
         )

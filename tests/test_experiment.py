@@ -119,7 +119,20 @@ def _summaries() -> list[dict]:
             "latency_ms": {"p50": 1.7, "p95": 2004.9, "p99": 2011.3},
         }, detections=detections)  # fmt: skip
         out.append(p.summary())
+    # The same scenario with Envoy routing, steered by TW-LB: one more row.
+    envoy = Phase("standard-mix+onset", "trust", {"sent": 2500, "correct": 2490, "wrong": 4,
+                  "failed": 6}, detections=_detections(_timeline("trust"), ONSETS),
+                  data_plane="envoy")  # fmt: skip
+    out.append(envoy.summary())
     return out
+
+
+def test_a_phase_on_envoy_is_a_row_of_its_own() -> None:
+    rows = _summaries()
+    assert [r["policy"] for r in rows][-2:] == ["oracle", "trust (envoy)"]
+    assert rows[-1]["data_plane"] == "envoy" and rows[0]["data_plane"] == "balancer"
+    # Detection reads /trust the way the trust policy routes, on Envoy as on the proxy.
+    assert (rows[-1]["detected"], rows[-1]["faults"]) == (rows[0]["detected"], rows[0]["faults"])
 
 
 @pytest.mark.parametrize("width", [100, 80])

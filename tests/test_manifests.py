@@ -46,6 +46,7 @@ def rendered_objects() -> list[tuple[str, dict[str, Any]]]:
             spec,
             admin_token="a",
             control_token="c",
+            xds_token="x" * 24,
             node_port=30080,
             model_ready=name == "own-model",
         )
@@ -89,7 +90,10 @@ def test_every_pod_is_hardened(name, pod):
 def test_pods_that_do_not_talk_to_the_api_carry_no_token():
     for name, pod in _pod_specs():
         if ".yaml#" not in name:  # rendered by the operator: balancer and nodes
-            if "Deployment/lab-balancer" in name:  # follows its backends' Services
+            # The balancer follows its backends' Services; with an Envoy data plane its
+            # control plane does (Envoy, under the balancer's name, talks to no API).
+            follows = "envoy:" in name and "Deployment/lab-xds" in name
+            if follows or ("envoy:" not in name and "Deployment/lab-balancer" in name):
                 assert pod["automountServiceAccountToken"] is True, name
                 assert pod["serviceAccountName"] == "lab-balancer"
             else:

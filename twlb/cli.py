@@ -19,6 +19,7 @@ from twlb.exits import OneLineGroup
 SUBCOMMANDS: dict[str, str] = {
     "backend": "twlb.backend.cli:command",
     "balancer": "twlb.balancer.cli:command",
+    "envoy": "twlb.envoy.cli:command",
     "load": "twlb.client.cli:command",
     "up": "twlb.orchestration.runtime:up_command",
     "status": "twlb.orchestration.runtime:status_command",

@@ -300,6 +300,29 @@ class GossipSpec(_Model):
         return to_env(self, prefix, exclude=exclude)
 
 
+class DataPlane(StrEnum):
+    """What routes a cluster's traffic: TW-LB's own proxy, or Envoy steered by TW-LB as
+    its xDS control plane (docs/envoy.md)."""
+
+    BALANCER = "balancer"
+    ENVOY = "envoy"
+
+
+#: The policies an Envoy data plane carries out (`twlb.envoy.resources.LB_POLICY` maps each
+#: to Envoy's load balancer; a test keeps the two in step).
+ENVOY_POLICIES: frozenset[PolicyName] = frozenset(
+    {
+        PolicyName.TRUST,
+        PolicyName.ROUND_ROBIN,
+        PolicyName.WEIGHTED_ROUND_ROBIN,
+        PolicyName.RANDOM,
+        PolicyName.LEAST_CONNECTIONS,
+        PolicyName.P2C_EWMA,
+        PolicyName.OUTLIER_EJECTION,
+    }
+)
+
+
 class TrustClusterSpec(_Model):
     """The desired state of a TrustCluster."""
 
@@ -316,12 +339,23 @@ class TrustClusterSpec(_Model):
         max_length=100,
         description="Faults pinned on given node indices (win over the mix).",
     )
+    data_plane: DataPlane = Field(
+        DataPlane.BALANCER,
+        description="What routes the traffic: balancer (TW-LB's own proxy) or envoy (Envoy, "
+        "with TW-LB as its xDS control plane).",
+    )
     balancer: BalancerSpec = Field(default_factory=BalancerSpec)
     gossip: GossipSpec = Field(default_factory=GossipSpec)
     image: str = Field("twlb:0.1.0", min_length=1, description="Container image (cluster only).")
 
     @model_validator(mode="after")
     def _fits(self) -> TrustClusterSpec:
+        if self.data_plane is DataPlane.ENVOY and self.policy not in ENVOY_POLICIES:
+            carried = ", ".join(sorted(p.value for p in ENVOY_POLICIES))
+            raise ValueError(
+                f"policy {self.policy.value!r} has no Envoy counterpart (dataPlane: envoy "
+                f"carries out {carried})"
+            )
         mixed = sum(e.count for e in self.fault_mix)
         if mixed > self.backends:
             raise ValueError(f"faultMix assigns {mixed} faults to only {self.backends} backends")

@@ -249,10 +249,16 @@ class Auditor:
             return self._probation_at
         return base
 
-    def draw(self, method: str, backend: str) -> list[str] | None:
+    def draw(self, method: str, backend: str, shown: float = 1.0) -> list[str] | None:
         """Whether to audit an answer `backend` gave to `method`: the two peers to ask,
-        or None (not drawn, a method not audited, or fewer than two voters besides)."""
+        or None (not drawn, a method not audited, or fewer than two voters besides).
+
+        `shown`: the share of answers the caller is shown (an observer of another proxy's
+        traffic sees a sample); the draw is the backend's fraction over it, so that the
+        backend's answers are audited at its fraction overall."""
         fraction = self.fraction_of(backend) if self.by_standing else self.fraction
+        if shown < 1.0 and fraction:
+            fraction = min(1.0, fraction / shown) if shown > 0.0 else 1.0
         if not fraction or method not in self.methods or self.rng.random() >= fraction:
             return None
         others = self.voters(exclude={backend})

@@ -465,6 +465,20 @@ class Balancer:
             rec.counters.observe(outcome, latency)
         return TryResult(backend, outcome, response, latency, detail, over_budget=not learn)
 
+    def observe_try(self, backend: str, outcome: Outcome, latency_s: float, now: float) -> bool:
+        """A try another proxy sent to `backend` ended at `now` with `outcome` after
+        `latency_s`: fed to health, the backend's window and its counters as a try of
+        this balancer's own is (`try_backend`). False when the backend is not in the fleet."""
+        rec = self._records.get(backend)
+        if rec is None:
+            return False
+        self.health.on_passive(backend, outcome, now)
+        if outcome is not SUCCESS:
+            self._refresh_up()
+        rec.window.record_request(now, outcome, latency_s)
+        rec.counters.observe(outcome, latency_s)
+        return True
+
     # ---------------------------------------------------------------- routing
     async def route(
         self, method: str, target: bytes, headers: list, body: bytes, key: str | None
@@ -516,11 +530,13 @@ class Balancer:
         headers: list,
         backend: str,
         response: UpstreamResponse,
+        shown: float = 1.0,
     ) -> bool:
         """Cross-check an answer this balancer did not proxy: `backend` answered `response`
-        to `method target` in another proxy's traffic. Drawn and asked of other backends
-        as `maybe_audit` does; True when an audit started."""
-        peers = self.auditor.draw(method, backend)
+        to `method target` in another proxy's traffic, of which this balancer is shown the
+        share `shown`. Drawn (at the backend's audit fraction over `shown`) and asked of
+        other backends as `maybe_audit` does; True when an audit started."""
+        peers = self.auditor.draw(method, backend, shown)
         if peers is None:
             return False
         self._spawn(self._audit(method, target, headers, backend, response, peers), "twlb-audit")

@@ -50,6 +50,7 @@ from twlb.processes.state import (
     state_dir_option,
 )
 
+from twlb.logs import setup_logging
 from twlb.options import FiniteFloat, click_option
 from twlb.spec import (
     FaultSpec,
@@ -537,7 +538,7 @@ def up_command(
 
     from twlb import tables
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging("info")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
     tc = _load_or_exit(file)
     cluster = EmbeddedCluster(

@@ -11,10 +11,9 @@ exactly.
 
 from __future__ import annotations
 
-import re
-
 import asyncio
 import gc
+import re
 import weakref
 from dataclasses import dataclass, field
 

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "load": "twlb.client.cli:command",
     "up": "twlb.orchestration.runtime:up_command",
     "status": "twlb.orchestration.runtime:status_command",
+    "rollout": "twlb.orchestration.runtime:rollout_command",
     "replicas": "twlb.orchestration.scaling:command",
     "hashing": "twlb.orchestration.hashing_analysis:command",
     "demo": "twlb.orchestration.demo:command",

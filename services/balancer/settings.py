@@ -146,14 +146,6 @@ class BalancerSettings(BalancerTunables):
         "instead of binding --host/--port: how `twlb up` runs several replicas on one "
         "address.",
     )
-    drain_s: float = Field(
-        10.0,
-        ge=0.0,
-        le=3600.0,
-        description="On SIGTERM: seconds the replica keeps serving requests in flight, queued "
-        "and arriving on open connections (each answer then closes its connection) after "
-        "/readyz turns 503 and the listener closes; then what is left gets 503.",
-    )
     replica_id: str = Field(
         default_factory=socket.gethostname,
         min_length=1,

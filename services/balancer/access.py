@@ -51,8 +51,9 @@ class AccessLog:
     """The access log's sampling and lines (`ACCESS`, at INFO whatever the process's
     log level: an access log is not a debug aid one turns down with the rest)."""
 
-    def __init__(self, sample: float, seed: int = 0) -> None:
+    def __init__(self, sample: float, seed: int = 0, replica: str | None = None) -> None:
         self.sample = sample
+        self.replica = replica
         self._random = random.Random(seed ^ 0x5EED).random
         ACCESS.setLevel(logging.INFO)
 
@@ -65,8 +66,8 @@ class AccessLog:
         """A request's wall-clock arrival and its start on the performance counter."""
         return time.time(), time.perf_counter()
 
-    @staticmethod
     def write(
+        self,
         started: tuple[float, float],
         rid: bytes,
         method: str,
@@ -88,6 +89,7 @@ class AccessLog:
             "tries": tries,
             "audit": audit,
             "duration_ms": round((time.perf_counter() - began) * 1000.0, 3),
+            "replica": self.replica,
             **more,
         }
         ACCESS.info("%s %s %d", method, fields["path"], status, extra=fields)

@@ -241,6 +241,8 @@ def build_api(
                 for name, v in replicas.sharing.views.items()
             }  # fmt: skip
             doc["watched"] = sorted(b.auditor.watched)
+            doc["replays"] = replicas.replayed
+            doc["exchanges"] = replicas.exchanges
         return Response(orjson.dumps(doc), media_type="application/json")
 
     @api.post(

@@ -240,7 +240,7 @@ class BalancerApp:
         # With an admin listener of its own, the traffic port proxies every path.
         self.proxy_all = settings.admin_apart
         self._https = settings.tls_cert_file is not None
-        self.access = AccessLog(settings.access_log_sample, settings.seed)
+        self.access = AccessLog(settings.access_log_sample, settings.seed, settings.replica_id)
         self._logged = settings.access_log_sample > 0.0
         self.tracing: Tracing | None = None
         if Tracing.configured():

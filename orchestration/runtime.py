@@ -307,7 +307,7 @@ class EmbeddedCluster:
             "--admin-port", str(replica.admin_port),
             "--admin-token-file", str(self.secret_file("admin-token")),
             "--replica-id", replica.name,
-            "--evidence-file", str(self.state_dir / EVIDENCE_DIR / f"{replica.name}.json"),
+            "--evidence-file", str(self.evidence_file(replica)),
             "--policy", policy,
             *balancer_args(spec.balancer),
             # Replicas draw audits independently (the first keeps the spec's seed).
@@ -341,12 +341,18 @@ class EmbeddedCluster:
         if replica.proc is not None:
             replica.proc.stop(timeout=self.cluster.spec.balancer.drain_s + STOP_MARGIN_S)
 
+    def evidence_file(self, replica: BalancerReplica) -> Path:
+        return self.state_dir / EVIDENCE_DIR / f"{replica.name}.json"
+
     def restart_balancer(self, policy: str | None = None, ready_timeout: float = 30.0) -> None:
-        """Stop every balancer replica and start them again, fresh, optionally with
-        another policy."""
+        """Stop every balancer replica and start them again, fresh (their evidence files
+        removed: an experiment's next phase starts from nothing), optionally with another
+        policy. A crash restart and a rollout keep the evidence."""
         with self.lock:
             for replica in self.balancers:
                 self._stop_replica(replica)
+            for replica in self.balancers:
+                self.evidence_file(replica).unlink(missing_ok=True)
             if policy is not None:
                 self.policy = policy
             self.write_truth()

@@ -6,7 +6,9 @@ The embedded runtime (orchestration/runtime.py) starts three benign `twlb backen
 cores) accepting from one socket; nginx (Debian's nginx-light, a generated round-robin
 keepalive config, `worker_processes` = cores) proxies to the same nodes. wrk drives one
 proxy at a time, in alternating order, for several rounds: nginx, the replicas under
-round robin (no audits), the replicas under trust with 5% audits. For each run: requests
+round robin (no audits), the replicas under trust with 5% audits, each after an
+unmeasured warm-up (`--warmup`: a restarted trust balancer audits new backends at the
+probation fraction, 0.5, until they are trusted). For each run: requests
 a second, and CPU per answered request of the proxy's processes (nginx's master and
 workers; every balancer replica), from /proc through psutil. The medians, their ratio to
 nginx's, and how the replicas shared the requests are printed and written as JSON.
@@ -85,6 +87,9 @@ def replica_requests(cluster: EmbeddedCluster) -> list[float]:
               help="Seconds per wrk run.")  # fmt: skip
 @click.option("--connections", default=64, type=click.IntRange(1, 1024), show_default=True)
 @click.option("--threads", default=2, type=click.IntRange(1, 8), show_default=True)
+@click.option("--warmup", default=4, type=click.IntRange(0, 60), show_default=True,
+              help="Seconds of unmeasured load before each run (a restarted trust balancer "
+              "audits new backends at the probation fraction until they are trusted).")  # fmt: skip
 @click.option("--replicas", default=os.cpu_count() or 1, type=click.IntRange(1, 16),
               show_default=True, help="Balancer replicas (and nginx workers).")  # fmt: skip
 @click.option(
@@ -94,7 +99,13 @@ def replica_requests(cluster: EmbeddedCluster) -> list[float]:
     show_default=True,
 )
 def main(
-    rounds: int, duration: int, connections: int, threads: int, replicas: int, out: Path
+    rounds: int,
+    duration: int,
+    connections: int,
+    threads: int,
+    warmup: int,
+    replicas: int,
+    out: Path,
 ) -> None:
     """twlb up's replicas vs nginx (a worker per core): throughput and CPU per request."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -131,6 +142,8 @@ def main(
                         cluster.restart_balancer(policy=policy, ready_timeout=60)
                         time.sleep(1.0)  # the fleet settles (a trust window starts)
                     url = targets.get(name, cluster.balancer_url) + WORK_PATH
+                    if warmup:
+                        run_wrk(name, r, url, warmup, connections, threads)
                     cpu = tree_cpu_s(nginx.pid) if name == NGINX else replica_cpu_s(cluster)
                     run = run_wrk(name, r, url, duration, connections, threads)
                     spent = (
@@ -185,7 +198,7 @@ def main(
     Console().print(table)
     report = {
         "replicas": replicas, "nginx_workers": replicas, "connections": connections,
-        "wrk_threads": threads, "duration_s": duration, "rounds": rounds,
+        "wrk_threads": threads, "duration_s": duration, "warmup_s": warmup, "rounds": rounds,
         "summary": summary, "runs": runs, "machine": machine(load_before),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip

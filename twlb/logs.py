@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Literal, TextIO
 
+import orjson
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 LogFormat = Literal["text", "json"]
@@ -61,6 +63,22 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        ready = record.__dict__.get(FIELDS)
+        if ready is not None and not record.exc_info:
+            # One line a request: the fields as they are, quoted only when they must be.
+            parts = [
+                f"{_text_time(record.created)} {record.levelname} {record.name}: "
+                f"{record.getMessage()}"
+            ]
+            for key, value in ready.items():
+                if isinstance(value, Mapping):
+                    _flat(key, value, parts)
+                    continue
+                text = "-" if value is None else str(value)
+                if " " in text or '"' in text or not text:
+                    text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                parts.append(f"{key}={text}")
+            return " ".join(parts)
         line = super().format(record)
         extra = fields_of(record)
         if not extra:
@@ -72,13 +90,64 @@ class TextFormatter(logging.Formatter):
         return f"{head} {' '.join(parts)}{sep}{tail}"
 
 
+#: The attribute of a record whose value is all its fields, ready (access log lines: one
+#: line a request, so they skip the formatters' search of the record for fields).
+FIELDS = "fields"
+
+
+class JsonFormatter(OrjsonFormatter):
+    """python-json-logger's formatter (orjson): time, level, logger, message and the
+    record's fields as members. A record that carries its fields ready in one dict
+    (`extra={FIELDS: {...}}`) is written from that dict."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = record.__dict__.get(FIELDS)
+        if fields is None or record.exc_info:
+            return super().format(record)
+        line = {
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **fields,
+            "time": _iso(record.created),
+        }
+        return orjson.dumps(line, default=str).decode()
+
+
+def _iso(created: float) -> str:
+    """A record's time as ISO 8601 in UTC, to the microsecond (the second's text cached)."""
+    second = int(created)
+    if second != _second[0]:
+        _second[0] = second
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int((created - second) * 1e6):06d}+00:00"
+
+
+_second: list = [-1, ""]
+
+
+def _text_time(created: float) -> str:
+    """A record's time as the text format writes it (logging's default, local time)."""
+    second = int(created)
+    if second != _local[0]:
+        _local[0] = second
+        _local[1] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+    return f"{_local[1]},{int((created - second) * 1000):03d}"
+
+
+_local: list = [-1, ""]
+
+
 def json_formatter() -> logging.Formatter:
     """One JSON object a line: time, level, logger, message, and every field given."""
-    return OrjsonFormatter(
-        "%(levelname)s %(name)s %(message)s",
-        rename_fields={"levelname": "level", "name": "logger"},
-        timestamp="time",
-    )
+    return JsonFormatter()
 
 
 def formatter(fmt: str | None) -> logging.Formatter:
@@ -90,6 +159,10 @@ def setup_logging(
 ) -> None:
     """Log at `level` to `stream` (stderr) in `fmt` (None: `default_format()`), replacing
     the root logger's handlers."""
+    # The logging HOWTO's optimizations: no caller, thread or process lookups per record
+    # (no format here shows them), which cost more than the rest of an access line.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()

@@ -176,3 +176,30 @@ async def test_a_draining_server_serves_what_it_has_and_closes_each_connection()
     assert not server.connections
     for w in (busy_w, open_w):
         w.close()
+
+
+def test_a_replica_that_finds_itself_among_its_peers_leaves_itself_out(tmp_path: Path) -> None:
+    # On Kubernetes the peers' DNS name resolves to every replica's address, its own too.
+    admin = free_port()
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    node, node_url = _start(tmp_path, "node", "backend", "--no-simulation", "--no-gossip")
+    proc, _ = _start(
+        tmp_path, "self", "balancer", "--admin-port", str(admin), "--backend", node_url,
+        "--admin-token-file", str(token), "--peer-dns", f"localhost:{admin}",
+        "--replica-id", "only", "--peer-sync", "0.1", "--gossip-poll", "0",
+        "--model", "heuristic",
+    )  # fmt: skip
+    try:
+        proc.wait_ready(f"http://127.0.0.1:{admin}/readyz", timeout=60)
+        time.sleep(1.0)  # several sync rounds
+        doc = httpx.get(
+            f"http://127.0.0.1:{admin}/admin/evidence",
+            headers={"Authorization": "Bearer t"},
+            timeout=5,
+        ).json()
+        assert doc["replica"] == "only" and doc["peers"] == {}
+        assert doc["exchanges"]["refused"] == 0
+    finally:
+        proc.stop()
+        node.stop()

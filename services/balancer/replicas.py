@@ -46,8 +46,10 @@ WARMUP_S = 5.0
 EXCHANGE_TIMEOUT_S = 1.0
 #: What a peer's answer may weigh.
 PEER_LIMITS = UpstreamLimits(max_head_bytes=16 * 1024, max_headers=50, max_body_bytes=2 << 20)
-#: Most peers whose views are kept.
-MAX_PEERS = 64
+#: Most peers whose views are kept (a spec runs at most 16 replicas); each view holds
+#: claims on this replica's own backends only, from a document of at most the admin
+#: listener's body limit.
+MAX_PEERS = 32
 #: Version of the evidence file.
 FILE_FORMAT = 1
 EXCHANGE_PATH = b"/admin/evidence/exchange"
@@ -206,15 +208,17 @@ class Replicas:
         if replica not in self.sharing.views and len(self.sharing.views) >= MAX_PEERS:
             oldest = min(self.sharing.views.values(), key=lambda v: v.received_at)
             self.sharing.drop_peer(oldest.replica)
-        return self.sharing.receive(replica, doc, b.clock(), rule.max_backoff_s)
+        return self.sharing.receive(
+            replica, doc, b.clock(), rule.max_backoff_s, fleet=b.fleet.records
+        )
 
     def answer(self, doc: Any) -> dict[str, Any]:
         """A peer's exchange (the API's POST): take its document (ValueError when it is
         not one), act on it, and answer with this replica's."""
-        replica = self._receive(doc)
-        if replica == self.settings.replica_id:
-            raise ValueError(f"the peer calls itself {replica!r}, this replica's own name")
-        self._act()
+        # This replica's own document (its --peer-dns name covers its own address too) is
+        # answered, not taken: the caller learns that address is its own.
+        if self._receive(doc) != self.settings.replica_id:
+            self._act()
         return self.document()
 
     # -- acting on what peers say ----------------------------------------------------------

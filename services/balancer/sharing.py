@@ -253,10 +253,20 @@ class SharedEvidence:
             raise ValueError("exchange 'replica' must be a name of 1..253 characters")
         return replica
 
-    def receive(self, peer: str, doc: Any, now: float, max_backoff_s: float) -> str:
-        """Take a peer's document, its view kept under `peer` (its replica name);
-        ValueError, nothing taken, when it is not one. Returns the peer's replica name."""
+    def receive(
+        self,
+        peer: str,
+        doc: Any,
+        now: float,
+        max_backoff_s: float,
+        fleet: Collection[str] | None = None,
+    ) -> str:
+        """Take a peer's document, its view kept under `peer` (its replica name), its
+        claims on backends of `fleet` only (when given); ValueError, nothing taken, when
+        it is not one. Returns the peer's replica name."""
         replica, claims = parse_document(doc, max_backoff_s)
+        if fleet is not None:
+            claims = {url: c for url, c in claims.items() if url in fleet}
         if replica != self.replica:
             self.views[peer] = PeerView(replica, claims, now)
         return replica

@@ -482,8 +482,8 @@ class Balancer:
         except UpstreamTooLarge as err:
             # A bad upstream: it answered, but over the caps; counted as a 5xx would be.
             outcome, detail = ERROR, str(err)
-        except UpstreamConnectError:
-            outcome = CONNECT_ERROR
+        except UpstreamConnectError as err:  # why, for the client: refused, TLS, closed
+            outcome, detail = CONNECT_ERROR, str(err)
         finally:
             end = self.clock()
             rec.inflight -= 1

@@ -19,7 +19,9 @@ objects, no routing). What one client can take is bounded (docs/hostile-clients.
   `body_timeout_s` after its head (408, then the connection closes);
 - connections: past `max_connections` a new connection takes the place of the one that
   has waited longest for its client (an idle keep-alive connection, a slow head or body);
-  only when every connection is being answered does it get 503.
+  only when every connection is being answered does it get 503; a connection carries
+  `keepalive_requests` answers, the last of which closes it (so clients reconnect, and
+  their connections spread again over replicas accepting from one socket).
 
 A refused request (400, 405, 408, 413, 431, 503, 505) is answered and its connection
 closed, never drained: after the answer the connection lingers `LINGER_S`, reading and
@@ -127,6 +129,7 @@ class ServerLimits:
     head_timeout_s: float
     body_timeout_s: float
     keepalive_timeout_s: float
+    keepalive_requests: int  # answers a connection carries, then one closes it; 0: no cap
     send_timeout_s: float
     max_pipelined: int
     max_connections: int
@@ -244,6 +247,7 @@ class _ClientConnection(asyncio.Protocol):
         self.sent_at = 0.0  # when the write buffer last shrank (or began to hold bytes)
         self.refusal: Reply | None = None
         self.finished = False  # the last answer is written; the connection is closing
+        self.answered = 0  # answers written
         # The request being parsed.
         self.method = b""
         self.url = b""
@@ -702,7 +706,18 @@ class _ClientConnection(asyncio.Protocol):
         transport = self.transport
         if self.closed or self.finished or transport is None:
             return
-        keep_alive = parsed.keep_alive and (not self.server.stopping or bool(self.pending))
+        self.answered += 1
+        cap = self.limits.keepalive_requests
+        # Past its cap, a connection is closed by the first answer with nothing of a next
+        # request read behind it (queued, parsed in part, or held back): a pipelining
+        # client loses none of what it sent. Draining, only requests queued are kept.
+        capped = (
+            0 < cap <= self.answered
+            and self.state is _IDLE
+            and not (self.pending or self.stash or self.paused)
+        )
+        ending = self.server.stopping and not self.pending
+        keep_alive = parsed.keep_alive and not (capped or ending)
         if not keep_alive:
             hop = b"connection: close\r\n"
         elif parsed.http10:

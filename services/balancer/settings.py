@@ -271,6 +271,14 @@ class BalancerSettings(BalancerTunables):
         le=3600.0,
         description="Seconds an idle client connection stays open between requests.",
     )
+    keepalive_requests: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="Answers a client connection carries before one closes it (0: no cap; "
+        "as nginx's keepalive_requests, 1000 there): clients reconnect, so long-lived "
+        "connections spread again over replicas sharing one socket.",
+    )
     send_timeout_s: Annotated[float, Flag("--send-timeout")] = Field(
         30.0,
         gt=0.0,
@@ -411,6 +419,7 @@ class BalancerSettings(BalancerTunables):
             head_timeout_s=self.head_timeout_s,
             body_timeout_s=self.body_timeout_s,
             keepalive_timeout_s=self.keepalive_timeout_s,
+            keepalive_requests=self.keepalive_requests,
             send_timeout_s=self.send_timeout_s,
             max_pipelined=self.max_pipelined,
             max_connections=self.max_connections,

@@ -132,6 +132,8 @@ def balancer_process(
         "--audit-fraction", str(audits), "--log-level", "warning",
         *(arg for b in backends for arg in ("--backend", b)),
     )  # fmt: skip
+    if python is None:  # this build logs every request by default; nginx here does not
+        argv += ["--access-log-sample", "0"]
     return ManagedProcess(argv, log_path=log_dir / f"balancer-{port}.log")
 
 

@@ -98,7 +98,12 @@ def measure(
         "--audit-fraction", str(audits), "--log-level", "warning",
         *(arg for b in backends for arg in ("--backend", b)),
     )  # fmt: skip
-    argv = twlb_argv(*args) if python is None else reference_argv(python, *args)
+    # This build writes an access log line a request by default; nginx here writes none.
+    argv = (
+        twlb_argv(*args, "--access-log-sample", "0")
+        if python is None
+        else reference_argv(python, *args)
+    )
     valgrind = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
     ]  # fmt: skip

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 
 import click
 from twlb.processes.state import DEFAULT_STATE_DIR
 
 from twlb.exits import listen_error
+from twlb.logs import setup_logging
 from twlb.options import FiniteFloat
 
 
@@ -49,7 +49,7 @@ def command(
     """Serve the live dashboard of a running cluster (read-only)."""
     from twlb.dashboard.server import BalancerSource, DashboardServer, StateDirSource
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging("info")
     if state_dir and balancer:
         raise click.UsageError("give --state-dir or --balancer, not both")
     if balancer:

@@ -149,7 +149,8 @@ class StateDirSource:
         ]
         bal = state.get("balancer", {})
         return ClusterSource(
-            balancer_url=str(bal.get("url")),
+            # The admin listener serves /trust and /metrics (the traffic port proxies them).
+            balancer_url=str(bal.get("admin_url") or bal.get("url")),
             balancer_pid=bal.get("pid"),
             nodes=nodes,
             control_token=state.get("tokens", {}).get("control"),

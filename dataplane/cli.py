@@ -26,6 +26,7 @@ from twlb.envoy import resources as res
 
 from twlb.exits import EXIT_FAILED, UsageFailure, bound_socket
 from twlb.options import Flag, OutputPath, build, click_options, field_values
+from twlb.tokens import Token
 from twlb.vocabulary import PolicyName
 
 log = logging.getLogger("twlb.envoy")
@@ -58,11 +59,6 @@ class EnvoySettings(BaseModel):
         ge=0,
         le=65535,
         description="Port of a listener showing Envoy's /stats/prometheus and /ready (0: none).",
-    )
-    evidence_file: Annotated[Path | None, Flag(type=OutputPath())] = Field(
-        None,
-        description="File the audit evidence is kept in and read back from at start, so a "
-        "restarted control plane keeps proven liars out.",
     )
     envoy: bool = Field(
         True, description="Start Envoy as a child process (off: control plane only)."
@@ -133,6 +129,19 @@ def command(ctx: click.Context, **options: object) -> None:
     """
     settings = build(BalancerSettings, ctx, field_values(BalancerSettings, options))
     envoy = build(EnvoySettings, ctx, field_values(EnvoySettings, options))
+    unsupported = {
+        "--admin-port": settings.admin_port is not None,
+        "--listen-fd": settings.listen_fd is not None,
+        "--peer/--peer-dns": settings.shares_evidence,
+        "--tls-cert-file/--tls-key-file": settings.tls_cert_file is not None
+        or settings.tls_key_file is not None,
+    }
+    given = [flag for flag, on in unsupported.items() if on]
+    if given:
+        raise UsageFailure(
+            f"twlb envoy does not take {', '.join(given)}: Envoy serves the traffic and the "
+            "control plane's API is on --port"
+        )
     token = envoy.xds_token
     if token is None:
         if envoy.print_bootstrap or not envoy.envoy:
@@ -191,8 +200,11 @@ async def _serve(
     from twlb.envoy.process import envoy_process
     from twlb.envoy.server import ControlPlane
 
-    plane = ControlPlane(balancer, layout, envoy.evidence_file)  # type: ignore[arg-type]
-    api = build_api(balancer)  # type: ignore[arg-type]
+    # --evidence-file (the balancer's setting): kept and read back by the control plane, so
+    # a restarted control plane keeps proven liars out.
+    plane = ControlPlane(balancer, layout, settings.evidence_file)  # type: ignore[arg-type]
+    token = Token(settings.admin_token, settings.admin_token_file)
+    api = build_api(balancer, token=token)  # type: ignore[arg-type]
     plane.install_api(api)
     config = uvicorn.Config(
         api, host=settings.host, port=settings.port, log_level="warning", lifespan="on"

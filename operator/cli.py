@@ -10,6 +10,7 @@ import click
 from twlb.operator.crd import render_crd_yaml
 
 from twlb.exits import UsageFailure, bound_socket
+from twlb.logs import setup_logging
 from twlb.options import FiniteFloat
 
 NO_CLUSTER = (
@@ -83,10 +84,7 @@ def command(
     import kopf
     from twlb.operator.handlers import OperatorConfig, make_settings, register
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
     config = OperatorConfig(
         status_interval_s=status_interval,
         trust_threshold=trust_threshold,

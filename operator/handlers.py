@@ -51,6 +51,7 @@ OWNED_KINDS = (
     "ServiceAccount",
     "Role",
     "RoleBinding",
+    "PodDisruptionBudget",
 )
 #: Created before the rest: pods refer to them (the balancer's pod to its account).
 FIRST_KINDS = frozenset({"Secret", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"})
@@ -379,8 +380,9 @@ def register(
         except SpecError:
             return  # the reconcile handler has already said so in the status
         owner = render.Owner(name=name, namespace=namespace, uid=uid)
-        url = meta.annotations.get(render.ANNOTATION_BALANCER_URL) or render.service_url(
-            owner, render.balancer_name(owner)
+        # /trust is on a replica's admin listener (the traffic port proxies every path).
+        url = meta.annotations.get(render.ANNOTATION_BALANCER_URL) or render.balancer_admin_url(
+            owner
         )
         current = (status or {}).get("observedGeneration") == meta.get("generation")
         selector = {render.LABEL_CLUSTER: name}

@@ -25,6 +25,7 @@ KINDS: dict[str, tuple[type, str]] = {
     "ServiceAccount": (kubernetes.client.CoreV1Api, "namespaced_service_account"),
     "Role": (kubernetes.client.RbacAuthorizationV1Api, "namespaced_role"),
     "RoleBinding": (kubernetes.client.RbacAuthorizationV1Api, "namespaced_role_binding"),
+    "PodDisruptionBudget": (kubernetes.client.PolicyV1Api, "namespaced_pod_disruption_budget"),
 }
 
 MERGE_PATCH = "application/merge-patch+json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,15 @@ from twlb.spec import (
 
 #: Port every backend and balancer container listens on.
 HTTP_PORT = 8080
+#: The balancer's admin listener (/admin, /trust, /metrics, /readyz, /healthz): its
+#: probes, Prometheus, the operator, the dashboard and the replicas' evidence exchange
+#: use it; the traffic port proxies every path.
+ADMIN_PORT = 8081
+#: Seconds a balancer pod keeps serving after it was told to stop, before SIGTERM, while
+#: every node's proxy takes it out of the Service (its preStop hook).
+PRESTOP_S = 5
+#: Where the tokens Secret is mounted in the balancer's pod.
+TOKENS_MOUNT = "/etc/twlb/tokens"
 #: Longest cluster name whose children (`<name>-balancer`, `<name>-node-99`) stay DNS labels.
 MAX_CLUSTER_NAME = 52
 
@@ -147,6 +157,16 @@ def tokens_secret_name(owner: Owner) -> str:
     return f"{owner.name}-tokens"
 
 
+def balancer_peers_name(owner: Owner) -> str:
+    """The headless Service of the balancer's pods: their admin listeners, by address."""
+    return f"{owner.name}-balancer-peers"
+
+
+def balancer_admin_url(owner: Owner) -> str:
+    """A balancer replica's admin listener, in-cluster (one of the pods' addresses)."""
+    return f"http://{balancer_peers_name(owner)}.{owner.namespace}.svc:{ADMIN_PORT}"
+
+
 def service_url(owner: Owner, service: str) -> str:
     """In-cluster URL of one of the cluster's Services."""
     return f"http://{service}.{owner.namespace}.svc:{HTTP_PORT}"
@@ -227,9 +247,9 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+def _probe(path: str, period: int, failures: int, port: str = "http") -> dict[str, Any]:
     return {
-        "httpGet": {"path": path, "port": "http"},
+        "httpGet": {"path": path, "port": port},
         "periodSeconds": period,
         "timeoutSeconds": 2,
         "failureThreshold": failures,
@@ -243,13 +263,14 @@ def _pod_template(
     container: dict[str, Any],
     volumes: list[dict[str, Any]],
     annotations: dict[str, str],
+    metrics_port: int = HTTP_PORT,
 ) -> dict[str, Any]:
     return {
         "metadata": {
             "labels": labels(owner, component, node),
             "annotations": {
                 "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(HTTP_PORT),
+                "prometheus.io/port": str(metrics_port),
                 "prometheus.io/path": "/metrics",
                 **annotations,
             },
@@ -297,6 +318,10 @@ def _secret_env(var: str, owner: Owner, key: str) -> dict[str, Any]:
     }
 
 
+#: A node is one process with one identity: never run two at once.
+RECREATE: dict[str, Any] = {"type": "Recreate"}
+
+
 def _deployment(
     owner: Owner,
     name: str,
@@ -304,16 +329,17 @@ def _deployment(
     node: str | None,
     template: dict[str, Any],
     annotations: dict[str, str] | None = None,
+    replicas: int = 1,
+    strategy: dict[str, Any] = RECREATE,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(owner, name, component, node, annotations),
         "spec": {
-            "replicas": 1,
+            "replicas": replicas,
             "revisionHistoryLimit": 2,
-            # A node is one process with one identity: never run two at once.
-            "strategy": {"type": "Recreate"},
+            "strategy": strategy,
             "selector": {"matchLabels": selector(owner, component, node)},
             "template": template,
         },
@@ -391,21 +417,31 @@ def add_gossip(
     container["env"].extend({"name": k, "value": v} for k, v in sorted(env.items()))
 
 
-def render_gossip_service(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
-    """The headless Service for peer discovery: one DNS record per backend pod, published
-    before readiness so that a starting node is found by its peers."""
-    port = spec.gossip.port or GOSSIP_PORT
+def _headless_service(
+    owner: Owner, name: str, component: str, selects: str, port: dict[str, Any]
+) -> dict[str, Any]:
+    """A headless Service: one DNS record per pod of `selects`, published before
+    readiness, so that a starting pod is found by its peers."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, gossip_service_name(owner), COMPONENT_GOSSIP),
+        "metadata": _metadata(owner, name, component),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": selector(owner, COMPONENT_BACKEND),
-            "ports": [{"name": "gossip", "port": port, "targetPort": "gossip", "protocol": "UDP"}],
+            "selector": selector(owner, selects),
+            "ports": [port],
         },
     }
+
+
+def render_gossip_service(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
+    """The headless Service for peer discovery among the backends."""
+    port = spec.gossip.port or GOSSIP_PORT
+    return _headless_service(
+        owner, gossip_service_name(owner), COMPONENT_GOSSIP, COMPONENT_BACKEND,
+        {"name": "gossip", "port": port, "targetPort": "gossip", "protocol": "UDP"},
+    )  # fmt: skip
 
 
 def _service(
@@ -482,9 +518,19 @@ def render_balancer_account(owner: Owner) -> list[dict[str, Any]]:
 def render_balancer_deployment(
     owner: Owner, spec: TrustClusterSpec, model_ready: bool = False
 ) -> dict[str, Any]:
-    """The balancer: policy and settings from the spec; its backends are the node Services,
-    which it follows itself (`--discover-services`, the nodes' labels), so its pod template
-    does not change when the cluster is scaled and scaling never restarts it.
+    """The balancer: `balancer.replicas` pods, policy and settings from the spec; its
+    backends are the node Services, which it follows itself (`--discover-services`, the
+    nodes' labels), so its pod template does not change when the cluster is scaled and
+    scaling never restarts it.
+
+    Rolled one pod at a time and never below the replicas asked for (RollingUpdate,
+    maxUnavailable 0, maxSurge 1): a new pod is ready (`/readyz` on the admin port: it has
+    taken in its peers' evidence and has a backend up) before an old one stops. A stopping
+    pod keeps serving for PRESTOP_S (preStop), while the nodes' proxies drop it from the
+    Service, then drains for `balancer.drainS` on SIGTERM. The replicas share audit
+    evidence through their admin listeners, found by the headless Service
+    `<name>-balancer-peers`. The admin token is a file from the tokens Secret, never an
+    argument.
 
     With `model_ready` (the model ConfigMap holds MOUNTED_MODEL_FILE) it loads and hot-reloads that
     model; until then it runs the model its image ships (the balancer's default `--model`).
@@ -495,6 +541,14 @@ def render_balancer_deployment(
         "0.0.0.0",
         "--port",
         str(HTTP_PORT),
+        "--admin-host",
+        "0.0.0.0",
+        "--admin-port",
+        str(ADMIN_PORT),
+        "--admin-token-file",
+        f"{TOKENS_MOUNT}/{TOKENS_ADMIN_KEY}",
+        "--peer-dns",
+        f"{balancer_peers_name(owner)}.{owner.namespace}.svc.cluster.local:{ADMIN_PORT}",
         "--policy",
         spec.policy.value,
         *balancer_args(spec.balancer),
@@ -507,14 +561,25 @@ def render_balancer_deployment(
         "--discover-port",
         "http",
     ]
-    mounts = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}]
+    mounts = [
+        {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
+        {"name": "tokens", "mountPath": TOKENS_MOUNT, "readOnly": True},
+    ]
     volumes: list[dict[str, Any]] = [
         # Optional: until a model is trained the ConfigMap may be empty or absent and
         # the balancer falls back to its heuristic scorer.
         {
             "name": "model",
             "configMap": {"name": model_config_map_name(owner, spec), "optional": True},
-        }
+        },
+        {
+            "name": "tokens",
+            "secret": {
+                "secretName": tokens_secret_name(owner),
+                "items": [{"key": TOKENS_ADMIN_KEY, "path": TOKENS_ADMIN_KEY}],
+                "defaultMode": 0o400,
+            },
+        },
     ]
     if model_ready:
         args += ["--model", f"{MODEL_MOUNT}/{MOUNTED_MODEL_FILE}"]
@@ -522,21 +587,66 @@ def render_balancer_deployment(
         args += ["--oracle-truth", f"{TRUTH_MOUNT}/{TRUTH_FILE}"]
         mounts.append({"name": "truth", "mountPath": TRUTH_MOUNT, "readOnly": True})
         volumes.append({"name": "truth", "configMap": {"name": truth_config_map_name(owner)}})
-    env = [_secret_env("TWLB_BALANCER_ADMIN_TOKEN", owner, TOKENS_ADMIN_KEY)]
+    # Each replica's name among its peers: its pod's.
+    env = [
+        {
+            "name": "TWLB_BALANCER_REPLICA_ID",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        }
+    ]
     container = _container(COMPONENT_BALANCER, spec.image, args, env, BALANCER_RESOURCES, mounts)
-    template = _pod_template(owner, COMPONENT_BALANCER, None, container, volumes, {})
+    container["ports"].append({"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"})
+    # Readiness is the balancer's own: not while draining, warming up or with no backend up.
+    container["readinessProbe"] = _probe("/readyz", 1, 1, "admin")
+    container["livenessProbe"] = _probe("/healthz", 10, 3, "admin")
+    container["startupProbe"] = _probe("/healthz", 1, 30, "admin")
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_S)]}}}
+    template = _pod_template(
+        owner, COMPONENT_BALANCER, None, container, volumes, {}, metrics_port=ADMIN_PORT
+    )
+    # The grace covers the preStop wait, the drain and a margin to exit.
+    grace = PRESTOP_S + math.ceil(spec.balancer.drain_s) + 5
+    template["spec"]["terminationGracePeriodSeconds"] = grace
     # The one pod of the cluster that talks to the API: as its own account, read-only.
     template["spec"]["serviceAccountName"] = balancer_account_name(owner)
     template["spec"]["automountServiceAccountToken"] = True
     template["spec"]["containers"].append(render_dashboard_sidecar(owner, spec))
-    return _deployment(owner, balancer_name(owner), COMPONENT_BALANCER, None, template)
+    # Rolled one pod at a time, never below the replicas asked for.
+    rolling = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    return _deployment(
+        owner, balancer_name(owner), COMPONENT_BALANCER, None, template,
+        replicas=spec.balancer.replicas, strategy=rolling,
+    )  # fmt: skip
+
+
+def render_balancer_peers_service(owner: Owner) -> dict[str, Any]:
+    """The headless Service of the balancer's pods on their admin port: a starting replica
+    finds its peers' evidence before it is ready (`--peer-dns`)."""
+    return _headless_service(
+        owner, balancer_peers_name(owner), COMPONENT_BALANCER, COMPONENT_BALANCER,
+        {"name": "admin", "port": ADMIN_PORT, "targetPort": "admin"},
+    )  # fmt: skip
+
+
+def render_balancer_pdb(owner: Owner) -> dict[str, Any]:
+    """At most one balancer pod evicted at a time (a node drain, an upgrade of the
+    cluster). With one replica that one may go: run two or more to keep serving."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, balancer_name(owner), COMPONENT_BALANCER),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(owner, COMPONENT_BALANCER)},
+        },
+    }
 
 
 def render_dashboard_sidecar(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
     """The live dashboard beside the balancer: it reads the balancer on loopback, and the
     nodes' live faults with the control token, which stays in the pod (the page is
     read-only). The balancer's Service carries its port as `dashboard`."""
-    args = ["dashboard", "--balancer", f"http://127.0.0.1:{HTTP_PORT}"]
+    args = ["dashboard", "--balancer", f"http://127.0.0.1:{ADMIN_PORT}"]
     args += ["--host", "0.0.0.0", "--port", str(DASHBOARD_PORT)]
     env = [_secret_env("TWLB_DASHBOARD_CONTROL_TOKEN", owner, TOKENS_CONTROL_KEY)]
     c = _container("dashboard", spec.image, args, env, DASHBOARD_RESOURCES, [])
@@ -791,4 +901,6 @@ def render_children(
         return out
     out.append(render_balancer_deployment(owner, spec, model_ready))
     out.append(render_balancer_service(owner, node_port))
+    out.append(render_balancer_peers_service(owner))
+    out.append(render_balancer_pdb(owner))
     return out

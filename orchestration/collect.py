@@ -300,14 +300,14 @@ def run_live(
         if "prometheus" in sources:
             prom = stack.enter_context(
                 LocalPrometheus(
-                    [cluster.balancer_url],
+                    cluster.admin_urls,
                     scrape_interval_s,
                     workdir=workdir / plan.run_id / "prometheus",
                 )
             )
             _wait_scraping(prom.api)
         names = {n.url: n.name for n in cluster.nodes}
-        poller = TrustPoller(cluster.balancer_url)
+        poller = TrustPoller(cluster.admin_url)
         stack.callback(poller.close)
         stack.enter_context(
             driven_load(cluster.balancer_url, plan.rate, plan.duration_s + 1.0, workdir)

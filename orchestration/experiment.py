@@ -156,7 +156,7 @@ def run_phase(
         n.url: (0.0, n.truth, "from start") for n in cluster.nodes if n.truth != NodeClass.HEALTHY
     }
     schedule = ChaosSchedule(cluster, scenario.events)
-    poller = TrustPoller(cluster.balancer_url)
+    poller = TrustPoller(cluster.admin_url)
     load_run = driven_load(
         cluster.balancer_url, scenario.rate, scenario.duration_s, out_dir,
         mode=client, seed=seed,

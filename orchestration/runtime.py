@@ -1,10 +1,22 @@
-"""The embedded runtime: a `TrustCluster` run as local processes (`twlb up`, `twlb status`).
+"""The embedded runtime: a `TrustCluster` run as local processes (`twlb up`, `twlb status`,
+`twlb rollout restart`).
 
 What the operator does on Kubernetes, done on one machine: every backend node is a
-`twlb backend` process carrying its fault (the ground truth), the balancer is a
-`twlb balancer` process in front of them, and Prometheus scrapes both when it is
-installed. A supervisor restarts crashed nodes with back-off as a kubelet would, and
-keeps a state file that `twlb status` reads. Everything started is stopped by its pid.
+`twlb backend` process carrying its fault (the ground truth), the balancer is
+`balancer.replicas` `twlb balancer` processes in front of them, and Prometheus scrapes
+them when it is installed. A supervisor restarts crashed processes with back-off as a
+kubelet would, and keeps a state file that `twlb status` reads. Everything started is
+stopped by its pid.
+
+The balancer replicas serve one address: the runtime binds it and listens once, and
+every replica accepts from that one socket, inherited (`--listen-fd`). A replica that
+stops or restarts takes nothing with it: connections wait in the socket's queue, which
+the runtime holds open, for whichever replica accepts next. (Sockets of their own with
+SO_REUSEPORT would spread connections as evenly, but the kernel resets the connections
+queued on a socket when its process closes it: a rolling restart would drop requests.)
+Each replica has an admin listener of its own on loopback, shares audit evidence with
+the others through it, and keeps its own in `evidence/<replica>.json`. Tokens reach the
+processes as files in `secrets/` (mode 0600), never on a command line.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +51,7 @@ from twlb.orchestration.supervision import NodeProcess, RestartBackoff
 from twlb.processes.managed import (
     ManagedProcess,
     free_port,
+    free_port_range,
     port_in_use,
     twlb_argv,
 )
@@ -51,6 +65,7 @@ from twlb.processes.state import (
     state_dir_option,
 )
 
+from twlb.logs import setup_logging
 from twlb.options import FiniteFloat, click_option
 from twlb.spec import (
     DataPlane,
@@ -62,8 +77,38 @@ from twlb.spec import (
     balancer_args,
     load_trustcluster,
 )
+from twlb.tokens import write_token_file
 
 log = logging.getLogger("twlb.orchestration.runtime")
+
+#: Where the runtime keeps the token files, and the replicas their evidence.
+SECRETS_DIR = "secrets"
+EVIDENCE_DIR = "evidence"
+#: Seconds a stopping replica gets beyond its drain before it is killed.
+STOP_MARGIN_S = 10.0
+
+
+@dataclass
+class BalancerReplica:
+    """One balancer process of the cluster: its admin port, process and restarts."""
+
+    index: int
+    admin_port: int
+    proc: ManagedProcess | None = None
+    restart: RestartBackoff = field(default_factory=RestartBackoff)
+    #: being restarted by a rollout: the supervisor leaves it alone meanwhile
+    rolling: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"balancer-{self.index}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
 
 
 @dataclass
@@ -92,17 +137,22 @@ class EmbeddedCluster:
     _replicas: ReplicaSet | None = field(default=None, init=False)
     dashboard_url: str | None = None  # the live page, when one serves this cluster
     nodes: list[NodeProcess] = field(default_factory=list, init=False)
-    #: The process at the cluster's traffic address (`balancer_url`): `twlb balancer`, or
-    #: with `dataPlane: envoy` Envoy itself, steered by `control_plane` (`twlb envoy`).
-    balancer: ManagedProcess | None = field(default=None, init=False)
+    #: the Python data plane: the balancer's replicas, accepting from one listening socket
+    #: (`_listener`)
+    balancers: list[BalancerReplica] = field(default_factory=list, init=False)
+    #: With `dataPlane: envoy`: Envoy itself at the cluster's traffic address, steered by
+    #: `control_plane` (`twlb envoy --no-envoy`).
+    envoy: ManagedProcess | None = field(default=None, init=False)
+    envoy_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     control_plane: ManagedProcess | None = field(default=None, init=False)
     control_plane_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     #: With `dataPlane: envoy`: the control plane's API and gRPC ports, Envoy's admin port.
     envoy_ports: dict[str, int] = field(default_factory=dict, init=False)
     data_plane_override: DataPlane | None = field(default=None, init=False)
     prometheus_server: LocalPrometheus | None = field(default=None, init=False)
-    balancer_restart: RestartBackoff = field(default_factory=RestartBackoff, init=False)
     lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+    rollout: dict[str, Any] | None = field(default=None, init=False)
+    _listener: socket.socket | None = field(default=None, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
 
@@ -121,7 +171,45 @@ class EmbeddedCluster:
 
     @property
     def balancer_url(self) -> str:
+        """The traffic address every replica serves."""
         return f"http://127.0.0.1:{self.balancer_port}"
+
+    @property
+    def balancer(self) -> ManagedProcess | None:
+        """The process at the traffic address: Envoy with `dataPlane: envoy`, else the
+        first replica's (the one there is, with one replica)."""
+        if self.envoy is not None:
+            return self.envoy
+        return self.balancers[0].proc if self.balancers else None
+
+    @property
+    def balancer_restart(self) -> RestartBackoff:
+        if self.envoy is not None:
+            return self.envoy_restart
+        return self.balancers[0].restart if self.balancers else RestartBackoff()
+
+    @property
+    def admin_url(self) -> str:
+        """Where /trust, /metrics, /readyz and /admin/* are: the first replica's admin
+        listener, or with `dataPlane: envoy` the control plane's API."""
+        if self.envoy is not None and self.control_plane_url is not None:
+            return self.control_plane_url
+        if not self.balancers:
+            raise RuntimeError("the cluster has not started its balancer")
+        return self.balancers[0].admin_url
+
+    @property
+    def admin_urls(self) -> list[str]:
+        if self.envoy is not None and self.control_plane_url is not None:
+            return [self.control_plane_url]
+        return [r.admin_url for r in self.balancers]
+
+    @property
+    def replica_count(self) -> int:
+        return self.cluster.spec.balancer.replicas
+
+    def secret_file(self, name: str) -> Path:
+        return self.state_dir / SECRETS_DIR / name
 
     @property
     def prometheus_url(self) -> str | None:
@@ -149,9 +237,9 @@ class EmbeddedCluster:
         return f"http://127.0.0.1:{port}" if port else None
 
     @property
-    def evidence_file(self) -> Path:
+    def control_plane_evidence_file(self) -> Path:
         """Where an Envoy control plane keeps its evidence across its restarts."""
-        return self.state_dir / "evidence.json"
+        return self.state_dir / EVIDENCE_DIR / "control-plane.json"
 
     def _want_prometheus(self) -> bool:
         if self.prometheus is None:
@@ -176,9 +264,12 @@ class EmbeddedCluster:
             )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
+        (self.state_dir / EVIDENCE_DIR).mkdir(exist_ok=True)
         if self._want_prometheus() and not shutil.which("prometheus"):
             raise ClusterError("--prometheus was asked for but no `prometheus` binary is on PATH")
         try:
+            write_token_file(self.secret_file("admin-token"), self.admin_token)
+            write_token_file(self.secret_file("control-token"), self.control_token)
             for a in assign_faults(self.cluster.spec, self.name):
                 node = NodeProcess(a, self.port_base + 2 + a.index, a.fault)
                 self.nodes.append(node)
@@ -187,8 +278,7 @@ class EmbeddedCluster:
                 assert node.proc is not None
                 node.proc.wait_ready(node.url + "/healthz", timeout=ready_timeout)
             self.write_truth()
-            self._start_balancer()
-            self._wait_balancer(ready_timeout)
+            self._start_data_plane(ready_timeout)
             if self._want_prometheus():
                 self._start_prometheus()
             self.write_state()
@@ -207,7 +297,7 @@ class EmbeddedCluster:
             "--port", str(node.port),
             "--node-id", node.name,
             "--seed", str(node.assignment.seed),
-            "--control-token", self.control_token,
+            "--control-token-file", str(self.secret_file("control-token")),
             *node.fault.to_args(),
             *self._gossip_args(node),
         )  # fmt: skip
@@ -231,29 +321,70 @@ class EmbeddedCluster:
             *(arg for seed in seeds for arg in ("--gossip-seeds", seed)),
         ]  # fmt: skip
 
-    def _start_balancer(self) -> None:
-        if self.data_plane is DataPlane.ENVOY:
-            self._start_control_plane()
-            self._start_envoy()
-            return
+    def _listen(self) -> None:
+        """Bind the traffic address once; every replica accepts from this socket."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", self.balancer_port))
+        except OSError as err:
+            sock.close()
+            raise ClusterError(
+                f"balancer port {self.balancer_port} is in use ({err.strerror}); pick another "
+                "--port-base or stop what uses it"
+            ) from None
+        sock.listen(4096)
+        sock.set_inheritable(True)
+        self._listener = sock
+
+    def _balancer_argv(self, replica: BalancerReplica) -> list[str]:
         spec = self.cluster.spec
         policy = self.policy or spec.policy.value
+        assert self._listener is not None
         argv = twlb_argv(
             "balancer",
             "--host", "127.0.0.1",
             "--port", str(self.balancer_port),
+            "--listen-fd", str(self._listener.fileno()),
+            "--admin-port", str(replica.admin_port),
+            "--admin-token-file", str(self.secret_file("admin-token")),
+            "--replica-id", replica.name,
+            "--evidence-file", str(self.evidence_file(replica)),
             "--policy", policy,
-            "--admin-token", self.admin_token,
             *balancer_args(spec.balancer),
-            "--seed", str(spec.seed),
+            # Replicas draw audits independently (the first keeps the spec's seed).
+            "--seed", str(spec.seed + replica.index),
             *(arg for n in self.nodes for arg in ("--backend", n.url)),
+            *(arg for r in self.balancers if r is not replica for arg in ("--peer", r.admin_url)),
         )  # fmt: skip
         if policy == "oracle":
             argv += ["--oracle-truth", str(self.state_dir / TRUTH_FILE)]
         argv += ["--model", HEURISTIC_MODEL if self.model is None else str(self.model)]
-        argv += list(self.balancer_args)
-        self.balancer = ManagedProcess(argv, log_path=self._log("balancer")).start()
-        self.balancer_restart.started(time.monotonic())
+        return argv + list(self.balancer_args)
+
+    def _start_balancer(self, replica: BalancerReplica) -> None:
+        assert self._listener is not None
+        # Several processes accepting from one socket: each takes one connection per turn
+        # of its loop (libuv's single accept), so the first awake does not take them all.
+        env = {"UV_TCP_SINGLE_ACCEPT": "1"} if len(self.balancers) > 1 else None
+        replica.proc = ManagedProcess(
+            self._balancer_argv(replica),
+            env=env,
+            log_path=self._log(replica.name if replica.index else "balancer"),
+            pass_fds=(self._listener.fileno(),),
+        ).start()
+        replica.restart.started(time.monotonic())
+
+    def _wait_replica(self, replica: BalancerReplica, timeout: float) -> None:
+        assert replica.proc is not None
+        replica.proc.wait_ready(replica.admin_url + "/readyz", timeout=timeout)
+
+    def _stop_replica(self, replica: BalancerReplica) -> None:
+        if replica.proc is not None:
+            replica.proc.stop(timeout=self.cluster.spec.balancer.drain_s + STOP_MARGIN_S)
+
+    def evidence_file(self, replica: BalancerReplica) -> Path:
+        return self.state_dir / EVIDENCE_DIR / f"{replica.name}.json"
 
     # ---- an Envoy data plane (docs/envoy.md) ----------------------------------------------
     def _envoy_layout(self) -> Any:
@@ -287,7 +418,7 @@ class EmbeddedCluster:
             "--host", "127.0.0.1",
             "--port", str(ports["api"]),
             "--policy", self.policy or spec.policy.value,
-            "--admin-token", self.admin_token,
+            "--admin-token-file", str(self.secret_file("admin-token")),
             *balancer_args(spec.balancer),
             "--seed", str(spec.seed),
             *(arg for n in self.nodes for arg in ("--backend", n.url)),
@@ -295,7 +426,7 @@ class EmbeddedCluster:
             "--xds-port", str(ports["xds"]),
             "--envoy-admin-port", str(ports["admin"]),
             "--node-id", f"{self.name}-envoy",
-            "--evidence-file", str(self.evidence_file),
+            "--evidence-file", str(self.control_plane_evidence_file),
             "--model", HEURISTIC_MODEL if self.model is None else str(self.model),
             *self.balancer_args,
         )  # fmt: skip
@@ -310,10 +441,10 @@ class EmbeddedCluster:
         from twlb.envoy.process import envoy_process
         from twlb.envoy.resources import bootstrap_json
 
-        self.balancer = envoy_process(
+        self.envoy = envoy_process(
             bootstrap_json(self._envoy_layout()), self.state_dir / "logs", name="envoy"
         ).start()
-        self.balancer_restart.started(time.monotonic())
+        self.envoy_restart.started(time.monotonic())
 
     def kill_control_plane(self) -> int:
         """SIGKILL the Envoy control plane (the supervisor restarts it; Envoy keeps routing
@@ -325,39 +456,125 @@ class EmbeddedCluster:
             self.control_plane.kill()
             return pid
 
+    def _start_data_plane(self, ready_timeout: float) -> None:
+        """Start what routes the traffic: Envoy and its control plane, or the balancer's
+        replicas on one listening socket; return once it is ready."""
+        if self.data_plane is DataPlane.ENVOY:
+            if self._listener is not None:  # Envoy binds the traffic address itself
+                self._listener.close()
+                self._listener = None
+            self._start_control_plane()
+            self._start_envoy()
+            assert self.control_plane is not None and self.control_plane_url is not None
+            self.control_plane.wait_ready(
+                self.control_plane_url + "/healthz", timeout=ready_timeout
+            )
+            assert self.envoy is not None
+            self.envoy.wait_ready(self.balancer_url + "/healthz", timeout=ready_timeout)
+            return
+        if self._listener is None:
+            self._listen()
+        if not self.balancers:
+            admin = free_port_range(self.replica_count)
+            self.balancers = [BalancerReplica(i, admin + i) for i in range(self.replica_count)]
+        for replica in self.balancers:
+            self._start_balancer(replica)
+        for replica in self.balancers:
+            self._wait_replica(replica, ready_timeout)
+
+    def _stop_data_plane(self) -> None:
+        for replica in self.balancers:
+            self._stop_replica(replica)
+        for proc in (self.envoy, self.control_plane):
+            if proc is not None:
+                proc.stop()
+        self.envoy = self.control_plane = None
+
     def restart_balancer(
         self,
         policy: str | None = None,
         ready_timeout: float = 30.0,
         data_plane: DataPlane | None = None,
     ) -> None:
-        """Stop the balancer and start it again, fresh, optionally with another policy or
-        data plane (with Envoy: the control plane and Envoy, the evidence forgotten)."""
+        """Stop the data plane and start it again, fresh (every evidence file removed: an
+        experiment's next phase starts from nothing), optionally with another policy or
+        data plane (the demo runs one phase on Envoy). A crash restart and a rollout keep
+        the evidence."""
         with self.lock:
-            for proc in (self.balancer, self.control_plane):
-                if proc is not None:
-                    proc.stop()
-            self.control_plane = None
-            self.evidence_file.unlink(missing_ok=True)
+            self._stop_data_plane()
+            for replica in self.balancers:
+                self.evidence_file(replica).unlink(missing_ok=True)
+            self.control_plane_evidence_file.unlink(missing_ok=True)
             if data_plane is not None:
                 self.data_plane_override = data_plane
             if policy is not None:
                 self.policy = policy
             self.write_truth()
-            self._start_balancer()
-            self._wait_balancer(ready_timeout)
+            self._start_data_plane(ready_timeout)
             self.write_state()
 
-    def _wait_balancer(self, timeout: float) -> None:
-        """Until the traffic address answers /healthz (through Envoy: the control plane's)."""
-        if self.control_plane is not None and self.control_plane_url is not None:
-            self.control_plane.wait_ready(self.control_plane_url + "/healthz", timeout=timeout)
-        assert self.balancer is not None
-        self.balancer.wait_ready(self.balancer_url + "/healthz", timeout=timeout)
+    def rollout_restart(
+        self, progress: Callable[[dict[str, Any]], None] | None = None, ready_timeout: float = 60.0
+    ) -> list[dict[str, Any]]:
+        """Restart the balancer's replicas one at a time: each drains (SIGTERM), starts
+        again and is ready (its /readyz) before the next one stops, so the others serve
+        meanwhile. Returns a step per replica; RuntimeError when one is not ready in time."""
+        steps = []
+        for replica in list(self.balancers):
+            with self.lock:
+                replica.rolling = True
+            began = time.monotonic()
+            try:
+                old = replica.proc.pid if replica.proc is not None else None
+                self._stop_replica(replica)
+                stopped = time.monotonic()
+                with self.lock:
+                    self._start_balancer(replica)
+                self._wait_replica(replica, ready_timeout)
+            finally:
+                with self.lock:
+                    replica.rolling = False
+            assert replica.proc is not None
+            step = {
+                "replica": replica.name,
+                "old_pid": old,
+                "pid": replica.proc.pid,
+                "drained_s": round(stopped - began, 2),
+                "ready_s": round(time.monotonic() - stopped, 2),
+            }
+            steps.append(step)
+            if progress is not None:
+                progress(step)
+            with self.lock:
+                self.write_state()
+        return steps
+
+    def start_rollout(self) -> dict[str, Any]:
+        """Begin `rollout_restart` in the background (one at a time); its record."""
+        with self.lock:
+            if self.rollout is not None and self.rollout["state"] == "running":
+                return self.rollout
+            record: dict[str, Any] = {
+                "state": "running", "replicas": len(self.balancers), "steps": [],
+                "error": None, "started": time.time(),
+            }  # fmt: skip
+            self.rollout = record
+
+        def run() -> None:
+            try:
+                self.rollout_restart(progress=record["steps"].append)
+                record["state"] = "done"
+            except Exception as err:
+                log.exception("rollout failed")
+                record["state"], record["error"] = "failed", str(err)
+            record["ended"] = time.time()
+
+        threading.Thread(target=run, name="twlb-rollout", daemon=True).start()
+        return record
 
     def _start_prometheus(self) -> None:
         self.prometheus_server = LocalPrometheus(
-            [self.balancer_url],
+            self.admin_urls,
             scrape_interval_s=1.0,
             workdir=self.state_dir / "prometheus",
             port=self.prometheus_port,
@@ -373,10 +590,13 @@ class EmbeddedCluster:
         if self._replicas is not None:
             self._replicas.shutdown()
         with self.lock:
-            procs = (self.balancer, self.control_plane, self.prometheus_proc)
-            for p in (*procs, *(n.proc for n in self.nodes)):
+            self._stop_data_plane()
+            for p in (self.prometheus_proc, *(n.proc for n in self.nodes)):
                 if p is not None:
                     p.stop()
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
             self.write_state(stopped=True)
 
     def __enter__(self) -> EmbeddedCluster:
@@ -417,14 +637,15 @@ class EmbeddedCluster:
                     now,
                     self._start_control_plane,
                 )
-                if self.balancer is not None:
-                    events += self._supervise(
-                        "envoy", self.balancer, self.balancer_restart, now, self._start_envoy
-                    )
-            elif self.balancer is not None:
+            if self.envoy is not None:
                 events += self._supervise(
-                    "balancer", self.balancer, self.balancer_restart, now, self._start_balancer
+                    "envoy", self.envoy, self.envoy_restart, now, self._start_envoy
                 )
+            for replica in self.balancers:
+                if replica.rolling or replica.proc is None:
+                    continue
+                start = functools.partial(self._start_balancer, replica)
+                events += self._supervise(replica.name, replica.proc, replica.restart, now, start)
             try:
                 self.write_truth()
                 self.write_state()
@@ -460,13 +681,14 @@ class EmbeddedCluster:
             return [f"{name} restarted (restart #{restart.restarts})"]
         return []
 
-    def kill_balancer(self) -> int:
-        """SIGKILL the balancer (the supervisor restarts it). Returns the killed pid."""
+    def kill_balancer(self, index: int = 0) -> int:
+        """SIGKILL a balancer replica (the supervisor restarts it). Returns the killed pid."""
         with self.lock:
-            if self.balancer is None or not self.balancer.alive():
-                raise RuntimeError("the balancer is not running")
-            pid = self.balancer.pid
-            self.balancer.kill()
+            proc = self.balancers[index].proc if index < len(self.balancers) else None
+            if proc is None or not proc.alive():
+                raise RuntimeError(f"balancer-{index} is not running")
+            pid = proc.pid
+            proc.kill()
             return pid
 
     def start_supervisor(self, interval_s: float = 0.2) -> None:
@@ -535,10 +757,21 @@ class EmbeddedCluster:
             "updated": time.time(),
             "balancer": {
                 "url": self.balancer_url,
+                "admin_url": self.balancers[0].admin_url if self.balancers else None,
                 "pid": self.balancer.pid if self.balancer and self.balancer.popen else None,
                 "policy": self.policy or self.cluster.spec.policy.value,
                 "alive": self.balancer is not None and self.balancer.alive(),
                 "restarts": self.balancer_restart.restarts,
+                "replicas": [
+                    {
+                        "name": r.name,
+                        "admin_url": r.admin_url,
+                        "pid": r.proc.pid if r.proc and r.proc.popen else None,
+                        "alive": r.alive(),
+                        "restarts": r.restart.restarts,
+                    }
+                    for r in self.balancers
+                ],
             },
             "data_plane": self.data_plane.value,
             "control_plane": None
@@ -597,6 +830,7 @@ class EmbeddedCluster:
             "failure_mode": self.failure_mode.value,
             "replacements": {"count": len(self.replacements), "log": self.replacements[-20:]},
             "scaling": self.replicas.snapshot(),
+            "rollout": self.rollout,
         }
 
 
@@ -686,7 +920,7 @@ def up_command(
 
     from twlb import tables
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging("info")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
     tc = _load_or_exit(file)
     cluster = EmbeddedCluster(
@@ -724,6 +958,8 @@ def up_command(
             table.add_row("control plane", cluster.control_plane_url, "xDS (ADS)", "")
         else:
             table.add_row("balancer", cluster.balancer_url, policy_name, "")
+            for replica in cluster.balancers:
+                table.add_row(f" {replica.name}", replica.admin_url, "admin listener", "")
         if cluster.prometheus_url:
             table.add_row("prometheus", cluster.prometheus_url, "", "")
         for n in cluster.nodes:
@@ -906,3 +1142,59 @@ def status_command(state_dir: str, output: str) -> None:
     console = Console()
     for part in status_renderables(status):
         console.print(part, soft_wrap=False)
+
+
+# ---- `twlb rollout restart` ---------------------------------------------------------------
+
+
+@click.group("rollout")
+def rollout_command() -> None:
+    """Roll the running cluster's balancer replicas (`twlb up`)."""
+
+
+@rollout_command.command("restart")
+@state_dir_option()
+@click.option(
+    "--timeout",
+    default=600.0,
+    type=FiniteFloat(min=1),
+    help="Give up waiting after this many seconds (the rollout itself goes on).",
+)
+def rollout_restart_command(state_dir: str, timeout: float) -> None:
+    """Restart the balancer replicas one at a time: each drains, starts again and is ready
+    before the next one stops. Prints a line per replica as it is done; exit status 1
+    when one did not come back ready."""
+    from twlb.processes.state import read_state_file
+
+    state = read_state_file(Path(state_dir))
+    url = (state.get("control") or {}).get("url")
+    if state.get("stopped") or not url:
+        raise ClusterError(f"the cluster in {state_dir} is not running (start it with twlb up)")
+    headers = {"Authorization": f"Bearer {(state.get('tokens') or {}).get('runtime', '')}"}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=10.0) as client:
+            r = client.post("/rollout")
+            if r.status_code >= 400:
+                raise ClusterError(f"{url} refused the rollout: {r.status_code} {r.text[:200]}")
+            shown = 0
+            deadline = time.monotonic() + timeout
+            record = r.json()["rollout"]
+            while True:
+                for step in record["steps"][shown:]:
+                    click.echo(
+                        f"{step['replica']}: drained in {step['drained_s']:.2f} s, ready "
+                        f"{step['ready_s']:.2f} s after (pid {step['old_pid']} -> {step['pid']})",
+                        err=True,
+                    )
+                shown = len(record["steps"])
+                if record["state"] != "running":
+                    break
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"the rollout was not done in {timeout:g} s")
+                time.sleep(0.25)
+                record = client.get("/rollout").json()["rollout"]
+    except httpx.HTTPError as err:
+        raise ClusterError(f"no answer from {url}: {err}; is `twlb up` running?") from None
+    if record["state"] == "failed":
+        raise click.ClickException(f"the rollout failed: {record['error']}")
+    click.echo(f"rolled out {record['replicas']} balancer replicas")

@@ -137,6 +137,7 @@ class ScaledCluster(Protocol):
     replacements: list[dict[str, Any]]
     balancer: ManagedProcess | None
     balancer_url: str
+    admin_urls: list[str]
     admin_token: str
     runtime_token: str
     control_url: str | None
@@ -151,6 +152,10 @@ class ScaledCluster(Protocol):
     def write_state(self, stopped: bool = False) -> None: ...
 
     def write_truth(self) -> None: ...
+
+    def start_rollout(self) -> dict[str, Any]: ...
+
+    rollout: dict[str, Any] | None
 
 
 class ScaleError(Exception):
@@ -554,30 +559,39 @@ class ReplicaSet:
         }
 
     # ---- the balancer's admin API, Prometheus and the state files ----------------------
-    def _admin(self, method: str, **kwargs: Any) -> httpx.Response | None:
+    def _admin(self, method: str, **kwargs: Any) -> list[httpx.Response]:
+        """The same admin call to every balancer replica that runs (one restarting starts
+        with the cluster's current node list)."""
         c = self.cluster
-        if c.balancer is None or not c.balancer.alive():
-            return None  # restarting: it starts with the cluster's current node list
-        try:
-            return httpx.request(
-                method,
-                c.balancer_url + "/admin/backends",
-                headers={"Authorization": f"Bearer {c.admin_token}"},
-                timeout=5.0,
-                **kwargs,
-            )
-        except httpx.HTTPError as err:
-            raise ScaleError(f"the balancer did not answer its admin API: {err}", 502) from None
+        answers = []
+        for replica in getattr(c, "balancers", ()):
+            if not replica.alive():
+                continue
+            try:
+                answers.append(
+                    httpx.request(
+                        method,
+                        replica.admin_url + "/admin/backends",
+                        headers={"Authorization": f"Bearer {c.admin_token}"},
+                        timeout=5.0,
+                        **kwargs,
+                    )
+                )
+            except httpx.HTTPError as err:
+                raise ScaleError(
+                    f"balancer {replica.name} did not answer its admin API: {err}", 502
+                ) from None
+        return answers
 
     def _register(self, url: str) -> None:
-        r = self._admin("POST", json={"url": url})
-        if r is not None and r.status_code not in (201, 409):
-            raise ScaleError(f"the balancer refused {url}: {r.status_code} {r.text}", 502)
+        for r in self._admin("POST", json={"url": url}):
+            if r.status_code not in (201, 409):
+                raise ScaleError(f"the balancer refused {url}: {r.status_code} {r.text}", 502)
 
     def _deregister(self, url: str) -> None:
-        r = self._admin("DELETE", params={"url": url})
-        if r is not None and r.status_code not in (200, 404):
-            raise ScaleError(f"the balancer kept {url}: {r.status_code} {r.text}", 502)
+        for r in self._admin("DELETE", params={"url": url}):
+            if r.status_code not in (200, 404):
+                raise ScaleError(f"the balancer kept {url}: {r.status_code} {r.text}", 502)
 
     def _cluster_changed(self) -> None:
         """Truth, state and Prometheus's targets follow the node list (lock held)."""
@@ -674,6 +688,18 @@ class _ControlHandler(BaseHTTPRequestHandler):
             return False
         return self._authorized()
 
+    def _rollout(self) -> bool:
+        """GET and POST /rollout: the balancer replicas' rolling restart (`twlb rollout`)."""
+        if urlsplit(self.path).path != "/rollout":
+            return False
+        if self._authorized():
+            cluster = self.server.cluster
+            if self.command == "POST":
+                self._send(202, {"rollout": cluster.start_rollout()})
+            else:
+                self._send(200, {"rollout": cluster.rollout})
+        return True
+
     def _answer(self, status: int, key: str, action: Callable[[], list[dict]]) -> None:
         replicas = self.server.cluster.replicas
         try:
@@ -688,10 +714,14 @@ class _ControlHandler(BaseHTTPRequestHandler):
         self._send(status, {key: done, "replicas": replicas.rows()})
 
     def do_GET(self) -> None:
+        if self._rollout():
+            return
         if self._route():
             self._send(200, {"replicas": self.server.cluster.replicas.rows()})
 
     def do_POST(self) -> None:
+        if self._rollout():
+            return
         if self._route() and (req := self._request()) is not None:
             if req.count is None:
                 self._send(422, {"error": "count: say how many replicas to add"})

@@ -98,6 +98,8 @@ class ManagedProcess:
     argv: Sequence[str]
     env: Mapping[str, str] | None = None
     log_path: Path | None = None
+    #: Descriptors the child inherits under the same numbers (a listening socket).
+    pass_fds: Sequence[int] = ()
     popen: subprocess.Popen | None = field(default=None, init=False)
 
     def start(self) -> ManagedProcess:
@@ -113,6 +115,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                pass_fds=tuple(self.pass_fds),
             )
         finally:
             if out is not subprocess.DEVNULL:

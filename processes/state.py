@@ -96,5 +96,7 @@ def _with_live_checks(state: dict[str, Any], timeout: float) -> dict[str, Any]:
                     live = r.json()
                     node["fault"] = live.get("fault", live)
         with contextlib.suppress(httpx.HTTPError, httpx.InvalidURL, ValueError):
-            state["trust"] = client.get(state["balancer"]["url"] + "/trust").json()
+            # The admin listener (the traffic port proxies /trust to the backends).
+            admin = bal.get("admin_url") or bal["url"]
+            state["trust"] = client.get(admin + "/trust").json()
     return state

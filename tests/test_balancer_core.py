@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import weakref
 from dataclasses import dataclass, field
 
@@ -302,11 +303,15 @@ async def test_hop_and_balancer_headers_stay_here_and_forwarding_headers_are_the
     assert reply.status == 200
     (sent,) = fleet.headers
     # A client's own forwarding headers are claims anyone can write: replaced.
-    assert sent == [
+    assert sent[:-1] == [
         (b"accept", b"application/json"),
         (b"x-forwarded-for", b"127.0.0.9"),
         (b"forwarded", b'for=127.0.0.9;host="lb.example:8080";proto=http'),
     ]
+    # The request id the balancer made goes to the backend and back to the client.
+    name, rid = sent[-1]
+    assert name == b"x-request-id" and re.fullmatch(rb"[0-9a-f]{16}", rid)
+    assert (b"x-request-id", rid) in reply.headers
 
 
 async def test_a_trusted_proxys_forwarding_chains_are_kept_and_extended() -> None:
@@ -315,7 +320,9 @@ async def test_a_trusted_proxys_forwarding_chains_are_kept_and_extended() -> Non
     await app.forward("GET", b"/work", b"key=1", CLIENT_HEADERS, "127.0.0.9", b"")
     await app.forward("GET", b"/work", b"key=2", CLIENT_HEADERS, "::1", b"")
     await app.forward("GET", b"/work", b"key=3", CLIENT_HEADERS, "10.1.2.3", b"")
-    trusted_v4, trusted_v6, untrusted = fleet.headers
+    trusted_v4, trusted_v6, untrusted = (
+        [h for h in sent if h[0] != b"x-request-id"] for sent in fleet.headers
+    )
     assert trusted_v4 == [
         (b"x-real-ip", b"203.0.113.7"),
         (b"accept", b"application/json"),

@@ -222,12 +222,13 @@ def test_the_kubernetes_sidecar_command_shows_the_cluster_behind_a_balancer(runn
     owner = render.Owner(name="lab", namespace="twlb", uid="0f4c2b64-3c2e-4d4e-9a55-1f1b5d0c2a77")
     sidecar = render.render_dashboard_sidecar(owner, TrustClusterSpec(backends=2))
     args = sidecar["args"]
-    assert args[:3] == ["dashboard", "--balancer", f"http://127.0.0.1:{render.HTTP_PORT}"]
+    # The balancer's admin listener (its traffic port proxies /trust to the backends).
+    assert args[:3] == ["dashboard", "--balancer", f"http://127.0.0.1:{render.ADMIN_PORT}"]
     assert "readinessProbe" not in sidecar  # the page never takes the balancer out of service
     (token_env,) = sidecar["env"]
     assert token_env["valueFrom"]["secretKeyRef"]["key"] == render.TOKENS_CONTROL_KEY
     port = free_port()
-    local = ["dashboard", "--balancer", cluster.balancer_url, "--host", "127.0.0.1"]
+    local = ["dashboard", "--balancer", cluster.admin_url, "--host", "127.0.0.1"]
     proc = ManagedProcess(
         twlb_argv(*local, "--port", str(port), "--interval", "0.3"),
         env={token_env["name"]: cluster.control_token},

@@ -121,7 +121,7 @@ def expositions(tmp_path_factory) -> str:
         for i in range(20):  # some traffic, so per-backend series exist
             client.get(cluster.balancer_url + "/work", params={"key": f"k{i}"})
         return (
-            client.get(cluster.balancer_url + "/metrics").text
+            client.get(cluster.admin_url + "/metrics").text
             + client.get(cluster.nodes[0].url + "/metrics").text
         )
 

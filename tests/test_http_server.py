@@ -246,6 +246,27 @@ async def test_an_early_413_reaches_a_client_still_sending_its_body() -> None:
         assert handler.calls == []
 
 
+async def test_a_connection_is_closed_by_the_answer_that_reaches_its_request_cap() -> None:
+    async with running(limits(keepalive_requests=3)) as (_, handler, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        heads = []
+        for i in range(3):  # one at a time, as a client that does not pipeline sends
+            writer.write(f"GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])  # type: ignore[index]
+            await reader.readexactly(length)
+            heads.append(head)
+        assert [b"connection: close" in h for h in heads] == [False, False, True]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the third
+        writer.close()
+        # Requests queued behind the cap's answer are answered before the close.
+        raw = await exchange(
+            port, b"".join(f"GET /p{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(6))
+        )
+        assert statuses(raw) == [200] * 6
+        assert len(handler.calls) == 9
+
+
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async with running() as (_, handler, port):
         raw = await exchange(

@@ -141,7 +141,7 @@ def test_operator_rbac_is_exactly_what_it_uses():
     groups = {
         "Deployment": "apps", "Service": "", "ConfigMap": "", "Secret": "",
         "ServiceAccount": "", "Role": "rbac.authorization.k8s.io",
-        "RoleBinding": "rbac.authorization.k8s.io",
+        "RoleBinding": "rbac.authorization.k8s.io", "PodDisruptionBudget": "policy",
     }  # fmt: skip
     for kind in KINDS:
         plural = kind.lower() + "s"
@@ -169,6 +169,7 @@ def test_operator_rbac_is_exactly_what_it_uses():
         ("", "serviceaccounts"),
         ("rbac.authorization.k8s.io", "roles"),
         ("rbac.authorization.k8s.io", "rolebindings"),
+        ("policy", "poddisruptionbudgets"),
         ("", "events"),
     }
 

@@ -83,7 +83,9 @@ async def test_create_renders_every_node_with_its_fault_and_owner_reference(clus
         children = _children(cluster, "mix")
         node_names = {n.name for n in nodes}
         assert children[DEPLOYMENTS] == node_names | {"mix-balancer"}
-        assert children[SERVICES] == node_names | {"mix-balancer", "mix-gossip"}
+        assert children[SERVICES] == node_names | {
+            "mix-balancer", "mix-gossip", "mix-balancer-peers"
+        }  # fmt: skip
         assert children[CONFIGMAPS] == {"mix-model", "mix-truth"}
         assert children[SECRETS] == {"mix-tokens"}
         for res, names in children.items():
@@ -179,6 +181,7 @@ async def test_scaling_down_deletes_the_extra_nodes(cluster):
             "shrink-node-1",
             "shrink-balancer",
             "shrink-gossip",
+            "shrink-balancer-peers",
         }
         # The balancer was not touched: it follows the node Services by itself.
         assert cluster.writes(DEPLOYMENTS, NS, "shrink-balancer") == balancer_writes
@@ -296,3 +299,66 @@ async def test_timer_repairs_drift_and_loads_a_published_model(cluster):
         assert args[args.index("--model") + 1] == "/etc/twlb/model/model.onnx"
         # The model's content is the publisher's: the operator never rewrites it.
         assert cluster.get(CONFIGMAPS, NS, "heal-model")["binaryData"] == {"model.onnx": "AAEC"}
+
+
+PDBS = "policy/v1/poddisruptionbudgets"
+
+
+async def test_balancer_replicas_roll_one_at_a_time_ready_on_the_admin_port(cluster):
+    spec = {"backends": 3, "seed": 1, "balancer": {"replicas": 3, "drainS": 7}}
+    async with running_operator([NS], FAST_OPERATOR):
+        await cluster.create(TRUSTCLUSTERS, trustcluster("ha", NS, spec))
+        await wait_for(lambda: _observed(cluster, "ha", 1), timeout=10)
+        dep = cluster.get(DEPLOYMENTS, NS, "ha-balancer")
+        assert dep["spec"]["replicas"] == 3
+        # A rollout never goes below the replicas asked for: a new pod is ready first.
+        assert dep["spec"]["strategy"] == {
+            "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}
+        }  # fmt: skip
+        pod = dep["spec"]["template"]["spec"]
+        balancer = pod["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in balancer["ports"]}
+        assert ports == {"http": 8080, "admin": 8081}
+        assert balancer["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+        assert balancer["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+        assert balancer["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+        assert pod["terminationGracePeriodSeconds"] == 5 + 7 + 5  # preStop, drain, margin
+        template = dep["spec"]["template"]["metadata"]["annotations"]
+        assert template["prometheus.io/port"] == "8081"  # Prometheus scrapes the admin port
+        # The admin token: a file from the tokens Secret, never an argument or a value.
+        args = balancer["args"]
+        flag = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+        assert flag["--admin-token-file"] == "/etc/twlb/tokens/admin-token"
+        assert flag["--admin-port"] == "8081" and flag["--admin-host"] == "0.0.0.0"
+        assert flag["--peer-dns"] == f"ha-balancer-peers.{NS}.svc.cluster.local:8081"
+        assert flag["--drain-s"] == "7.0"
+        secret = cluster.get(SECRETS, NS, "ha-tokens")
+        token = (secret.get("stringData") or {}).get("admin-token") or secret["data"]["admin-token"]
+        assert token not in args and all(token not in str(e) for e in balancer["env"])
+        volume = next(v for v in pod["volumes"] if v["name"] == "tokens")
+        assert volume["secret"]["secretName"] == "ha-tokens"
+        assert {"name": "tokens", "mountPath": "/etc/twlb/tokens", "readOnly": True} in (
+            balancer["volumeMounts"]
+        )
+        replica = next(e for e in balancer["env"] if e["name"] == "TWLB_BALANCER_REPLICA_ID")
+        assert replica["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        # The replicas find each other's admin listeners, ready or not.
+        peers = cluster.get(SERVICES, NS, "ha-balancer-peers")["spec"]
+        assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+        assert peers["ports"] == [{"name": "admin", "port": 8081, "targetPort": "admin"}]
+        # At most one balancer pod evicted at a time.
+        pdb = cluster.get(PDBS, NS, "ha-balancer")
+        assert pdb["spec"]["maxUnavailable"] == 1
+        assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+        # A spec change is a new pod template, which Kubernetes rolls out one pod at a time.
+        before = dep["spec"]["template"]
+        await cluster.patch(
+            TRUSTCLUSTERS, NS, "ha",
+            {"spec": {"balancer": {"replicas": 3, "drainS": 7, "auditFraction": 0.1}}},
+        )  # fmt: skip
+        await wait_for(lambda: _observed(cluster, "ha", 2), timeout=10)
+        after = cluster.get(DEPLOYMENTS, NS, "ha-balancer")
+        assert after["spec"]["template"] != before
+        assert "0.1" in after["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert after["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

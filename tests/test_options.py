@@ -13,7 +13,15 @@ from twlb.balancer.cli import command as balancer_command
 from twlb.balancer.settings import BalancerSettings
 
 from twlb.options import FiniteFloat, field_values, flag_name, to_args, to_env
-from twlb.spec import BalancerSpec, BalancerTunables, FaultSpec, FaultType, PolicyName
+from twlb.spec import (
+    NOT_BALANCER_FLAGS,
+    BalancerSpec,
+    BalancerTunables,
+    FaultSpec,
+    FaultType,
+    PolicyName,
+    balancer_args,
+)
 
 
 def _parse(command: click.Command, args: list[str], env: dict[str, str] | None = None):
@@ -87,7 +95,7 @@ def test_a_flag_out_of_the_models_bounds_is_refused_by_click():
 
 def test_the_specs_balancer_section_is_the_settings_fields_under_camel_case_names():
     spec_fields = BalancerSpec.model_fields
-    assert set(spec_fields) == {*BalancerTunables.model_fields, "model_config_map"}
+    assert set(spec_fields) == {*BalancerTunables.model_fields, *NOT_BALANCER_FLAGS}
     for name in BalancerTunables.model_fields:
         mine, theirs = spec_fields[name], BalancerSettings.model_fields[name]
         assert (mine.default, mine.description, mine.metadata) == (
@@ -97,10 +105,10 @@ def test_the_specs_balancer_section_is_the_settings_fields_under_camel_case_name
         )
     spec = BalancerSpec.model_validate({"windowS": 2.0, "retryBudget": 0.5})
     assert spec.model_dump(by_alias=True)["healthIntervalS"] == 1.0
-    assert to_args(spec, exclude={"model_config_map"}) == [
+    assert balancer_args(spec) == [
         "--audit-fraction", "0.05", "--suspect-audit-fraction", "1.0", "--liar-backoff", "60.0",
         "--window", "2.0", "--health-interval", "1.0", "--gossip-poll", "0.5",
-        "--retry-budget", "0.5", "--hash-algorithm", "sha256", "--vnodes", "160",
+        "--retry-budget", "0.5", "--drain-s", "10.0", "--hash-algorithm", "sha256", "--vnodes", "160",
         "--balance-factor", "1.25", "--maglev-table-size", "65537",
     ]  # fmt: skip
 

@@ -71,8 +71,9 @@ class Runtime:
 
     def balancer_backends(self) -> list[str]:
         token = self.state()["tokens"]["admin"]
+        # The balancer's admin listener (its traffic port proxies /admin to the backends).
         r = httpx.get(
-            f"http://127.0.0.1:{self.base}/admin/backends",
+            self.state()["balancer"]["admin_url"] + "/admin/backends",
             headers={"Authorization": f"Bearer {token}"},
             timeout=5,
         )

@@ -30,6 +30,8 @@ from twlb.balancer.upstream import (
         ("http://Backend.Example.", "http://backend.example.:80"),
         ("http://[::1]:1", "http://[::1]:1"),
         ("http://localhost:65535", "http://localhost:65535"),
+        ("https://backend.example", "https://backend.example:443"),
+        ("HTTPS://backend.example:8443/", "https://backend.example:8443"),
     ],
 )
 def test_good_backend_urls_normalize_to_their_origin(url: str, normal: str) -> None:
@@ -54,7 +56,7 @@ def test_good_backend_urls_normalize_to_their_origin(url: str, normal: str) -> N
         (f"http://{'a' * 64}.example:1", "neither an IP address nor a DNS name"),
         ("http://ex%41mple.com:1", "neither an IP address nor a DNS name"),
         ("http://:8001", "has no host"),
-        ("https://127.0.0.1:8001", "must start with http://"),
+        ("ftp://127.0.0.1:8001", "must start with http:// or https://"),
         ("http://user:pw@127.0.0.1:8001", "credentials"),
         ("http://127.0.0.1:8001/work", "must be an origin"),
         ("", "empty"),

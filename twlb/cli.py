@@ -9,11 +9,13 @@ and every exit status means the same in every subcommand (twlb/exits.py, docs/ma
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
 from twlb import __version__
 from twlb.exits import OneLineGroup
+from twlb.logs import FORMAT_VARIABLE, LOG_FORMATS
 
 #: subcommand name -> "module:attribute" of a click command.
 SUBCOMMANDS: dict[str, str] = {
@@ -23,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "load": "twlb.client.cli:command",
     "up": "twlb.orchestration.runtime:up_command",
     "status": "twlb.orchestration.runtime:status_command",
+    "rollout": "twlb.orchestration.runtime:rollout_command",
     "replicas": "twlb.orchestration.scaling:command",
     "hashing": "twlb.orchestration.hashing_analysis:command",
     "demo": "twlb.orchestration.demo:command",
@@ -58,8 +61,18 @@ class LazyGroup(OneLineGroup):
     "twlb", cls=LazyGroup, context_settings={"auto_envvar_prefix": "TWLB", "show_default": True}
 )
 @click.version_option(__version__, prog_name="twlb")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=None,
+    help="Log lines as text or one JSON object each, for this command and every process it "
+    "starts (TWLB_LOG_FORMAT; a process's own --log-format wins).  [default: text]",
+)
+def main(log_format: str | None) -> None:
     """TW-LB: a trust-weighted load balancer and chaos lab."""
+    if log_format is not None:
+        # Inherited by the processes this one starts (`twlb up`'s nodes and balancers).
+        os.environ[FORMAT_VARIABLE] = log_format
 
 
 if __name__ == "__main__":

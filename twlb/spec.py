@@ -195,6 +195,14 @@ class BalancerTunables(BaseModel):
     retry_budget: float = Field(
         0.2, ge=0.0, le=10.0, description="Retries allowed as a ratio of live requests."
     )
+    drain_s: float = Field(
+        10.0,
+        ge=0.0,
+        le=600.0,
+        description="On SIGTERM: seconds a balancer keeps serving the requests in flight, "
+        "queued and arriving on open connections (each answer then closes its connection) "
+        "after /readyz turns 503 and its listener closes; then what is left gets 503.",
+    )
     hash_algorithm: Literal["sha256", "md5"] = Field(
         "sha256", description="Key hash of consistent-hash, rendezvous, maglev, jump, bounded-load."
     )
@@ -220,14 +228,26 @@ class BalancerTunables(BaseModel):
 class BalancerSpec(_Model, BalancerTunables):
     """Settings of the cluster's balancer."""
 
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Balancer replicas: they share audit evidence, so a liar any of them "
+        "proves is out of every one's rotation (`twlb up`: processes on one address; "
+        "Kubernetes: a Deployment rolled one pod at a time).",
+    )
     model_config_map: str | None = Field(
         None, description="ConfigMap holding the ONNX trust model (cluster only)."
     )
 
 
+#: Fields of the spec's `balancer` section that are not `twlb balancer` flags.
+NOT_BALANCER_FLAGS = frozenset({"model_config_map", "replicas"})
+
+
 def balancer_args(balancer: BaseModel) -> list[str]:
     """`twlb balancer` flags carrying a spec's balancer settings (cluster-only ones left out)."""
-    return to_args(balancer, exclude={"model_config_map"})
+    return to_args(balancer, exclude=NOT_BALANCER_FLAGS)
 
 
 GossipProtocol = Literal[

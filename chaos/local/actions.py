@@ -233,7 +233,7 @@ def balancer_recovered(state_dir: str | None = None, timeout_s: float = 20.0) ->
                 last = f"{cluster.balancer_restarts} restarts recorded, expected {restarts}"
             else:
                 try:
-                    r = client.get(cluster.balancer_url + "/healthz")
+                    r = client.get(cluster.admin_url + "/healthz")
                     if r.status_code == 200:
                         return True
                     last = f"health check answered {r.status_code}"

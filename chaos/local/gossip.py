@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 from chaoslib.exceptions import ActivityFailed
-from twlb.chaos.probes import HTTP_TIMEOUT_S, _target, backend_matches
+from twlb.chaos.probes import HTTP_TIMEOUT_S, _admin_target, backend_matches
 from twlb.chaos.state import load_cluster
 from twlb.processes.managed import pid_alive
 
@@ -65,7 +65,7 @@ def _row(client: httpx.Client, target: str, node: str, node_url: str | None) -> 
 
 def gossip_all_alive(url: str | None = None, state_dir: str | None = None) -> bool:
     """Steady state: the balancer reads every backend alive in every member's view."""
-    target = _target(url, state_dir)
+    target = _admin_target(url, state_dir)
     try:
         rows = httpx.get(target + "/trust", timeout=HTTP_TIMEOUT_S).json()["backends"]
     except (httpx.HTTPError, ValueError, KeyError) as err:
@@ -85,7 +85,7 @@ def gossip_verdict(
     until the balancer took it out of rotation (`out_s`). Fails unless both happen within
     `within_s`, and the balancer's removal came from the verdict before its checks could
     have done it: (unhealthy_threshold - 1) x health_interval_s after the first failure."""
-    target = _target(url, state_dir)
+    target = _admin_target(url, state_dir)
     node_url = None
     if state_dir:
         found = load_cluster(state_dir).node(node)

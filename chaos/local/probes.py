@@ -40,9 +40,18 @@ EJECTED = "ejected"
 
 
 def _target(url: str | None, state_dir: str | None) -> str:
+    """Where traffic goes: `url`, else the cluster's balancer."""
     if url:
         return url.rstrip("/")
     return load_cluster(state_dir).balancer_url
+
+
+def _admin_target(url: str | None, state_dir: str | None) -> str:
+    """Where the balancer's own endpoints are: `url` (a balancer serving both), else the
+    cluster's admin listener (its traffic port proxies /trust to the backends)."""
+    if url:
+        return url.rstrip("/")
+    return load_cluster(state_dir).admin_url
 
 
 #: ClientPolicy settings a load probe's `client` may set; `breaker` is a mapping of
@@ -159,7 +168,7 @@ def latency_ms(
 
 def read_trust(url: str | None = None, state_dir: str | None = None) -> dict[str, Any]:
     """The balancer's `/trust` document."""
-    target = _target(url, state_dir)
+    target = _admin_target(url, state_dir)
     try:
         r = httpx.get(target + "/trust", timeout=HTTP_TIMEOUT_S)
         r.raise_for_status()
@@ -324,7 +333,7 @@ def fleet_in_rotation(
             return True
         return False
 
-    if not asyncio.run(_watch_under_load(target, plan, within_s, seen)):
+    if not asyncio.run(_watch_under_load(_admin_target(url, state_dir), plan, within_s, seen)):
         raise ActivityFailed(f"still ejected after {within_s}s (url: weight): {last}")
     log.info("every backend of %s in rotation after %.1fs", target, took[0])
     return took[0]
@@ -348,6 +357,7 @@ def faulty_nodes_ejected(
         return 0.0
     by_name = {n.name: n.url for n in cluster.nodes} if cluster else {}
     target = url.rstrip("/") if url else cluster.balancer_url  # type: ignore[union-attr]
+    admin = url.rstrip("/") if url else cluster.admin_url  # type: ignore[union-attr]
     plan = LoadPlan(url=target, rate=rate, duration_s=within_s + 1.0, mode=Mode.BASIC)
-    times = asyncio.run(_eject_watch(target, {n: by_name.get(n) for n in names}, plan, within_s))
+    times = asyncio.run(_eject_watch(admin, {n: by_name.get(n) for n in names}, plan, within_s))
     return max(times.values())

@@ -88,12 +88,12 @@ def record(
     stop = stop or threading.Event()
     with httpx.Client(timeout=2.0) as client:
         try:
-            r = client.get(cluster.balancer_url + "/trust")
+            r = client.get(cluster.admin_url + "/trust")
             r.raise_for_status()
             window_s = float(r.json()["window_s"])
         except (httpx.HTTPError, ValueError, KeyError) as err:
             raise ActivityFailed(
-                f"cannot read the feature window from {cluster.balancer_url}/trust: {err!r}"
+                f"cannot read the feature window from {cluster.admin_url}/trust: {err!r}"
             ) from None
         writer = _Writer(Path(out))
         t0 = time.time()
@@ -109,7 +109,7 @@ def record(
                 "names": {n.url: n.name for n in cluster.nodes},
             }
         )
-        poller = TrustPoller(cluster.balancer_url)
+        poller = TrustPoller(cluster.admin_url)
         last_truth: dict[str, tuple[str, str]] = {}
         last_sample = 0.0
         next_truth = 0.0

@@ -44,6 +44,7 @@ class ClusterState:
     name: str
     runtime_pid: int
     balancer_url: str
+    admin_url: str  # the balancer's own endpoints (its first replica's admin listener)
     nodes: tuple[NodeState, ...]
     control_token: str
     #: The balancer's process as the runtime last wrote it (None while it is down).
@@ -115,6 +116,7 @@ def load_cluster(state_dir: str | os.PathLike[str] | None) -> ClusterState:
             name=str(doc["cluster"]),
             runtime_pid=runtime_pid,
             balancer_url=str(doc["balancer"]["url"]),
+            admin_url=str(doc["balancer"].get("admin_url") or doc["balancer"]["url"]),
             nodes=nodes,
             control_token=str(doc["tokens"]["control"]),
             balancer_pid=int(doc["balancer"]["pid"]) if doc["balancer"].get("pid") else None,

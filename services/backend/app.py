@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from twlb.gossip.service import GossipService
 
 from twlb.plain_metrics import PlainHistogram
 from twlb.spec import FaultSpec, FaultType
+from twlb.tokens import Token
 from twlb.work import KEY_MAX_LEN, KEY_MIN_LEN, ROUNDS_MAX, ROUNDS_MIN, digest, key_problem
 
 log = logging.getLogger("twlb.backend")
@@ -328,19 +328,19 @@ _BEARER = HTTPBearer(auto_error=False)
 class ControlAuth:
     """Dependency guarding /control: the configured bearer token, or 403 when there is none."""
 
-    token: str | None
+    token: Token
 
     def __call__(
         self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
     ) -> None:
-        if self.token is None:
+        if self.token.value is None:
             raise HTTPException(
                 403,
-                "the control endpoint is disabled: start the node with --control-token "
-                "(TWLB_BACKEND_CONTROL_TOKEN) to enable it",
+                "the control endpoint is disabled: start the node with --control-token-file "
+                "or TWLB_BACKEND_CONTROL_TOKEN to enable it",
             )
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, self.token.encode()):
+        given = credentials.credentials if credentials else ""
+        if not self.token.matches(given):
             raise HTTPException(
                 401,
                 "a valid 'Authorization: Bearer <token>' header is required",
@@ -540,7 +540,7 @@ def create_app(settings: BackendSettings) -> FastAPI:
             metrics.network_latency.set(0.0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    require_control_token = ControlAuth(settings.control_token)
+    require_control_token = ControlAuth(Token(settings.control_token, settings.control_token_file))
 
     def fault_state() -> dict[str, Any]:
         now = time.monotonic()

@@ -4,15 +4,16 @@ TWLB_BACKEND_* variables."""
 from __future__ import annotations
 
 import gc
-import logging
 import socket
 
 import click
 from twlb.backend.settings import BackendSettings
 
 from twlb.exits import bound_socket
+from twlb.logs import setup_logging
 from twlb.options import build, click_options, field_values
 from twlb.spec import FaultSpec, GossipSpec
+from twlb.tokens import TokenError
 
 
 def _option_named(ctx: click.Context, name: str) -> click.Parameter:
@@ -48,14 +49,16 @@ def command(ctx: click.Context, **options: object) -> None:
     gossip = settings.gossip_run()
     if gossip is not None:
         bound_socket("the node's gossip", *gossip.bind, kind=socket.SOCK_DGRAM).close()
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log_level, settings.log_format)
     # uvicorn handles SIGTERM and SIGINT itself: stop accepting, finish in-flight requests.
     import uvicorn
     from twlb.backend.server import server_config
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except TokenError as err:
+        listener.close()
+        raise click.BadParameter(str(err), ctx=ctx, param_hint="--control-token-file") from None
     server = uvicorn.Server(server_config(app, host, port, log_level, settings.head_limits))
     # Everything imported and built so far lives as long as the process: keep it out of the
     # cyclic collector's generations so collections on the /work path stay short.

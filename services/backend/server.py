@@ -157,6 +157,7 @@ def server_config(
         http=limited_protocol(limits),
         access_log=False,
         log_level=log_level,
+        log_config=None,  # uvicorn's records go to the process's handler (twlb.logs)
         lifespan="auto",
         timeout_graceful_shutdown=5,
     )

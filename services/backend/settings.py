@@ -8,9 +8,11 @@ click options through twlb/options.py.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import click
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from twlb.options import Flag
 from twlb.spec import FaultSpec, GossipSpec
@@ -36,7 +38,16 @@ class BackendSettings(BaseModel):
     fault: FaultSpec = Field(default_factory=FaultSpec, description="The node's fault.")
     control_token: str | None = Field(
         None,
-        description="Bearer token of /control/fault; without one the control endpoint is disabled.",
+        description="Bearer token of /control/fault (prefer --control-token-file or the "
+        "environment: a flag's value is visible in the process list); without one the "
+        "control endpoint is disabled.",
+    )
+    control_token_file: Annotated[
+        Path | None, Flag(type=click.Path(dir_okay=False, path_type=Path))
+    ] = Field(
+        None,
+        description="File holding the bearer token of /control/fault (re-read when it "
+        "changes); instead of --control-token.",
     )
     simulation: bool = Field(
         True, description="Simulate the node's load, latency, packet loss, CPU and memory."
@@ -46,6 +57,11 @@ class BackendSettings(BaseModel):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
+    )
+    log_format: Literal["text", "json"] | None = Field(
+        None,
+        description="Log lines as text or as one JSON object each (default: `twlb "
+        "--log-format`, TWLB_LOG_FORMAT, else text).",
     )
     # Limits on a request head (services/backend/server.py), above the balancer's own on
     # what a client sends it, since the balancer adds its forwarding headers.
@@ -116,3 +132,9 @@ class BackendSettings(BaseModel):
     @classmethod
     def _empty_token_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> BackendSettings:
+        if self.control_token is not None and self.control_token_file is not None:
+            raise ValueError("control_token_file and control_token both given: give one")
+        return self

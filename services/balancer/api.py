@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, status
@@ -23,6 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from twlb.balancer.core import Balancer
 from twlb.balancer.discovery import start_discovery
 from twlb.balancer.upstream import BackendURLError, normalize_backend_url
+
+from twlb.tokens import Token
+
+if TYPE_CHECKING:
+    from twlb.balancer.replicas import Replicas
 
 from twlb import __version__
 
@@ -78,11 +82,11 @@ LiveBalancer = Annotated[Balancer, Depends(_live_balancer)]
 
 
 async def _admin(
-    b: LiveBalancer, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """Admin calls need the configured bearer token; without one, admin is disabled."""
-    token = b.settings.admin_token
-    if token is None:
+    token: Token = request.app.state.token
+    if token.value is None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin disabled")
     if creds is None or creds.scheme.lower() != "bearer":
         raise HTTPException(
@@ -90,7 +94,7 @@ async def _admin(
             "admin API needs Authorization: Bearer <token>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+    if not token.matches(creds.credentials):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "wrong admin token",
@@ -98,10 +102,15 @@ async def _admin(
         )
 
 
-def build_api(balancer: Balancer) -> FastAPI:
+def build_api(
+    balancer: Balancer, token: Token | None = None, replicas: Replicas | None = None
+) -> FastAPI:
     """The FastAPI app serving the balancer's own endpoints around `balancer`; its lifespan
-    starts and stops the balancer's background loops."""
+    starts and stops the balancer's background loops (and the evidence sharing of
+    `replicas`, when it has peers or a file). `token` guards /admin/* (default: the
+    settings' --admin-token)."""
     settings = balancer.settings
+    token = token or Token(settings.admin_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,6 +126,8 @@ def build_api(balancer: Balancer) -> FastAPI:
         try:
             yield
         finally:
+            if replicas is not None:
+                await replicas.stop()
             if discovery is not None:
                 discovery.stop()
             await balancer.stop()
@@ -130,6 +141,7 @@ def build_api(balancer: Balancer) -> FastAPI:
         openapi_url="/admin/openapi.json",
     )
     api.state.balancer = balancer
+    api.state.token = token
     # No redirect from /admin/backends/ to /admin/backends: Starlette would build its
     # Location from the client's Host header, an address the client chose.
     api.router.redirect_slashes = False
@@ -154,6 +166,16 @@ def build_api(balancer: Balancer) -> FastAPI:
             "backends": len(b.backends),
             "backends_up": len(b.health.up(b.backends)),
         }
+
+    @api.get("/readyz")
+    async def readyz(b: LiveBalancer) -> JSONResponse:
+        # Readiness, not liveness: 503 while draining, while the evidence of peers and of
+        # the last run is taken in at start, and while no backend is up.
+        ready, why = b.readiness()
+        return JSONResponse(
+            {"ready": ready, "reason": why, "backends_up": len(b.up)},
+            status_code=200 if ready else 503,
+        )
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics(b: LiveBalancer) -> Response:
@@ -203,5 +225,40 @@ def build_api(balancer: Balancer) -> FastAPI:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"backend {target} is not present")
         log.warning("backend %s removed through the admin API", target)
         return BackendList(backends=list(b.backends))
+
+    @api.get("/admin/evidence", dependencies=[Depends(_admin)], responses=_errors())
+    async def evidence(b: LiveBalancer) -> Response:
+        """This balancer's audit evidence (`EvidenceBook.export`), and with peers what it
+        shares and what they last said."""
+        now = b.clock()
+        doc: dict[str, Any] = {"evidence": b.export_evidence(now)}
+        if replicas is not None:
+            doc["replica"] = settings.replica_id
+            doc["shared"] = replicas.document()
+            doc["peers"] = {
+                name: {"received_s_ago": round(now - v.received_at, 3),
+                       "claims": sorted(v.claims)}
+                for name, v in replicas.sharing.views.items()
+            }  # fmt: skip
+            doc["watched"] = sorted(b.auditor.watched)
+            doc["replays"] = replicas.replayed
+            doc["exchanges"] = replicas.exchanges
+        return Response(orjson.dumps(doc), media_type="application/json")
+
+    @api.post(
+        "/admin/evidence/exchange", dependencies=[Depends(_admin)], responses=_errors(400, 404)
+    )
+    async def exchange(request: Request) -> Response:
+        """A peer replica's evidence document in, this replica's out (replicas.py)."""
+        if replicas is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "this balancer shares no evidence")
+        try:
+            doc = orjson.loads(await request.body())
+            mine = replicas.answer(doc)
+        except orjson.JSONDecodeError as err:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"not JSON: {err}") from None
+        except ValueError as err:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(err)) from None
+        return Response(orjson.dumps(mine), media_type="application/json")
 
     return api

@@ -25,12 +25,16 @@ import ipaddress
 import logging
 import resource
 import signal
+import socket
 from collections.abc import Awaitable, Container, Iterable, MutableMapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from twlb.balancer import tls
+from twlb.balancer.access import AccessLog, Tracing, request_id
 from twlb.balancer.api import build_api
-from twlb.balancer.audit import AUDITED_METHODS, answer_digest
+from twlb.balancer.audit import AUDITED_METHODS, AuditResult, answer_digest
 from twlb.balancer.core import Balancer, TryResult
 from twlb.balancer.http_server import (
     HttpServer,
@@ -38,7 +42,9 @@ from twlb.balancer.http_server import (
     ServerLimits,
     json_reply,
 )
+from twlb.balancer.memory import MemoryBudget
 from twlb.balancer.oracle import OracleTruthError, load_oracle_truth
+from twlb.balancer.replicas import Replicas
 from twlb.balancer.settings import (
     ADMIN_PREFIX,
     IDEMPOTENT_METHODS,
@@ -54,6 +60,7 @@ from twlb.balancer.upstream import (
 )
 
 from twlb.outcome import Outcome
+from twlb.tokens import Token
 
 log = logging.getLogger("twlb.balancer")
 
@@ -85,8 +92,18 @@ FORWARDING: frozenset[bytes] = frozenset(
     {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
 )
 
+#: W3C trace context: passed on as it came, unless the balancer's own span takes its place.
+TRACE_CONTEXT: frozenset[bytes] = frozenset({b"traceparent", b"tracestate"})
+
 #: Request headers `forward` does not pass on as they are (one look-up per header).
-_SPECIAL = REQUEST_DROPPED | FORWARDING
+_SPECIAL = REQUEST_DROPPED | FORWARDING | TRACE_CONTEXT | {b"x-request-id"}
+
+
+def audit_word(verdict: AuditResult) -> str:
+    """An audit's verdict in the access log: agreed, mismatch or no_quorum."""
+    if not verdict.quorum_met:
+        return "no_quorum"
+    return "mismatch" if verdict.odd else "agreed"
 
 
 def upstream_reply(
@@ -138,16 +155,20 @@ def _balancer_location(value: bytes, fleet: Container[str]) -> bytes:
     """A Location (or Content-Location) pointing at a backend of the fleet, as a path on
     the balancer (a relative reference, which the client resolves against the balancer's
     address it asked); any other value as it is."""
-    if value[:7].lower() != b"http://":
+    scheme = value[:8].lower()
+    if scheme.startswith(b"http://"):
+        scheme, rest = "http://", value[7:]
+    elif scheme == b"https://":
+        scheme, rest = "https://", value[8:]
+    else:
         return value
-    rest = value[7:]
     end = len(rest)
     for sep in (b"/", b"?", b"#"):
         at = rest.find(sep)
         if 0 <= at < end:
             end = at
     try:
-        origin = normalize_backend_url("http://" + rest[:end].decode("latin-1"))
+        origin = normalize_backend_url(scheme + rest[:end].decode("latin-1"))
     except BackendURLError:
         return value
     if origin not in fleet:
@@ -167,18 +188,19 @@ def _client_node(client_host: str | None) -> tuple[bytes, bytes]:
     return address, b"for=" + address
 
 
-def _host_and_proto(host: bytes) -> bytes:
+def _host_and_proto(host: bytes, https: bool = False) -> bytes:
     """Forwarded's `host` and `proto` parameters for a request's Host header (the few
     short Host values clients send are remembered; a long one, which only a hostile
     client sends, is not)."""
-    return _host_param(host) if len(host) <= 255 else _quoted_host(host)
+    return _host_param(host, https) if len(host) <= 255 else _quoted_host(host, https)
 
 
-def _quoted_host(host: bytes) -> bytes:
+def _quoted_host(host: bytes, https: bool = False) -> bytes:
+    proto = b";proto=https" if https else b";proto=http"
     if not host:
-        return b";proto=http"
+        return proto
     quoted = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-    return b';host="' + quoted + b'";proto=http'
+    return b';host="' + quoted + b'"' + proto
 
 
 _host_param = functools.lru_cache(maxsize=256)(_quoted_host)
@@ -202,13 +224,27 @@ class BalancerApp:
         # `core` reaches the Balancer as is (clock, transport, health_transport): tests
         # drive the whole request path in memory with a fake upstream.
         self.balancer = Balancer(settings, **core)
-        self.api = build_api(self.balancer)
+        # The admin token, from --admin-token or its file (re-read when it changes).
+        self.token = Token(settings.admin_token, settings.admin_token_file)
+        # Evidence shared with peer replicas and kept in a file across runs.
+        self.replicas: Replicas | None = None
+        if settings.shares_evidence or settings.evidence_file is not None:
+            self.replicas = Replicas(self.balancer, self.token)
+        self.api = build_api(self.balancer, self.token, self.replicas)
         self._max_body = settings.max_body_bytes
         self.limits: ServerLimits = settings.server_limits
         self.budget = self.balancer.memory
         self._named = settings.backend_header
         self._trusted = tuple(ipaddress.ip_network(n) for n in settings.trusted_proxies)
         self._trusts = functools.lru_cache(maxsize=4096)(self._is_trusted)
+        # With an admin listener of its own, the traffic port proxies every path.
+        self.proxy_all = settings.admin_apart
+        self._https = settings.tls_cert_file is not None
+        self.access = AccessLog(settings.access_log_sample, settings.seed, settings.replica_id)
+        self._logged = settings.access_log_sample > 0.0
+        self.tracing: Tracing | None = None
+        if Tracing.configured():
+            self.tracing = Tracing("twlb-balancer", settings.replica_id)
 
     def _is_trusted(self, client_host: str | None) -> bool:
         """Whether a peer is one of the configured trusted proxies."""
@@ -249,11 +285,15 @@ class BalancerApp:
         `headers` have lower-case names; the body is complete and within the limit.
         """
         balancer = self.balancer
+        logged = self._logged and self.access.sampled()
+        started = self.access.start() if logged else None
         forwarded: list[tuple[bytes, bytes]] = []
         key: str | None = None
         quorum_header: bytes | None = None
         listed: set[bytes] | None = None
         host = b""
+        rid: bytes | None = None
+        trace: dict[str, str] | None = None
         # The forwarding chains a trusted proxy sent; from anyone else they are dropped.
         trusted = bool(self._trusted) and self._trusts(client_host)
         chain: list[bytes] = []
@@ -263,6 +303,12 @@ class BalancerApp:
             if name in _SPECIAL:
                 if name == b"host":
                     host = value
+                elif name == b"x-request-id":
+                    rid = value
+                elif name in TRACE_CONTEXT:
+                    if trace is None:
+                        trace = {}
+                    trace[name.decode("latin-1")] = value.decode("latin-1")
                 elif name == b"connection":
                     if listed is None:
                         listed = set()
@@ -301,7 +347,7 @@ class BalancerApp:
                 quorum_header = None
         # This hop appended to the chains (as nginx's $proxy_add_x_forwarded_for).
         address, node = _client_node(client_host)
-        element = node + _host_and_proto(host)
+        element = node + _host_and_proto(host, self._https)
         if chain:
             chain.append(address)
             address = b", ".join(chain)
@@ -310,6 +356,15 @@ class BalancerApp:
             element = b", ".join(elements)
         forwarded.append((b"x-forwarded-for", address))
         forwarded.append((b"forwarded", element))
+        rid = request_id(rid)
+        forwarded.append((b"x-request-id", rid))
+        span = None
+        tracing = self.tracing
+        if tracing is not None:
+            span = tracing.start(method, raw_path, trace or {})
+            forwarded += tracing.headers(span)
+        elif trace:  # not a participant: the client's trace context goes on as it came
+            forwarded += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trace.items()]
 
         target = raw_path
         if query:
@@ -318,21 +373,65 @@ class BalancerApp:
                 key = next((v for k, v in parse_qsl(query.decode("latin-1")) if k == "key"), None)
 
         if quorum_header is not None:
-            return await self._quorum(balancer, method, target, forwarded, body, quorum_header)
+            reply = await self._quorum(balancer, method, target, forwarded, body, quorum_header)
+            result = None
+            deferred = False
+        else:
+            result, why = await balancer.route(method, target, forwarded, body, key)
+            reply, deferred = self._reply(
+                balancer, method, target, forwarded, result, why, started, rid, raw_path
+            )
+        reply.headers.append((b"x-request-id", rid))
+        backend, tries = (result.backend, result.tries) if result is not None else (None, 0)
+        if span is not None:
+            tracing.end(span, reply.status, backend, tries)  # type: ignore[union-attr]
+        if started is not None and not deferred:
+            self.access.write(started, rid, method, raw_path, reply.status, backend, tries, None)
+        return reply
 
-        result, why = await balancer.route(method, target, forwarded, body, key)
+    def _reply(
+        self,
+        balancer: Balancer,
+        method: str,
+        target: bytes,
+        forwarded: list,
+        result: TryResult | None,
+        why: str,
+        started: tuple[float, float] | None,
+        rid: bytes,
+        path: bytes,
+    ) -> tuple[Reply, bool]:
+        """The answer to a routed request; a 2xx one may be audited once it is on its way,
+        and then its access log line (when `started`: sampled) waits for the verdict
+        (True: deferred so)."""
         outcomes = balancer.metrics.requests
         if result is None:
             outcomes["no_backend"] += 1
-            return json_reply(503, why)
+            return json_reply(503, why), False
         response = result.response
         if response is None:
-            return self._no_answer(result, outcomes)
-        outcomes["error" if response.status >= 500 else "success"] += 1
-        if 200 <= response.status < 300:
+            return self._no_answer(result, outcomes), False
+        status = response.status
+        outcomes["error" if status >= 500 else "success"] += 1
+        deferred = False
+        if 200 <= status < 300:
+            on_verdict = None
+            if started is not None:
+                access, backend, tries = self.access, result.backend, result.tries
+
+                def on_verdict(verdict: AuditResult) -> None:
+                    access.write(
+                        started, rid, method, path, status, backend, tries, audit_word(verdict),
+                        odd=verdict.odd or None,
+                    )  # fmt: skip
+
             # Only spawns the audit task: it runs after this answer is on its way.
-            balancer.maybe_audit(method, target, forwarded, result)
-        return upstream_reply(result.backend, response, method, self._named, balancer.fleet.records)
+            deferred = balancer.maybe_audit(method, target, forwarded, result, on_verdict)
+            deferred = deferred and started is not None
+        reply = upstream_reply(
+            result.backend, response, method, self._named, balancer.fleet.records
+        )
+        return reply, deferred
 
     def _no_answer(self, result: TryResult, outcomes: dict[str, int]) -> Reply:
         """The error answer to a request whose last try got no answer."""
@@ -386,7 +485,10 @@ class BalancerApp:
         body: bytes,
     ) -> Awaitable[Reply]:
         """The server's entry point: own paths to the API, everything else proxied (the
-        coroutine is returned, not awaited here: one frame less on the proxy path)."""
+        coroutine is returned, not awaited here: one frame less on the proxy path). With
+        an admin listener apart (`proxy_all`), every path is proxied."""
+        if self.proxy_all:
+            return self.forward(method, path, query, headers, client[0] if client else None, body)
         name = path.decode("latin-1")
         if path.find(b"%") >= 0:  # find(): `in` on bytes tries an int first
             name = unquote(name)
@@ -461,11 +563,55 @@ class BalancerApp:
 # -------------------------------------------------------------------- native HTTP server
 
 
-async def serve(app: BalancerApp, host: str, port: int) -> int | None:
-    """Run the balancer on host:port until SIGTERM or SIGINT; returns that signal's number.
+class AdminHandler:
+    """The admin listener's requests: the balancer's own endpoints (`/admin/*`, `/trust`,
+    `/metrics`, `/readyz`, `/healthz`); any other path is 404 (nothing is proxied here)."""
 
-    The FastAPI lifespan (which opens and closes the `Balancer`) wraps the listening time.
+    def __init__(self, app: BalancerApp) -> None:
+        self.app = app
+        self.limits = replace(app.limits, max_body_bytes=ADMIN_MAX_BODY, max_connections=256)
+
+    def handle(
+        self,
+        method: str,
+        path: bytes,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        body: bytes,
+    ) -> Awaitable[Reply] | Reply:
+        if self.app.is_own_path(unquote(path.decode("latin-1"))):
+            return self.app.call_api(method, path, query, headers, client, server, body)
+        return json_reply(
+            404, "not an endpoint of the admin listener: traffic goes to the traffic port"
+        )
+
+    def too_large(self) -> Reply:
+        return json_reply(413, f"request body over the admin listener's {ADMIN_MAX_BODY} bytes")
+
+    def over_budget(self, why: str) -> Reply:
+        return json_reply(503, why)
+
+
+#: Largest request body the admin listener reads (an evidence exchange among replicas).
+ADMIN_MAX_BODY = 2 << 20
+#: Bytes the admin listener may hold in flight, apart from the traffic's budget.
+ADMIN_BUDGET = 32 << 20
+
+
+async def serve(app: BalancerApp, host: str, port: int) -> int | None:
+    """Run the balancer until SIGTERM or SIGINT; returns that signal's number.
+
+    In order: the loops start (the FastAPI lifespan), the admin listener opens (with
+    `--admin-port`), the evidence of the last run and of peer replicas is taken in
+    (replicas.py; `/readyz` answers 503 meanwhile), then the traffic listener opens on
+    host:port, or on the inherited `--listen-fd` socket, with TLS when configured. On
+    the signal the balancer drains: `/readyz` answers 503, the traffic listener closes,
+    and for `--drain-s` the requests in flight, queued and arriving on open connections
+    are still served (each answer closing its connection); then the rest get 503.
     """
+    settings = app.settings
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[int] = []
@@ -476,15 +622,37 @@ async def serve(app: BalancerApp, host: str, port: int) -> int | None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    balancer = app.balancer
     async with app.api.router.lifespan_context(app.api):
         open_files_for(app.limits.max_connections)
-        server = HttpServer(app, app.limits, app.budget)
-        app.balancer.metrics.server = server
-        await server.start(host, port)
-        log.info("balancer listening on http://%s:%d", *(server.sockname or (host, port)))
+        admin = None
+        if settings.admin_apart:
+            handler = AdminHandler(app)
+            admin = HttpServer(handler, handler.limits, MemoryBudget(ADMIN_BUDGET))
+            await admin.start(settings.admin_host, settings.admin_port or 0)
+            log.info("admin listener on http://%s:%d", *(admin.sockname or ("?", 0)))
+        replicas = app.replicas
+        if replicas is not None:
+            await replicas.warm_up()
+        server = HttpServer(app, app.limits, app.budget, balancer.metrics.observe_answer)
+        balancer.metrics.server = server
+        inherited = None
+        if settings.listen_fd is not None:
+            inherited = socket.socket(fileno=settings.listen_fd)
+        await server.start(host, port, sock=inherited, ssl=tls.server_context(settings))
+        scheme = "https" if settings.tls_cert_file is not None else "http"
+        log.info("balancer listening on %s://%s:%d", scheme, *(server.sockname or (host, port)))
         await stop.wait()
+        balancer.draining = True
+        log.info("balancer draining for up to %.1f s", settings.drain_s)
+        await server.stop(grace_s=settings.drain_s)
         log.info("balancer shutting down")
-        await server.stop()
+        if replicas is not None:
+            replicas.save()
+        if admin is not None:
+            await admin.stop(grace_s=0.5)
+    if app.tracing is not None:
+        await asyncio.to_thread(app.tracing.shutdown)
     return received[0] if received else None
 
 

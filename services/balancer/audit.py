@@ -231,6 +231,9 @@ class Auditor:
         self._records = fleet.records
         self.ignore = frozenset(ignore_fields)
         self.methods = methods
+        #: Backends a peer replica holds suspect or proven (replicas.py keeps this set, in
+        #: place): audited at the suspect fraction here too, while the claim stands.
+        self.watched: set[str] = set()
 
     # -- where ---------------------------------------------------------------------------
 
@@ -241,7 +244,7 @@ class Auditor:
         base = self.fraction
         if not base or not self.by_standing:
             return base
-        if backend in self._book.suspects:
+        if backend in self._book.suspects or backend in self.watched:
             return self._suspect_at
         # A backend the engine does not know (removed while its answer was on its way)
         # counts as in probation, as the engine reports it.

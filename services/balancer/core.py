@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,7 @@ from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+from twlb.balancer import tls
 from twlb.balancer.audit import Auditor, AuditResult, answer_digest, compare_answers
 from twlb.balancer.evidence import EvidenceRule
 from twlb.balancer.fleet import Fleet
@@ -38,7 +40,7 @@ from twlb.balancer.memory import MemoryBudget
 from twlb.balancer.metrics import BalancerMetrics, LiveView
 from twlb.balancer.oracle import OracleTruthError, load_oracle_truth
 from twlb.balancer.policies import make_policy
-from twlb.balancer.runner import Pool, Runner
+from twlb.balancer.runner import GOSSIP_VIEW_LIMITS, Pool, Runner
 from twlb.balancer.scoring import HeuristicScorer
 from twlb.balancer.settings import IDEMPOTENT_METHODS, BalancerSettings
 from twlb.balancer.trust import ChangeKind, EjectionReason, TrustChange, TrustEngine
@@ -81,6 +83,7 @@ class TryResult:
     detail: str = ""  # why there is no usable answer, when the caller should be told
     # Given up by the balancer itself (its memory budget): says nothing of the backend.
     over_budget: bool = False
+    tries: int = 1  # tries the request took, this one included (`route` sets it)
 
 
 class Balancer:
@@ -111,17 +114,21 @@ class Balancer:
         self.clock = clock
         # Request and answer bytes in flight, for the whole process (memory.py).
         self.memory = MemoryBudget(settings.memory_budget_bytes)
+        # https:// backends are reached with one TLS context (tls.py), made on first use.
+        self._tls: ssl.SSLContext | None = None
         self.transport = transport or partial(
-            BackendPool, limits=settings.upstream_limits, budget=self.memory
+            self._pool, limits=settings.upstream_limits, budget=self.memory
         )
         # Health checks go through pools of their own with small caps: a /healthz answer is
         # read to at most health_max_bytes under one deadline that trickled bytes cannot
         # extend (the pool's deadline covers connect, send and the whole answer).
         self.health_transport = health_transport or partial(
-            BackendPool, max_idle=1, limits=settings.health_limits
+            self._pool, max_idle=1, limits=settings.health_limits
         )
-        # Gossip views likewise (None: `runner.GOSSIP_VIEW_LIMITS`).
-        self.gossip_transport = gossip_transport
+        # Gossip views likewise.
+        self.gossip_transport = gossip_transport or partial(
+            self._pool, max_idle=1, limits=GOSSIP_VIEW_LIMITS
+        )
         now = self.clock()
         self.fleet = Fleet(
             window_s=settings.window_s, resolution_s=min(0.25, settings.window_s / 4)
@@ -192,6 +199,13 @@ class Balancer:
         # three tasks (docs/DESIGN.md, the proxy's hot path).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: Runner | None = None
+        #: Called with every audit's verdict and the request it audited (`replicas.py`
+        #: keeps the requests that exposed a backend, to share with peer replicas).
+        self.audit_listeners: list[Callable[[AuditResult, str, bytes, list], None]] = []
+        # Readiness (GET /readyz): not while the evidence of peers and of the last run is
+        # still being taken in at start, nor while draining, nor without a backend up.
+        self.warming = False
+        self.draining = False
 
     @property
     def backends(self) -> list[str]:
@@ -202,6 +216,25 @@ class Balancer:
     def up(self) -> list[str]:
         """The backends in rotation by health, in fleet order."""
         return self.fleet.up
+
+    def _pool(self, url: str, **options: Any) -> BackendPool:
+        """A connection pool to one backend (TLS for an https:// one)."""
+        tls_context = None
+        if url.startswith("https://"):
+            if self._tls is None:
+                self._tls = tls.client_context(self.settings)
+            tls_context = self._tls
+        return BackendPool(url, tls=tls_context, **options)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether this balancer should be sent traffic (`/readyz`), and why not."""
+        if self.draining:
+            return False, "draining: the balancer is stopping"
+        if self.warming:
+            return False, "taking in the evidence of its peers and of its last run"
+        if not self.fleet.up:
+            return False, "no backend is up" if self.fleet.urls else "no backends configured"
+        return True, "ready"
 
     def truth_of(self, backend: str) -> NodeClass:
         """The oracle's ground truth; a backend missing from the file counts as healthy."""
@@ -304,7 +337,10 @@ class Balancer:
             rec = records.get(change.backend)
             if rec is not None:
                 rec.counters.count_change(change)
-            log.warning("trust event %s", orjson.dumps(change.as_record()).decode())
+            log.warning(
+                "trust event %s %s", change.kind.value, change.backend,
+                extra={"trust_event": change.as_record()},
+            )  # fmt: skip
 
     # ---------------------------------------------------------------- what the loops feed
     def on_health_check(self, backend: str, ok: bool, now: float) -> bool:
@@ -446,8 +482,8 @@ class Balancer:
         except UpstreamTooLarge as err:
             # A bad upstream: it answered, but over the caps; counted as a 5xx would be.
             outcome, detail = ERROR, str(err)
-        except UpstreamConnectError:
-            outcome = CONNECT_ERROR
+        except UpstreamConnectError as err:  # why, for the client: refused, TLS, closed
+            outcome, detail = CONNECT_ERROR, str(err)
         finally:
             end = self.clock()
             rec.inflight -= 1
@@ -508,20 +544,50 @@ class Balancer:
                     return None, f"policy {self.settings.policy.value} picked no backend"
                 break
             last = await self.try_backend(backend, method, target, headers, body)
+            last.tries = attempt + 1
             if last.outcome is SUCCESS or not retryable:
                 break
             tried.append(backend)
         return last, ""
 
     # ---------------------------------------------------------------- audits
-    def maybe_audit(self, method: str, target: bytes, headers: list, answered: TryResult) -> None:
+    def maybe_audit(
+        self,
+        method: str,
+        target: bytes,
+        headers: list,
+        answered: TryResult,
+        on_verdict: Callable[[AuditResult], None] | None = None,
+    ) -> bool:
         """Cross-check a 2xx answer this balancer proxied, if the auditor draws it
         (`Auditor.draw`: the backend's audit fraction, two peers); the audit runs after
-        the answer is on its way."""
+        the answer is on its way, and `on_verdict` is called with its verdict. True when
+        an audit started."""
         peers = self.auditor.draw(method, answered.backend)
-        if peers is not None:
-            audit = self._audit(method, target, headers, answered.backend, answered.response, peers)
-            self._spawn(audit, "twlb-audit")
+        if peers is None:
+            return False
+        audit = self._audit(
+            method, target, headers, answered.backend, answered.response, peers, on_verdict
+        )
+        self._spawn(audit, "twlb-audit")
+        return True
+
+    async def replay_audit(
+        self, backend: str, method: str, target: bytes, headers: list
+    ) -> AuditResult | None:
+        """Audit `backend` on a request of one's own choosing: ask it, and two voters
+        (widened on a split), what `method target` answers, and judge as any audit. How a
+        replica checks a peer's claim against a backend with evidence of its own (the
+        requests that exposed it, replayed: replicas.py). None when it cannot be audited
+        now (not in the fleet, not an audited method, fewer than two voters besides)."""
+        if backend not in self._records or method not in self.auditor.methods:
+            return None
+        others = self.auditor.voters(exclude={backend})
+        if len(others) < 2:
+            return None
+        peers = self.rng.sample(others, 2)
+        asked = await self.try_backend(backend, method, target, headers, b"")
+        return await self._audit(method, target, headers, backend, asked.response, peers)
 
     def audit_observed(
         self,
@@ -550,7 +616,8 @@ class Balancer:
         backend: str,
         response: UpstreamResponse | None,
         peers: list[str],
-    ) -> None:
+        on_verdict: Callable[[AuditResult], None] | None = None,
+    ) -> AuditResult:
         """Ask the peers what `backend` was asked; the auditor's `Ballot` says whom to ask
         more (every other voter, once the answers split) and when the answers in hand
         decide it (a voter slow to answer, up to its try timeout, does not hold up a
@@ -570,7 +637,12 @@ class Balancer:
                 break
         for task in pending:  # answers no longer needed still feed health and windows
             self._keep(task)
-        self._count(ballot.judge(self.clock()))
+        verdict = self._count(ballot.judge(self.clock()))
+        for listener in self.audit_listeners:
+            listener(verdict, method, target, headers)
+        if on_verdict is not None:
+            on_verdict(verdict)
+        return verdict
 
     def _try_task(self, backend: str, method: str, target: bytes, headers: list) -> asyncio.Task:
         return self._task(self.try_backend(backend, method, target, headers, b""))

@@ -405,6 +405,23 @@ class EvidenceBook:
                 raise ValueError(f"evidence of {backend}: {err}") from None
         return parsed
 
+    def extend(self, backend: str, out_until: float, offences: int) -> bool:
+        """Keep a backend proven here out until `out_until` when that is later than its
+        own back-off's end, and count at least `offences` (a peer replica's longer word
+        for a liar this book proved itself: sharing.py); False when nothing changed (not
+        proven here, or its own back-off is as long)."""
+        e = self._backends.get(backend)
+        if e is None or e.standing is not Standing.PROVEN or e.out_until is None:
+            return False
+        changed = False
+        if out_until > e.out_until + 0.01:
+            e.out_until = out_until
+            changed = True
+        if offences > e.offences:
+            e.offences = offences
+            changed = True
+        return changed
+
     def restore(self, backend: str, evidence: BackendEvidence) -> None:
         """Put `evidence` in force for `backend`, a backend of the book (KeyError if not):
         the trust engine's `import_evidence` calls this and acts on proof it carries."""

@@ -19,7 +19,9 @@ objects, no routing). What one client can take is bounded (docs/manual.md, docs/
   `body_timeout_s` after its head (408, then the connection closes);
 - connections: past `max_connections` a new connection takes the place of the one that
   has waited longest for its client (an idle keep-alive connection, a slow head or body);
-  only when every connection is being answered does it get 503.
+  only when every connection is being answered does it get 503; a connection carries
+  `keepalive_requests` answers, the last of which closes it (so clients reconnect, and
+  their connections spread again over replicas accepting from one socket).
 
 A refused request (400, 405, 408, 413, 431, 503, 505) is answered and its connection
 closed, never drained: after the answer the connection lingers `LINGER_S`, reading and
@@ -30,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import StrEnum
 from http import HTTPStatus
+from ssl import SSLContext
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -76,9 +80,15 @@ _STATUS_LINES: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus
 }
 
-#: Seconds in-flight requests get to finish after SIGTERM; each one still unfinished
-#: then, and each one read but not started, is answered 503.
+#: Seconds in-flight requests get to finish after SIGTERM (the balancer's `--drain-s`
+#: sets its own); each one still unfinished then, and each one read but not started, is
+#: answered 503.
 SHUTDOWN_GRACE_S = 10.0
+
+#: While draining, a connection idle this long (its client sends nothing on it) is
+#: closed; one in use is closed by the answer to its next request instead, which never
+#: races a request the client is sending.
+DRAIN_IDLE_S = 1.0
 
 #: Bytes of input handed to the parser at once.
 PARSE_SLICE = 4 * 1024
@@ -119,6 +129,7 @@ class ServerLimits:
     head_timeout_s: float
     body_timeout_s: float
     keepalive_timeout_s: float
+    keepalive_requests: int  # answers a connection carries, then one closes it; 0: no cap
     send_timeout_s: float
     max_pipelined: int
     max_connections: int
@@ -236,6 +247,7 @@ class _ClientConnection(asyncio.Protocol):
         self.sent_at = 0.0  # when the write buffer last shrank (or began to hold bytes)
         self.refusal: Reply | None = None
         self.finished = False  # the last answer is written; the connection is closing
+        self.answered = 0  # answers written
         # The request being parsed.
         self.method = b""
         self.url = b""
@@ -603,9 +615,10 @@ class _ClientConnection(asyncio.Protocol):
         server = self.server
         half = self.limits.max_pipelined // 2
         cut = False  # the shutdown grace ran out
+        on_answer = server.on_answer
         while self.state is not _CLOSED and not self.finished:
             if not pending or (self.write_paused and not cut):
-                if not pending and (server.stopping or self.state is _DRAINING or cut):
+                if not pending and (server.cut or self.state is _DRAINING or cut):
                     self._close()
                     break
                 self.waiter = loop.create_future()
@@ -617,10 +630,11 @@ class _ClientConnection(asyncio.Protocol):
                     cut = True
                 continue
             parsed = pending.popleft()
+            began = perf_counter() if on_answer is not None else 0.0
             try:
                 reply = parsed.early
                 if reply is None:
-                    if server.stopping:  # read, not started: never started now
+                    if server.cut:  # read, not started, and the drain is over
                         reply = _shutting_down()
                     else:
                         self.busy = True
@@ -640,6 +654,8 @@ class _ClientConnection(asyncio.Protocol):
                         finally:
                             self.busy = False
                 self._write(reply, parsed)
+                if on_answer is not None:
+                    on_answer(reply.status, perf_counter() - began)
             finally:
                 if parsed.body:
                     self.budget.used -= len(parsed.body)
@@ -690,7 +706,18 @@ class _ClientConnection(asyncio.Protocol):
         transport = self.transport
         if self.closed or self.finished or transport is None:
             return
-        keep_alive = parsed.keep_alive and (not self.server.stopping or bool(self.pending))
+        self.answered += 1
+        cap = self.limits.keepalive_requests
+        # Past its cap, a connection is closed by the first answer with nothing of a next
+        # request read behind it (queued, parsed in part, or held back): a pipelining
+        # client loses none of what it sent. Draining, only requests queued are kept.
+        capped = (
+            0 < cap <= self.answered
+            and self.state is _IDLE
+            and not (self.pending or self.stash or self.paused)
+        )
+        ending = self.server.stopping and not self.pending
+        keep_alive = parsed.keep_alive and not (capped or ending)
         if not keep_alive:
             hop = b"connection: close\r\n"
         elif parsed.http10:
@@ -797,9 +824,14 @@ class _ClientConnection(asyncio.Protocol):
         elif state is _IDLE and now - self.last_active > limits.keepalive_timeout_s:
             self._close()
 
+    @property
+    def idle(self) -> bool:
+        """Waiting for the client's next request, with nothing of it read."""
+        return self.state is _IDLE and not self.busy and not self.pending and not self.finished
+
     def shutdown(self) -> None:
-        """Stop taking requests: close now if idle; a request being received is answered
-        503; one being answered finishes first."""
+        """The drain is over: close now if idle; a request being received is answered
+        503; one being answered is cut by the server (503)."""
         if not self.busy and not self.pending:
             if self.state is _HEAD or self.state is _BODY:
                 self._break(_shutting_down())
@@ -815,8 +847,17 @@ def _refusal_431(limit: int) -> Reply:
 class HttpServer:
     """The balancer's HTTP/1.1 server: keep-alive, in-order answers, one listening port."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits, budget: MemoryBudget) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits,
+        budget: MemoryBudget,
+        on_answer: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.handler = handler
+        #: Called with each answer's status and the seconds from its request's dispatch
+        #: to its write (the balancer's request duration histogram).
+        self.on_answer = on_answer
         self.limits = limits
         self.budget = budget
         self.pages = PageReturner(budget)
@@ -827,7 +868,8 @@ class HttpServer:
         self.waiting: dict[_ClientConnection, None] = {}
         self.evicted = 0
         self.tasks: set[asyncio.Task] = set()
-        self.stopping = False
+        self.stopping = False  # draining: no new connections, each answer closes its own
+        self.cut = False  # the drain is over: what is left is answered 503
         self.sockname: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
         self.date_line = b""
@@ -868,26 +910,57 @@ class HttpServer:
         victim._evict()
         return True
 
-    async def start(self, host: str, port: int, backlog: int = 2048) -> None:
-        self._server = await self.loop.create_server(
-            lambda: _ClientConnection(self), host, port, backlog=backlog, reuse_address=True
-        )
-        sock = self._server.sockets[0].getsockname()
-        self.sockname = (str(sock[0]), int(sock[1]))
+    async def start(
+        self,
+        host: str,
+        port: int,
+        backlog: int = 2048,
+        sock: socket.socket | None = None,
+        ssl: SSLContext | None = None,
+    ) -> None:
+        """Listen on host:port, or on `sock`, a listening socket given (inherited from the
+        process that started this one: several processes then accept from one queue);
+        with `ssl`, every connection is TLS."""
+        if sock is not None:
+            self._server = await self.loop.create_server(
+                lambda: _ClientConnection(self), sock=sock, backlog=backlog, ssl=ssl
+            )
+        else:
+            self._server = await self.loop.create_server(
+                lambda: _ClientConnection(self),
+                host,
+                port,
+                backlog=backlog,
+                reuse_address=True,
+                ssl=ssl,
+            )
+        name = self._server.sockets[0].getsockname()
+        self.sockname = (str(name[0]), int(name[1]))
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-        """Stop listening and taking requests; answers in progress get `grace_s` to finish,
-        then they and every request read but not started are answered 503; every
-        connection closes."""
+        """Drain, then close. The listener closes at once; for `grace_s` the requests in
+        flight, queued and arriving on open connections are still served, each answer
+        closing its connection, and a connection idle for DRAIN_IDLE_S is closed; then
+        what is left (answers in progress, requests read but not started, requests half
+        received) is answered 503, and every connection closes."""
         self.stopping = True
-        if self._clock is not None:
-            self._clock.cancel()
         if self._server is not None:
             self._server.close()
+        deadline = self.loop.time() + grace_s
+        while self.connections and self.loop.time() < deadline:
+            now = self.loop.time()
+            for conn in list(self.connections):
+                if conn.idle and now - conn.last_active >= DRAIN_IDLE_S:
+                    conn._close()
+            await asyncio.sleep(min(0.05, max(0.0, deadline - self.loop.time())))
+        self.cut = True
+        if self._clock is not None:
+            self._clock.cancel()
         for conn in list(self.connections):
             conn.shutdown()
-        if self.tasks:
-            _, late = await asyncio.wait(set(self.tasks), timeout=grace_s)
+        busy = [t for t in self.tasks if not t.done()]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=0.05)
             for task in late:
                 task.cancel()
             if late:

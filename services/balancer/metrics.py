@@ -29,7 +29,7 @@ from itertools import accumulate
 from time import perf_counter
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -246,12 +246,24 @@ class BalancerMetrics(Collector):
         # The counters of every backend in the fleet (dropped with it: `forget`).
         self.backends: dict[str, BackendCounters] = {}
         self._texts: dict[str, _BackendText] = {}  # each backend's lines, values to fill in
+        # Answers to clients by status code, from the request's dispatch to its answer's
+        # write: the request duration as the client sees it, less the network.
+        self.answers: dict[int, PlainHistogram] = {}
         self.registry = CollectorRegistry()
         self.registry.register(self)
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=self.registry)
         self._exposition: bytes | None = None
         self._fresh_until = -math.inf
         self._render_cost = 0.0  # loop seconds the last rendering took
         self._rendering: asyncio.Task[bytes] | None = None
+
+    def observe_answer(self, status: int, seconds: float) -> None:
+        """One answer to a client: its status code and its duration."""
+        histogram = self.answers.get(status)
+        if histogram is None:
+            histogram = self.answers[status] = PlainHistogram(DURATION_BUCKETS)
+        histogram.observe(seconds)
 
     def backend(self, url: str) -> BackendCounters:
         """The counters of a backend, created on first use."""
@@ -372,6 +384,14 @@ class BalancerMetrics(Collector):
         )
         overruns.add_metric([], self.trust_tick_overruns)
         yield from (retries, refused, audits, tick, overruns)
+        answers = HistogramMetricFamily(
+            "twlb_balancer_request_duration_seconds",
+            "Client requests from their dispatch to their answer's write, by status code.",
+            labels=["code"],
+        )
+        for code, histogram in sorted(self.answers.items()):
+            answers.add_metric([str(code)], histogram.cumulative_buckets(), histogram.sum)
+        yield answers
 
         memory = self.memory
         if memory is not None:

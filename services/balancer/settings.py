@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,7 @@ from twlb.spec import BalancerTunables
 from twlb.vocabulary import PolicyName, Probability
 
 #: Paths the balancer answers itself; every other path is proxied to a backend.
-RESERVED_PATHS: frozenset[str] = frozenset({"/healthz", "/metrics", "/trust"})
+RESERVED_PATHS: frozenset[str] = frozenset({"/healthz", "/readyz", "/metrics", "/trust"})
 #: Every path under this prefix is the balancer's admin API.
 ADMIN_PREFIX = "/admin/"
 
@@ -114,7 +115,85 @@ class BalancerSettings(BalancerTunables):
         "watched in between).",
     )
     admin_token: str | None = Field(
-        None, description="Bearer token of /admin/*; unset: the admin API is disabled."
+        None,
+        description="Bearer token of /admin/* (prefer --admin-token-file or the environment: "
+        "a flag's value is visible in the process list); unset: the admin API is disabled.",
+    )
+    admin_token_file: Annotated[
+        Path | None, Flag(type=click.Path(dir_okay=False, path_type=Path))
+    ] = Field(
+        None,
+        description="File holding the bearer token of /admin/* (re-read when it changes); "
+        "instead of --admin-token.",
+    )
+    admin_host: str = Field(
+        "127.0.0.1",
+        description="Address of the admin listener (/admin/*, /trust, /metrics, /readyz, "
+        "/healthz).",
+    )
+    admin_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the admin listener; with it the traffic port proxies every path, "
+        "/admin, /trust, /metrics, /readyz and /healthz included. Unset: one listener serves "
+        "both.",
+    )
+    listen_fd: int | None = Field(
+        None,
+        ge=0,
+        description="Serve traffic on this inherited listening socket (a file descriptor) "
+        "instead of binding --host/--port: how `twlb up` runs several replicas on one "
+        "address.",
+    )
+    replica_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=253,
+        description="This replica's name among the balancer's replicas (default: the hostname).",
+    )
+    peers: Annotated[tuple[str, ...], Flag("--peer", param="peer")] = Field(
+        default=(),
+        description="Admin listener http://host:port of another replica to share audit "
+        "evidence with (repeatable; space-separated in the environment).",
+    )
+    peer_dns: str | None = Field(
+        None,
+        description="HOST:PORT: every address HOST resolves to is a replica's admin listener "
+        "(on Kubernetes, a headless Service of the balancer's pods); re-resolved each sync.",
+    )
+    peer_sync_s: Annotated[float, Flag("--peer-sync")] = Field(
+        0.5,
+        gt=0.0,
+        le=60.0,
+        description="Seconds between evidence exchanges with every peer (a proof or a suspicion "
+        "is sent at once).",
+    )
+    evidence_file: Annotated[Path | None, Flag(type=click.Path(dir_okay=False, path_type=Path))] = (
+        Field(
+            None,
+            description="File this replica keeps its own audit evidence in (written as it "
+            "changes, read at start): proven liars and their back-offs survive a restart.",
+        )
+    )
+    access_log_sample: Probability = Field(
+        1.0,
+        description="Share of requests written to the access log, one JSON (or text) line "
+        "each (0: none).",
+    )
+    log_format: Literal["text", "json"] | None = Field(
+        None,
+        description="Log lines as text or as one JSON object each (default: `twlb "
+        "--log-format`, TWLB_LOG_FORMAT, else text).",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="Certificate chain (PEM) of the traffic listener: it serves HTTPS."
+    )
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) of --tls-cert-file.")
+    backend_ca_file: Path | None = Field(
+        None,
+        description="CA bundle (PEM) that https:// backends' certificates are verified "
+        "against (default: the system's).",
     )
     probation_audit_fraction: Probability = Field(
         0.5,
@@ -191,6 +270,14 @@ class BalancerSettings(BalancerTunables):
         gt=0.0,
         le=3600.0,
         description="Seconds an idle client connection stays open between requests.",
+    )
+    keepalive_requests: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="Answers a client connection carries before one closes it (0: no cap; "
+        "as nginx's keepalive_requests, 1000 there): clients reconnect, so long-lived "
+        "connections spread again over replicas sharing one socket.",
     )
     send_timeout_s: Annotated[float, Flag("--send-timeout")] = Field(
         30.0,
@@ -332,6 +419,7 @@ class BalancerSettings(BalancerTunables):
             head_timeout_s=self.head_timeout_s,
             body_timeout_s=self.body_timeout_s,
             keepalive_timeout_s=self.keepalive_timeout_s,
+            keepalive_requests=self.keepalive_requests,
             send_timeout_s=self.send_timeout_s,
             max_pipelined=self.max_pipelined,
             max_connections=self.max_connections,
@@ -379,3 +467,51 @@ class BalancerSettings(BalancerTunables):
         if self.policy is PolicyName.ORACLE and self.oracle_truth is None:
             raise ValueError("policy 'oracle' needs oracle_truth (a JSON file of node classes)")
         return self
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> BalancerSettings:
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("admin_token_file and admin_token both given: give one")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> BalancerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        return self
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _peer_urls(cls, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = value.split()
+        out: list[str] = []
+        for url in value or ():
+            try:
+                norm = normalize_backend_url(url)
+            except BackendURLError as err:
+                raise ValueError(str(err).replace("backend URL", "peer URL")) from None
+            if norm not in out:
+                out.append(norm)
+        return tuple(out)
+
+    @field_validator("peer_dns")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+    @property
+    def admin_apart(self) -> bool:
+        """Whether the own endpoints have a listener of their own (the traffic port then
+        proxies every path)."""
+        return self.admin_port is not None
+
+    @property
+    def shares_evidence(self) -> bool:
+        """Whether this balancer has peer replicas to share audit evidence with."""
+        return bool(self.peers or self.peer_dns)

@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import math
 import re
+import ssl
 from collections import deque
 from dataclasses import dataclass
 from operator import attrgetter
@@ -114,11 +115,15 @@ def _valid_host(host: str) -> bool:
     return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
-def normalize_backend_url(url: str) -> str:
-    """Check a backend URL and return its canonical form `http://host:port`.
+#: Default port of each scheme a backend may have.
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
-    Only plain HTTP origins are accepted (the balancer talks HTTP/1.1 to its backends);
-    a path, query, fragment or credentials would be silently ignored, so they are errors.
+
+def normalize_backend_url(url: str) -> str:
+    """Check a backend URL and return its canonical form `http://host:port` or
+    `https://host:port` (HTTP/1.1, over TLS for https, verified: tls.py).
+
+    A path, query, fragment or credentials would be silently ignored, so they are errors.
     """
     if not isinstance(url, str) or not url.strip():
         raise BackendURLError("backend URL is empty")
@@ -129,8 +134,8 @@ def normalize_backend_url(url: str) -> str:
         port = parts.port
     except ValueError as err:
         raise BackendURLError(f"malformed backend URL {url!r}: {err}") from None
-    if parts.scheme != "http":
-        raise BackendURLError(f"backend URL {url!r} must start with http://")
+    if parts.scheme not in DEFAULT_PORTS:
+        raise BackendURLError(f"backend URL {url!r} must start with http:// or https://")
     if not parts.hostname:
         raise BackendURLError(f"backend URL {url!r} has no host")
     if port is not None and not 1 <= port <= 65535:
@@ -147,7 +152,8 @@ def normalize_backend_url(url: str) -> str:
     host = parts.hostname
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{80 if port is None else port}"
+    scheme = parts.scheme
+    return f"{scheme}://{host}:{DEFAULT_PORTS[scheme] if port is None else port}"
 
 
 @dataclass(slots=True)
@@ -398,13 +404,18 @@ class BackendPool:
         limits: UpstreamLimits,
         max_idle: int = 128,
         budget: MemoryBudget | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self.limits = limits
         self.budget = budget
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.port = parts.port or DEFAULT_PORTS.get(parts.scheme, 80)
+        # https:// backends: TLS, the certificate verified against the URL's host.
+        self.tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.tls = tls if tls is not None else ssl.create_default_context()
         self.host_header = parts.netloc.encode("latin-1")
         self.max_idle = max_idle
         self._idle: deque[_Connection] = deque()
@@ -418,11 +429,22 @@ class BackendPool:
     async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         try:
             async with asyncio.timeout_at(deadline):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, self), self.host, self.port
-                )
+                if self.tls is None:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self), self.host, self.port
+                    )
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self),
+                        self.host,
+                        self.port,
+                        ssl=self.tls,
+                        server_hostname=self.host,
+                    )
         except TimeoutError:
             raise UpstreamTimeout("connect did not finish within the try timeout") from None
+        except ssl.SSLError as err:  # an OSError: a certificate refused, a bad handshake
+            raise UpstreamConnectError(f"TLS to the backend failed: {err}") from None
         except OSError as err:
             raise UpstreamConnectError(f"cannot connect: {err.strerror or err}") from None
         return conn

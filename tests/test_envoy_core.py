@@ -232,6 +232,43 @@ async def test_a_suspect_raises_the_sample_share_and_sampled_answers_are_audited
     assert [(b"accept", b"*/*")] in fleet.headers
 
 
+def _shown_get(path: str = "/work?key=k") -> ext_pb2.HttpHeaders:
+    """A GET's head as Envoy's ext_proc filter shows it."""
+    head = ext_pb2.HttpHeaders()
+    for key, value in ((":method", "GET"), (":path", path), ("accept", "*/*")):
+        head.headers.headers.add(key=key, raw_value=value.encode())
+    return head
+
+
+async def test_a_readmitted_liar_is_shown_in_full_and_proven_by_its_first_shown_lie() -> None:
+    """A proven liar's back-off ends: it comes back SUSPECT at the slow-start floor, the
+    refresh that puts it in Envoy's endpoints raises the share to the suspect fraction
+    (every answer shown, every one audited), and its first shown lie proves it again."""
+    plane, fleet, (a, b, c, liar) = _plane(
+        [HONEST, HONEST, HONEST, LIAR], audit_fraction=0.2, liar_backoff_s=10.0
+    )
+    bal = plane.balancer
+    for _ in range(bal.engine.evidence.rule.mismatches_to_prove):
+        bal.judge({liar: "lie", a: "ok", b: "ok", c: "ok"}, 2)
+    plane.refresh(bal.clock())
+    out = plane.sample  # the honest backends' share (they are in probation: 0.5)
+    assert "10.0.0.4:8000" not in _hosts(plane) and out < 1.0
+    fleet.clock.now += 10.5  # the back-off is over
+    bal.update_trust(bal.clock())
+    assert bal.engine.evidence.standing(liar).value == "suspect"
+    assert plane.refresh(bal.clock())
+    floor = bal.engine.probation_weight * bal.policy.slow_start_floor  # type: ignore[attr-defined]
+    assert _hosts(plane)["10.0.0.4:8000"] == res.endpoint_weight(floor)
+    assert plane.sample == 1.0  # pushed with the endpoints that readmit it
+    lie = b'{"node": "x", "result": "lie"}'
+    assert plane._observed_answer(_shown_get(), 200, lie, "10.0.0.4:8000")
+    await asyncio.gather(*bal._background)
+    row = bal.engine.evidence.describe(liar)
+    assert row["proven"] and row["offences"] == 2, row
+    plane.refresh(bal.clock())
+    assert "10.0.0.4:8000" not in _hosts(plane) and plane.sample == out
+
+
 def test_log_entries_read_as_outcomes() -> None:
     def entry(code: int, **flags: bool) -> entry_pb2.HTTPAccessLogEntry:
         e = entry_pb2.HTTPAccessLogEntry()

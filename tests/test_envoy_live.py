@@ -3,8 +3,9 @@
 (`twlb load --mode basic`: cannot verify an answer, never retries) through Envoy.
 
 Eight backends: a liar at 1.0, one at 0.3, two colluders (one group) and four honest.
-Trust-steered Envoy delivers at most 0.2% wrong answers and ejects no honest backend;
-plain Envoy (round robin, its own outlier detection) delivers what round robin does; each
+Trust-steered Envoy delivers at most 0.2% wrong answers over a run that takes the liars'
+readmission after the default back-off (a readmitted liar is proven again by about its
+first lie) and ejects no honest backend; plain Envoy (round robin, its own outlier detection) delivers what round robin does; each
 liar leaves Envoy's endpoints within 1 s of TW-LB proving it; killing the control plane
 mid-run loses no request, and the restarted one keeps the proven liars out.
 """
@@ -22,23 +23,29 @@ from pathlib import Path
 import httpx
 import pytest
 from test_balancer_api import ServiceGroup, group  # noqa: F401 (the module fixture)
+from twlb.balancer.evidence import EvidenceRule
+from twlb.balancer.settings import BalancerSettings
 from twlb.envoy import resources as res
 from twlb.envoy.process import envoy_process
 from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
 
 QUIET = ("--log-level", "warning")
 AUDIT = 0.2
+#: The balancer's default suspect audit fraction (the run leaves it): a readmitted liar's.
+SUSPECT_FRACTION = BalancerSettings.model_fields["suspect_audit_fraction"].default
 #: The request rate of the runs through Envoy.
 RATE = 200
 #: The steered run: 20,000 requests, 200 req/s for 100 s through Envoy, its start
-#: counted. Nearly all the wrong answers come in its first ~0.3 s, before the first audits
-#: prove the liars (every backend is new then, and four of eight lie): a count, about 1/a
-#: for each liar (7-23 in runs on the shared 2-core machine), so the share depends on the
-#: run's length: at 10,000 requests it sits on the 0.2% line. The liars' back-off is set
-#: past the run (LIAR_BACKOFF_S): with the default 60 s the balancer's rules readmit them
-#: on probation 60 s after the proof and they deliver a second count (docs/envoy.md).
-STEERED_RATE, DURATION = 200, 100
-LIAR_BACKOFF_S = 600
+#: counted, with the balancer's default liar back-off (60 s). It is two loads back to
+#: back: the first (FIRST_S) ends before any back-off can end, the second takes the
+#: readmission. Nearly all the first load's wrong answers come in its first ~0.3 s, before
+#: the first audits prove the liars (every backend is new then, and four of eight lie):
+#: about 1/a for each liar. The second load's are the readmitted liars': each comes back
+#: SUSPECT, audited at the suspect fraction, one audited lie from proof
+#: (`EvidenceRule.readmitted_wrong_answers_bound`: one lie each at a suspect fraction of
+#: 1), plus at most one more each delivered while its proving audit is in flight.
+STEERED_RATE, DURATION, FIRST_S = 200, 100, 50
+IN_FLIGHT = 1
 HONEST = [f"honest-{i}" for i in range(4)]
 LIARS = {"liar-1.0": 1.0, "liar-0.3": 0.3}
 COLLUDERS = ["colluder-0", "colluder-1"]
@@ -197,7 +204,6 @@ def test_trust_steered_envoy_delivers_at_most_0_2_percent_wrong(
     ports = {k: free_port() for k in ("listen", "xds", "admin")}
     api = group.start(
         "envoy", *fleet.args(), "--audit-fraction", repr(AUDIT), "--seed", "3",
-        "--liar-backoff", str(LIAR_BACKOFF_S),
         "--listen-port", str(ports["listen"]), "--xds-port", str(ports["xds"]),
         "--envoy-admin-port", str(ports["admin"]), "--envoy-dir", str(tmp_path / "envoy"),
         *QUIET,
@@ -207,18 +213,38 @@ def test_trust_steered_envoy_delivers_at_most_0_2_percent_wrong(
     envoy_ready(admin)
     watch = EndpointWatch(admin).start()
     began = time.monotonic()
+    through = f"http://127.0.0.1:{ports['listen']}"
     try:
-        report = load(
-            f"http://127.0.0.1:{ports['listen']}", tmp_path / "steered.json", STEERED_RATE, DURATION
-        )
+        first = load(through, tmp_path / "steered-1.json", STEERED_RATE, FIRST_S)
+        rows = trust(api)
+        backoff = {u: rows[u]["evidence"]["backoff_until"] for u in fleet.liars}
+        mid = time.monotonic()
+        second = load(through, tmp_path / "steered-2.json", STEERED_RATE, DURATION - FIRST_S)
+        end = time.monotonic()
     finally:
         watch.stop()
-    wrong_share = report["wrong"] / report["sent"]
-    assert report["sent"] >= 0.95 * STEERED_RATE * DURATION, report["stop_reason"]
-    assert report["failed"] == 0, report["failed_by_reason"]
+    sent = first["sent"] + second["sent"]
+    wrong = first["wrong"] + second["wrong"]
+    assert sent >= 0.95 * STEERED_RATE * DURATION, (first["stop_reason"], second["stop_reason"])
+    assert first["failed"] == second["failed"] == 0, (first["failed_by_reason"], second["failed_by_reason"])  # fmt: skip
     rows = trust(api)
     proofs = {u: round(rows[u]["evidence"]["proven_at"] - began, 2) for u in fleet.liars}
-    assert wrong_share <= 0.002, (report["wrong"], report["sent"], report["wrong_by_node"], proofs)
+    # Every liar was proven in the first load, its back-off (the default's) ended in the
+    # second, and it was proven again there: its second offence.
+    for u in fleet.liars:
+        assert backoff[u] is not None and mid < backoff[u] < end, (u, backoff, mid, end)
+        assert rows[u]["evidence"]["offences"] == 2, rows[u]["evidence"]
+        assert rows[u]["evidence"]["proven_at"] >= backoff[u], (u, backoff[u], proofs)
+    # What the run shows, kept beside the loads' reports (pytest --basetemp to read it):
+    # each liar's proof again, seconds after its back-off ended.
+    again = {u: round(rows[u]["evidence"]["proven_at"] - backoff[u], 3) for u in fleet.liars}
+    figures = {"wrong": [first["wrong"], second["wrong"]], "proven_again_after_s": again}
+    (tmp_path / "steered-figures.json").write_text(json.dumps(figures))
+    readmitted = len(fleet.liars) * (
+        EvidenceRule().readmitted_wrong_answers_bound(SUSPECT_FRACTION) + IN_FLIGHT
+    )
+    assert second["wrong"] <= readmitted, (second["wrong_by_node"], readmitted, again)
+    assert wrong / sent <= 0.002, (wrong, sent, first["wrong_by_node"], second["wrong_by_node"])
     for url in fleet.liars:
         assert rows[url]["evidence"]["proven"] and rows[url]["state"] == "ejected", rows[url]
     for url in fleet.honest:

@@ -71,6 +71,19 @@ def test_bound_is_about_one_over_the_audit_fraction() -> None:
         RULE.wrong_answers_bound(0.0, 1.0)
 
 
+def test_a_readmitted_liar_is_one_audited_lie_from_proof() -> None:
+    book = EvidenceBook(EvidenceRule(backoff_s=10.0))
+    book.set_backends(["b"])
+    for _ in range(RULE.mismatches_to_prove):
+        book.record("b", True, 0.0)
+    assert book.tick(10.0) == ["b"] and book.standing("b") is Standing.SUSPECT
+    assert book.record("b", True, 10.5) is Verdict.PROVEN
+    assert RULE.mismatches_to_prove_again == 1
+    # at the suspect fraction 1 its first lie is audited; at 0.5, ln(1000)/ln(2) = 9.97
+    assert RULE.readmitted_wrong_answers_bound(1.0) == 1
+    assert RULE.readmitted_wrong_answers_bound(0.5) == 10
+
+
 # -- the test ------------------------------------------------------------------------------
 
 

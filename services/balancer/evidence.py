@@ -43,7 +43,9 @@ ceil(ln(1/delta) / a) + (k - 1) * ceil(ln(1/delta) / s). `wrong_answers_bound` c
 A proven backend is out of rotation for a back-off that doubles with each proven offence
 (`backoff_s` * 2**(offences - 1), capped at `max_backoff_s`), counted from its conviction;
 when it ends the backend comes back SUSPECT with its statistic one half-mismatch below A,
-so a single further audited lie proves it again.
+so a single further audited lie proves it again: audited at s, it delivers at most
+ceil(ln(1/delta) / s) wrong answers after its readmission (one at s = 1), which
+`readmitted_wrong_answers_bound` computes.
 
 Evidence outlives the process that gathered it: `EvidenceBook.export` writes every
 backend's as one JSON-ready document, its times relative to the moment of export, and
@@ -150,16 +152,35 @@ class EvidenceRule:
         """Wrong answers a liar delivers before it is proven, with probability `confidence`
         (audit latency aside: answers sent while the proving audit is in flight add to it)."""
         _check_fractions(audit_fraction, suspect_fraction)
-        if not 0.0 < confidence < 1.0:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-        tail = math.log(1.0 / (1.0 - confidence))
+        first = _lies_until_audited(audit_fraction, confidence)
+        rest = (self.mismatches_to_prove - 1) * _lies_until_audited(suspect_fraction, confidence)
+        return first + rest
 
-        def lies_until_audited(fraction: float) -> int:
-            # P(more than n lies until one is audited) = (1 - fraction)**n
-            return 1 if fraction >= 1.0 else math.ceil(tail / -math.log1p(-fraction))
+    @property
+    def mismatches_to_prove_again(self) -> int:
+        """Mismatches that prove a readmitted backend again (its statistic restarts at
+        `readmit_llr`): one."""
+        return math.ceil((self.prove_at - self.readmit_llr) / self.mismatch_step - 1e-12)
 
-        first = lies_until_audited(audit_fraction)
-        return first + (self.mismatches_to_prove - 1) * lies_until_audited(suspect_fraction)
+    def readmitted_wrong_answers_bound(
+        self, suspect_fraction: float, confidence: float = 0.999
+    ) -> int:
+        """Wrong answers a liar delivers after its back-off ends, before it is proven again,
+        with probability `confidence`: it comes back SUSPECT, audited at the suspect
+        fraction s, one audited lie from proof (at s = 1: its first lie; audit latency
+        aside, as for `wrong_answers_bound`)."""
+        _check_fractions(suspect_fraction, suspect_fraction)
+        return self.mismatches_to_prove_again * _lies_until_audited(suspect_fraction, confidence)
+
+
+def _lies_until_audited(fraction: float, confidence: float) -> int:
+    """Lies delivered until one is audited (that one included), at audit `fraction`, with
+    probability `confidence`: P(more than n) = (1 - fraction)**n."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if fraction >= 1.0:
+        return 1
+    return math.ceil(math.log(1.0 / (1.0 - confidence)) / -math.log1p(-fraction))
 
 
 def _check_fractions(audit_fraction: float, suspect_fraction: float) -> None:

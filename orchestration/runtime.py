@@ -757,7 +757,7 @@ class EmbeddedCluster:
             "updated": time.time(),
             "balancer": {
                 "url": self.balancer_url,
-                "admin_url": self.balancers[0].admin_url if self.balancers else None,
+                "admin_url": self.admin_urls[0] if self.admin_urls else None,
                 "pid": self.balancer.pid if self.balancer and self.balancer.popen else None,
                 "policy": self.policy or self.cluster.spec.policy.value,
                 "alive": self.balancer is not None and self.balancer.alive(),

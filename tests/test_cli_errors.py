@@ -53,9 +53,13 @@ def one_line(done: subprocess.CompletedProcess[str], code: int, *words: str) -> 
 
 @pytest.fixture
 def busy_tcp() -> Iterator[int]:
-    """A loopback TCP port something is listening on."""
+    """A loopback TCP port something is listening on (at most 65000: `twlb up
+    --port-base` takes no higher, to leave room for the cluster's ports)."""
+    port = free_port()
+    while port > 65_000:
+        port = free_port()
     with socket.socket() as s:
-        s.bind(("127.0.0.1", free_port()))
+        s.bind(("127.0.0.1", port))
         s.listen()
         yield s.getsockname()[1]
 
@@ -271,5 +275,5 @@ def test_every_policy_and_model_option_lists_its_choices() -> None:
                 "[shipped|heuristic|FILE]"
             )
             found["model"] += 1
-    # balancer, up, demo, bench: policy; balancer, up, demo, bench: model
-    assert found == {"policy": 4, "model": 4}
+    # balancer, envoy, up, demo, bench: policy; balancer, envoy, up, demo, bench: model
+    assert found == {"policy": 5, "model": 5}

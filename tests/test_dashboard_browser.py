@@ -175,7 +175,7 @@ def test_page_shows_every_node_and_a_byzantine_node_turns_ejected(cluster, tmp_p
                 assert r.status_code == 200, r.text
 
                 def balancer_ejected() -> bool:
-                    rows = httpx.get(status["balancer"]["url"] + "/trust", timeout=5).json()
+                    rows = httpx.get(status["balancer"]["admin_url"] + "/trust", timeout=5).json()
                     row = next(b for b in rows["backends"] if b["url"] == victim["url"])
                     return row["state"] == "ejected"
 

@@ -67,7 +67,7 @@ def test_balancer_drops_an_agreed_dead_backend_before_its_checks_and_takes_it_ba
         # on its first failed one, which would take the victim out before gossip could.
         wait_until(
             lambda: all(
-                (r := _trust_row(http, cluster.balancer_url, n.url))["gossip"]["verdict"] == "alive"
+                (r := _trust_row(http, cluster.admin_url, n.url))["gossip"]["verdict"] == "alive"
                 and r["health"]["state"] == "healthy"
                 for n in cluster.nodes
             ),
@@ -78,7 +78,7 @@ def test_balancer_drops_an_agreed_dead_backend_before_its_checks_and_takes_it_ba
         killed_at = time.monotonic()
         cluster.kill_node(victim.name, hold_down_s=3600)
         row = wait_until(
-            lambda: (r := _trust_row(http, cluster.balancer_url, victim.url))["up"] is False and r,
+            lambda: (r := _trust_row(http, cluster.admin_url, victim.url))["up"] is False and r,
             20,
             "the killed backend out of rotation",
             poll=0.05,
@@ -99,7 +99,13 @@ def test_balancer_drops_an_agreed_dead_backend_before_its_checks_and_takes_it_ba
         victim.restart.next_start = time.monotonic()
         cluster.supervise_once()
         row = wait_until(
-            lambda: (r := _trust_row(http, cluster.balancer_url, victim.url))["up"] is True and r,
+            # back in rotation once the members hold it alive again (a verdict on its way
+            # may still say suspect for a moment after its first passing check)
+            lambda: (
+                (r := _trust_row(http, cluster.admin_url, victim.url))["up"] is True
+                and r["gossip"]["verdict"] == "alive"
+                and r
+            ),
             20,
             "the restarted backend back in rotation",
             poll=0.05,

@@ -123,15 +123,20 @@ async def test_kubectl_scale_leaves_the_balancer_alone_and_its_backends_follow(t
         container = template["spec"]["containers"][0]
         assert "--backend" not in container["args"]
         token = "t" * 24
-        port = free_port()
+        token_file = tmp_path / "admin-token"
+        token_file.write_text(token)
+        port, admin_port = free_port(), free_port()
+        # The template's own command line, its listeners and token file moved to the test's
+        # (a later occurrence of an option wins).
         balancer = ManagedProcess(
             twlb_argv(*container["args"], "--host", "127.0.0.1", "--port", str(port),
-                      "--admin-token", token, "--model", "heuristic", "--health-interval",
-                      "0.2", "--log-level", "warning"),
+                      "--admin-host", "127.0.0.1", "--admin-port", str(admin_port),
+                      "--admin-token-file", str(token_file), "--model", "heuristic",
+                      "--health-interval", "0.2", "--log-level", "warning"),
             env={"KUBECONFIG": str(cluster.kubeconfig)},
             log_path=tmp_path / "balancer.log",
         ).start()  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{admin_port}"  # /admin/backends and /trust
         nodes = [f"http://web-node-{i}.{NS}.svc:8080" for i in range(4)]
         try:
             async with httpx.AsyncClient(

@@ -257,14 +257,23 @@ def faulty_nodes_ejected_in_cluster(
     rate: float = 100.0,
     ns: str = "twlb",
     secrets: Secrets = None,
+    balancer_admin_url: str | None = None,
 ) -> float:
     """Seconds until the balancer ejected every node the TrustCluster makes faulty (0.0
-    when none is), while a verified load runs; ActivityFailed after `within_s`."""
+    when none is), while a verified load runs through `balancer_url`; ActivityFailed after
+    `within_s`. /trust is read on `balancer_admin_url` (a replica's admin listener: the
+    traffic port proxies /trust to the backends)."""
     spec = _spec(_get_cluster(_api(secrets), cluster, ns))
     faulty = [
         a.name for a in assign_faults(spec, cluster) if a.fault.node_class != NodeClass.HEALTHY
     ]
-    return faulty_nodes_ejected(nodes=faulty, url=balancer_url, within_s=within_s, rate=rate)
+    return faulty_nodes_ejected(
+        nodes=faulty,
+        url=balancer_url,
+        admin_url=balancer_admin_url,
+        within_s=within_s,
+        rate=rate,
+    )
 
 
 def control_token(cluster: str, ns: str = "twlb", secrets: Secrets = None) -> str:

@@ -345,19 +345,22 @@ def faulty_nodes_ejected(
     rate: float = 100.0,
     nodes: Collection[str] | None = None,
     url: str | None = None,
+    admin_url: str | None = None,
 ) -> float:
     """Seconds until the balancer ejected every faulty node (its trust fell below the
     ejection threshold), while a verified load gives it evidence; 0.0 when no node is
     faulty. ActivityFailed when a faulty node is still in rotation after `within_s`.
 
-    Faulty nodes are `nodes` when given, else those whose live fault is not benign."""
+    Faulty nodes are `nodes` when given, else those whose live fault is not benign. The
+    load goes to `url` (default: the local cluster's traffic address), /trust is read from
+    `admin_url` (default: the local cluster's admin listener, else `url`)."""
     cluster = load_cluster(state_dir) if state_dir or not url else None
     names = list(nodes) if nodes is not None else faulty_nodes(state_dir)
     if not names:
         return 0.0
     by_name = {n.name: n.url for n in cluster.nodes} if cluster else {}
     target = url.rstrip("/") if url else cluster.balancer_url  # type: ignore[union-attr]
-    admin = url.rstrip("/") if url else cluster.admin_url  # type: ignore[union-attr]
+    admin = (admin_url or url or cluster.admin_url).rstrip("/")  # type: ignore[union-attr]
     plan = LoadPlan(url=target, rate=rate, duration_s=within_s + 1.0, mode=Mode.BASIC)
     times = asyncio.run(_eject_watch(admin, {n: by_name.get(n) for n in names}, plan, within_s))
     return max(times.values())

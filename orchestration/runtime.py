@@ -463,6 +463,7 @@ class EmbeddedCluster:
             if self._listener is not None:  # Envoy binds the traffic address itself
                 self._listener.close()
                 self._listener = None
+            self.balancers = []  # no replica to supervise while Envoy serves
             self._start_control_plane()
             self._start_envoy()
             assert self.control_plane is not None and self.control_plane_url is not None
@@ -483,8 +484,10 @@ class EmbeddedCluster:
             self._wait_replica(replica, ready_timeout)
 
     def _stop_data_plane(self) -> None:
+        """Stop what routes the traffic, on purpose: the supervisor restarts none of it."""
         for replica in self.balancers:
             self._stop_replica(replica)
+            replica.proc = None
         for proc in (self.envoy, self.control_plane):
             if proc is not None:
                 proc.stop()

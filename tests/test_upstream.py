@@ -8,6 +8,8 @@ what the server received can be counted request by request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -17,6 +19,7 @@ from twlb.balancer.upstream import (
     BackendPool,
     BackendURLError,
     UpstreamConnectError,
+    UpstreamTooLarge,
     normalize_backend_url,
 )
 
@@ -143,3 +146,33 @@ async def test_a_get_is_resent_once_on_a_fresh_connection_after_a_stale_one(
     # The first GET, the one lost with the stale connection, and its re-send.
     assert forgetful.received == Counter({"GET": 3})
     assert forgetful.connections == 2
+
+
+async def test_an_answer_announcing_a_body_over_the_cap_is_refused_on_its_head() -> None:
+    """A node announcing 500 MB is refused on its Content-Length: the try fails as too
+    large after the head, with none of the body read (the node sends only a few bytes of
+    it and keeps the connection open; reading up to the cap would wait for the timeout)."""
+    sent_head = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 500000000\r\n\r\nxxxx")
+        await writer.drain()
+        sent_head.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the balancer hangs up
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    limits = BalancerSettings(model="heuristic").upstream_limits
+    pool = BackendPool(f"http://{host}:{port}", limits)
+    try:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTooLarge, match=f"over {limits.max_body_bytes} bytes"):
+            await pool.request("GET", b"/work", [], b"", timeout=10.0)
+        assert sent_head.is_set() and time.monotonic() - started < 5.0
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()

@@ -25,7 +25,6 @@ throughput. Figures are printed and written to reports/bench/envoy_bench.json.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -41,7 +40,7 @@ import httpx
 import psutil
 from backend_throughput import WrkRun, run_wrk
 from google.protobuf import json_format
-from proxy_bench import WORK_PATH, balancer_process, machine, nginx_process
+from proxy_bench import WORK_PATH, balancer_process, nginx_process, write_report
 from rich.console import Console
 from rich.table import Table
 from twlb.envoy.process import envoy_process
@@ -196,11 +195,7 @@ def main(rounds: int, duration: int, connections: int, out: Path) -> None:
         finally:
             for proc in procs.values():
                 proc.stop()
-    report["machine"] = machine(load_before)
-    report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    Console().print(f"wrote {out}")
+    write_report(out, report, load_before)
 
 
 def speed_run(

@@ -197,6 +197,15 @@ def machine(load_before: tuple[float, float, float]) -> dict:
     }
 
 
+def write_report(out: Path, report: dict, load_before: tuple[float, float, float]) -> None:
+    """`report` with the machine and the time it finished, as JSON in `out`."""
+    report["machine"] = machine(load_before)
+    report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    Console().print(f"wrote {out}")
+
+
 @click.command()
 @click.option("--rounds", default=3, type=click.IntRange(1, 20), show_default=True)
 @click.option("--duration", default=5, type=click.IntRange(1, 60), show_default=True,
@@ -319,11 +328,7 @@ def main(
         finally:
             for proc in procs.values():
                 proc.stop()
-    report["machine"] = machine(load_before)
-    report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    Console().print(f"wrote {out}")
+    write_report(out, report, load_before)
 
 
 def speed_run(

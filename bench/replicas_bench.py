@@ -18,7 +18,6 @@ nginx's, and how the replicas shared the requests are printed and written as JSO
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -31,7 +30,7 @@ from pathlib import Path
 import click
 import httpx
 from backend_throughput import run_wrk
-from proxy_bench import machine, nginx_process, tree_cpu_s
+from proxy_bench import nginx_process, tree_cpu_s, write_report
 from rich.console import Console
 from rich.table import Table
 from twlb.orchestration.runtime import EmbeddedCluster
@@ -199,12 +198,9 @@ def main(
     report = {
         "replicas": replicas, "nginx_workers": replicas, "connections": connections,
         "wrk_threads": threads, "duration_s": duration, "warmup_s": warmup, "rounds": rounds,
-        "summary": summary, "runs": runs, "machine": machine(load_before),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "summary": summary, "runs": runs,
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    Console().print(f"wrote {out}")
+    write_report(out, report, load_before)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,12 @@ _TOO_LARGE, _OVER_BUDGET = "too large", "over budget"
 NOTED_HEADERS: frozenset[bytes] = frozenset({b"connection", b"location", b"content-location"})
 
 
+def _over(length: bytes, limits: UpstreamLimits) -> bool:
+    """Whether a Content-Length value is over the body cap (a malformed one is the
+    parser's to refuse)."""
+    return length.strip().isdigit() and int(length) > limits.max_body_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamLimits:
     """What one backend's answer may weigh before the try fails as a bad upstream (the
@@ -264,17 +270,6 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamConnectError("backend closed the connection"))
 
-    def _declared_over_cap(self) -> bool:
-        """Whether the answer's Content-Length says its body is over the cap (a malformed
-        length is the parser's to refuse)."""
-        for name, value in self._headers:
-            if name == b"content-length":
-                try:
-                    return int(value) > self._limits.max_body_bytes
-                except ValueError:
-                    return False
-        return False
-
     def _framed(self) -> bool:
         """Whether the answer says where it ends (a length, or chunked)."""
         return any(n == b"content-length" or n == b"transfer-encoding" for n, _ in self._headers)
@@ -288,15 +283,15 @@ class _Connection(asyncio.Protocol):
         headers.append((name, value))
         if name in NOTED_HEADERS:
             self._noted = True
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._status = self._parser.get_status_code()
-        if not self._head_only and self._declared_over_cap():
+        elif name == b"content-length" and not self._head_only and _over(value, self._limits):
             # Refused on its Content-Length, before a byte of the body is read: a node that
             # announces 500 MB costs the loop nothing more than its head.
             self._refused = _TOO_LARGE
             raise ValueError("body too large")  # the parser raises HttpParserError
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._status = self._parser.get_status_code()
         if self._head_only:
             # A HEAD answer has no body whatever its Content-Length says; the parser does not
             # know the request was HEAD, so finish here and let the connection go.

@@ -189,20 +189,20 @@ class EmbeddedCluster:
         return self.balancers[0].restart if self.balancers else RestartBackoff()
 
     @property
-    def admin_url(self) -> str:
-        """Where /trust, /metrics, /readyz and /admin/* are: the first replica's admin
-        listener, or with `dataPlane: envoy` the control plane's API."""
-        if self.envoy is not None and self.control_plane_url is not None:
-            return self.control_plane_url
-        if not self.balancers:
-            raise RuntimeError("the cluster has not started its balancer")
-        return self.balancers[0].admin_url
-
-    @property
     def admin_urls(self) -> list[str]:
+        """Where /trust, /metrics, /readyz and /admin/* are: each replica's admin listener,
+        or with `dataPlane: envoy` the control plane's API."""
         if self.envoy is not None and self.control_plane_url is not None:
             return [self.control_plane_url]
         return [r.admin_url for r in self.balancers]
+
+    @property
+    def admin_url(self) -> str:
+        """The first of `admin_urls`."""
+        urls = self.admin_urls
+        if not urls:
+            raise RuntimeError("the cluster has not started its balancer")
+        return urls[0]
 
     @property
     def replica_count(self) -> int:
@@ -760,7 +760,7 @@ class EmbeddedCluster:
             "updated": time.time(),
             "balancer": {
                 "url": self.balancer_url,
-                "admin_url": self.admin_urls[0] if self.admin_urls else None,
+                "admin_url": next(iter(self.admin_urls), None),
                 "pid": self.balancer.pid if self.balancer and self.balancer.popen else None,
                 "policy": self.policy or self.cluster.spec.policy.value,
                 "alive": self.balancer is not None and self.balancer.alive(),

@@ -116,18 +116,19 @@ class JsonFormatter(OrjsonFormatter):
             "logger": record.name,
             "message": record.getMessage(),
             **fields,
-            "time": _iso(record.created),
+            "time": iso_utc(record.created),
         }
         return orjson.dumps(line, default=str).decode()
 
 
-def _iso(created: float) -> str:
-    """A record's time as ISO 8601 in UTC, to the microsecond (the second's text cached)."""
-    second = int(created)
+def iso_utc(wall: float, zone: str = "+00:00") -> str:
+    """A wall-clock time as ISO 8601 in UTC, to the microsecond, ending with `zone` (the
+    second's text cached: a log or access line each time)."""
+    second = int(wall)
     if second != _second[0]:
         _second[0] = second
         _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{int((created - second) * 1e6):06d}+00:00"
+    return f"{_second[1]}.{int((wall - second) * 1e6):06d}{zone}"
 
 
 _second: list = [-1, ""]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from twlb.logs import FIELDS
+from twlb.logs import FIELDS, iso_utc
 
 ACCESS = logging.getLogger("twlb.access")
 
@@ -83,7 +83,7 @@ class AccessLog:
         wall, began = started
         text = path.decode("latin-1")
         fields = {
-            "request_time": _iso(wall),
+            "request_time": iso_utc(wall, "Z"),
             "request_id": rid.decode("latin-1"),
             "method": method,
             "path": text,
@@ -98,19 +98,6 @@ class AccessLog:
             fields.update(more)
         # The fields ride as one ready dict (twlb.logs.FIELDS): one line a request.
         ACCESS.info("%s %s %d", method, text, status, extra={FIELDS: fields})
-
-
-def _iso(wall: float) -> str:
-    """A wall-clock time as ISO 8601 in UTC, to the microsecond (the second's text
-    cached: one line a request)."""
-    second = int(wall)
-    if second != _second[0]:
-        _second[0] = second
-        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{int((wall - second) * 1e6):06d}Z"
-
-
-_second: list = [-1, ""]
 
 
 class Tracing:

@@ -32,6 +32,14 @@ from twlb.vocabulary import PolicyName
 log = logging.getLogger("twlb.envoy")
 
 
+#: The balancer's settings only its own listeners use: Envoy serves the traffic, the
+#: control plane's API is on --port, and it shares no evidence with replicas.
+PYTHON_DATA_PLANE = (
+    "admin_host", "admin_port", "listen_fd", "replica_id", "peers", "peer_dns", "peer_sync_s",
+    "tls_cert_file", "tls_key_file",
+)  # fmt: skip
+
+
 class EnvoySettings(BaseModel):
     """The data plane's settings of `twlb envoy` (the balancer's are BalancerSettings')."""
 
@@ -115,7 +123,9 @@ def layout_of(
 
 
 @click.command(context_settings={"show_default": True})
-@click_options(BalancerSettings, defaults=BalancerSettings(policy=PolicyName.TRUST))
+@click_options(
+    BalancerSettings, exclude=PYTHON_DATA_PLANE, defaults=BalancerSettings(policy=PolicyName.TRUST)
+)
 @click_options(EnvoySettings)
 @click.pass_context
 def command(ctx: click.Context, **options: object) -> None:
@@ -127,21 +137,10 @@ def command(ctx: click.Context, **options: object) -> None:
     its own. TW-LB's /trust, /healthz, /metrics and /admin/* answer on --port and through
     Envoy's listener.
     """
-    settings = build(BalancerSettings, ctx, field_values(BalancerSettings, options))
+    settings = build(
+        BalancerSettings, ctx, field_values(BalancerSettings, options, exclude=PYTHON_DATA_PLANE)
+    )
     envoy = build(EnvoySettings, ctx, field_values(EnvoySettings, options))
-    unsupported = {
-        "--admin-port": settings.admin_port is not None,
-        "--listen-fd": settings.listen_fd is not None,
-        "--peer/--peer-dns": settings.shares_evidence,
-        "--tls-cert-file/--tls-key-file": settings.tls_cert_file is not None
-        or settings.tls_key_file is not None,
-    }
-    given = [flag for flag, on in unsupported.items() if on]
-    if given:
-        raise UsageFailure(
-            f"twlb envoy does not take {', '.join(given)}: Envoy serves the traffic and the "
-            "control plane's API is on --port"
-        )
     token = envoy.xds_token
     if token is None:
         if envoy.print_bootstrap or not envoy.envoy:

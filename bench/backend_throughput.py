@@ -32,7 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,23 @@ class WrkRun:
     socket_errors: int
     latency_avg_ms: float
     server_cpu_us_per_request: float = float("nan")
+
+
+@contextmanager
+def running(
+    procs: Mapping[str, ManagedProcess], ready: Mapping[str, str], timeout: float = 60.0
+) -> Iterator[None]:
+    """Every process started and answering its `ready` URL; every one stopped (by its pid)
+    on the way out, whatever happened."""
+    try:
+        for proc in procs.values():
+            proc.start()
+        for name, url in ready.items():
+            procs[name].wait_ready(url, timeout=timeout)
+        yield
+    finally:
+        for proc in procs.values():
+            proc.stop()
 
 
 def _latency_ms(text: str) -> float:
@@ -228,11 +246,7 @@ def main(
     names = list(procs)
     load_before = os.getloadavg()
     runs: list[WrkRun] = []
-    try:
-        for proc in procs.values():
-            proc.start()
-        for name, proc in procs.items():
-            proc.wait_ready(urls[name] + "/healthz")
+    with running(procs, {name: urls[name] + "/healthz" for name in names}, timeout=20.0):
         for name in names:  # warm-up, not recorded
             run_wrk(name, 0, urls[name] + WORK_PATH, 2, connections, threads)
         for r in range(1, rounds + 1):
@@ -244,9 +258,6 @@ def main(
                         name, procs[name], r, urls[name] + WORK_PATH, duration, connections, threads
                     )
                 )
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
     def of(name: str, attr: str) -> list[float]:
         return [getattr(x, attr) for x in runs if x.server == name]

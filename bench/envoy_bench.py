@@ -8,7 +8,7 @@ bench/proxy_bench.py) behind five proxies, each one process with one worker:
   backends, round robin, its own outlier detection and retries (`plain_bootstrap`);
 - **envoy steered, 5% audits**: `twlb envoy --audit-fraction 0.05`: Envoy with TW-LB as
   its control plane (endpoints from trust weights, upstream tries logged to TW-LB, 5%
-  of GET answers shown to TW-LB through ext_proc and audited);
+  of GET answers shown to TW-LB on Envoy's sample log and audited);
 - **envoy steered, no audits**: the same with `--audit-fraction 0`: what steering costs
   apart from what the audits cost (each audit asks two more backends);
 - **nginx** (Debian's nginx-light, one worker, upstream keepalive);
@@ -38,7 +38,7 @@ from pathlib import Path
 import click
 import httpx
 import psutil
-from backend_throughput import WrkRun, run_wrk
+from backend_throughput import WrkRun, run_wrk, running
 from google.protobuf import json_format
 from proxy_bench import WORK_PATH, balancer_process, nginx_process, write_report
 from rich.console import Console
@@ -186,15 +186,8 @@ def main(rounds: int, duration: int, connections: int, out: Path) -> None:
         procs[BALANCER] = balancer_process(root, port, backends, "trust", AUDIT)
         urls[BALANCER] = f"http://127.0.0.1:{port}"
         ready[BALANCER] = urls[BALANCER] + "/healthz"
-        try:
-            for proc in procs.values():
-                proc.start()
-            for name, proc in procs.items():
-                proc.wait_ready(ready[name], timeout=90)
+        with running(procs, ready, timeout=90):
             report = speed_run(urls, procs, steered_api, rounds, duration, connections)
-        finally:
-            for proc in procs.values():
-                proc.stop()
     write_report(out, report, load_before)
 
 

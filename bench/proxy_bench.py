@@ -45,7 +45,7 @@ from pathlib import Path
 import click
 import httpx
 import psutil
-from backend_throughput import WrkRun, run_wrk
+from backend_throughput import WrkRun, run_wrk, running
 from rich.console import Console
 from rich.table import Table
 from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
@@ -312,11 +312,7 @@ def main(
                 )
                 python = reference_python if name.startswith(REFERENCE) else None
                 procs[name] = balancer_process(root, port, backends, policy, audits, python)
-        try:
-            for proc in procs.values():
-                proc.start()
-            for name, proc in procs.items():
-                proc.wait_ready(urls[name] + "/healthz", timeout=60)
+        with running(procs, {name: urls[name] + "/healthz" for name in procs}):
             if memory:
                 report = memory_run(urls[TRUST], procs[TRUST], memory_requests, memory_max_s)
             else:
@@ -325,9 +321,6 @@ def main(
                     latency_duration,
                 )  # fmt: skip
                 report["nginx_workers"] = nginx_workers
-        finally:
-            for proc in procs.values():
-                proc.stop()
     write_report(out, report, load_before)
 
 

@@ -49,7 +49,7 @@ class EnvoySettings(BaseModel):
     listen_port: int = Field(10000, ge=1, le=65535, description="Port of Envoy's traffic listener.")
     xds_host: str = Field(
         "127.0.0.1",
-        description="Address the control plane's gRPC server (ADS, logs, ext_proc) binds.",
+        description="Address the control plane's gRPC server (ADS and the access logs) binds.",
     )
     xds_port: int = Field(
         18000, ge=1, le=65535, description="Port of the control plane's gRPC server."
@@ -132,9 +132,9 @@ def command(ctx: click.Context, **options: object) -> None:
     """Run TW-LB as the xDS control plane (ADS) of an Envoy that routes the traffic.
 
     Endpoint weights are the trust weights; a backend ejected, unhealthy or dead by
-    gossip leaves Envoy's endpoints; a sampled share of GET answers reaches TW-LB through
-    Envoy's ext_proc filter (observability mode) and is audited as the balancer audits
-    its own. TW-LB's /trust, /healthz, /metrics and /admin/* answer on --port and through
+    gossip leaves Envoy's endpoints; a sampled share of GET answers reaches TW-LB on
+    Envoy's sample log (copied by a Lua filter as they pass, never held) and is audited
+    as the balancer audits its own. TW-LB's /trust, /healthz, /metrics and /admin/* answer on --port and through
     Envoy's listener.
     """
     settings = build(

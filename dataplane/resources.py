@@ -8,7 +8,7 @@ the bootstrap. Nothing here reads a clock or touches a socket.
 What Envoy gets:
 
 - the **bootstrap** (static): its node, its admin interface on loopback, the control
-  plane as a gRPC cluster (`CONTROL_PLANE`: ADS, the upstream access logs and ext_proc)
+  plane as a gRPC cluster (`CONTROL_PLANE`: ADS and the access logs)
   and as an HTTP cluster (`CONTROL_PLANE_HTTP`: TW-LB's own `/trust`, `/healthz`,
   `/metrics`, `/admin/*`), a stats listener that shows only `/stats/prometheus` and
   `/ready` of the admin interface, and ADS for listeners, clusters and the `twlb`
@@ -16,9 +16,11 @@ What Envoy gets:
 - over ADS, the **listener** (`LISTENER`): TW-LB's own paths to the control plane, every
   other request to the backends' cluster with the balancer's retries (idempotent methods,
   another host each time, within the retry budget), and a share of GET requests (the
-  runtime key `SAMPLE_KEY`) on a route where the `ext_proc` filter, in observability mode,
-  sends the request's head, the answer and the upstream host to TW-LB without holding
-  the request; every upstream try is logged to TW-LB (the router's upstream access log);
+  runtime key `SAMPLE_KEY`) on a route where a Lua filter (`SAMPLER`) copies the
+  request's head and the answer, as they pass, into the request's metadata, and the
+  sample log (`SAMPLE_LOG`, a gRPC access log of the listener) carries them to TW-LB with
+  the status and the upstream host, batched on one stream, never holding the request;
+  every upstream try is logged to TW-LB (the router's upstream access log);
 - the **cluster** of backends (`BACKENDS`, EDS over ADS), balanced by Envoy's policy
   closest to TW-LB's (`LB_POLICY`);
 - its **endpoints** (`endpoints`): the backends in rotation with their weights;
@@ -38,7 +40,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_config_pb2  # noqa: F401
-from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
@@ -73,21 +75,51 @@ RUNTIME_LAYER = "twlb"
 SAMPLE_KEY = "twlb.audit.sample"
 #: The runtime key holding the share of upstream tries Envoy logs to TW-LB.
 LOG_SAMPLE_KEY = "twlb.log.sample"
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
-#: Seconds Envoy keeps an ext_proc stream open after its request ended.
-EXT_PROC_CLOSE_S = 0.1
+LUA_FILTER = "envoy.filters.http.lua"
+#: The access log that carries sampled answers to TW-LB (a gRPC access log of the traffic
+#: listener: one long-lived stream, entries batched), and how often Envoy flushes it.
+SAMPLE_LOG = "twlb_samples"
+SAMPLE_FLUSH_S = 0.02
+#: The request metadata namespace the sampler writes, and its two keys: the request's
+#: head and the answer's body, each base64 (metadata strings must be UTF-8).
+SAMPLE_NS = "twlb"
+SAMPLE_HEAD, SAMPLE_ANSWER = "head", "answer"
+#: Most bytes of one sampled answer sent to TW-LB (larger answers are not audited).
+MAX_SAMPLED_BODY = 1 << 20
+#: The sampler, run by Envoy's Lua filter on the sampled route only. The head: every
+#: header as `name NUL value`, one a line. The answer: its body chunks copied as they
+#: pass (`bodyChunks` holds nothing back, so the client's answer is not delayed), kept
+#: only when whole and within MAX_SAMPLED_BODY; an answer not kept is not logged (the
+#: sample log's filter wants the answer's key).
+SAMPLER = f"""
+local MAX = {MAX_SAMPLED_BODY}
+function envoy_on_request(h)
+  local parts = {{}}
+  for name, value in pairs(h:headers()) do
+    parts[#parts + 1] = name .. "\\0" .. value
+  end
+  h:streamInfo():dynamicMetadata():set("{SAMPLE_NS}", "{SAMPLE_HEAD}",
+    h:base64Escape(table.concat(parts, "\\n")))
+end
+function envoy_on_response(h)
+  local parts, size = {{}}, 0
+  for chunk in h:bodyChunks() do
+    local n = chunk:length()
+    size = size + n
+    if n > 0 and size <= MAX then parts[#parts + 1] = chunk:getBytes(0, n) end
+  end
+  if size <= MAX then
+    h:streamInfo():dynamicMetadata():set("{SAMPLE_NS}", "{SAMPLE_ANSWER}",
+      h:base64Escape(table.concat(parts)))
+  end
+end
+"""
 #: The gRPC metadata entry in which Envoy shows the control plane its token, on every
-#: stream (ADS, the access logs, ext_proc): without it anyone who reaches the gRPC port
+#: stream (ADS, the access logs): without it anyone who reaches the gRPC port
 #: could read the configuration or feed made-up tries and answers to the trust engine.
 XDS_TOKEN_HEADER = "x-twlb-xds-token"
 #: What a token may hold (it travels as a gRPC metadata value).
 XDS_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+/=")
-#: The attribute Envoy reports with a sampled answer: the host that gave it.
-UPSTREAM_ADDRESS = "upstream.address"
-#: What Envoy sends TW-LB with a sampled answer, as attributes of its body's first part.
-RESPONSE_CODE = "response.code"
-SAMPLE_ATTRIBUTES = (UPSTREAM_ADDRESS, RESPONSE_CODE)
-
 #: TW-LB's own paths, routed to the control plane (as the Python balancer answers them).
 OWN_PATHS = ("/healthz", "/metrics", "/trust")
 ADMIN_PREFIX = "/admin/"
@@ -134,7 +166,7 @@ class Layout:
 
     listener: Address  # Envoy's traffic listener
     admin: Address  # Envoy's admin interface (keep it on loopback)
-    xds: Address  # the control plane's gRPC port: ADS, access logs, ext_proc
+    xds: Address  # the control plane's gRPC port: ADS and the access logs
     api: Address  # the control plane's HTTP API (/trust, /healthz, /metrics, /admin/*)
     stats: Address | None = None  # a listener showing /stats/prometheus and /ready only
     node_id: str = "twlb-envoy"
@@ -300,8 +332,13 @@ def bootstrap_json(layout: Layout) -> str:
     return json_format.MessageToJson(bootstrap(layout), indent=1)
 
 
-def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]]) -> dict:
-    return {
+def _hcm(
+    stat_prefix: str,
+    routes: list[dict[str, Any]],
+    filters: list[dict[str, Any]],
+    access_log: list[dict[str, Any]] | None = None,
+) -> dict:
+    hcm = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network."
@@ -315,6 +352,9 @@ def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str,
             "http_filters": filters,
         },
     }
+    if access_log:
+        hcm["typed_config"]["access_log"] = access_log
+    return hcm
 
 
 _ROUTER = {
@@ -337,9 +377,10 @@ def _stats_listener(at: Address) -> dict[str, Any]:
     }
 
 
-_NO_EXT_PROC = {
-    EXT_PROC_FILTER: {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+#: Every route but the sampled one: the sampler off.
+_NO_SAMPLER = {
+    LUA_FILTER: {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
         "disabled": True,
     }
 }
@@ -351,7 +392,7 @@ def _methods(methods: Iterable[str]) -> dict[str, Any]:
 
 def listener(layout: Layout) -> listener_pb2.Listener:
     """The traffic listener: TW-LB's own paths to the control plane, the rest to the
-    backends, a sampled share of GET requests through ext_proc to TW-LB."""
+    backends, a sampled share of GET requests' answers logged to TW-LB."""
     tries = max(1, layout.max_tries)
     backend_route: dict[str, Any] = {
         "cluster": BACKENDS,
@@ -379,7 +420,7 @@ def listener(layout: Layout) -> listener_pb2.Listener:
         {
             "match": {"path": path},
             "route": {"cluster": CONTROL_PLANE_HTTP, "timeout": "10s"},
-            "typed_per_filter_config": _NO_EXT_PROC,
+            "typed_per_filter_config": _NO_SAMPLER,
         }
         for path in OWN_PATHS
     ]
@@ -387,7 +428,7 @@ def listener(layout: Layout) -> listener_pb2.Listener:
         {
             "match": {"prefix": ADMIN_PREFIX},
             "route": {"cluster": CONTROL_PLANE_HTTP, "timeout": "10s"},
-            "typed_per_filter_config": _NO_EXT_PROC,
+            "typed_per_filter_config": _NO_SAMPLER,
         }
     )
     sampled = {
@@ -407,12 +448,12 @@ def listener(layout: Layout) -> listener_pb2.Listener:
     idempotent = {
         "match": {"prefix": "/", "headers": [_methods(IDEMPOTENT_METHODS)]},
         "route": retrying,
-        "typed_per_filter_config": _NO_EXT_PROC,
+        "typed_per_filter_config": _NO_SAMPLER,
     }
     other = {
         "match": {"prefix": "/"},
         "route": backend_route,
-        "typed_per_filter_config": _NO_EXT_PROC,
+        "typed_per_filter_config": _NO_SAMPLER,
     }
     upstream_log = {
         "name": "envoy.access_loggers.http_grpc",
@@ -437,33 +478,41 @@ def listener(layout: Layout) -> listener_pb2.Listener:
             },
         },
     }
-    ext_proc = {
-        "name": EXT_PROC_FILTER,
+    # The sampled answers: a Lua filter on the sampled route copies the head and the
+    # answer into the request's metadata as they pass (Envoy never waits for TW-LB, so a
+    # control plane that is down loses samples, never requests); the listener's access
+    # log sends the requests that have an answer copied, with their status and upstream
+    # host, batched on one gRPC stream (one stream per sample cost both sides ten times
+    # as much CPU: DESIGN.md).
+    sampler = {
+        "name": LUA_FILTER,
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
-            "ExternalProcessor",
-            "grpc_service": _grpc(CONTROL_PLANE, layout.xds_token, timeout_s=5.0),
-            # Observability mode: Envoy sends and never waits, so the sampled request
-            # is not held; a control plane that is down loses samples, never requests.
-            "observability_mode": True,
-            "failure_mode_allow": True,
-            # How long Envoy keeps a sample's stream open after its request ended (by
-            # default 5 s: at a high sample share, thousands of idle streams). The
-            # control plane must not end the stream itself: Envoy then resets the
-            # client's request (seen with Envoy 1.40).
-            "deferred_close_timeout": _duration(EXT_PROC_CLOSE_S),
-            # Two messages per sample where the answer comes in one piece: the request's
-            # head, then the answer's body with its status and upstream host as
-            # attributes (fewer messages: less of both sides' CPU).
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "response_body_mode": "STREAMED",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": SAMPLER},
+        },
+    }
+    sample_log = {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": SAMPLE_NS,
+                    "path": [{"key": SAMPLE_ANSWER}],
+                    "value": {"present_match": True},
+                },
+                "match_if_key_not_found": False,
+            }
+        },
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+            "HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": SAMPLE_LOG,
+                "grpc_service": _grpc(CONTROL_PLANE, layout.xds_token),
+                "transport_api_version": "V3",
+                "buffer_flush_interval": _duration(SAMPLE_FLUSH_S),
+                "buffer_size_bytes": 65536,
             },
-            "response_attributes": list(SAMPLE_ATTRIBUTES),
         },
     }
     router = {
@@ -477,7 +526,16 @@ def listener(layout: Layout) -> listener_pb2.Listener:
         "name": LISTENER,
         "address": layout.listener.socket(),
         "filter_chains": [
-            {"filters": [_hcm("ingress", [*own, sampled, idempotent, other], [ext_proc, router])]}
+            {
+                "filters": [
+                    _hcm(
+                        "ingress",
+                        [*own, sampled, idempotent, other],
+                        [sampler, router],
+                        access_log=[sample_log],
+                    )
+                ]
+            }
         ],
     }
     return _message(listener_pb2.Listener, doc)

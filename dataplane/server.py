@@ -1,5 +1,4 @@
-"""TW-LB as Envoy's control plane (IO shell): ADS, the upstream access logs and ext_proc on
-one gRPC port, TW-LB's own HTTP API on another, a `Balancer` deciding behind them.
+"""TW-LB as Envoy's control plane (IO shell): ADS and the access logs on one gRPC port, TW-LB's own HTTP API on another, a `Balancer` deciding behind them.
 
 The `Balancer` (services/balancer/core.py) is the one the Python proxy runs, with its
 health checks, gossip polls and trust ticks (`Balancer.start`), but it proxies nothing:
@@ -15,9 +14,10 @@ health checks, gossip polls and trust ticks (`Balancer.start`), but it proxies n
   (`_observe_entry`), outcome and latency, and feeds the balancer's windows, health and
   counters as its own tries would (`Balancer.observe_try`): trust is scored on Envoy's
   traffic.
-- **Audits on Envoy's traffic.** A share of GET requests is routed through Envoy's
-  ext_proc filter in observability mode: Envoy sends TW-LB the request's head, the answer
-  and the upstream host, and never waits. `Process` hands each answer to
+- **Audits on Envoy's traffic.** A share of GET requests is routed where Envoy's Lua
+  sampler copies the request's head and the answer into the request's metadata, and the
+  sample log brings them to TW-LB with the status and the upstream host, batched on one
+  stream; Envoy never waits. `observe_samples` hands each answer to
   `Balancer.audit_observed`, drawn at the backend's audit fraction over the share shown,
   which re-asks other backends and judges by the same evidence rules. The share shown is
   the largest audit fraction any backend needs now (a suspect's is 1), pushed to Envoy as
@@ -31,6 +31,8 @@ health checks, gossip polls and trust ticks (`Balancer.start`), but it proxies n
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import json
@@ -46,8 +48,6 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from twlb.balancer.core import Balancer
 from twlb.balancer.upstream import REQUEST_DROPPED, UpstreamResponse
 from twlb.envoy import resources as res
@@ -71,8 +71,6 @@ LOG_TARGET_PER_S = 50.0
 LOG_RATE_S = 1.0
 #: The smallest share of tries logged (at 1%, 5,000 tries a second per backend give 50).
 MIN_LOG_SAMPLE = 0.01
-#: Most bytes of one sampled answer kept for its audit (larger answers are not audited).
-MAX_SAMPLED_BODY = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,7 @@ def outcome_of(entry: Any) -> tuple[Outcome, float]:
 
 
 class ControlPlane:
-    """A `Balancer` steering Envoy: ADS, access logs and ext_proc over gRPC."""
+    """A `Balancer` steering Envoy: ADS and access logs over gRPC."""
 
     def __init__(
         self,
@@ -150,7 +148,7 @@ class ControlPlane:
         self.warmup_s = s.health_interval_s + s.health_timeout_s if warmup_s is None else warmup_s
         self.ready = asyncio.Event()
         self.pushes: list[dict[str, Any]] = []  # the last pushes of endpoints, for /xds
-        self.sampled = 0  # answers ext_proc showed
+        self.sampled = 0  # sampled answers Envoy logged
         self.audited = 0  # of which audits started
         self.logged = 0  # upstream tries logged
         self.refused = 0  # gRPC calls refused for want of the token
@@ -333,33 +331,45 @@ class ControlPlane:
             return 1.0
         return max(MIN_LOG_SAMPLE, LOG_TARGET_PER_S / busiest)
 
-    def _observed_answer(
-        self,
-        request: ext_pb2.HttpHeaders | None,
-        status: int,
-        body: bytes,
-        upstream: str | None,
-    ) -> bool:
-        if request is None or upstream is None or not status:
+    def observe_samples(self, entries: Any) -> None:
+        """Envoy's sample log: each entry a sampled request whose head and answer the Lua
+        sampler copied into its metadata; each is handed to the auditor."""
+        for entry in entries:
+            self._observed_answer(entry)
+
+    def _observed_answer(self, entry: Any) -> bool:
+        common = entry.common_properties
+        fields = common.metadata.filter_metadata[res.SAMPLE_NS].fields
+        head, answer = fields.get(res.SAMPLE_HEAD), fields.get(res.SAMPLE_ANSWER)
+        status = entry.response.response_code.value
+        addr = common.upstream_remote_address.socket_address
+        url = self.backend_at.get(f"{addr.address}:{addr.port_value}")
+        if head is None or answer is None or not status or url is None:
             return False
-        url = self.backend_at.get(upstream)
-        if url is None:
+        try:
+            body = base64.b64decode(answer.string_value, validate=True)
+            lines = base64.b64decode(head.string_value, validate=True).split(b"\n")
+        except binascii.Error:
+            return False
+        if len(body) > res.MAX_SAMPLED_BODY:
             return False
         method, target = "", b""
         headers: list[tuple[bytes, bytes]] = []
-        for h in request.headers.headers:
-            value = h.raw_value or h.value.encode("latin-1")
-            name = h.key.lower()
-            if name == ":method":
+        for line in lines:
+            name, sep, value = line.partition(b"\0")
+            if not sep:
+                continue
+            name = name.lower()
+            if name == b":method":
                 method = value.decode("latin-1")
-            elif name == ":path":
+            elif name == b":path":
                 target = value
             elif (
-                name[:1] != ":"
-                and name.encode() not in REQUEST_DROPPED
-                and not name.startswith("x-envoy-")
+                name[:1] != b":"
+                and name not in REQUEST_DROPPED
+                and not name.startswith(b"x-envoy-")
             ):
-                headers.append((name.encode(), value))
+                headers.append((name, value))
         if not method or not target:
             return False
         self.sampled += 1
@@ -387,7 +397,6 @@ class ControlPlane:
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(_AccessLogs(self), server)
-        ext_grpc.add_ExternalProcessorServicer_to_server(_ExtProc(self), server)
         bound = server.add_insecure_port(f"{host}:{port}")
         if not bound:
             raise OSError(f"cannot listen on {host}:{port}")
@@ -545,48 +554,12 @@ class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):
     ) -> als_pb2.StreamAccessLogsResponse:
         plane = self.plane
         clock = plane.balancer.clock
+        samples = False  # which log this stream carries: named in its first message only
         async for message in request_iterator:
-            plane.observe_entries(message.http_logs.log_entry, clock())
+            if message.HasField("identifier"):
+                samples = message.identifier.log_name == res.SAMPLE_LOG
+            if samples:
+                plane.observe_samples(message.http_logs.log_entry)
+            else:
+                plane.observe_entries(message.http_logs.log_entry, clock())
         return als_pb2.StreamAccessLogsResponse()
-
-
-class _ExtProc(ext_grpc.ExternalProcessorServicer):
-    """One stream per sampled request: its head, then the answer's body with its status
-    and upstream host as attributes; observability mode, so nothing is answered."""
-
-    def __init__(self, plane: ControlPlane) -> None:
-        self.plane = plane
-
-    async def Process(  # noqa: N802
-        self, request_iterator: AsyncIterator[ext_pb2.ProcessingRequest], context: Any
-    ) -> AsyncIterator[ext_pb2.ProcessingResponse]:
-        head: ext_pb2.HttpHeaders | None = None
-        status = 0
-        body = bytearray()
-        upstream: str | None = None
-        too_large = False
-        async for msg in request_iterator:
-            if msg.attributes:
-                for attrs in msg.attributes.values():
-                    fields = attrs.fields
-                    value = fields.get(res.UPSTREAM_ADDRESS)
-                    if value is not None and value.string_value:
-                        upstream = value.string_value
-                    code = fields.get(res.RESPONSE_CODE)
-                    if code is not None and not status:
-                        status = int(code.number_value)
-            kind = msg.WhichOneof("request")
-            if kind == "request_headers":
-                head = msg.request_headers
-            elif kind == "response_body":
-                chunk = msg.response_body.body
-                if len(body) + len(chunk) <= MAX_SAMPLED_BODY:
-                    body += chunk
-                else:
-                    too_large = True  # not audited
-                if msg.response_body.end_of_stream and not too_large:
-                    # Everything is here: audit now. The stream is left for Envoy to
-                    # close (ended by the server, Envoy 1.40 resets the client's request).
-                    self.plane._observed_answer(head, status, bytes(body), upstream)
-        return
-        yield  # an async generator that answers nothing (observability mode)

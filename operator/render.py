@@ -93,7 +93,7 @@ DASHBOARD_RESOURCES = {
 }
 
 
-#: With `dataPlane: envoy`: the control plane's gRPC port (ADS, access logs, ext_proc),
+#: With `dataPlane: envoy`: the control plane's gRPC port (ADS and the access logs),
 #: Envoy's admin interface (loopback only) and its stats listener (Prometheus scrapes it).
 XDS_PORT = 18000
 ENVOY_ADMIN_PORT = 9901

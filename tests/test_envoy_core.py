@@ -9,6 +9,7 @@ log entries read into outcomes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as entry_pb2
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb2
 from google.protobuf import json_format
 from google.rpc import status_pb2
 from test_balancer_core import HONEST, LIAR, make_balancer
@@ -214,13 +214,10 @@ async def test_a_suspect_raises_the_sample_share_and_sampled_answers_are_audited
     bal = plane.balancer
     assert plane.wanted_sample() == pytest.approx(0.1)
     plane.refresh(bal.clock())
-    # The liar's answer, as Envoy's ext_proc filter shows it.
-    head = ext_pb2.HttpHeaders()
-    for key, value in ((":method", "GET"), (":path", "/work?key=k"), ("accept", "*/*")):
-        head.headers.headers.add(key=key, raw_value=value.encode())
+    # The liar's answer, as Envoy's sample log brings it.
     body = b'{"node": "x", "result": "lie"}'
     plane.sample = 0.1  # shown 10% of answers: the audit is drawn at 0.1 / 0.1
-    started = plane._observed_answer(head, 200, body, "10.0.0.4:8000")
+    started = plane._observed_answer(_sampled(body, "10.0.0.4", 8000))
     assert started and plane.sampled == 1 and plane.audited == 1
     await asyncio.gather(*bal._background)
     assert bal.engine.evidence.standing(liar).value == "suspect"
@@ -232,12 +229,56 @@ async def test_a_suspect_raises_the_sample_share_and_sampled_answers_are_audited
     assert [(b"accept", b"*/*")] in fleet.headers
 
 
-def _shown_get(path: str = "/work?key=k") -> ext_pb2.HttpHeaders:
-    """A GET's head as Envoy's ext_proc filter shows it."""
-    head = ext_pb2.HttpHeaders()
-    for key, value in ((":method", "GET"), (":path", path), ("accept", "*/*")):
-        head.headers.headers.add(key=key, raw_value=value.encode())
-    return head
+def _sampled(
+    body: bytes, host: str, port: int, status: int = 200, path: str = "/work?key=k"
+) -> entry_pb2.HTTPAccessLogEntry:
+    """A sampled GET as Envoy's sample log brings it: the head and the answer the Lua
+    sampler put in the request's metadata (base64), the status and the upstream host."""
+    e = entry_pb2.HTTPAccessLogEntry()
+    e.response.response_code.value = status
+    addr = e.common_properties.upstream_remote_address.socket_address
+    addr.address, addr.port_value = host, port
+    head = b"\n".join(
+        k + b"\0" + v
+        for k, v in (
+            (b":authority", b"envoy"), (b":path", path.encode()), (b":method", b"GET"),
+            (b"accept", b"*/*"), (b"x-envoy-expected-rq-timeout-ms", b"3000"),
+        )
+    )  # fmt: skip
+    meta = e.common_properties.metadata.filter_metadata[res.SAMPLE_NS]
+    meta.update({
+        res.SAMPLE_HEAD: base64.b64encode(head).decode(),
+        res.SAMPLE_ANSWER: base64.b64encode(body).decode(),
+    })  # fmt: skip
+    return e
+
+
+async def test_a_sample_that_is_not_whole_is_not_audited() -> None:
+    plane, _, _ = _plane([HONEST, HONEST, HONEST, LIAR], audit_fraction=1.0)
+    plane.refresh(plane.balancer.clock())  # the backends' addresses known
+    good = _sampled(b"{}", "10.0.0.4", 8000)
+    cases = []
+    for mutate in (
+        lambda e: e.common_properties.metadata.filter_metadata[res.SAMPLE_NS].fields.pop(
+            res.SAMPLE_ANSWER
+        ),  # the answer was over the sampler's cap
+        lambda e: e.common_properties.metadata.filter_metadata[res.SAMPLE_NS].update(
+            {res.SAMPLE_ANSWER: "not base64!"}
+        ),
+        lambda e: e.common_properties.upstream_remote_address.socket_address.__setattr__(
+            "port_value", 9
+        ),  # not a backend (TW-LB's own paths, a backend removed since)
+        lambda e: e.response.response_code.__setattr__("value", 0),  # no answer at all
+    ):
+        e = entry_pb2.HTTPAccessLogEntry()
+        e.CopyFrom(good)
+        mutate(e)
+        cases.append(e)
+    plane.observe_samples(cases)
+    assert plane.sampled == 0
+    plane.observe_samples([good])
+    assert plane.sampled == 1 and plane.audited == 1
+    await asyncio.gather(*plane.balancer._background)
 
 
 async def test_a_readmitted_liar_is_shown_in_full_and_proven_by_its_first_shown_lie() -> None:
@@ -261,7 +302,7 @@ async def test_a_readmitted_liar_is_shown_in_full_and_proven_by_its_first_shown_
     assert _hosts(plane)["10.0.0.4:8000"] == res.endpoint_weight(floor)
     assert plane.sample == 1.0  # pushed with the endpoints that readmit it
     lie = b'{"node": "x", "result": "lie"}'
-    assert plane._observed_answer(_shown_get(), 200, lie, "10.0.0.4:8000")
+    assert plane._observed_answer(_sampled(lie, "10.0.0.4", 8000))
     await asyncio.gather(*bal._background)
     row = bal.engine.evidence.describe(liar)
     assert row["proven"] and row["offences"] == 2, row
@@ -380,7 +421,7 @@ def test_every_grpc_stream_envoy_opens_shows_the_token() -> None:
     layout = res.Layout(**{**LAYOUT.__dict__, "xds_token": token})
     services = _grpc_services(json_format.MessageToDict(res.bootstrap(layout)))
     services += _grpc_services(json_format.MessageToDict(res.listener(layout)))
-    assert len(services) == 3  # ADS, the upstream access logs, ext_proc
+    assert len(services) == 3  # ADS, the upstream access log, the sample log
     for service in services:
         assert service["initialMetadata"] == [{"key": res.XDS_TOKEN_HEADER, "value": token}]
     assert token not in repr(layout)

@@ -353,6 +353,26 @@ async def test_after_a_413_the_connection_closes_instead_of_reading_the_body() -
         assert handler.calls == []
 
 
+async def test_a_client_that_half_closed_is_closed_once_answered_not_lingered_on() -> None:
+    """The lingering close is for a client still sending; one that has sent its EOF has
+    nothing more to send, so its connection goes once its answer is out: answered (200)
+    or refused (400) before the EOF arrived, and a server stop waits for neither."""
+    async with running() as (server, _, port):
+        loop = asyncio.get_running_loop()
+        for request, status in (
+            (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+            (b"GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
+        ):
+            raw = await exchange(port, request)
+            assert statuses(raw) == [status]
+            start = loop.time()
+            while server.connections and loop.time() - start < 1.0:
+                await asyncio.sleep(0.01)
+            assert not server.connections, f"answered {status}: still open after 1 s"
+        start = loop.time()
+    assert loop.time() - start < 0.5  # the stop had no connection to wait for
+
+
 async def test_a_pipelined_flood_on_one_connection_does_not_hold_up_another() -> None:
     async with running(limits(max_connections=100)) as (_, handler, port):
         _, flood = await asyncio.open_connection("127.0.0.1", port)
@@ -487,7 +507,7 @@ _TOKENS = st.sampled_from(
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(st.one_of(_TOKENS, st.binary(max_size=20)), max_size=30))
 def test_fuzzed_request_bytes_never_get_a_5xx_or_a_dead_connection(parts: list[bytes]) -> None:

@@ -247,6 +247,7 @@ class _ClientConnection(asyncio.Protocol):
         self.sent_at = 0.0  # when the write buffer last shrank (or began to hold bytes)
         self.refusal: Reply | None = None
         self.finished = False  # the last answer is written; the connection is closing
+        self.peer_eof = False  # the client half-closed: it will send nothing more
         self.answered = 0  # answers written
         # The request being parsed.
         self.method = b""
@@ -307,6 +308,12 @@ class _ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client sent all it will send: answer what it asked (the connection stays
         open for writing), then close; a request it did not finish is dropped."""
+        self.peer_eof = True
+        if self.finished and self.transport is not None:
+            # Lingering after the last answer: the client is done sending, so the close
+            # cannot reset what it has still to read.
+            self.transport.close()
+            return True
         if self.state is not _DRAINING and self.state is not _CLOSED:
             self._to(_DRAINING)
             self._drop_input()
@@ -754,7 +761,8 @@ class _ClientConnection(asyncio.Protocol):
     def _close(self) -> None:
         """Close after the answers written: half-close, then keep reading (and dropping)
         for LINGER_S so the client's unread bytes do not turn the close into a reset that
-        would destroy the answer before the client reads it."""
+        would destroy the answer before the client reads it. A client that has half-closed
+        already has nothing more to send: its connection closes once the answers are out."""
         if self.closed or self.finished:
             return
         self.finished = True
@@ -769,11 +777,11 @@ class _ClientConnection(asyncio.Protocol):
         if self.paused:
             self.paused = False
             transport.resume_reading()
-        if transport.can_write_eof():
+        if transport.can_write_eof() and not self.peer_eof:
             transport.write_eof()
             self.server.loop.call_later(LINGER_S, transport.close)
         else:
-            transport.close()
+            transport.close()  # what is written is still sent, then the socket closes
         self._wake()
 
     def _drop(self) -> None:

@@ -396,10 +396,13 @@ async def test_a_client_that_reads_no_answer_stops_being_served_and_is_dropped()
         writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 16)  # never read
         await writer.drain()
         deadline = asyncio.get_running_loop().time() + 10
-        while not reader.at_eof() and asyncio.get_running_loop().time() < deadline:
+        charged = 0
+        while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
             if handler.paths(b"/big") and budget.used:
                 charged = budget.used  # its unread answers are held against the budget
+            if charged and not server.connections:
+                break  # dropped (an abort: the client sees a reset, not an EOF)
         # Served until its write buffer was full (the kernel's socket buffers take a few
         # MiB first), then nothing more; dropped at the send deadline, its memory given back.
         assert handler.paths(b"/big") < 16
@@ -510,11 +513,13 @@ _TOKENS = st.sampled_from(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(st.one_of(_TOKENS, st.binary(max_size=20)), max_size=30))
-def test_fuzzed_request_bytes_never_get_a_5xx_or_a_dead_connection(parts: list[bytes]) -> None:
+def test_fuzzed_request_bytes_never_get_a_server_error_or_a_dead_connection(parts: list[bytes]) -> None:
     async def run() -> None:
         async with running() as (_, _, port):
             raw = await exchange(port, b"".join(parts), read_s=5.0)  # EOF within 5 s: not dead
-            assert all(s < 500 for s in statuses(raw)), raw[:200]
+            # 505 is the one 5xx given on purpose: a request line naming an HTTP version
+            # other than 1.x (tested above); any other 5xx would be the server failing.
+            assert all(s < 500 or s == 505 for s in statuses(raw)), raw[:200]
             ok = await exchange(port, b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
             assert statuses(ok) == [200]
 

@@ -513,7 +513,9 @@ _TOKENS = st.sampled_from(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(st.one_of(_TOKENS, st.binary(max_size=20)), max_size=30))
-def test_fuzzed_request_bytes_never_get_a_server_error_or_a_dead_connection(parts: list[bytes]) -> None:
+def test_fuzzed_request_bytes_never_get_a_server_error_or_a_dead_connection(
+    parts: list[bytes],
+) -> None:
     async def run() -> None:
         async with running() as (_, _, port):
             raw = await exchange(port, b"".join(parts), read_s=5.0)  # EOF within 5 s: not dead

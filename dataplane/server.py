@@ -1,4 +1,5 @@
-"""TW-LB as Envoy's control plane (IO shell): ADS and the access logs on one gRPC port, TW-LB's own HTTP API on another, a `Balancer` deciding behind them.
+"""TW-LB as Envoy's control plane (IO shell): ADS and the access logs on one gRPC port,
+TW-LB's own HTTP API on another, a `Balancer` deciding behind them.
 
 The `Balancer` (services/balancer/core.py) is the one the Python proxy runs, with its
 health checks, gossip polls and trust ticks (`Balancer.start`), but it proxies nothing:
@@ -17,9 +18,10 @@ health checks, gossip polls and trust ticks (`Balancer.start`), but it proxies n
 - **Audits on Envoy's traffic.** A share of GET requests is routed where Envoy's Lua
   sampler copies the request's head and the answer into the request's metadata, and the
   sample log brings them to TW-LB with the status and the upstream host, batched on one
-  stream; Envoy never waits. `observe_samples` hands each answer to
-  `Balancer.audit_observed`, drawn at the backend's audit fraction over the share shown,
-  which re-asks other backends and judges by the same evidence rules. The share shown is
+  stream; Envoy never waits. `observe_samples` draws each answer at the backend's audit
+  fraction over the share shown (`Auditor.draw`) and hands a drawn one, decoded only
+  then, to `Balancer.start_audit`, which re-asks other backends and judges by the same
+  evidence rules. The share shown is
   the largest audit fraction any backend needs now (a suspect's is 1), pushed to Envoy as
   the runtime layer `twlb` (RTDS) when it changes.
 - **Static stability.** Envoy keeps the last endpoints while the control plane is away.
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from twlb.balancer.core import Balancer
@@ -57,6 +60,11 @@ from twlb.outcome import CONNECT_ERROR, ERROR, SUCCESS, TIMEOUT, Outcome
 from twlb.vocabulary import PolicyName
 
 log = logging.getLogger("twlb.envoy")
+
+#: Envoy's logged request method (`RequestMethod`) by name, for the methods it can log.
+METHOD_NAME: dict[int, str] = {
+    number: name for name, number in base_pb2.RequestMethod.items() if number
+}
 
 #: Seconds between checks of the balancer's rotation for a change to push.
 WATCH_S = 0.02
@@ -302,18 +310,22 @@ class ControlPlane:
     # ---------------------------------------------------------------- what Envoy sends
     def observe_entries(self, entries: Any, now: float) -> None:
         """Envoy's log of upstream tries, fed to the balancer as tries of its own."""
-        backend_at = self.backend_at
         observe = self.balancer.observe_try
         counts = self._log_counts
         for entry in entries:
-            addr = entry.common_properties.upstream_remote_address.socket_address
-            url = backend_at.get(f"{addr.address}:{addr.port_value}")
+            url = self.backend_of(entry)
             if url is None:
                 continue  # TW-LB's own paths, or a backend removed since
             outcome, latency = outcome_of(entry)
             observe(url, outcome, latency, now)
             counts[url] = counts.get(url, 0) + 1
         self.logged += len(entries)
+
+    def backend_of(self, entry: Any) -> str | None:
+        """The backend that answered a logged request (None: TW-LB's own paths, or a
+        backend removed since)."""
+        addr = entry.common_properties.upstream_remote_address.socket_address
+        return self.backend_at.get(f"{addr.address}:{addr.port_value}")
 
     def wanted_log_sample(self, now: float) -> float | None:
         """The share of tries Envoy should log so that the busiest backend's are about
@@ -333,19 +345,25 @@ class ControlPlane:
 
     def observe_samples(self, entries: Any) -> None:
         """Envoy's sample log: each entry a sampled request whose head and answer the Lua
-        sampler copied into its metadata; each is handed to the auditor."""
+        sampler copied into its metadata; each is drawn for an audit and, if drawn, read
+        and handed to the auditor."""
         for entry in entries:
             self._observed_answer(entry)
 
     def _observed_answer(self, entry: Any) -> bool:
-        common = entry.common_properties
-        fields = common.metadata.filter_metadata[res.SAMPLE_NS].fields
+        fields = entry.common_properties.metadata.filter_metadata[res.SAMPLE_NS].fields
         head, answer = fields.get(res.SAMPLE_HEAD), fields.get(res.SAMPLE_ANSWER)
         status = entry.response.response_code.value
-        addr = common.upstream_remote_address.socket_address
-        url = self.backend_at.get(f"{addr.address}:{addr.port_value}")
-        if head is None or answer is None or not status or url is None:
+        url = self.backend_of(entry)
+        method = METHOD_NAME.get(entry.request.request_method)
+        target = entry.request.path.encode()
+        if None in (head, answer, url, method) or not status or not target:
             return False
+        b = self.balancer
+        peers = b.auditor.draw(method, url, shown=max(self.sample, 1e-9))
+        if peers is None:
+            self.sampled += 1
+            return False  # not drawn: neither the head nor the answer is decoded
         try:
             body = base64.b64decode(answer.string_value, validate=True)
             lines = base64.b64decode(head.string_value, validate=True).split(b"\n")
@@ -353,32 +371,21 @@ class ControlPlane:
             return False
         if len(body) > res.MAX_SAMPLED_BODY:
             return False
-        method, target = "", b""
+        self.sampled += 1
         headers: list[tuple[bytes, bytes]] = []
         for line in lines:
             name, sep, value = line.partition(b"\0")
-            if not sep:
-                continue
             name = name.lower()
-            if name == b":method":
-                method = value.decode("latin-1")
-            elif name == b":path":
-                target = value
-            elif (
-                name[:1] != b":"
+            if (
+                sep
+                and name[:1] != b":"
                 and name not in REQUEST_DROPPED
                 and not name.startswith(b"x-envoy-")
             ):
                 headers.append((name, value))
-        if not method or not target:
-            return False
-        self.sampled += 1
-        response = UpstreamResponse(status, [], body)
-        started = self.balancer.audit_observed(
-            method, target, headers, url, response, shown=max(self.sample, 1e-9)
-        )
-        self.audited += started
-        return started
+        b.start_audit(method, target, headers, url, UpstreamResponse(status, [], body), peers)
+        self.audited += 1
+        return True
 
     # ---------------------------------------------------------------- serving
     async def start(self, host: str, port: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as entry_pb2
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf import json_format
@@ -235,6 +236,8 @@ def _sampled(
     """A sampled GET as Envoy's sample log brings it: the head and the answer the Lua
     sampler put in the request's metadata (base64), the status and the upstream host."""
     e = entry_pb2.HTTPAccessLogEntry()
+    e.request.request_method = base_pb2.GET
+    e.request.path = path
     e.response.response_code.value = status
     addr = e.common_properties.upstream_remote_address.socket_address
     addr.address, addr.port_value = host, port

@@ -566,11 +566,27 @@ class Balancer:
         peers = self.auditor.draw(method, answered.backend)
         if peers is None:
             return False
-        audit = self._audit(
+        self.start_audit(
             method, target, headers, answered.backend, answered.response, peers, on_verdict
         )
-        self._spawn(audit, "twlb-audit")
         return True
+
+    def start_audit(
+        self,
+        method: str,
+        target: bytes,
+        headers: list,
+        backend: str,
+        response: UpstreamResponse | None,
+        peers: list[str],
+        on_verdict: Callable[[AuditResult], None] | None = None,
+    ) -> None:
+        """Cross-check `response`, the answer `backend` gave to `method target`, with the
+        `peers` the auditor drew (`Auditor.draw`), in the background. A caller that must
+        decode an answer to audit it (the Envoy control plane) draws first and decodes
+        only what is drawn."""
+        audit = self._audit(method, target, headers, backend, response, peers, on_verdict)
+        self._spawn(audit, "twlb-audit")
 
     async def replay_audit(
         self, backend: str, method: str, target: bytes, headers: list
@@ -605,7 +621,7 @@ class Balancer:
         peers = self.auditor.draw(method, backend, shown)
         if peers is None:
             return False
-        self._spawn(self._audit(method, target, headers, backend, response, peers), "twlb-audit")
+        self.start_audit(method, target, headers, backend, response, peers)
         return True
 
     async def _audit(

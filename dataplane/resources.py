@@ -390,6 +390,26 @@ def _methods(methods: Iterable[str]) -> dict[str, Any]:
     return {"name": ":method", "string_match": {"safe_regex": {"regex": "|".join(methods)}}}
 
 
+def _grpc_log(name: str, layout: Layout, flush_s: float, only: dict[str, Any]) -> dict[str, Any]:
+    """An access log Envoy streams to the control plane as `name` (entries batched, sent
+    every `flush_s`), of the requests the filter `only` lets through."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": only,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+            "HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": name,
+                "grpc_service": _grpc(CONTROL_PLANE, layout.xds_token),
+                "transport_api_version": "V3",
+                "buffer_flush_interval": _duration(flush_s),
+                "buffer_size_bytes": 65536,
+            },
+        },
+    }
+
+
 def listener(layout: Layout) -> listener_pb2.Listener:
     """The traffic listener: TW-LB's own paths to the control plane, the rest to the
     backends, a sampled share of GET requests' answers logged to TW-LB."""
@@ -455,29 +475,20 @@ def listener(layout: Layout) -> listener_pb2.Listener:
         "route": backend_route,
         "typed_per_filter_config": _NO_SAMPLER,
     }
-    upstream_log = {
-        "name": "envoy.access_loggers.http_grpc",
-        # Every try while a backend gets few; a share once it gets more (the control plane
-        # sets the share through the runtime layer, so its cost is bounded at any rate).
-        "filter": {
+    # Every try while a backend gets few; a share once it gets more (the control plane
+    # sets the share through the runtime layer, so its cost is bounded at any rate).
+    upstream_log = _grpc_log(
+        "twlb_upstream",
+        layout,
+        layout.log_flush_s,
+        {
             "runtime_filter": {
                 "runtime_key": LOG_SAMPLE_KEY,
                 "percent_sampled": {"numerator": MILLION, "denominator": "MILLION"},
                 "use_independent_randomness": True,
             }
         },
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
-            "HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": "twlb_upstream",
-                "grpc_service": _grpc(CONTROL_PLANE, layout.xds_token),
-                "transport_api_version": "V3",
-                "buffer_flush_interval": _duration(layout.log_flush_s),
-                "buffer_size_bytes": 65536,
-            },
-        },
-    }
+    )
     # The sampled answers: a Lua filter on the sampled route copies the head and the
     # answer into the request's metadata as they pass (Envoy never waits for TW-LB, so a
     # control plane that is down loses samples, never requests); the listener's access
@@ -491,9 +502,11 @@ def listener(layout: Layout) -> listener_pb2.Listener:
             "default_source_code": {"inline_string": SAMPLER},
         },
     }
-    sample_log = {
-        "name": "envoy.access_loggers.http_grpc",
-        "filter": {
+    sample_log = _grpc_log(
+        SAMPLE_LOG,
+        layout,
+        SAMPLE_FLUSH_S,
+        {
             "metadata_filter": {
                 "matcher": {
                     "filter": SAMPLE_NS,
@@ -503,18 +516,7 @@ def listener(layout: Layout) -> listener_pb2.Listener:
                 "match_if_key_not_found": False,
             }
         },
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
-            "HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": SAMPLE_LOG,
-                "grpc_service": _grpc(CONTROL_PLANE, layout.xds_token),
-                "transport_api_version": "V3",
-                "buffer_flush_interval": _duration(SAMPLE_FLUSH_S),
-                "buffer_size_bytes": 65536,
-            },
-        },
-    }
+    )
     router = {
         "name": "envoy.filters.http.router",
         "typed_config": {

@@ -134,8 +134,8 @@ def command(ctx: click.Context, **options: object) -> None:
     Endpoint weights are the trust weights; a backend ejected, unhealthy or dead by
     gossip leaves Envoy's endpoints; a sampled share of GET answers reaches TW-LB on
     Envoy's sample log (copied by a Lua filter as they pass, never held) and is audited
-    as the balancer audits its own. TW-LB's /trust, /healthz, /metrics and /admin/* answer on --port and through
-    Envoy's listener.
+    as the balancer audits its own. TW-LB's /trust, /healthz, /metrics and /admin/*
+    answer on --port and through Envoy's listener.
     """
     settings = build(
         BalancerSettings, ctx, field_values(BalancerSettings, options, exclude=PYTHON_DATA_PLANE)

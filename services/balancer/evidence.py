@@ -169,7 +169,7 @@ class EvidenceRule:
         with probability `confidence`: it comes back SUSPECT, audited at the suspect
         fraction s, one audited lie from proof (at s = 1: its first lie; audit latency
         aside, as for `wrong_answers_bound`)."""
-        _check_fractions(suspect_fraction, suspect_fraction)
+        _check_fractions(suspect_fraction)
         return self.mismatches_to_prove_again * _lies_until_audited(suspect_fraction, confidence)
 
 
@@ -183,10 +183,10 @@ def _lies_until_audited(fraction: float, confidence: float) -> int:
     return math.ceil(math.log(1.0 / (1.0 - confidence)) / -math.log1p(-fraction))
 
 
-def _check_fractions(audit_fraction: float, suspect_fraction: float) -> None:
-    if not (0.0 < audit_fraction <= 1.0 and 0.0 < suspect_fraction <= 1.0):
+def _check_fractions(*fractions: float) -> None:
+    if not all(0.0 < f <= 1.0 for f in fractions):
         raise ValueError(
-            f"audit fractions must be in (0, 1], got {audit_fraction}, {suspect_fraction}"
+            f"audit fractions must be in (0, 1], got {', '.join(str(f) for f in fractions)}"
         )
 
 

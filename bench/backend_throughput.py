@@ -117,6 +117,25 @@ class WrkRun:
     server_cpu_us_per_request: float = float("nan")
 
 
+def wrk_options(rounds: int, duration: int, connections: int) -> Callable[[Any], Any]:
+    """The options of every benchmark driven by wrk: how many rounds, how long each run,
+    how many connections (each benchmark with its defaults)."""
+
+    def apply(command: Any) -> Any:
+        for option in (
+            click.option("--connections", default=connections, type=click.IntRange(1, 1024),
+                         show_default=True),
+            click.option("--duration", default=duration, type=click.IntRange(1, 60),
+                         show_default=True, help="Seconds per wrk run."),
+            click.option("--rounds", default=rounds, type=click.IntRange(1, 20),
+                         show_default=True),
+        ):  # fmt: skip
+            command = option(command)
+        return command
+
+    return apply
+
+
 @contextmanager
 def running(
     procs: Mapping[str, ManagedProcess], ready: Mapping[str, str], timeout: float = 60.0

@@ -38,7 +38,7 @@ from pathlib import Path
 import click
 import httpx
 import psutil
-from backend_throughput import WrkRun, run_wrk, running
+from backend_throughput import WrkRun, run_wrk, running, wrk_options
 from google.protobuf import json_format
 from proxy_bench import WORK_PATH, balancer_process, nginx_process, write_report
 from rich.console import Console
@@ -105,10 +105,7 @@ def wait_sample(api: str, traffic: str, timeout_s: float = 90.0) -> float:
 
 
 @click.command()
-@click.option("--rounds", default=5, type=click.IntRange(1, 20), show_default=True)
-@click.option("--duration", default=5, type=click.IntRange(1, 60), show_default=True,
-              help="Seconds per wrk run.")  # fmt: skip
-@click.option("--connections", default=32, type=click.IntRange(1, 1024), show_default=True)
+@wrk_options(rounds=5, duration=5, connections=32)
 @click.option(
     "--out",
     default=Path("reports/bench/envoy_bench.json"),

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import click
 import psutil
-from backend_throughput import run_wrk, running
+from backend_throughput import run_wrk, running, wrk_options
 from google.protobuf import json_format
 from proxy_bench import WORK_PATH, write_report
 from rich.console import Console
@@ -150,10 +150,7 @@ def steered_bootstrap(
 @click.command()
 @click.option("--shares", default="0.01,0.05,0.2,1", show_default=True,
               help="Sample shares to measure, comma-separated, each in (0, 1].")  # fmt: skip
-@click.option("--rounds", default=3, type=click.IntRange(1, 20), show_default=True)
-@click.option("--duration", default=4, type=click.IntRange(1, 60), show_default=True,
-              help="Seconds per wrk run.")  # fmt: skip
-@click.option("--connections", default=32, type=click.IntRange(1, 1024), show_default=True)
+@wrk_options(rounds=3, duration=4, connections=32)
 @click.option(
     "--out",
     default=Path("reports/bench/envoy_sampler_bench.json"),

@@ -45,7 +45,7 @@ from pathlib import Path
 import click
 import httpx
 import psutil
-from backend_throughput import WrkRun, run_wrk, running
+from backend_throughput import WrkRun, run_wrk, running, wrk_options
 from rich.console import Console
 from rich.table import Table
 from twlb.processes.managed import ManagedProcess, free_port, twlb_argv
@@ -207,10 +207,7 @@ def write_report(out: Path, report: dict, load_before: tuple[float, float, float
 
 
 @click.command()
-@click.option("--rounds", default=3, type=click.IntRange(1, 20), show_default=True)
-@click.option("--duration", default=5, type=click.IntRange(1, 60), show_default=True,
-              help="Seconds per wrk run.")  # fmt: skip
-@click.option("--connections", default=32, type=click.IntRange(1, 1024), show_default=True)
+@wrk_options(rounds=3, duration=5, connections=32)
 @click.option("--threads", default=1, type=click.IntRange(1, 8), show_default=True,
               help="wrk threads.")  # fmt: skip
 @click.option("--nginx-workers", default=1, type=click.IntRange(1, 8), show_default=True,

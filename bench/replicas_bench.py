@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 import httpx
-from backend_throughput import run_wrk
+from backend_throughput import run_wrk, wrk_options
 from proxy_bench import nginx_process, tree_cpu_s, write_report
 from rich.console import Console
 from rich.table import Table
@@ -81,10 +81,7 @@ def replica_requests(cluster: EmbeddedCluster) -> list[float]:
 
 
 @click.command()
-@click.option("--rounds", default=3, type=click.IntRange(1, 20), show_default=True)
-@click.option("--duration", default=8, type=click.IntRange(1, 60), show_default=True,
-              help="Seconds per wrk run.")  # fmt: skip
-@click.option("--connections", default=64, type=click.IntRange(1, 1024), show_default=True)
+@wrk_options(rounds=3, duration=8, connections=64)
 @click.option("--threads", default=2, type=click.IntRange(1, 8), show_default=True)
 @click.option("--warmup", default=4, type=click.IntRange(0, 60), show_default=True,
               help="Seconds of unmeasured load before each run (a restarted trust balancer "

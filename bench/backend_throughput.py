@@ -116,6 +116,11 @@ class WrkRun:
     latency_avg_ms: float
     server_cpu_us_per_request: float = float("nan")
 
+    @property
+    def ok_per_s(self) -> float:
+        """Answers a second that were 2xx (wrk counts every answer in its rate)."""
+        return self.requests_per_s * (self.requests - self.non_2xx) / max(self.requests, 1)
+
 
 def wrk_options(rounds: int, duration: int, connections: int) -> Callable[[Any], Any]:
     """The options of every benchmark driven by wrk: how many rounds, how long each run,

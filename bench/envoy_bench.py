@@ -214,11 +214,7 @@ def speed_run(
             console.print(f"round {r} {name}: {run.requests_per_s:,.0f} req/s")
 
     def ok_per_s(name: str) -> list[float]:
-        return [
-            x.requests_per_s * (x.requests - x.non_2xx) / max(x.requests, 1)
-            for x in runs
-            if x.server == name
-        ]
+        return [x.ok_per_s for x in runs if x.server == name]
 
     def paired(name: str, over: str) -> float:
         return statistics.median(b / a for a, b in zip(ok_per_s(over), ok_per_s(name), strict=True))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import click
 import psutil
-from backend_throughput import run_wrk, running, wrk_options
+from backend_throughput import measure, run_wrk, running, wrk_options
 from google.protobuf import json_format
 from proxy_bench import WORK_PATH, write_report
 from rich.console import Console
@@ -245,15 +245,9 @@ def speed_run(
     for r in range(1, rounds + 1):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            proc = psutil.Process(procs[name].pid)
-            before = proc.cpu_times()
-            run = run_wrk(name, r, urls[name], duration, connections, 1)
-            after = proc.cpu_times()
-            cpu = (after.user + after.system) - (before.user + before.system)
-            per_request[name].append(cpu / max(run.requests, 1) * 1e6)
-            rps[name].append(
-                run.requests_per_s * (run.requests - run.non_2xx) / max(run.requests, 1)
-            )
+            run = measure(name, procs[name], r, urls[name], duration, connections, 1)
+            per_request[name].append(run.server_cpu_us_per_request)
+            rps[name].append(run.ok_per_s)
             console.print(f"round {r} {name}: {run.requests_per_s:,.0f} req/s, "
                           f"Envoy {per_request[name][-1]:.1f} us/request")  # fmt: skip
     cpu_us = {n: statistics.median(v) for n, v in per_request.items()}

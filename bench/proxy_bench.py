@@ -347,11 +347,7 @@ def speed_run(
 
     def of(name: str, attr: str) -> list[float]:
         if attr == "ok_per_s":  # answered 2xx/3xx per second: fast errors are not throughput
-            return [
-                x.requests_per_s * (x.requests - x.non_2xx) / max(x.requests, 1)
-                for x in runs
-                if x.server == name
-            ]
+            return [x.ok_per_s for x in runs if x.server == name]
         return [getattr(x, attr) for x in runs if x.server == name]
 
     median = {name: statistics.median(of(name, "ok_per_s")) for name in proxies}

@@ -20,10 +20,17 @@ COPY dataplane/ dataplane/
 # extras, such as test tools and schema bundles, stay out of the image).
 RUN uv pip install --python /opt/twlb/bin/python --constraint requirements.lock . \
  && /opt/twlb/bin/twlb --version
+# TW-LB's answer sampler for Envoy (dataplane/sampler.c, an Envoy dynamic module), built
+# here so the runtime image needs no compiler; Envoy's pod finds it through
+# ENVOY_DYNAMIC_MODULES_SEARCH_PATH, `twlb envoy` through TWLB_ENVOY_MODULES.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && /opt/twlb/bin/python -c "from pathlib import Path; from twlb.envoy.process import build_sampler; build_sampler(Path('/opt/twlb/lib/envoy-modules'))" \
+ && rm /opt/twlb/lib/envoy-modules/sampler.c
 
 FROM python:3.11-slim
 COPY --from=build /opt/twlb /opt/twlb
-ENV PATH=/opt/twlb/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PATH=/opt/twlb/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    TWLB_ENVOY_MODULES=/opt/twlb/lib/envoy-modules
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["twlb"]

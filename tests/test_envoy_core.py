@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import subprocess
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from google.protobuf import json_format
 from google.rpc import status_pb2
 from test_balancer_core import HONEST, LIAR, make_balancer
 from twlb.envoy import resources as res
-from twlb.envoy.process import envoy_binary
+from twlb.envoy.process import envoy_binary, envoy_environment
 from twlb.envoy.server import ControlPlane, outcome_of
 from twlb.envoy.xds import AdsStream, Snapshot
 
@@ -117,16 +118,7 @@ def test_envoy_accepts_the_configuration_of_every_policy_it_carries(
     static resources, passes `envoy --mode validate` (Envoy's own parser and checks)."""
     layout = res.Layout(**{**LAYOUT.__dict__, "policy": policy})
     boot = res.bootstrap(layout)
-    static = bootstrap_pb2.Bootstrap()
-    static.CopyFrom(boot)
-    static.static_resources.listeners.append(res.listener(layout))
-    cluster = res.cluster(layout)
-    cluster.type = cluster.STATIC
-    cluster.ClearField("eds_cluster_config")
-    cluster.load_assignment.CopyFrom(res.endpoints([res.Endpoint("127.0.0.1", 8001, 5)]))
-    static.static_resources.clusters.append(cluster)
-    static.ClearField("dynamic_resources")
-    static.ClearField("layered_runtime")
+    static = res.static_bootstrap(layout, [res.Endpoint("127.0.0.1", 8001, 5)])
     for name, doc in (("boot", boot), ("static", static)):
         path = tmp_path / f"{name}.json"
         path.write_text(json_format.MessageToJson(doc))
@@ -135,6 +127,7 @@ def test_envoy_accepts_the_configuration_of_every_policy_it_carries(
             capture_output=True,
             text=True,
             timeout=120,
+            env={**os.environ, **envoy_environment(tmp_path)},
         )
         assert out.returncode == 0, (name, out.stdout[-2000:], out.stderr[-2000:])
 

@@ -22,11 +22,12 @@ from kube_harness import (
     trustcluster,
     wait_for,
 )
-from twlb.envoy.process import envoy_binary
+from twlb.envoy.process import SEARCH_PATH_ENV, envoy_binary
 from twlb.envoy.resources import XDS_TOKEN_HEADER
 from twlb.operator.crd import PRINTER_COLUMNS
 from twlb.operator.render import (
     ENVOY_BOOTSTRAP_FILE,
+    ENVOY_MODULES_DIR,
     ENVOY_STATS_PORT,
     TOKENS_ADMIN_KEY,
     TOKENS_XDS_KEY,
@@ -61,6 +62,10 @@ async def test_the_operator_renders_envoy_and_its_control_plane(cluster):
         [container] = pod["containers"]
         assert container["command"] == ["envoy"]
         assert container["args"][:2] == ["-c", f"/etc/envoy/{ENVOY_BOOTSTRAP_FILE}"]
+        # It loads TW-LB's answer sampler from where the image's build put it.
+        assert container["env"] == [{"name": SEARCH_PATH_ENV, "value": ENVOY_MODULES_DIR}]
+        dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text()
+        assert f"build_sampler(Path('{ENVOY_MODULES_DIR}'))" in dockerfile
         assert pod["automountServiceAccountToken"] is False
         annotations = envoy["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(ENVOY_STATS_PORT)

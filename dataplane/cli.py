@@ -11,6 +11,7 @@ bootstrap `--print-bootstrap` prints (as the embedded runtime and the operator d
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 import secrets
@@ -195,7 +196,13 @@ def command(ctx: click.Context, **options: object) -> None:
         balancer = Balancer(settings)
     except refused as err:
         raise click.BadParameter(str(err), ctx=ctx, param_hint="--model") from None
-    status = asyncio.run(_serve(balancer, settings, envoy, layout, workdir))
+    # As the balancer's proxy runs (services/balancer/cli.py): on uvloop, and everything
+    # built so far out of the cyclic collector's generations.
+    gc.freeze()
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        status = runner.run(_serve(balancer, settings, envoy, layout, workdir))
     if status:
         raise SystemExit(status)
 

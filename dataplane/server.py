@@ -15,14 +15,14 @@ health checks, gossip polls and trust ticks (`Balancer.start`), but it proxies n
   (`_observe_entry`), outcome and latency, and feeds the balancer's windows, health and
   counters as its own tries would (`Balancer.observe_try`): trust is scored on Envoy's
   traffic.
-- **Audits on Envoy's traffic.** A share of GET requests is routed where Envoy's Lua
-  sampler copies the request's head and the answer into the request's metadata, and the
-  sample log brings them to TW-LB with the status and the upstream host, batched on one
-  stream; Envoy never waits. `observe_samples` draws each answer at the backend's audit
-  fraction over the share shown (`Auditor.draw`) and hands a drawn one, decoded only
-  then, to `Balancer.start_audit`, which re-asks other backends and judges by the same
-  evidence rules. The share shown is
-  the largest audit fraction any backend needs now (a suspect's is 1), pushed to Envoy as
+- **Audits on Envoy's traffic.** A share of GET requests is routed where TW-LB's
+  sampler (sampler.c, a module Envoy loads) copies the request's head and the answer into
+  the request's metadata, and the sample log brings them to TW-LB with the status and
+  the upstream host, batched on one stream; Envoy never waits. `observe_samples` draws
+  each answer at the backend's audit fraction over the share shown (`Auditor.draw`) and
+  hands a drawn one, decoded only then, to `Balancer.start_audit`, which re-asks other
+  backends and judges by the same evidence rules. The share shown is the largest audit
+  fraction any backend needs now (a suspect's is 1), pushed to Envoy as
   the runtime layer `twlb` (RTDS) when it changes.
 - **Static stability.** Envoy keeps the last endpoints while the control plane is away.
   The evidence is written to `evidence_file` as it changes and read back at start
@@ -344,7 +344,7 @@ class ControlPlane:
         return max(MIN_LOG_SAMPLE, LOG_TARGET_PER_S / busiest)
 
     def observe_samples(self, entries: Any) -> None:
-        """Envoy's sample log: each entry a sampled request whose head and answer the Lua
+        """Envoy's sample log: each entry a sampled request whose head and answer TW-LB's
         sampler copied into its metadata; each is drawn for an audit and, if drawn, read
         and handed to the auditor."""
         for entry in entries:

@@ -226,7 +226,7 @@ async def test_a_suspect_raises_the_sample_share_and_sampled_answers_are_audited
 def _sampled(
     body: bytes, host: str, port: int, status: int = 200, path: str = "/work?key=k"
 ) -> entry_pb2.HTTPAccessLogEntry:
-    """A sampled GET as Envoy's sample log brings it: the head and the answer the Lua
+    """A sampled GET as Envoy's sample log brings it: the head and the answer TW-LB's
     sampler put in the request's metadata (base64), the status and the upstream host."""
     e = entry_pb2.HTTPAccessLogEntry()
     e.request.request_method = base_pb2.GET

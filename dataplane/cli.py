@@ -11,8 +11,8 @@ bootstrap `--print-bootstrap` prints (as the embedded runtime and the operator d
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import secrets
 import signal

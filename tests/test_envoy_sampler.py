@@ -7,6 +7,7 @@ client got, and the client's answer must be untouched."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import threading
@@ -99,10 +100,14 @@ def sink() -> Iterator[tuple[int, Sink]]:
     server.stop(0).wait(10)
 
 
+@pytest.mark.parametrize("limit", [None, 100_000])
 def test_the_sampler_copies_exactly_the_answer_the_client_got(
-    backend: int, sink: tuple[int, Sink], tmp_path: Path
+    backend: int, sink: tuple[int, Sink], tmp_path: Path, limit: int | None
 ) -> None:
+    """With TW-LB's limit (MAX_SAMPLED_BODY) and with a smaller one set in the filter's
+    configuration, which the module reads: the chunked answer (360 KB) is over it."""
     sink_port, servicer = sink
+    kept = ["/small", "/empty"] if limit is not None else ["/small", "/chunked", "/empty"]
     listen, admin = free_port(), free_port()
     layout = res.Layout(
         listener=res.Address("127.0.0.1", listen),
@@ -111,8 +116,16 @@ def test_the_sampler_copies_exactly_the_answer_the_client_got(
         api=res.Address("127.0.0.1", sink_port),
         sample=1.0,
     )
-    boot = res.static_bootstrap(layout, [res.Endpoint("127.0.0.1", backend, 1)])
-    proc = envoy_process(json_format.MessageToJson(boot), tmp_path / "envoy").start()
+    boot = json_format.MessageToDict(
+        res.static_bootstrap(layout, [res.Endpoint("127.0.0.1", backend, 1)])
+    )
+    if limit is not None:
+        hcm = boot["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]
+        [sampler] = [
+            f for f in hcm["typedConfig"]["httpFilters"] if f["name"] == res.SAMPLER_FILTER
+        ]
+        sampler["typedConfig"]["filterConfig"]["value"] = str(limit)
+    proc = envoy_process(json.dumps(boot), tmp_path / "envoy").start()
     try:
         proc.wait_ready(f"http://127.0.0.1:{admin}/ready", timeout=30)
         got = {}
@@ -126,7 +139,7 @@ def test_the_sampler_copies_exactly_the_answer_the_client_got(
         # The client's answers are untouched, whole (the sampler holds nothing back).
         assert got == {path: b"".join(chunks) for path, chunks in ANSWERS.items()}
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(servicer.entries) < 3:
+        while time.monotonic() < deadline and len(servicer.entries) < len(kept):
             time.sleep(0.05)
         time.sleep(0.3)  # anything more (there must be nothing more) has come by now
     finally:
@@ -140,8 +153,8 @@ def test_the_sampler_copies_exactly_the_answer_the_client_got(
         logged[entry.request.path] = (headers, answer, entry.response.response_code.value)
     # Every GET whose answer was kept, once, and nothing else: the POST is not on the
     # sampled route, and an answer over MAX_SAMPLED_BODY is not kept (nor logged).
-    assert set(logged) == {"/small?n=1", "/chunked?n=1", "/empty?n=1"}
-    for path in ("/small", "/chunked", "/empty"):
+    assert set(logged) == {f"{path}?n=1" for path in kept}
+    for path in kept:
         headers, answer, status = logged[f"{path}?n=1"]
         assert answer == got[path], path
         assert status == 200

@@ -471,10 +471,10 @@ def listener(layout: Layout) -> listener_pb2.Listener:
     # control plane that is down loses samples, never requests); the listener's access
     # log sends the requests that have an answer copied, with their status and upstream
     # host, batched on one gRPC stream (one stream per sample cost both sides ten times
-    # as much CPU: DESIGN.md).
-    # the head (every header as `name NUL value`, one a line) and the answer's body, each
-    # base64, as the keys SAMPLE_HEAD and SAMPLE_ANSWER of the namespace SAMPLE_NS; an
-    # answer over MAX_SAMPLED_BODY is not kept, so the sample log skips it
+    # as much CPU: DESIGN.md). The sampler writes the head (every header as `name NUL
+    # value`, one a line) and the answer's body, each base64, as the keys SAMPLE_HEAD and
+    # SAMPLE_ANSWER of the namespace SAMPLE_NS; an answer over MAX_SAMPLED_BODY (its
+    # configuration) is not kept, so the sample log skips it.
     sampler = {
         "name": SAMPLER_FILTER,
         "typed_config": {

@@ -268,7 +268,8 @@ int envoy_dynamic_module_on_http_filter_response_trailers(void* filter_envoy, co
   return TWLB_CONTINUE;
 }
 
-/* Hooks this filter has no use for (Envoy resolves every one when it loads a module). */
+/* Hooks this filter has no use for (Envoy resolves every one when it loads a module).
+ * Those without a result ignore whatever Envoy passes them. */
 int envoy_dynamic_module_on_http_filter_request_body(void* e, const void* f, bool end) {
   (void)e, (void)f, (void)end;
   return TWLB_CONTINUE;
@@ -277,7 +278,11 @@ int envoy_dynamic_module_on_http_filter_request_trailers(void* e, const void* f)
   (void)e, (void)f;
   return TWLB_CONTINUE;
 }
-int envoy_dynamic_module_on_http_filter_local_reply(void) { return TWLB_CONTINUE; }
+int envoy_dynamic_module_on_http_filter_local_reply(void* e, const void* f, uint32_t code,
+                                                    twlb_bytes details, bool reset_imminent) {
+  (void)e, (void)f, (void)code, (void)details, (void)reset_imminent;
+  return TWLB_CONTINUE;
+}
 void envoy_dynamic_module_on_http_filter_stream_complete(void* e, const void* f) {
   (void)e, (void)f;
 }

@@ -35,16 +35,16 @@ AUDIT = 0.2
 SUSPECT_FRACTION = BalancerSettings.model_fields["suspect_audit_fraction"].default
 #: The request rate of the runs through Envoy.
 RATE = 200
-#: The steered run: 20,000 requests, 200 req/s for 100 s through Envoy, its start
+#: The steered run: 15,000 requests, 200 req/s for 75 s through Envoy, its start
 #: counted, with the balancer's default liar back-off (60 s). It is two loads back to
 #: back: the first (FIRST_S) ends before any back-off can end, the second takes the
-#: readmission. Nearly all the first load's wrong answers come in its first ~0.3 s, before
+#: readmission (about 60.5 s in) and the proof again, with 14 s to spare. Nearly all the first load's wrong answers come in its first ~0.3 s, before
 #: the first audits prove the liars (every backend is new then, and four of eight lie):
 #: about 1/a for each liar. The second load's are the readmitted liars': each comes back
 #: SUSPECT, audited at the suspect fraction, one audited lie from proof
 #: (`EvidenceRule.readmitted_wrong_answers_bound`: one lie each at a suspect fraction of
 #: 1), plus at most one more each delivered while its proving audit is in flight.
-STEERED_RATE, DURATION, FIRST_S = 200, 100, 50
+STEERED_RATE, DURATION, FIRST_S = 200, 75, 50
 IN_FLIGHT = 1
 HONEST = [f"honest-{i}" for i in range(4)]
 LIARS = {"liar-1.0": 1.0, "liar-0.3": 0.3}

@@ -141,6 +141,16 @@ def wrk_options(rounds: int, duration: int, connections: int) -> Callable[[Any],
     return apply
 
 
+def report_option(name: str) -> Callable[[Any], Any]:
+    """`--out`: where a benchmark writes its JSON report (default reports/bench/<name>)."""
+    return click.option(
+        "--out",
+        default=Path("reports/bench") / name,
+        type=click.Path(dir_okay=False, path_type=Path),
+        show_default=True,
+    )
+
+
 @contextmanager
 def running(
     procs: Mapping[str, ManagedProcess], ready: Mapping[str, str], timeout: float = 60.0
@@ -225,12 +235,7 @@ def measure(
     show_default=True,
     help="Run the backend with its node simulation (on, as deployed).",
 )
-@click.option(
-    "--out",
-    default="reports/bench/backend_throughput.json",
-    show_default=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-)
+@report_option("backend_throughput.json")
 @click.pass_context
 def main(
     ctx: click.Context,

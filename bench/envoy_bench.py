@@ -38,7 +38,7 @@ from pathlib import Path
 import click
 import httpx
 import psutil
-from backend_throughput import WrkRun, run_wrk, running, wrk_options
+from backend_throughput import WrkRun, report_option, run_wrk, running, wrk_options
 from google.protobuf import json_format
 from proxy_bench import WORK_PATH, balancer_process, nginx_process, write_report
 from rich.console import Console
@@ -106,12 +106,7 @@ def wait_sample(api: str, traffic: str, timeout_s: float = 90.0) -> float:
 
 @click.command()
 @wrk_options(rounds=5, duration=5, connections=32)
-@click.option(
-    "--out",
-    default=Path("reports/bench/envoy_bench.json"),
-    type=click.Path(dir_okay=False, path_type=Path),
-    show_default=True,
-)
+@report_option("envoy_bench.json")
 def main(rounds: int, duration: int, connections: int, out: Path) -> None:
     """Envoy alone, Envoy steered by TW-LB, nginx and TW-LB's proxy: throughput and CPU."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import click
 import psutil
-from backend_throughput import measure, run_wrk, running, wrk_options
+from backend_throughput import measure, report_option, run_wrk, running, wrk_options
 from google.protobuf import json_format
 from proxy_bench import WORK_PATH, write_report
 from rich.console import Console
@@ -124,12 +124,7 @@ def steered_bootstrap(
 @click.option("--shares", default="0.01,0.05,0.2,1", show_default=True,
               help="Sample shares to measure, comma-separated, each in (0, 1].")  # fmt: skip
 @wrk_options(rounds=3, duration=4, connections=32)
-@click.option(
-    "--out",
-    default=Path("reports/bench/envoy_sampler_bench.json"),
-    type=click.Path(dir_okay=False, path_type=Path),
-    show_default=True,
-)
+@report_option("envoy_sampler_bench.json")
 @click.option("--sink", type=int, hidden=True, help="Run the access log sink on this port.")
 def main(
     shares: str, rounds: int, duration: int, connections: int, out: Path, sink: int | None

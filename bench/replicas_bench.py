@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 import httpx
-from backend_throughput import run_wrk, wrk_options
+from backend_throughput import report_option, run_wrk, wrk_options
 from proxy_bench import nginx_process, tree_cpu_s, write_report
 from rich.console import Console
 from rich.table import Table
@@ -88,12 +88,7 @@ def replica_requests(cluster: EmbeddedCluster) -> list[float]:
               "audits new backends at the probation fraction until they are trusted).")  # fmt: skip
 @click.option("--replicas", default=os.cpu_count() or 1, type=click.IntRange(1, 16),
               show_default=True, help="Balancer replicas (and nginx workers).")  # fmt: skip
-@click.option(
-    "--out",
-    default=Path("reports/bench/replicas_bench.json"),
-    type=click.Path(dir_okay=False, path_type=Path),
-    show_default=True,
-)
+@report_option("replicas_bench.json")
 def main(
     rounds: int,
     duration: int,

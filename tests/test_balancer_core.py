@@ -428,13 +428,16 @@ async def test_a_liar_proven_by_one_balancer_is_out_of_another_that_imports_the_
 async def test_an_answer_seen_in_other_traffic_is_audited_by_asking_other_backends() -> None:
     b, fleet, (h1, h2, h3, liar) = make_balancer([HONEST] * 3 + [LIAR], audit_fraction=1.0)
     lie = UpstreamResponse(200, [], orjson.dumps({"node": liar, "result": "made up"}))
+    # As the Envoy control plane does: draw (the share shown: all), then start the audit.
     for k in range(2):
-        assert b.audit_observed("GET", f"/work?key={k}".encode(), [], liar, lie)
+        peers = b.auditor.draw("GET", liar, 1.0)
+        assert peers is not None
+        b.start_audit("GET", f"/work?key={k}".encode(), [], liar, lie, peers)
         await asyncio.gather(*b._background)
     assert fleet.tries_of(liar) == 0  # its answer was seen, not asked for
     assert fleet.tries_of(h1) + fleet.tries_of(h2) + fleet.tries_of(h3) >= 4
     assert b.metrics.backend(liar).mismatches == 2 and b.engine.is_proven(liar)
-    assert not b.audit_observed("POST", b"/work", [], h1, lie)  # only safe methods
+    assert b.auditor.draw("POST", h1, 1.0) is None  # only safe methods
 
 
 async def test_the_gossip_loop_takes_out_a_backend_every_other_member_calls_dead() -> None:

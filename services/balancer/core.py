@@ -605,25 +605,6 @@ class Balancer:
         asked = await self.try_backend(backend, method, target, headers, b"")
         return await self._audit(method, target, headers, backend, asked.response, peers)
 
-    def audit_observed(
-        self,
-        method: str,
-        target: bytes,
-        headers: list,
-        backend: str,
-        response: UpstreamResponse,
-        shown: float = 1.0,
-    ) -> bool:
-        """Cross-check an answer this balancer did not proxy: `backend` answered `response`
-        to `method target` in another proxy's traffic, of which this balancer is shown the
-        share `shown`. Drawn (at the backend's audit fraction over `shown`) and asked of
-        other backends as `maybe_audit` does; True when an audit started."""
-        peers = self.auditor.draw(method, backend, shown)
-        if peers is None:
-            return False
-        self.start_audit(method, target, headers, backend, response, peers)
-        return True
-
     async def _audit(
         self,
         method: str,

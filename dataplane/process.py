@@ -23,10 +23,6 @@ class ModuleBuildError(RuntimeError):
     """The sampler module could not be built (the message names why)."""
 
 
-def sampler_source() -> bytes:
-    return resources.files("twlb.envoy").joinpath("sampler.c").read_bytes()
-
-
 def build_sampler(folder: Path) -> Path:
     """The folder holding `lib<SAMPLER_MODULE>.so` for Envoy: the one `TWLB_ENVOY_MODULES`
     names when it holds the module, else `folder`, where it is compiled from sampler.c
@@ -35,7 +31,7 @@ def build_sampler(folder: Path) -> Path:
     name = f"lib{SAMPLER_MODULE}.so"
     if prebuilt and (Path(prebuilt) / name).is_file():
         return Path(prebuilt)
-    source = sampler_source()
+    source = resources.files("twlb.envoy").joinpath("sampler.c").read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     target, stamp = folder / name, folder / f"{name}.source"

@@ -77,7 +77,6 @@ typedef struct {
   char* body;      /* the answer so far */
   size_t length;   /* its bytes */
   size_t capacity; /* what `body` holds */
-  size_t seen;     /* every byte of the answer, kept or not */
   bool done;       /* the answer was stored, or given up */
 } sampler;
 
@@ -162,8 +161,7 @@ static void keep_chunks(void* filter, sampler* s) {
                                                          chunks)) {
     for (size_t i = 0; i < count && !s->done; i++) {
       size_t n = chunks[i].length;
-      s->seen += n;
-      if (s->seen > s->config->max_body) {
+      if (s->length + n > s->config->max_body) {
         s->done = true; /* too long to keep: not sampled */
         drop_body(s);
         break;

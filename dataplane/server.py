@@ -77,6 +77,9 @@ EVIDENCE_WRITE_S = 1.0
 LOG_TARGET_PER_S = 50.0
 #: Seconds over which the logged rate is measured before the share is set again.
 LOG_RATE_S = 1.0
+#: Logged tries of one backend within a window that set the share at once, before the
+#: window ends (a surge: from idle, every try is logged until then).
+LOG_SURGE = 2 * LOG_TARGET_PER_S * LOG_RATE_S
 #: The smallest share of tries logged (at 1%, 5,000 tries a second per backend give 50).
 MIN_LOG_SAMPLE = 0.01
 
@@ -163,6 +166,7 @@ class ControlPlane:
         self.log_sample = 1.0  # the share of upstream tries Envoy logs
         self._log_counts: dict[str, int] = {}
         self._log_since: float | None = None
+        self._log_first: float | None = None  # when the window's first entries came
         self._seen: tuple[Any, ...] = ()
         self._last_ramp_push = 0.0
         self._written_proven: frozenset[str] | None = None
@@ -259,7 +263,7 @@ class ControlPlane:
             if due:
                 self._last_ramp_push = now
             since = self._log_since
-            due |= since is None or now - since >= LOG_RATE_S
+            due |= since is None or now - since >= LOG_RATE_S or self._log_surge()
             old = self._seen
             if (
                 due
@@ -320,6 +324,8 @@ class ControlPlane:
             observe(url, outcome, latency, now)
             counts[url] = counts.get(url, 0) + 1
         self.logged += len(entries)
+        if self._log_first is None and counts:
+            self._log_first = now
 
     def backend_of(self, entry: Any) -> str | None:
         """The backend that answered a logged request (None: TW-LB's own paths, or a
@@ -327,18 +333,31 @@ class ControlPlane:
         addr = entry.common_properties.upstream_remote_address.socket_address
         return self.backend_at.get(f"{addr.address}:{addr.port_value}")
 
+    def _log_surge(self) -> bool:
+        return max(self._log_counts.values(), default=0) >= LOG_SURGE
+
     def wanted_log_sample(self, now: float) -> float | None:
         """The share of tries Envoy should log so that the busiest backend's are about
-        LOG_TARGET_PER_S a second (every try below that); None until a rate is measured."""
+        LOG_TARGET_PER_S a second (every try below that); None until a rate is measured.
+
+        The rate is measured over LOG_RATE_S, or sooner once one backend has LOG_SURGE
+        tries logged (traffic that jumps from idle is thinned within a flush or two, not
+        logged whole for a window). It is measured from the window's start or, if later,
+        from one flush before its first entries came (Envoy holds tries up to a flush)."""
         since = self._log_since
         if since is None:
             self._log_since = now
             return None
-        if now - since < LOG_RATE_S:
+        if now - since < LOG_RATE_S and not self._log_surge():
             return None
-        busiest = max(self._log_counts.values(), default=0) / (now - since) / self.log_sample
+        start = since
+        if self._log_first is not None:
+            start = max(since, self._log_first - self.layout.log_flush_s)
+        elapsed = max(now - start, self.layout.log_flush_s)
+        busiest = max(self._log_counts.values(), default=0) / elapsed / self.log_sample
         self._log_counts.clear()
         self._log_since = now
+        self._log_first = None
         if busiest <= LOG_TARGET_PER_S:
             return 1.0
         return max(MIN_LOG_SAMPLE, LOG_TARGET_PER_S / busiest)

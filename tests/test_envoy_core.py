@@ -350,6 +350,19 @@ async def test_a_verdict_is_pushed_to_every_envoy_within_one_watch() -> None:
     assert hosts == {8000}
 
 
+def _tries(n: int, url: str) -> list:
+    """`n` upstream tries to the backend at `url`, as Envoy logs them: answered 200."""
+    out = []
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(n):
+        e = entry_pb2.HTTPAccessLogEntry()
+        e.response.response_code.value = 200
+        addr = e.common_properties.upstream_remote_address.socket_address
+        addr.address, addr.port_value = host, int(port)
+        out.append(e)
+    return out
+
+
 def test_envoy_logs_every_try_of_a_quiet_fleet_and_a_share_of_a_busy_ones() -> None:
     """The logged share keeps the busiest backend's logged tries near LOG_TARGET_PER_S."""
     from twlb.envoy.server import LOG_RATE_S, LOG_TARGET_PER_S, MIN_LOG_SAMPLE
@@ -358,24 +371,13 @@ def test_envoy_logs_every_try_of_a_quiet_fleet_and_a_share_of_a_busy_ones() -> N
     bal = plane.balancer
     assert plane.wanted_log_sample(bal.clock()) is None  # starts measuring
 
-    def entries(n: int, url: str) -> list:
-        out = []
-        host, port = url.removeprefix("http://").split(":")
-        for _ in range(n):
-            e = entry_pb2.HTTPAccessLogEntry()
-            e.response.response_code.value = 200
-            addr = e.common_properties.upstream_remote_address.socket_address
-            addr.address, addr.port_value = host, int(port)
-            out.append(e)
-        return out
-
     plane.target(urls[0])
     plane.target(urls[1])
-    plane.observe_entries(entries(20, urls[0]), bal.clock())
+    plane.observe_entries(_tries(20, urls[0]), bal.clock())
     bal.clock.now += LOG_RATE_S
     assert plane.wanted_log_sample(bal.clock()) == 1.0  # 20 a second: every try
-    plane.observe_entries(entries(int(4 * LOG_TARGET_PER_S), urls[0]), bal.clock())
-    plane.observe_entries(entries(10, urls[1]), bal.clock())
+    plane.observe_entries(_tries(int(4 * LOG_TARGET_PER_S), urls[0]), bal.clock())
+    plane.observe_entries(_tries(10, urls[1]), bal.clock())
     bal.clock.now += LOG_RATE_S
     assert plane.refresh(bal.clock())  # the busiest at 4x the target: pushed
     assert plane.log_sample == pytest.approx(0.25)
@@ -383,15 +385,53 @@ def test_envoy_logs_every_try_of_a_quiet_fleet_and_a_share_of_a_busy_ones() -> N
         res.RUNTIME_LAYER])["layer"]  # fmt: skip
     assert layer[res.LOG_SAMPLE_KEY] == 250000
     # Measured at that share, the busiest backend's logged rate is its rate times 0.25.
-    plane.observe_entries(entries(int(LOG_TARGET_PER_S), urls[0]), bal.clock())
+    plane.observe_entries(_tries(int(LOG_TARGET_PER_S), urls[0]), bal.clock())
     bal.clock.now += LOG_RATE_S
     assert plane.wanted_log_sample(bal.clock()) == pytest.approx(0.25)
     assert bal.fleet.get(urls[0]).counters.outcomes[Outcome.SUCCESS] > 0
     # However busy the fleet, at least MIN_LOG_SAMPLE of tries are logged: a share of a
     # thousand times the target would be 0.25/1000, below the floor.
-    plane.observe_entries(entries(int(250 * LOG_TARGET_PER_S), urls[0]), bal.clock())
+    plane.observe_entries(_tries(int(250 * LOG_TARGET_PER_S), urls[0]), bal.clock())
     bal.clock.now += LOG_RATE_S
     assert plane.wanted_log_sample(bal.clock()) == MIN_LOG_SAMPLE
+
+
+def test_envoy_thins_the_log_within_a_flush_of_a_surge() -> None:
+    """Traffic that jumps from idle is not logged whole until the window ends: once one
+    backend has LOG_SURGE tries logged, the share is set from the rate since the surge's
+    first flush, and pushed."""
+    from twlb.envoy.server import LOG_RATE_S, LOG_SURGE, LOG_TARGET_PER_S
+
+    plane, _, urls = _plane([HONEST, HONEST])
+    bal = plane.balancer
+    flush = plane.layout.log_flush_s
+    for url in urls:
+        plane.target(url)
+
+    def tries(n: int) -> list:
+        return _tries(n, urls[0])
+
+    assert plane.wanted_log_sample(bal.clock()) is None  # the window starts, idle
+    bal.clock.now += 0.7  # 3,000 a second start 0.6 s in; Envoy flushes them 0.1 s later
+    plane.observe_entries(tries(int(LOG_SURGE) - 1), bal.clock())
+    assert plane.wanted_log_sample(bal.clock()) is None  # not yet a surge: the window runs
+    plane.observe_entries(tries(300 - int(LOG_SURGE) + 1), bal.clock())
+    bal.clock.now += 0.02  # the control plane's next look
+    assert plane.refresh(bal.clock())
+    # 300 tries in 0.12 s (one flush before the first came, to now): 2,500 a second.
+    assert plane.log_sample == pytest.approx(LOG_TARGET_PER_S / 2500)
+    # Measured anew from here, at that share: the same rate keeps the same share.
+    plane.observe_entries(tries(int(2500 * plane.log_sample * LOG_RATE_S)), bal.clock())
+    bal.clock.now += LOG_RATE_S
+    assert plane.wanted_log_sample(bal.clock()) == pytest.approx(plane.log_sample)
+    # However soon a surge is looked at, its rate is taken over at least one flush.
+    bal.clock.now += LOG_RATE_S
+    assert plane.wanted_log_sample(bal.clock()) == 1.0  # idle again: every try
+    plane.log_sample = 1.0
+    plane.observe_entries(tries(int(LOG_SURGE)), bal.clock())
+    assert plane.wanted_log_sample(bal.clock()) == pytest.approx(
+        LOG_TARGET_PER_S / (LOG_SURGE / flush)
+    )
 
 
 # ------------------------------------------------------------------------- the token

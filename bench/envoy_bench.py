@@ -17,8 +17,9 @@ bench/proxy_bench.py) behind five proxies, each one process with one worker:
 wrk (32 connections) drives one proxy at a time, in rotated order for several rounds;
 per-round ratios are taken over Envoy alone (and over nginx) and their medians reported,
 with the CPU each process spent per answered request: for steered Envoy, Envoy's and the
-control plane's apart. The target: steered Envoy keeps at least 0.9 of Envoy alone's
-throughput. Figures are printed and written to reports/bench/envoy_bench.json.
+control plane's apart, and the three backends' together (the audits' re-asks are theirs).
+The target: steered Envoy keeps at least 0.9 of Envoy alone's throughput. Figures are
+printed and written to reports/bench/envoy_bench.json.
 
     .venv/bin/python bench/envoy_bench.py --rounds 5
 """
@@ -76,16 +77,25 @@ def children_cpu_s(pid: int) -> float:
 
 
 def measure(
-    name: str, proc: ManagedProcess, round_: int, url: str, duration: int, conns: int
+    name: str,
+    proc: ManagedProcess,
+    backends: list[int],
+    round_: int,
+    url: str,
+    duration: int,
+    conns: int,
 ) -> tuple[WrkRun, dict[str, float]]:
-    """One wrk run; CPU per answered request of the proxy's process and of its children
-    (the steered Envoy is `twlb envoy`'s child; nginx's workers are nginx's)."""
+    """One wrk run; CPU per answered request of the proxy's process, of its children (the
+    steered Envoy is `twlb envoy`'s child; nginx's workers are nginx's) and of the
+    backends (`backends`: their pids) together, audits' re-asks included."""
     own, kids = own_cpu_s(proc.pid), children_cpu_s(proc.pid)
+    behind = sum(own_cpu_s(pid) for pid in backends)
     run = run_wrk(name, round_, url, duration, conns, 1)
     n = max(run.requests, 1)
     cpu = {
         "process": (own_cpu_s(proc.pid) - own) / n * 1e6,
         "children": (children_cpu_s(proc.pid) - kids) / n * 1e6,
+        "backends": (sum(own_cpu_s(pid) for pid in backends) - behind) / n * 1e6,
     }
     run.server_cpu_us_per_request = cpu["process"] + cpu["children"]
     return run, cpu
@@ -198,11 +208,12 @@ def speed_run(
     console.print(f"steered Envoy's sample share before the rounds: {sample}")
     runs: list[WrkRun] = []
     cpu: dict[str, list[dict[str, float]]] = {name: [] for name in PROXIES}
+    backends = [p.pid for name, p in procs.items() if name.startswith("backend ")]
     for r in range(1, rounds + 1):
         order = PROXIES[r % len(PROXIES) :] + PROXIES[: r % len(PROXIES)]
         for name in order:
             run, split = measure(
-                name, procs[name], r, urls[name] + WORK_PATH, duration, connections
+                name, procs[name], backends, r, urls[name] + WORK_PATH, duration, connections
             )
             runs.append(run)
             cpu[name].append(split)
@@ -216,13 +227,12 @@ def speed_run(
 
     median = {name: statistics.median(ok_per_s(name)) for name in PROXIES}
     cpu_us = {
-        name: {
-            part: statistics.median(c[part] for c in cpu[name]) for part in ("process", "children")
-        }
+        name: {part: statistics.median(c[part] for c in cpu[name]) for part in cpu[name][0]}
         for name in PROXIES
     }
     # Who spent what: Envoy alone and nginx (its workers are children) in one figure;
-    # steered Envoy as Envoy (the child) and the control plane (the process).
+    # steered Envoy as Envoy (the child) and the control plane (the process); and the
+    # backends behind each (what the audits' re-asks cost them shows there).
     per_request = {
         ENVOY: {"envoy": cpu_us[ENVOY]["process"]},
         **{
@@ -232,6 +242,8 @@ def speed_run(
         NGINX: {"nginx": cpu_us[NGINX]["process"] + cpu_us[NGINX]["children"]},
         BALANCER: {"balancer": cpu_us[BALANCER]["process"]},
     }
+    for name in PROXIES:
+        per_request[name]["backends"] = cpu_us[name]["backends"]
     steered_over_plain = paired(STEERED, ENVOY)
     ratios = {
         "steered_over_envoy": steered_over_plain,

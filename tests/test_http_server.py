@@ -438,6 +438,31 @@ async def test_a_body_the_memory_budget_has_no_room_for_gets_503_with_the_reason
         assert budget.used == 0
 
 
+async def test_a_body_without_a_length_leaves_the_last_eighth_to_bodies_known_small() -> None:
+    """Uploads without a length, however small so far, may not take the budget's last
+    eighth: many of them at once would leave no room for the small answers."""
+    budget = MemoryBudget(80_000)  # bodies over SMALL_BODY_BYTES may use 70,000 of it
+    async with running(limits(max_body_bytes=100_000), budget) as (_, handler, port):
+        held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
+        held_writer.write(
+            b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 66000\r\n\r\n" + b"a" * 66000
+        )
+        for _ in range(500):
+            if handler.paths(b"/block"):
+                break
+            await asyncio.sleep(0.01)
+        assert budget.used == 66000  # held until it is answered
+        chunked = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        raw = await exchange(port, chunked + b"259\r\n" + b"c" * 601 + b"\r\n0\r\n\r\n")
+        assert statuses(raw) == [503]  # 4,096 charged as a large body: past 70,000
+        small = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n" + b"b" * 4000
+        raw = await exchange(port, small)
+        assert statuses(raw) == [200]  # known to be small: the last eighth is its
+        handler.gate.set()
+        assert (await asyncio.wait_for(held_reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+        held_writer.close()
+
+
 async def test_a_chunked_body_in_two_byte_chunks_arrives_whole() -> None:
     async with running() as (_, handler, port):
         head = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -12,7 +12,9 @@ A charge that may be refused is `take`; bytes already held (a write buffer, inpu
 ahead) are charged with `force`; what is given back is subtracted from `used`. A body
 larger than `SMALL_BODY_BYTES` may use only seven eighths of the budget: the last eighth
 stays for the small requests and answers that are nearly all the traffic, so a flood of
-large answers is refused before it can starve them.
+large answers is refused before it can starve them. A request body without a length counts
+as large however far it has come (`http_server.py`): two hundred chunked uploads, each
+small so far, would otherwise fill the last eighth too.
 
 Freed memory does not by itself go back to the system: glibc's allocator keeps freed
 heap pages, and raises its mmap threshold after each large block is freed, so later large

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import httptools
 import orjson
-from twlb.balancer.memory import SMALL_BODY_BYTES, MemoryBudget, PageReturner
+from twlb.balancer.memory import MemoryBudget, PageReturner
 
 log = logging.getLogger("twlb.balancer")
 
@@ -516,15 +516,13 @@ class _ClientConnection(asyncio.Protocol):
 
     def _reserve(self, size: int) -> None:
         """Charge more of a body without a length to the budget: double what is charged
-        (at least BODY_STEP, at most the body limit); refuse past either limit. It is
-        charged as a large body however far it has come: the budget's last eighth stays
-        for bodies known to be small (`memory.SMALL_BODY_BYTES`), so many uploads of no
-        length, each small so far, cannot take the room of the small answers."""
+        (at least BODY_STEP, at most the body limit); refuse past either limit. Its size
+        is not known, so the budget counts it as a large body, however far it has come."""
         if size > self.limit:
             self.refusal = self.app.too_large()
             raise ValueError("too large")
         want = min(max(size, 2 * self.reserved, BODY_STEP), self.limit)
-        if not self.budget.take(want - self.reserved, max(want, SMALL_BODY_BYTES + 1)):
+        if not self.budget.take(want - self.reserved, None):
             self.refusal = self.app.over_budget(self.budget.refusal())
             raise ValueError("over budget")
         self.reserved = want

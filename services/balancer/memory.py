@@ -12,9 +12,9 @@ A charge that may be refused is `take`; bytes already held (a write buffer, inpu
 ahead) are charged with `force`; what is given back is subtracted from `used`. A body
 larger than `SMALL_BODY_BYTES` may use only seven eighths of the budget: the last eighth
 stays for the small requests and answers that are nearly all the traffic, so a flood of
-large answers is refused before it can starve them. A request body without a length counts
-as large however far it has come (`http_server.py`): two hundred chunked uploads, each
-small so far, would otherwise fill the last eighth too.
+large answers is refused before it can starve them. A body whose size is not known (a
+request without a length) counts as large however far it has come: two hundred chunked
+uploads, each small so far, would otherwise fill the last eighth too.
 
 Freed memory does not by itself go back to the system: glibc's allocator keeps freed
 heap pages, and raises its mmap threshold after each large block is freed, so later large
@@ -56,15 +56,13 @@ class MemoryBudget:
         self.high = 0
         self.refused = 0  # charges refused since start
 
-    def fits(self, n: int, body: int) -> bool:
-        """Whether `n` more bytes of a body that would then be `body` bytes fit."""
-        return self.used + n <= (self.limit if body <= SMALL_BODY_BYTES else self.large_limit)
-
-    def take(self, n: int, body: int) -> bool:
-        """Charge `n` bytes of a body that is then `body` bytes, if they fit; False (and
-        nothing charged) if they do not."""
+    def take(self, n: int, body: int | None) -> bool:
+        """Charge `n` bytes of a body that is then `body` bytes (None: a body whose size
+        is not known, counted as a large one), if they fit; False (and nothing charged)
+        if they do not."""
         used = self.used + n
-        if used > (self.limit if body <= SMALL_BODY_BYTES else self.large_limit):
+        small = body is not None and body <= SMALL_BODY_BYTES
+        if used > (self.limit if small else self.large_limit):
             self.refused += 1
             return False
         self.used = used

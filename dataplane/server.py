@@ -165,6 +165,7 @@ class ControlPlane:
         self.refused = 0  # gRPC calls refused for want of the token
         self.log_sample = 1.0  # the share of upstream tries Envoy logs
         self._log_counts: dict[str, int] = {}
+        self._log_busiest = 0  # the largest of _log_counts, kept as they grow
         self._log_since: float | None = None
         self._log_first: float | None = None  # when the window's first entries came
         self._seen: tuple[Any, ...] = ()
@@ -263,7 +264,7 @@ class ControlPlane:
             if due:
                 self._last_ramp_push = now
             since = self._log_since
-            due |= since is None or now - since >= LOG_RATE_S or self._log_surge()
+            due |= since is None or now - since >= LOG_RATE_S or self._log_busiest >= LOG_SURGE
             old = self._seen
             if (
                 due
@@ -316,13 +317,17 @@ class ControlPlane:
         """Envoy's log of upstream tries, fed to the balancer as tries of its own."""
         observe = self.balancer.observe_try
         counts = self._log_counts
+        busiest = self._log_busiest
         for entry in entries:
             url = self.backend_of(entry)
             if url is None:
                 continue  # TW-LB's own paths, or a backend removed since
             outcome, latency = outcome_of(entry)
             observe(url, outcome, latency, now)
-            counts[url] = counts.get(url, 0) + 1
+            n = counts[url] = counts.get(url, 0) + 1
+            if n > busiest:
+                busiest = n
+        self._log_busiest = busiest
         self.logged += len(entries)
         if self._log_first is None and counts:
             self._log_first = now
@@ -332,9 +337,6 @@ class ControlPlane:
         backend removed since)."""
         addr = entry.common_properties.upstream_remote_address.socket_address
         return self.backend_at.get(f"{addr.address}:{addr.port_value}")
-
-    def _log_surge(self) -> bool:
-        return max(self._log_counts.values(), default=0) >= LOG_SURGE
 
     def wanted_log_sample(self, now: float) -> float | None:
         """The share of tries Envoy should log so that the busiest backend's are about
@@ -348,14 +350,15 @@ class ControlPlane:
         if since is None:
             self._log_since = now
             return None
-        if now - since < LOG_RATE_S and not self._log_surge():
+        if now - since < LOG_RATE_S and self._log_busiest < LOG_SURGE:
             return None
         start = since
         if self._log_first is not None:
             start = max(since, self._log_first - self.layout.log_flush_s)
         elapsed = max(now - start, self.layout.log_flush_s)
-        busiest = max(self._log_counts.values(), default=0) / elapsed / self.log_sample
+        busiest = self._log_busiest / elapsed / self.log_sample
         self._log_counts.clear()
+        self._log_busiest = 0
         self._log_since = now
         self._log_first = None
         if busiest <= LOG_TARGET_PER_S:

@@ -407,28 +407,25 @@ def test_envoy_thins_the_log_within_a_flush_of_a_surge() -> None:
     flush = plane.layout.log_flush_s
     for url in urls:
         plane.target(url)
-
-    def tries(n: int) -> list:
-        return _tries(n, urls[0])
-
+    first = urls[0]
     assert plane.wanted_log_sample(bal.clock()) is None  # the window starts, idle
     bal.clock.now += 0.7  # 3,000 a second start 0.6 s in; Envoy flushes them 0.1 s later
-    plane.observe_entries(tries(int(LOG_SURGE) - 1), bal.clock())
+    plane.observe_entries(_tries(int(LOG_SURGE) - 1, first), bal.clock())
     assert plane.wanted_log_sample(bal.clock()) is None  # not yet a surge: the window runs
-    plane.observe_entries(tries(300 - int(LOG_SURGE) + 1), bal.clock())
+    plane.observe_entries(_tries(300 - int(LOG_SURGE) + 1, first), bal.clock())
     bal.clock.now += 0.02  # the control plane's next look
     assert plane.refresh(bal.clock())
     # 300 tries in 0.12 s (one flush before the first came, to now): 2,500 a second.
     assert plane.log_sample == pytest.approx(LOG_TARGET_PER_S / 2500)
     # Measured anew from here, at that share: the same rate keeps the same share.
-    plane.observe_entries(tries(int(2500 * plane.log_sample * LOG_RATE_S)), bal.clock())
+    plane.observe_entries(_tries(int(2500 * plane.log_sample * LOG_RATE_S), first), bal.clock())
     bal.clock.now += LOG_RATE_S
     assert plane.wanted_log_sample(bal.clock()) == pytest.approx(plane.log_sample)
     # However soon a surge is looked at, its rate is taken over at least one flush.
     bal.clock.now += LOG_RATE_S
     assert plane.wanted_log_sample(bal.clock()) == 1.0  # idle again: every try
     plane.log_sample = 1.0
-    plane.observe_entries(tries(int(LOG_SURGE)), bal.clock())
+    plane.observe_entries(_tries(int(LOG_SURGE), first), bal.clock())
     assert plane.wanted_log_sample(bal.clock()) == pytest.approx(
         LOG_TARGET_PER_S / (LOG_SURGE / flush)
     )

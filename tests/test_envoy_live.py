@@ -38,8 +38,9 @@ RATE = 200
 #: The steered run: 15,000 requests, 200 req/s for 75 s through Envoy, its start
 #: counted, with the balancer's default liar back-off (60 s). It is two loads back to
 #: back: the first (FIRST_S) ends before any back-off can end, the second takes the
-#: readmission (about 60.5 s in) and the proof again, with 14 s to spare. Nearly all the first load's wrong answers come in its first ~0.3 s, before
-#: the first audits prove the liars (every backend is new then, and four of eight lie):
+#: readmission (about 60.5 s in) and the proof again, with 14 s to spare. Nearly all the
+#: first load's wrong answers come in its first ~0.3 s, before the first audits prove the
+#: liars (every backend is new then, and four of eight lie):
 #: about 1/a for each liar. The second load's are the readmitted liars': each comes back
 #: SUSPECT, audited at the suspect fraction, one audited lie from proof
 #: (`EvidenceRule.readmitted_wrong_answers_bound`: one lie each at a suspect fraction of

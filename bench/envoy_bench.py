@@ -17,9 +17,11 @@ bench/proxy_bench.py) behind five proxies, each one process with one worker:
 wrk (32 connections) drives one proxy at a time, in rotated order for several rounds;
 per-round ratios are taken over Envoy alone (and over nginx) and their medians reported,
 with the CPU each process spent per answered request: for steered Envoy, Envoy's and the
-control plane's apart, and the three backends' together (the audits' re-asks are theirs).
-The target: steered Envoy keeps at least 0.9 of Envoy alone's throughput. Figures are
-printed and written to reports/bench/envoy_bench.json.
+control plane's apart, and the three backends' together (the audits' re-asks are theirs);
+and the audits the control plane started per answered request, whence its CPU per audit
+(its CPU a request over that without audits, over the audits a request). The target:
+steered Envoy keeps at least 0.9 of Envoy alone's throughput. Figures are printed and
+written to reports/bench/envoy_bench.json.
 
     .venv/bin/python bench/envoy_bench.py --rounds 5
 """
@@ -84,10 +86,13 @@ def measure(
     url: str,
     duration: int,
     conns: int,
+    api: str | None = None,
 ) -> tuple[WrkRun, dict[str, float]]:
     """One wrk run; CPU per answered request of the proxy's process, of its children (the
     steered Envoy is `twlb envoy`'s child; nginx's workers are nginx's) and of the
-    backends (`backends`: their pids) together, audits' re-asks included."""
+    backends (`backends`: their pids) together, audits' re-asks included. With the
+    control plane's `api`, also the audits it started per answered request."""
+    started = audits_started(api)
     own, kids = own_cpu_s(proc.pid), children_cpu_s(proc.pid)
     behind = sum(own_cpu_s(pid) for pid in backends)
     run = run_wrk(name, round_, url, duration, conns, 1)
@@ -97,8 +102,17 @@ def measure(
         "children": (children_cpu_s(proc.pid) - kids) / n * 1e6,
         "backends": (sum(own_cpu_s(pid) for pid in backends) - behind) / n * 1e6,
     }
+    if api is not None:
+        cpu["audits"] = (audits_started(api) - started) / n
     run.server_cpu_us_per_request = cpu["process"] + cpu["children"]
     return run, cpu
+
+
+def audits_started(api: str | None) -> int:
+    """The audits a control plane has started (0 without one)."""
+    if api is None:
+        return 0
+    return int(httpx.get(api + "/xds", timeout=5).json()["audits_started"])
 
 
 def wait_sample(api: str, traffic: str, timeout_s: float = 90.0) -> float:
@@ -212,8 +226,9 @@ def speed_run(
     for r in range(1, rounds + 1):
         order = PROXIES[r % len(PROXIES) :] + PROXIES[: r % len(PROXIES)]
         for name in order:
+            api = steered_api if name == STEERED else None
             run, split = measure(
-                name, procs[name], backends, r, urls[name] + WORK_PATH, duration, connections
+                name, procs[name], backends, r, urls[name] + WORK_PATH, duration, connections, api
             )
             runs.append(run)
             cpu[name].append(split)
@@ -244,6 +259,11 @@ def speed_run(
     }
     for name in PROXIES:
         per_request[name]["backends"] = cpu_us[name]["backends"]
+    # What one audit costs the control plane: its CPU a request over the control plane's
+    # without audits, over the audits it started a request (medians of the rounds).
+    audits = cpu_us[STEERED]["audits"]
+    extra = cpu_us[STEERED]["process"] - cpu_us[STEERED_NO_AUDITS]["process"]
+    per_audit = extra / audits if audits else None
     steered_over_plain = paired(STEERED, ENVOY)
     ratios = {
         "steered_over_envoy": steered_over_plain,
@@ -268,6 +288,11 @@ def speed_run(
         f"{'met' if met else 'NOT met'}); answers shown to TW-LB: {status['sampled_answers']}, "
         f"upstream tries logged: {status['upstream_tries_logged']}"
     )
+    if per_audit is not None:
+        console.print(
+            f"audits started per answered request: {audits:.4f}; the control plane's CPU "
+            f"per audit: {per_audit:.0f} us"
+        )
     return {
         "benchmark": "envoy_bench",
         "path": WORK_PATH,
@@ -279,8 +304,12 @@ def speed_run(
         "target": {"steered_over_envoy": STEERED_TARGET},
         "meets_target": met,
         "control_plane": {
-            k: status[k]
-            for k in ("sample", "sampled_answers", "audits_started", "upstream_tries_logged")
+            **{
+                k: status[k]
+                for k in ("sample", "sampled_answers", "audits_started", "upstream_tries_logged")
+            },
+            "audits_per_request": audits,
+            "cpu_us_per_audit": per_audit,
         },
         "runs": [asdict(x) for x in runs],
     }

@@ -463,6 +463,45 @@ async def test_a_body_without_a_length_leaves_the_last_eighth_to_bodies_known_sm
         held_writer.close()
 
 
+async def test_input_held_in_an_upload_is_charged_as_the_upload_not_from_the_last_eighth() -> None:
+    """Input read ahead in the middle of a body without a length (held while requests
+    queued before it are answered) is charged as that body: past the large bodies' share
+    the upload is refused instead, and a small request still fits."""
+    budget = MemoryBudget(80_000)  # bodies over SMALL_BODY_BYTES may use 70,000 of it
+    settings = limits(max_body_bytes=100_000, max_pipelined=1)
+    async with running(settings, budget) as (_, handler, port):
+        held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
+        held_writer.write(
+            b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n" + b"a" * 60000
+        )
+        # Two requests queued (one over max_pipelined), then an upload: its body's first
+        # slice is parsed (4,096 charged), the rest of it is held until answers go out.
+        queued_reader, queued_writer = await asyncio.open_connection("127.0.0.1", port)
+        queued_writer.write(
+            b"GET /block HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"PUT /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"6000\r\n" + b"c" * 0x6000 + b"\r\n0\r\n\r\n"
+        )
+        for _ in range(500):
+            if handler.paths(b"/block") == 2:
+                break
+            await asyncio.sleep(0.01)
+        # Held, the rest of the upload (about 20,800 bytes) would have left 80,000 behind.
+        assert budget.used == 60000  # refused: its charge and its input given back
+        small = b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n" + b"b" * 4000
+        raw = await exchange(port, small)
+        assert statuses(raw) == [200]
+        handler.gate.set()
+        queued = await asyncio.wait_for(queued_reader.read(), 5)
+        # What was queued is answered, then the upload's refusal, and the connection closes.
+        assert statuses(queued) == [200, 200, 503]
+        assert b"memory budget" in queued.split(b"HTTP/1.1 503")[-1]
+        assert handler.paths(b"/up") == 0
+        assert (await asyncio.wait_for(held_reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+        held_writer.close()
+        queued_writer.close()
+
+
 async def test_a_chunked_body_in_two_byte_chunks_arrives_whole() -> None:
     async with running() as (_, handler, port):
         head = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import httptools
 import orjson
-from twlb.balancer.memory import MemoryBudget, PageReturner
+from twlb.balancer.memory import SMALL_BODY_BYTES, MemoryBudget, PageReturner
 
 log = logging.getLogger("twlb.balancer")
 
@@ -395,8 +395,21 @@ class _ClientConnection(asyncio.Protocol):
             self._resume_input()
 
     def _hold(self, data: bytes | memoryview) -> None:
-        """Keep input for later (reading is paused meanwhile), charged to the budget."""
-        self.budget.force(len(data))
+        """Keep input for later (reading is paused meanwhile), charged to the budget.
+
+        Input held in the middle of a body not known to be small (without a length, or
+        longer than SMALL_BODY_BYTES) continues that body and is charged as it is: past
+        the large bodies' share the request is refused (503) and the input dropped, so
+        read-ahead of many uploads cannot take the last eighth from small requests and
+        answers. Other input read already is charged whatever the budget holds."""
+        n = len(data)
+        declared = self.declared
+        if self.state is _BODY and not 0 < declared <= SMALL_BODY_BYTES:
+            if not self.budget.take(n, None):
+                self._break(self.app.over_budget(self.budget.refusal()))
+                return
+        else:
+            self.budget.force(n)
         stash = self.stash
         self.stash = data if stash is None else bytes(stash) + bytes(data)
         if not self.paused and self.transport is not None:

@@ -14,7 +14,9 @@ larger than `SMALL_BODY_BYTES` may use only seven eighths of the budget: the las
 stays for the small requests and answers that are nearly all the traffic, so a flood of
 large answers is refused before it can starve them. A body whose size is not known (a
 request without a length) counts as large however far it has come: two hundred chunked
-uploads, each small so far, would otherwise fill the last eighth too.
+uploads, each small so far, would otherwise fill the last eighth too; so does the input
+read ahead in the middle of such a body (`http_server.py` holds it while other
+connections have their turn).
 
 Freed memory does not by itself go back to the system: glibc's allocator keeps freed
 heap pages, and raises its mmap threshold after each large block is freed, so later large

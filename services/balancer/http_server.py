@@ -405,7 +405,7 @@ class _ClientConnection(asyncio.Protocol):
         n = len(data)
         declared = self.declared
         if self.state is _BODY and not 0 < declared <= SMALL_BODY_BYTES:
-            if not self.budget.take(n, None):
+            if not self.budget.take(n, declared or None):
                 self._break(self.app.over_budget(self.budget.refusal()))
                 return
         else:

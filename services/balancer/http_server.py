@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import httptools
 import orjson
-from twlb.balancer.memory import SMALL_BODY_BYTES, MemoryBudget, PageReturner
+from twlb.balancer.memory import MemoryBudget, PageReturner, known_small
 
 log = logging.getLogger("twlb.balancer")
 
@@ -397,15 +397,16 @@ class _ClientConnection(asyncio.Protocol):
     def _hold(self, data: bytes | memoryview) -> None:
         """Keep input for later (reading is paused meanwhile), charged to the budget.
 
-        Input held in the middle of a body not known to be small (without a length, or
-        longer than SMALL_BODY_BYTES) continues that body and is charged as it is: past
-        the large bodies' share the request is refused (503) and the input dropped, so
-        read-ahead of many uploads cannot take the last eighth from small requests and
-        answers. Other input read already is charged whatever the budget holds."""
+        Input held in the middle of a body not known to be small (`memory.known_small`:
+        without a length, or over SMALL_BODY_BYTES) continues that body and is charged as
+        it is: past the large bodies' share the request is refused (503) and the input
+        dropped, so read-ahead of many uploads cannot take the last eighth from small
+        requests and answers. Other input read already is charged whatever the budget
+        holds."""
         n = len(data)
-        declared = self.declared
-        if self.state is _BODY and not 0 < declared <= SMALL_BODY_BYTES:
-            if not self.budget.take(n, declared or None):
+        body = self.declared or None  # in the middle of a body, 0 is a body without a length
+        if self.state is _BODY and not known_small(body):
+            if not self.budget.take(n, body):
                 self._break(self.app.over_budget(self.budget.refusal()))
                 return
         else:

@@ -44,6 +44,12 @@ MMAP_THRESHOLD = 256 * 1024
 SMALL_BODY_BYTES = 64 * 1024
 
 
+def known_small(body: int | None) -> bool:
+    """Whether a body of `body` bytes (None: its size is not known) is one the whole
+    budget is open to."""
+    return body is not None and body <= SMALL_BODY_BYTES
+
+
 class MemoryBudget:
     """Bytes in flight against one limit; `high` is the most held since `high` was reset."""
 
@@ -63,8 +69,7 @@ class MemoryBudget:
         is not known, counted as a large one), if they fit; False (and nothing charged)
         if they do not."""
         used = self.used + n
-        small = body is not None and body <= SMALL_BODY_BYTES
-        if used > (self.limit if small else self.large_limit):
+        if used > (self.limit if known_small(body) else self.large_limit):
             self.refused += 1
             return False
         self.used = used

@@ -263,8 +263,7 @@ class ControlPlane:
             due = bool(engine.probation) and now - self._last_ramp_push >= RAMP_PUSH_S
             if due:
                 self._last_ramp_push = now
-            since = self._log_since
-            due |= since is None or now - since >= LOG_RATE_S or self._log_busiest >= LOG_SURGE
+            due |= self._log_due(now)
             old = self._seen
             if (
                 due
@@ -338,6 +337,12 @@ class ControlPlane:
         addr = entry.common_properties.upstream_remote_address.socket_address
         return self.backend_at.get(f"{addr.address}:{addr.port_value}")
 
+    def _log_due(self, now: float) -> bool:
+        """Whether the logged rate is to be measured now: the window is over, one backend
+        has LOG_SURGE tries logged, or no window has started."""
+        since = self._log_since
+        return since is None or now - since >= LOG_RATE_S or self._log_busiest >= LOG_SURGE
+
     def wanted_log_sample(self, now: float) -> float | None:
         """The share of tries Envoy should log so that the busiest backend's are about
         LOG_TARGET_PER_S a second (every try below that); None until a rate is measured.
@@ -350,7 +355,7 @@ class ControlPlane:
         if since is None:
             self._log_since = now
             return None
-        if now - since < LOG_RATE_S and self._log_busiest < LOG_SURGE:
+        if not self._log_due(now):
             return None
         start = since
         if self._log_first is not None:

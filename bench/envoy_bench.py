@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -92,7 +93,7 @@ def measure(
     steered Envoy is `twlb envoy`'s child; nginx's workers are nginx's) and of the
     backends (`backends`: their pids) together, audits' re-asks included. With the
     control plane's `api`, also the audits it started per answered request."""
-    started = audits_started(api)
+    started = xds(api)["audits_started"] if api is not None else 0
     own, kids = own_cpu_s(proc.pid), children_cpu_s(proc.pid)
     behind = sum(own_cpu_s(pid) for pid in backends)
     run = run_wrk(name, round_, url, duration, conns, 1)
@@ -103,16 +104,14 @@ def measure(
         "backends": (sum(own_cpu_s(pid) for pid in backends) - behind) / n * 1e6,
     }
     if api is not None:
-        cpu["audits"] = (audits_started(api) - started) / n
+        cpu["audits"] = (xds(api)["audits_started"] - started) / n
     run.server_cpu_us_per_request = cpu["process"] + cpu["children"]
     return run, cpu
 
 
-def audits_started(api: str | None) -> int:
-    """The audits a control plane has started (0 without one)."""
-    if api is None:
-        return 0
-    return int(httpx.get(api + "/xds", timeout=5).json()["audits_started"])
+def xds(api: str) -> dict[str, Any]:
+    """What the control plane whose API is at `api` shows at GET /xds."""
+    return httpx.get(api + "/xds", timeout=5).json()
 
 
 def wait_sample(api: str, traffic: str, timeout_s: float = 90.0) -> float:
@@ -121,7 +120,7 @@ def wait_sample(api: str, traffic: str, timeout_s: float = 90.0) -> float:
     deadline = time.monotonic() + timeout_s
     sample = 1.0
     while time.monotonic() < deadline:
-        sample = httpx.get(api + "/xds", timeout=5).json()["sample"]
+        sample = xds(api)["sample"]
         if sample <= AUDIT + 1e-9:
             return sample
         run_wrk("probation", 0, traffic + WORK_PATH, 1, 4, 1)
@@ -273,7 +272,7 @@ def speed_run(
         "balancer_over_nginx": paired(BALANCER, NGINX),
         "balancer_over_envoy": paired(BALANCER, ENVOY),
     }
-    status = httpx.get(steered_api + "/xds", timeout=5).json()
+    status = xds(steered_api)
     table = Table(title=f"GET {WORK_PATH}, wrk -t1 -c{connections} -d{duration}s, {rounds} rounds")
     for col in ("proxy", "median 2xx req/s", "CPU us/request (median)", "over Envoy alone"):
         table.add_column(col)

@@ -127,6 +127,28 @@ async def trickle(port: int, head: bytes, pieces: bytes, pause: float) -> tuple[
     return raw, loop.time() - start
 
 
+async def held_body(
+    port: int, handler: Echo, size: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose `POST /block` of `size` bytes waits at the gate (its body
+    charged to the budget until it is answered); returned once the handler has it."""
+    waiting = handler.paths(b"/block")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"a" * size
+    )
+    await blocked(handler, waiting + 1)
+    return reader, writer
+
+
+async def blocked(handler: Echo, n: int) -> None:
+    """Wait (up to 5 s) until `n` requests have reached /block."""
+    for _ in range(500):
+        if handler.paths(b"/block") >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
 def statuses(raw: bytes) -> list[int]:
     return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
 
@@ -415,12 +437,7 @@ async def test_a_client_that_reads_no_answer_stops_being_served_and_is_dropped()
 async def test_a_body_the_memory_budget_has_no_room_for_gets_503_with_the_reason() -> None:
     budget = MemoryBudget(1500)
     async with running(LIMITS, budget) as (_, handler, port):
-        held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
-        held_writer.write(
-            b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"a" * 900
-        )
-        while not handler.paths(b"/block"):
-            await asyncio.sleep(0.01)
+        held_reader, held_writer = await held_body(port, handler, 900)
         assert budget.used == 900  # held until it is answered
         post = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"b" * 900
         raw = await exchange(port, post)
@@ -443,14 +460,7 @@ async def test_a_body_without_a_length_leaves_the_last_eighth_to_bodies_known_sm
     eighth: many of them at once would leave no room for the small answers."""
     budget = MemoryBudget(80_000)  # bodies over SMALL_BODY_BYTES may use 70,000 of it
     async with running(limits(max_body_bytes=100_000), budget) as (_, handler, port):
-        held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
-        held_writer.write(
-            b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 66000\r\n\r\n" + b"a" * 66000
-        )
-        for _ in range(500):
-            if handler.paths(b"/block"):
-                break
-            await asyncio.sleep(0.01)
+        held_reader, held_writer = await held_body(port, handler, 66000)
         assert budget.used == 66000  # held until it is answered
         chunked = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         raw = await exchange(port, chunked + b"259\r\n" + b"c" * 601 + b"\r\n0\r\n\r\n")
@@ -470,10 +480,7 @@ async def test_input_held_in_an_upload_is_charged_as_the_upload_not_from_the_las
     budget = MemoryBudget(80_000)  # bodies over SMALL_BODY_BYTES may use 70,000 of it
     settings = limits(max_body_bytes=100_000, max_pipelined=1)
     async with running(settings, budget) as (_, handler, port):
-        held_reader, held_writer = await asyncio.open_connection("127.0.0.1", port)
-        held_writer.write(
-            b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n" + b"a" * 60000
-        )
+        held_reader, held_writer = await held_body(port, handler, 60000)
         # Two requests queued (one over max_pipelined), then an upload: its body's first
         # slice is parsed (4,096 charged), the rest of it is held until answers go out.
         queued_reader, queued_writer = await asyncio.open_connection("127.0.0.1", port)
@@ -482,10 +489,7 @@ async def test_input_held_in_an_upload_is_charged_as_the_upload_not_from_the_las
             b"PUT /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"6000\r\n" + b"c" * 0x6000 + b"\r\n0\r\n\r\n"
         )
-        for _ in range(500):
-            if handler.paths(b"/block") == 2:
-                break
-            await asyncio.sleep(0.01)
+        await blocked(handler, 2)
         # Held, the rest of the upload (about 20,800 bytes) would have left 80,000 behind.
         assert budget.used == 60000  # refused: its charge and its input given back
         small = b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n" + b"b" * 4000
